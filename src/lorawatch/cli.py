@@ -1,0 +1,129 @@
+"""The `lorawatch` command line: run, metrics, show."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lorawatch.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Sequential LoRA personalization of small language models, with stability monitoring.")
+
+
+def _fail(message: str) -> None:
+    # One line on stderr, never wrapped: scripts and users grep it.
+    sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+    raise typer.Exit(2)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise UserError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def run(
+    config_file: Annotated[Optional[Path], typer.Argument(help="YAML/JSON experiment config")] = None,
+    preset_name: Annotated[Optional[str], typer.Option("--preset", help="a named config, e.g. demo")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run folder (default: runs/<name>)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model spec: alias, hub id, folder or .gguf")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="comma-separated seeds, e.g. 33,42,123")] = None,
+    max_train_rows: Annotated[Optional[int], typer.Option(help="cap on training rows per task")] = None,
+    max_test_rows: Annotated[Optional[int], typer.Option(help="cap on test rows per task")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
+) -> None:
+    """Run the protocol: base evaluation, then train/evaluate stage by stage; print the tables."""
+    from lorawatch.config import build_config, load_config
+    from lorawatch.presets import preset
+    from lorawatch.protocol import run_experiment
+    from lorawatch.tables import load_run, print_results
+
+    try:
+        if config_file is not None and preset_name is not None:
+            raise UserError("give a config file or --preset, not both")
+        config = load_config(config_file) if config_file is not None else preset(preset_name or "demo")
+        data = config.model_dump(mode="json")
+        if model is not None:
+            data["model"]["spec"] = model
+        if device is not None:
+            data["model"]["device"] = device
+        if dtype is not None:
+            data["model"]["dtype"] = dtype
+        if seeds is not None:
+            data["seeds"] = _parse_seeds(seeds)
+        for task in data["tasks"]:
+            if max_train_rows is not None:
+                task["max_train_rows"] = max_train_rows
+            if max_test_rows is not None:
+                task["max_test_rows"] = max_test_rows
+        if max_new_tokens is not None:
+            data["eval"]["max_new_tokens"] = max_new_tokens
+        config = build_config(data, source="command line")
+        console = Console(stderr=True)
+        run_dir = run_experiment(config, out or Path("runs") / config.name, console=console, overwrite=overwrite)
+        print_results(load_run(run_dir), Console())
+    except UserError as error:
+        _fail(str(error))
+
+
+@app.command()
+def metrics(
+    matrix_csv: Annotated[Path, typer.Argument(help="CSV: checkpoint column, then one column per task")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """CL metrics (OP, BWT, FWT, gain, ...) of any checkpoint-by-task accuracy matrix."""
+    from lorawatch.metrics import compute_cl_metrics, read_matrix_csv
+
+    try:
+        tasks, matrix = read_matrix_csv(matrix_csv)
+        result = compute_cl_metrics(matrix, tasks)
+    except UserError as error:
+        _fail(str(error))
+    except ValueError as error:
+        _fail(f"{matrix_csv}: {error}")
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"CL metrics of {matrix_csv}", title_justify="left")
+    columns = ["checkpoint", "op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for row in result.to_dict()["per_checkpoint"]:
+        table.add_row(*[str(row[c]) if c == "checkpoint" else ("—" if row[c] is None else f"{row[c]:.3f}")
+                        for c in columns])
+    console = Console()
+    console.print(table)
+    console.print("Summary: " + " · ".join(f"{k} {'—' if v is None else (f'{v:.3f}' if isinstance(v, float) else v)}"
+                                          for k, v in result.summary.items()))
+
+
+@app.command()
+def show(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")]) -> None:
+    """Print a run folder's accuracy matrix, CL metrics and stability table."""
+    from lorawatch.tables import load_run, print_results
+
+    try:
+        print_results(load_run(run_dir), Console())
+    except UserError as error:
+        _fail(str(error))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

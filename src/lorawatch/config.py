@@ -1,0 +1,177 @@
+"""The experiment config: typed, validated, and separate from the code that uses it.
+
+A config is built in Python, loaded from a YAML/JSON file, or taken from a preset. Every value is checked
+when the config is built, and a bad one is reported as a ConfigError naming its field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorawatch.errors import ConfigError
+from lorawatch.tasks.base import TASK_KINDS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Strict):
+    spec: str = Field("smollm2-135m-instruct", min_length=1,
+                      description="packaged alias, hub id, local folder or .gguf file")
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+
+
+class TaskSettings(_Strict):
+    name: str = Field(min_length=1)
+    kind: Literal["multiple_choice", "numeric"]
+    instruction: str | None = Field(None, description="defaults to the paper's instruction for the kind")
+    builtin: str | None = Field(None, description="a built-in generated task: stance, science, arithmetic")
+    train: str | None = Field(None, description="JSON/JSONL file of {prompt, answer} rows")
+    test: str | None = None
+    max_train_rows: int | None = Field(None, gt=0)
+    max_test_rows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TaskSettings":
+        if self.builtin is None and (self.train is None or self.test is None):
+            raise ValueError("a task needs either 'builtin' or both 'train' and 'test' files")
+        if self.builtin is not None and (self.train or self.test):
+            raise ValueError("a task takes either 'builtin' or 'train'/'test' files, not both")
+        if self.builtin is not None and (self.max_train_rows is None or self.max_test_rows is None):
+            raise ValueError("a built-in task needs 'max_train_rows' and 'max_test_rows' (its size)")
+        return self
+
+
+class ReferenceSettings(_Strict):
+    path: str | None = Field(None, description="JSON/JSONL reference rows; each names its task")
+    builtin_per_task: int | None = Field(None, gt=0, description="rows per built-in task")
+    max_rows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ReferenceSettings":
+        if (self.path is None) == (self.builtin_per_task is None):
+            raise ValueError("the reference set needs exactly one of 'path' or 'builtin_per_task'")
+        return self
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainSettings(_Strict):
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(2, gt=0)
+    grad_accum: int = Field(8, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    # Linear decay to zero without warm-up is the Hugging Face Trainer default the paper's setup implies.
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+
+
+class EvalSettings(_Strict):
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field("lorawatch-run", min_length=1)
+    model: ModelSettings = ModelSettings()
+    tasks: list[TaskSettings] = Field(min_length=1)
+    order: list[str] | None = Field(None, description="training order by task name; default: as listed")
+    reference: ReferenceSettings
+    lora: LoraSettings = LoraSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+    seeds: list[int] = Field(default_factory=lambda: [33], min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "ExperimentConfig":
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate task names: {', '.join(duplicates)}")
+        if self.order is not None:
+            unknown = [n for n in self.order if n not in names]
+            if unknown:
+                raise ValueError(f"order names unknown task(s) {', '.join(unknown)}; tasks are {', '.join(names)}")
+            if sorted(self.order) != sorted(names):
+                raise ValueError(f"order must name every task exactly once; tasks are {', '.join(names)}")
+        return self
+
+    def ordered_tasks(self) -> list[TaskSettings]:
+        by_name = {t.name: t for t in self.tasks}
+        return [by_name[n] for n in (self.order or [t.name for t in self.tasks])]
+
+
+assert set(TASK_KINDS) == {"multiple_choice", "numeric"}
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    got = first.get("input")
+    shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+    more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
+    return f"{source}: field '{field}': {message}{shown}{more}"
+
+
+def build_config(data: dict, source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict (from a file, a preset, or code) into a config."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read a YAML or JSON config. Relative data paths are taken relative to the config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not a valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                          f"file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+    base = path.resolve().parent
+    for task in data.get("tasks") or []:
+        if isinstance(task, dict):
+            for key in ("train", "test"):
+                if isinstance(task.get(key), str):
+                    task[key] = str(base / task[key])
+    reference = data.get("reference")
+    if isinstance(reference, dict) and isinstance(reference.get("path"), str):
+        reference["path"] = str(base / reference["path"])
+    return build_config(data, source=str(path))
+
+
+def save_config(config: ExperimentConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")

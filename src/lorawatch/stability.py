@@ -1,0 +1,75 @@
+"""Reference-set drift: the next-token distribution at each reference prompt's answer position.
+
+The answer position is the last prompt token of each row. Rows are left-padded and given position ids
+that count only their own tokens, so a row's distribution does not depend on which rows share its batch.
+(The published code reads index `attention_mask.sum(1) - 1` of a left-padded batch, which is a token
+inside the prompt for every row shorter than the longest; see the README.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lorawatch.evaluation import left_pad, length_sorted_batches
+from lorawatch.prompts import EncodedPrompt
+
+STAT_NAMES = ("kl", "entropy", "margin")
+
+
+@torch.no_grad()
+def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *, pad_id: int, batch_size: int,
+                    device: str) -> tuple[list[str], torch.Tensor]:
+    """Log-probabilities (float32, [rows, vocab]) of the next token after each prompt, in input order."""
+    model.eval()
+    rows: dict[str, torch.Tensor] = {}
+    for batch in length_sorted_batches(prompts, batch_size):
+        ids, mask = left_pad(batch, pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # logits_to_keep=1: only the last position's logits are projected onto the vocabulary.
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+        logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu()
+        for prompt, row in zip(batch, logprobs):
+            rows[prompt.id] = row
+    ids_in_order = [p.id for p in prompts]
+    return ids_in_order, torch.stack([rows[i] for i in ids_in_order])
+
+
+@dataclass(frozen=True)
+class ExampleDrift:
+    id: str
+    task: str | None
+    kl: float
+    entropy: float
+    margin: float
+    top1_token: int
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "task": self.task, "kl": self.kl, "entropy": self.entropy, "margin": self.margin,
+                "top1_token": self.top1_token}
+
+
+def per_example_drift(ids: Sequence[str], tasks: Sequence[str | None], logprobs: torch.Tensor,
+                      base_logprobs: torch.Tensor) -> list[ExampleDrift]:
+    """KL(p_k || p_0), entropy of p_k, and top-1 minus top-2 log-probability of p_k, per reference row."""
+    probs = logprobs.exp()
+    kl = (probs * (logprobs - base_logprobs)).sum(-1).clamp(min=0.0)  # clamp: float round-off below 0
+    entropy = -(probs * logprobs).sum(-1)
+    top2 = logprobs.topk(2, dim=-1)
+    margin = top2.values[:, 0] - top2.values[:, 1]
+    return [ExampleDrift(i, t, float(k), float(h), float(m), int(top))
+            for i, t, k, h, m, top in zip(ids, tasks, kl, entropy, margin, top2.indices[:, 0])]
+
+
+def summarize(drift: Sequence[ExampleDrift]) -> dict[str, float]:
+    """mean, p10 and p95 of each statistic over the reference set: keys like `kl_mean`, `entropy_p10`."""
+    out: dict[str, float] = {}
+    for name in STAT_NAMES:
+        values = np.array([getattr(d, name) for d in drift], dtype=np.float64)
+        out[f"{name}_mean"] = float(values.mean())
+        out[f"{name}_p10"] = float(np.percentile(values, 10))
+        out[f"{name}_p95"] = float(np.percentile(values, 95))
+    return out

@@ -1,0 +1,72 @@
+"""The run folder: what is written where, always atomically (a temporary name, then a rename).
+
+    RUN/
+      config.json            the resolved config
+      environment.json       library versions, platform, device, dtype, model
+      seed-<s>/
+        stage-<k>/           k = 0 is the base model, k = 1..T the checkpoint after the k-th task
+          stage.json         index, checkpoint name, task trained, timings, training log
+          scores.json        accuracy per task and on the reference set
+          predictions/<task>.jsonl, predictions/reference.jsonl   one row per example
+          reference_drift.jsonl    per reference row: KL to base, entropy, margin
+          reference_stats.json     mean/p10/p95 of each, and deltas against stage 0
+          adapter/           the cumulative LoRA adapter after this stage (PEFT format)
+        accuracy_matrix.csv  cl_metrics.json  cl_metrics.csv  stability.csv
+      summary/               mean and std over seeds of the tables above, summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: object) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
+
+
+def read_json(path: Path) -> object:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    return run_dir / f"seed-{seed}"
+
+
+def stage_dir(run_dir: Path, seed: int, stage: int) -> Path:
+    return seed_dir(run_dir, seed) / f"stage-{stage}"
+
+
+def summary_dir(run_dir: Path) -> Path:
+    return run_dir / "summary"

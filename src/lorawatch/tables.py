@@ -1,0 +1,189 @@
+"""Result tables, built from the files in a run folder (so they also work on runs made elsewhere).
+
+Per seed: the checkpoint-by-task accuracy matrix, the CL metrics computed from it, and the stability
+table (reference accuracy and drift statistics per checkpoint). Across seeds: mean and std of each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from lorawatch import store
+from lorawatch.config import ExperimentConfig, build_config
+from lorawatch.errors import UserError
+from lorawatch.metrics import compute_cl_metrics, mean_std_frames, write_matrix_csv
+
+STABILITY_COLUMNS = ("reference_accuracy", "kl_mean", "kl_p10", "kl_p95", "entropy_mean", "entropy_p10",
+                     "entropy_p95", "margin_mean", "margin_p10", "margin_p95", "entropy_mean_delta",
+                     "margin_mean_delta")
+
+
+def _stages(run_dir: Path, seed: int) -> list[dict]:
+    folder = store.seed_dir(run_dir, seed)
+    stages = sorted(folder.glob("stage-*/stage.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return [{"dir": p.parent, **store.read_json(p)} for p in stages]
+
+
+def seed_tables(run_dir: Path, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(accuracy matrix, CL metrics, stability) of one seed, read from its stage folders."""
+    stages = _stages(run_dir, seed)
+    tasks = [s["task"] for s in stages[1:]]
+    checkpoints = [s["checkpoint"] for s in stages]
+    scores = [store.read_json(s["dir"] / "scores.json") for s in stages]
+    matrix = pd.DataFrame([[row[t] for t in tasks] for row in scores], columns=tasks)
+    matrix.insert(0, "checkpoint", checkpoints)
+    metrics = compute_cl_metrics(matrix[tasks].to_numpy(dtype=float), tasks).to_frame()
+    stability_rows = []
+    for stage, row in zip(stages, scores):
+        stats = store.read_json(stage["dir"] / "reference_stats.json")
+        stability_rows.append({"checkpoint": stage["checkpoint"], "reference_accuracy": row["reference"],
+                               **{k: stats[k] for k in STABILITY_COLUMNS if k in stats}})
+    return matrix, metrics, pd.DataFrame(stability_rows)
+
+
+def write_seed_tables(run_dir: Path, seed: int) -> None:
+    matrix, _, stability = seed_tables(run_dir, seed)
+    folder = store.seed_dir(run_dir, seed)
+    tasks = list(matrix.columns[1:])
+    write_matrix_csv(folder / "accuracy_matrix.csv", tasks, matrix[tasks].to_numpy(dtype=float))
+    metrics = compute_cl_metrics(matrix[tasks].to_numpy(dtype=float), tasks)
+    store.write_json(folder / "cl_metrics.json", metrics.to_dict())
+    store.write_csv(folder / "cl_metrics.csv", metrics.to_frame())
+    store.write_csv(folder / "stability.csv", stability)
+
+
+def write_summary(run_dir: Path) -> None:
+    """Mean and std over seeds of every per-seed table, plus the headline numbers in summary.json."""
+    config = load_run_config(run_dir)
+    out = store.summary_dir(run_dir)
+    per_seed = [seed_tables(run_dir, s) for s in config.seeds]
+    summaries = []
+    for name, index in (("accuracy_matrix", 0), ("cl_metrics", 1), ("stability", 2)):
+        mean, std = mean_std_frames([t[index] for t in per_seed], index_col="checkpoint")
+        store.write_csv(out / f"{name}_mean.csv", mean)
+        store.write_csv(out / f"{name}_std.csv", std)
+    for seed, (matrix, _, stability) in zip(config.seeds, per_seed):
+        tasks = list(matrix.columns[1:])
+        summary = compute_cl_metrics(matrix[tasks].to_numpy(dtype=float), tasks).summary
+        summaries.append({**summary, "final_kl_to_base": float(stability["kl_mean"].iloc[-1]),
+                          "final_reference_accuracy": float(stability["reference_accuracy"].iloc[-1])})
+    keys = [k for k, v in summaries[0].items() if isinstance(v, float) or v is None]
+    aggregate = {}
+    for key in keys:
+        values = np.array([np.nan if s[key] is None else s[key] for s in summaries], dtype=float)
+        defined = values[~np.isnan(values)]
+        aggregate[key] = {"mean": float(defined.mean()) if len(defined) else None,
+                          "std": float(defined.std(ddof=1)) if len(defined) > 1 else (0.0 if len(defined) else None)}
+    store.write_json(out / "summary.json", {"seeds": config.seeds, "per_seed": dict(zip(map(str, config.seeds),
+                                                                                        summaries)),
+                                            "mean_std": aggregate})
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a lorawatch run folder (no config.json)")
+    return build_config(store.read_json(path), source=str(path))
+
+
+@dataclass
+class RunResults:
+    """A finished run folder, read back as data frames. `seed=None` means mean over seeds."""
+
+    path: Path
+    config: ExperimentConfig
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.config.seeds)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t.name for t in self.config.ordered_tasks()]
+
+    def _table(self, name: str, seed: int | None, stat: str = "mean") -> pd.DataFrame:
+        if seed is None:
+            return pd.read_csv(store.summary_dir(self.path) / f"{name}_{stat}.csv")
+        return pd.read_csv(store.seed_dir(self.path, seed) / f"{name}.csv")
+
+    def accuracy_matrix(self, seed: int | None = None, stat: str = "mean") -> pd.DataFrame:
+        return self._table("accuracy_matrix", seed, stat)
+
+    def cl_metrics(self, seed: int | None = None, stat: str = "mean") -> pd.DataFrame:
+        return self._table("cl_metrics", seed, stat)
+
+    def stability(self, seed: int | None = None, stat: str = "mean") -> pd.DataFrame:
+        return self._table("stability", seed, stat)
+
+    def summary(self) -> dict:
+        return store.read_json(store.summary_dir(self.path) / "summary.json")
+
+    def predictions(self, seed: int, stage: int, task: str) -> pd.DataFrame:
+        return pd.DataFrame(store.read_jsonl(store.stage_dir(self.path, seed, stage) / "predictions" / f"{task}.jsonl"))
+
+    def reference_drift(self, seed: int, stage: int) -> pd.DataFrame:
+        return pd.DataFrame(store.read_jsonl(store.stage_dir(self.path, seed, stage) / "reference_drift.jsonl"))
+
+
+def load_run(run_dir: str | Path) -> RunResults:
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    if not (store.summary_dir(run_dir) / "summary.json").is_file():
+        raise UserError(f"{run_dir}: the run has not finished (no summary/summary.json)")
+    return RunResults(run_dir, config)
+
+
+def _cell(mean: float, std: float | None, digits: int = 3) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _rich_table(title: str, mean: pd.DataFrame, std: pd.DataFrame | None, columns: list[str],
+                headers: list[str] | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("checkpoint")
+    for header in headers or columns:
+        table.add_column(header, justify="right")
+    for i, row in mean.iterrows():
+        table.add_row(str(row["checkpoint"]),
+                      *[_cell(row[c], None if std is None else std.loc[i, c]) for c in columns])
+    return table
+
+
+def print_results(results: RunResults, console: Console) -> None:
+    multi = len(results.seeds) > 1
+    suffix = f" (mean ± std over seeds {', '.join(map(str, results.seeds))})" if multi else \
+        f" (seed {results.seeds[0]})"
+
+    def pair(name: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        getter = getattr(results, name)
+        return getter(None, "mean"), getter(None, "std") if multi else None
+
+    matrix, matrix_std = pair("accuracy_matrix")
+    console.print(_rich_table("Accuracy matrix: rows are checkpoints, columns are tasks" + suffix, matrix,
+                              matrix_std, results.tasks))
+    metrics, metrics_std = pair("cl_metrics")
+    console.print(_rich_table("Continual-learning metrics" + suffix, metrics, metrics_std,
+                              ["op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base"],
+                              ["OP", "BWT", "FWT", "avg (all tasks)", "gain", "vs base"]))
+    stability, stability_std = pair("stability")
+    console.print(_rich_table("Stability on the reference set" + suffix, stability, stability_std,
+                              ["kl_mean", "kl_p95", "entropy_mean_delta", "margin_mean_delta", "reference_accuracy"],
+                              ["KL to base", "KL p95", "Δ entropy", "Δ margin", "reference acc"]))
+    summary = results.summary()["mean_std"]
+    parts = [f"{label} {_cell(summary[key]['mean'], summary[key]['std'] if multi else None)}"
+             for key, label in (("final_avg_accuracy", "final avg accuracy"), ("bwt", "BWT"), ("fwt", "FWT"),
+                                ("learning_accuracy", "LA"), ("mean_gain", "mean gain"),
+                                ("final_kl_to_base", "final KL to base")) if key in summary]
+    console.print("Summary: " + " · ".join(parts))
+    console.print(f"Run folder: {results.path}")

@@ -1,0 +1,37 @@
+"""What a task is: a name, a kind, an instruction, and train/test examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+TaskKind = Literal["multiple_choice", "numeric"]
+TASK_KINDS: tuple[str, ...] = ("multiple_choice", "numeric")
+
+# The paper's instructions (shared/paper/protocol.md), used when a task does not bring its own.
+MULTIPLE_CHOICE_INSTRUCTION = 'Please show your choice in the answer field with only the choice letter, e.g., "C"'
+NUMERIC_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_INSTRUCTIONS: dict[str, str] = {
+    "multiple_choice": MULTIPLE_CHOICE_INSTRUCTION,
+    "numeric": NUMERIC_INSTRUCTION,
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row: `id` is stable across runs (`<task>/<split>/<row index>` unless the file gives one)."""
+
+    id: str
+    prompt: str
+    answer: str
+    # The task a row belongs to; set for reference rows, which mix tasks.
+    task: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: TaskKind
+    instruction: str
+    train: tuple[Example, ...] = field(default=())
+    test: tuple[Example, ...] = field(default=())

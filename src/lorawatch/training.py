@@ -1,0 +1,145 @@
+"""One stage of LoRA supervised fine-tuning: loss on answer tokens only, a fresh AdamW per stage.
+
+The adapter is the one the model already carries (one cumulative adapter across the task sequence);
+this module only updates its weights. Shuffling and dropout are seeded by the caller's `seed`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from lorawatch.prompts import EncodedTrainExample
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    learning_rate: float
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    max_grad_norm: float | None
+    weight_decay: float
+    lr_scheduler: str  # "linear" | "constant"
+
+
+@dataclass
+class TrainingLog:
+    optimizer_steps: int = 0
+    micro_batches: int = 0
+    answer_tokens: int = 0
+    total_tokens: int = 0
+    seconds: float = 0.0
+    step_losses: list[float] = field(default_factory=list)  # mean answer-token loss per optimizer step
+    learning_rates: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "optimizer_steps": self.optimizer_steps,
+            "micro_batches": self.micro_batches,
+            "answer_tokens": self.answer_tokens,
+            "total_tokens": self.total_tokens,
+            "seconds": round(self.seconds, 3),
+            "first_loss": self.step_losses[0] if self.step_losses else None,
+            "last_loss": self.step_losses[-1] if self.step_losses else None,
+            "step_losses": self.step_losses,
+            "learning_rates": self.learning_rates,
+        }
+
+
+def _collate(batch: Sequence[EncodedTrainExample], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    # Right padding: training positions then start at 0 for every row, as in the model's pre-training.
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _answer_token_count(batch: Sequence[EncodedTrainExample]) -> int:
+    # Labels are shifted by one inside the loss, so the first label of a row is never predicted.
+    return sum(sum(1 for label in e.labels[1:] if label != -100) for e in batch)
+
+
+def train_stage(
+    model: torch.nn.Module,
+    examples: Sequence[EncodedTrainExample],
+    params: TrainParams,
+    *,
+    seed: int,
+    pad_id: int,
+    device: str,
+    on_micro_batch: Callable[[int, int], None] | None = None,
+) -> TrainingLog:
+    """Train the model's trainable (LoRA) parameters on `examples` for `params.epochs` epochs.
+
+    The loss of an optimizer step is the mean over all answer tokens of its accumulation window, so
+    short and long answers weigh the same whichever micro-batch they land in.
+    `on_micro_batch(done, total)` reports progress in examples.
+    """
+    log = TrainingLog()
+    start = time.perf_counter()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks
+
+    batches_per_epoch = math.ceil(len(examples) / params.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / params.grad_accum)
+    total_steps = steps_per_epoch * params.epochs
+    if params.lr_scheduler == "linear":
+        schedule = lambda step: max(0.0, 1.0 - step / total_steps)  # noqa: E731
+    else:
+        schedule = lambda step: 1.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    model.train()
+    done = 0
+    total = len(examples) * params.epochs
+    for _ in range(params.epochs):
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        batches = [[examples[i] for i in order[b:b + params.batch_size]]
+                   for b in range(0, len(order), params.batch_size)]
+        for window_start in range(0, len(batches), params.grad_accum):
+            window = batches[window_start:window_start + params.grad_accum]
+            window_tokens = sum(_answer_token_count(b) for b in window)
+            if window_tokens == 0:
+                continue  # every answer was truncated away; nothing to learn from this window
+            window_loss = 0.0
+            for batch in window:
+                inputs = _collate(batch, pad_id, device)
+                labels = inputs.pop("labels")
+                logits = model(**inputs).logits
+                shift_logits = logits[:, :-1, :].float()
+                shift_labels = labels[:, 1:]
+                loss_sum = torch.nn.functional.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                    ignore_index=-100, reduction="sum")
+                (loss_sum / window_tokens).backward()
+                window_loss += loss_sum.item()
+                log.micro_batches += 1
+                log.total_tokens += int(inputs["attention_mask"].sum())
+                done += len(batch)
+                if on_micro_batch:
+                    on_micro_batch(done, total)
+            if params.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+            log.learning_rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.optimizer_steps += 1
+            log.answer_tokens += window_tokens
+            log.step_losses.append(round(window_loss / window_tokens, 6))
+    model.eval()
+    log.seconds = time.perf_counter() - start
+    return log

@@ -1,0 +1,102 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_protocol import write_task_files
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def lorawatch(*args, cwd=None, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "lorawatch", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
+def config_file(tmp_path, model_dir, **changes):
+    write_task_files(tmp_path / "data")
+    config = {
+        "name": "tiny",
+        "model": {"spec": str(model_dir), "device": "cpu", "dtype": "float32"},
+        "tasks": [{"name": "stance", "kind": "multiple_choice", "train": "data/mc_train.json",
+                   "test": "data/mc_test.json"},
+                  {"name": "sum", "kind": "numeric", "train": "data/num_train.jsonl", "test": "data/num_test.json"}],
+        "reference": {"path": "data/reference.json"},
+        "train": {"learning_rate": 5e-3, "batch_size": 2, "grad_accum": 2},
+        "eval": {"max_new_tokens": 4},
+    }
+    for key, value in changes.items():
+        config[key] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_run_prints_the_tables(tmp_path, tiny_model_dir):
+    result = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--out", tmp_path / "run", "--seeds", "3")
+    assert result.returncode == 0, result.stderr
+    for title in ("Accuracy matrix", "Continual-learning metrics", "Stability on the reference set", "KL to base",
+                  "Summary: final avg accuracy"):
+        assert title in result.stdout
+    assert "stage 2 (sum)" in result.stderr  # the per-stage progress log
+    shown = lorawatch("show", tmp_path / "run")
+    assert shown.returncode == 0 and "Accuracy matrix" in shown.stdout
+    again = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--out", tmp_path / "run")
+    assert_one_line_error(again, "already exists")
+
+
+def test_bad_data_file(tmp_path, tiny_model_dir):
+    path = config_file(tmp_path, tiny_model_dir)
+    (tmp_path / "data" / "num_test.json").write_text('[{"prompt": "x"}]')
+    assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "r"), "num_test.json", "row 1", "'answer'")
+    assert not (tmp_path / "r").exists()  # nothing half-made is left behind
+
+
+def test_missing_data_file(tmp_path, tiny_model_dir):
+    path = config_file(tmp_path, tiny_model_dir)
+    (tmp_path / "data" / "mc_train.json").unlink()
+    assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "r"), "mc_train.json", "file not found")
+
+
+def test_unknown_model_spec(tmp_path, tiny_model_dir):
+    path = config_file(tmp_path, tiny_model_dir)
+    assert_one_line_error(lorawatch("run", path, "--model", "no-such-model", "--out", tmp_path / "r"),
+                          "no-such-model")
+
+
+def test_invalid_config_value_and_unknown_kind(tmp_path, tiny_model_dir):
+    path = config_file(tmp_path, tiny_model_dir, train={"learning_rate": 0})
+    assert_one_line_error(lorawatch("run", path), "config.json", "train.learning_rate", "greater than 0")
+    data = json.loads(path.read_text())
+    data["train"] = {}
+    data["tasks"][0]["kind"] = "essay"
+    path.write_text(json.dumps(data))
+    assert_one_line_error(lorawatch("run", path), "tasks.0.kind", "'essay'")
+
+
+def test_bad_seeds_and_show_on_non_run(tmp_path):
+    assert_one_line_error(lorawatch("run", "--seeds", "1,x"), "--seeds")
+    assert_one_line_error(lorawatch("show", tmp_path), "not a lorawatch run folder")
+    assert_one_line_error(lorawatch("run", "--preset", "nope"), "unknown preset 'nope'")
+
+
+def test_metrics_table_output(tmp_path):
+    matrix = tmp_path / "m.csv"
+    matrix.write_text("checkpoint,a,b\nbase,0.2,0.3\na,0.6,0.4\nb,0.5,0.7\n")
+    result = lorawatch("metrics", matrix)
+    assert result.returncode == 0 and "OP" in result.stdout.upper() and "0.600" in result.stdout

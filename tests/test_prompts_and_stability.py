@@ -1,0 +1,87 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorawatch.evaluation import generate, left_pad
+from lorawatch.prompts import PLAIN_PROMPT, encode_prompt, encode_train_example, render_answer, render_prompt
+from lorawatch.stability import answer_logprobs, per_example_drift, summarize
+
+
+def load(folder):
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), tokenizer
+
+
+def test_chat_template_rendering_and_answer_only_labels(tiny_model_dir):
+    _, tokenizer = load(tiny_model_dir)
+    prompt = render_prompt(tokenizer, "Question: 2+2?")
+    assert prompt == "<|im_start|>user\nQuestion: 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert render_answer(tokenizer, "Question: 2+2?", "4") == "4<|im_end|>\n"
+    encoded = encode_train_example(tokenizer, "Question: 2+2?", "4", max_length=512)
+    prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert all(label == -100 for label in encoded.labels[:prompt_len])
+    answer = [t for t in encoded.labels if t != -100]
+    assert tokenizer.decode(answer) == "4<|im_end|>\n"
+    assert list(encoded.input_ids[prompt_len:]) == answer
+
+
+def test_plain_format_without_chat_template(tiny_plain_model_dir):
+    _, tokenizer = load(tiny_plain_model_dir)
+    assert render_prompt(tokenizer, "Q") == PLAIN_PROMPT.format(message="Q")
+    assert render_answer(tokenizer, "Q", "B") == "B" + tokenizer.eos_token
+
+
+def test_truncation_keeps_the_end(tiny_model_dir):
+    _, tokenizer = load(tiny_model_dir)
+    long_message = "word " * 400 + "Question: which?"
+    encoded = encode_train_example(tokenizer, long_message, "A", max_length=64)
+    assert len(encoded.input_ids) == 64 and encoded.labels[-2:] != (-100, -100)
+    prompt = encode_prompt(tokenizer, "x", long_message, max_length=32)
+    assert len(prompt.input_ids) == 32
+    assert tokenizer.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_row_statistics_do_not_depend_on_the_batch(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    messages = ["A short one", "A much longer prompt with many more words in it to force padding " * 3,
+                "Medium length prompt here", "x"]
+    prompts = [encode_prompt(tokenizer, f"r{i}", m, 512) for i, m in enumerate(messages)]
+    _, together = answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
+    for i, prompt in enumerate(prompts):
+        _, alone = answer_logprobs(model, [prompt], pad_id=tokenizer.pad_token_id, batch_size=1, device="cpu")
+        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
+        # and it is the distribution after the row's own last token, computed without any padding
+        direct = model(input_ids=torch.tensor([prompt.input_ids])).logits[0, -1].float().log_softmax(-1)
+        torch.testing.assert_close(alone[0], direct, atol=1e-5, rtol=1e-5)
+    # the published reading (index mask.sum - 1 of a left-padded batch) lands elsewhere for short rows
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    published_index = mask.sum(1) - 1
+    assert (published_index < ids.shape[1] - 1).sum() == 3
+
+
+def test_drift_statistics(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    prompts = [encode_prompt(tokenizer, f"r{i}", m, 512) for i, m in enumerate(["a b", "c d e", "f"])]
+    ids, base = answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, batch_size=2, device="cpu")
+    same = per_example_drift(ids, [None] * 3, base, base)
+    assert all(d.kl == 0.0 for d in same)
+    shifted = torch.log_softmax(base * 2.0, dim=-1)  # a sharper distribution
+    drift = per_example_drift(ids, [None] * 3, shifted, base)
+    for d, row, base_row in zip(drift, shifted, base):
+        p = row.exp()
+        assert abs(d.kl - float((p * (row - base_row)).sum())) < 1e-6 and d.kl > 0
+        assert abs(d.entropy - float(-(p * row).sum())) < 1e-5
+        top = row.topk(2).values
+        assert abs(d.margin - float(top[0] - top[1])) < 1e-6
+    stats = summarize(drift)
+    assert set(stats) >= {"kl_mean", "kl_p10", "kl_p95", "entropy_mean", "margin_p95"}
+    assert stats["kl_p10"] <= stats["kl_mean"] <= stats["kl_p95"] or stats["kl_p10"] <= stats["kl_p95"]
+
+
+def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    prompts = [encode_prompt(tokenizer, f"r{i}", m, 512)
+               for i, m in enumerate(["Question: 1?", "A longer question about stance and text?", "B", "Solve 3+4"])]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, device="cpu")
+    single = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=1, device="cpu")
+    assert batched == single and set(batched) == {"r0", "r1", "r2", "r3"}

@@ -1,0 +1,155 @@
+"""The whole protocol on the tiny random model: run folder contents and the consistency of its numbers."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorawatch import store
+from lorawatch.config import build_config
+from lorawatch.metrics import compute_cl_metrics, read_matrix_csv
+from lorawatch.prompts import encode_train_example
+from lorawatch.protocol import encode, load_data, run_experiment
+from lorawatch.stability import answer_logprobs, per_example_drift
+from lorawatch.tables import load_run
+from lorawatch.training import TrainParams, train_stage
+
+
+def write_task_files(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    mc = [{"prompt": f"Text {i}: stance? A. dovish, B. hawkish, C. neutral.", "answer": "ABC"[i % 3]}
+          for i in range(14)]
+    num = [{"prompt": f"Question: {i} plus {i}?", "answer": str(2 * i)} for i in range(14)]
+    (folder / "mc_train.json").write_text(json.dumps(mc[:8]))
+    (folder / "mc_test.json").write_text(json.dumps(mc[8:12]))
+    (folder / "num_train.jsonl").write_text("\n".join(json.dumps(r) for r in num[:8]))
+    (folder / "num_test.json").write_text(json.dumps(num[8:12]))
+    reference = [dict(mc[12], task="stance"), dict(mc[13], task="stance"), dict(num[12], task_name="sum"),
+                 dict(num[13], task_name="sum")]
+    (folder / "reference.json").write_text(json.dumps(reference))
+
+
+def tiny_config(model_dir, data_dir, seeds=(1, 2)):
+    return build_config({
+        "name": "tiny",
+        "model": {"spec": str(model_dir), "device": "cpu", "dtype": "float32"},
+        "tasks": [
+            {"name": "stance", "kind": "multiple_choice", "train": str(data_dir / "mc_train.json"),
+             "test": str(data_dir / "mc_test.json")},
+            {"name": "sum", "kind": "numeric", "train": str(data_dir / "num_train.jsonl"),
+             "test": str(data_dir / "num_test.json")},
+        ],
+        "reference": {"path": str(data_dir / "reference.json")},
+        "train": {"learning_rate": 5e-3, "batch_size": 2, "grad_accum": 2},
+        "eval": {"max_new_tokens": 4, "batch_size": 3},
+        "seeds": list(seeds),
+    })
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("protocol")
+    write_task_files(root / "data")
+    config = tiny_config(tiny_model_dir, root / "data")
+    return run_experiment(config, root / "run"), config, root
+
+
+def test_run_folder_contents(tiny_run):
+    run_dir, config, _ = tiny_run
+    assert json.loads((run_dir / "config.json").read_text())["seeds"] == [1, 2]
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["versions"]["torch"]
+    for seed in (1, 2):
+        for stage in range(3):
+            folder = store.stage_dir(run_dir, seed, stage)
+            for name in ("stage.json", "scores.json", "reference_drift.jsonl", "reference_stats.json",
+                         "predictions/stance.jsonl", "predictions/sum.jsonl", "predictions/reference.jsonl"):
+                assert (folder / name).is_file(), folder / name
+            rows = store.read_jsonl(folder / "predictions" / "stance.jsonl")
+            assert len(rows) == 4 and set(rows[0]) == {"id", "task", "raw_output", "prediction", "gold", "correct"}
+            assert (folder / "adapter" / "adapter_model.safetensors").is_file() == (stage > 0)
+            assert (folder / "adapter" / "adapter_config.json").is_file() == (stage > 0)
+        for name in ("accuracy_matrix.csv", "cl_metrics.json", "cl_metrics.csv", "stability.csv"):
+            assert (store.seed_dir(run_dir, seed) / name).is_file()
+    for name in ("accuracy_matrix_mean.csv", "accuracy_matrix_std.csv", "cl_metrics_mean.csv", "stability_std.csv",
+                 "summary.json"):
+        assert (store.summary_dir(run_dir) / name).is_file()
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_numbers_are_consistent(tiny_run):
+    run_dir, config, _ = tiny_run
+    results = load_run(run_dir)
+    for seed in (1, 2):
+        tasks, matrix = read_matrix_csv(store.seed_dir(run_dir, seed) / "accuracy_matrix.csv")
+        assert tasks == ["stance", "sum"]
+        for stage in range(3):
+            folder = store.stage_dir(run_dir, seed, stage)
+            scores = store.read_json(folder / "scores.json")
+            for i, task in enumerate(tasks):
+                predictions = store.read_jsonl(folder / "predictions" / f"{task}.jsonl")
+                assert scores[task] == sum(p["correct"] for p in predictions) / len(predictions) == matrix[stage, i]
+        expected = compute_cl_metrics(matrix, tasks).to_dict()
+        assert store.read_json(store.seed_dir(run_dir, seed) / "cl_metrics.json") == expected
+        stability = results.stability(seed)
+        assert stability["kl_mean"].iloc[0] == 0.0
+        assert (stability["kl_mean"].iloc[1:] > 0).all()
+        assert stability["entropy_mean_delta"].iloc[0] == 0.0
+    # the base stage does not depend on the seed
+    assert (store.stage_dir(run_dir, 1, 0) / "predictions" / "sum.jsonl").read_text() == \
+        (store.stage_dir(run_dir, 2, 0) / "predictions" / "sum.jsonl").read_text()
+    mean = results.accuracy_matrix()
+    per_seed = [results.accuracy_matrix(s) for s in (1, 2)]
+    pd.testing.assert_frame_equal(mean[["stance", "sum"]], (per_seed[0][["stance", "sum"]] +
+                                                           per_seed[1][["stance", "sum"]]) / 2, check_dtype=False)
+    summary = results.summary()
+    assert summary["mean_std"]["final_kl_to_base"]["mean"] > 0
+
+
+def test_saved_adapter_reproduces_the_recorded_drift(tiny_run, tiny_model_dir):
+    run_dir, config, _ = tiny_run
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    data = load_data(config)
+    encoded = encode(data, tokenizer, 512)
+    ids, base_lp = answer_logprobs(base, encoded.reference, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
+    model = PeftModel.from_pretrained(base, store.stage_dir(run_dir, 2, 2) / "adapter").eval()
+    _, stage_lp = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
+    recomputed = per_example_drift(ids, [None] * len(ids), stage_lp, base_lp)
+    recorded = store.read_jsonl(store.stage_dir(run_dir, 2, 2) / "reference_drift.jsonl")
+    for mine, theirs in zip(recomputed, recorded):
+        assert mine.id == theirs["id"] and math.isclose(mine.kl, theirs["kl"], rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_same_seed_gives_identical_results(tiny_run, tiny_model_dir):
+    run_dir, _, root = tiny_run
+    again = run_experiment(tiny_config(tiny_model_dir, root / "data", seeds=(1,)), root / "again")
+    for stage in range(3):
+        for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "scores.json", "reference_drift.jsonl"):
+            assert (store.stage_dir(again, 1, stage) / name).read_text() == \
+                (store.stage_dir(run_dir, 1, stage) / name).read_text()
+
+
+def test_training_lowers_the_loss_on_answer_tokens(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    examples = [encode_train_example(tokenizer, f"Question: {i}?", "ABC"[i % 3], 512) for i in range(8)]
+    params = TrainParams(learning_rate=1e-2, batch_size=2, grad_accum=2, epochs=6, max_grad_norm=1.0,
+                         weight_decay=0.0, lr_scheduler="constant")
+    before = [p.detach().clone() for p in model.parameters() if not p.requires_grad]
+    log = train_stage(model, examples, params, seed=0, pad_id=tokenizer.pad_token_id, device="cpu")
+    assert log.optimizer_steps == 12 and log.micro_batches == 24
+    # a random 400-token model starts near ln(400) ~ 6 nats per answer token; the end-of-turn tokens are
+    # learnable outright, the letter (i mod 3) is not, so the loss falls by far but not to zero
+    assert 4.5 < log.step_losses[0] < 8.0
+    assert 0.3 < log.step_losses[-1] < 0.35 * log.step_losses[0]
+    after = [p for p in model.parameters() if not p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # only the adapter moved

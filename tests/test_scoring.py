@@ -1,0 +1,45 @@
+import pytest
+
+from lorawatch.tasks.scoring import gold_answer, is_correct, normalize_choice, normalize_number, training_target
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("B", "B"),
+    ("B. hawkish", "B"),
+    ("(C) neutral", "C"),
+    ("The answer is C.", "C"),
+    ("**Final answer: A**", "A"),
+    ("I think option D is right", "D"),
+    ("<think>A or B?</think> Answer: B", "B"),
+    ("Looking at A and B, it must be C", "C"),
+    ("A<|im_end|>", "A"),
+    ("none of these", ""),
+    ("", ""),
+])
+def test_choice_normalisation(text, letter):
+    assert normalize_choice(text) == letter
+
+
+@pytest.mark.parametrize("text, number", [
+    ("42", "42"),
+    ("The total is 1,234 apples", "1234"),
+    ("186.0", "186"),
+    ("3 + 4 = 7. Final answer: 7", "7"),
+    ("First 2 then 5 so \\boxed{12} done 99", "12"),
+    ("-3", "-3"),
+    ("0.50", "0.5"),
+    ("no number", ""),
+    ("The answer is 8 because 4 * 2", "2"),  # the last number after the marker, as published
+])
+def test_number_normalisation(text, number):
+    assert normalize_number(text) == number
+
+
+def test_gold_answers_and_targets():
+    assert gold_answer("multiple_choice", "B\nA clause is a group of words") == "B"
+    assert training_target("multiple_choice", "B\nA clause is a group of words") == "B"
+    assert gold_answer("numeric", "186.0") == "186"
+    assert gold_answer("numeric", "FRIDAY") == "FRIDAY"
+    assert is_correct("numeric", "friday", "FRIDAY")
+    assert not is_correct("multiple_choice", "", "A")
+    assert is_correct("multiple_choice", "A", "A")
