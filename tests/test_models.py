@@ -135,7 +135,10 @@ def test_resolve_device_unavailable_mps():
 
 
 def test_resolve_dtype_auto(monkeypatch):
+    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: True)
     assert M.resolve_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: False)
+    assert M.resolve_dtype("auto", "cpu") is torch.float32
     assert M.resolve_dtype("auto", "mps") is torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert M.resolve_dtype("auto", "cuda") is torch.bfloat16
@@ -419,7 +422,7 @@ def test_smollm2_alias_info(smol, smol_cache):
     assert info.spec == "smollm2-135m-instruct" and info.source == "alias"
     assert Path(info.path).parent == smol_cache
     assert Path(info.path).name.startswith("smollm2-135m-instruct.q4_1-")
-    assert (info.device, info.dtype) == ("cpu", "bfloat16")
+    assert (info.device, info.dtype) == ("cpu", M.dtype_name(M.cpu_auto_dtype()))
     assert info.vocab_size == 49152
     assert 130_000_000 < info.num_parameters < 140_000_000
     assert info.has_chat_template

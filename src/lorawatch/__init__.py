@@ -1,0 +1,27 @@
+"""lorawatch: sequential LoRA personalization of small language models, with stability monitoring.
+
+    config = lorawatch.preset("demo")            # or lorawatch.load_config("exp.yaml")
+    run_dir = lorawatch.run(config, "runs/demo")
+    results = lorawatch.load_run(run_dir)        # data frames: accuracy_matrix(), cl_metrics(), stability()
+"""
+
+from lorawatch.config import ExperimentConfig, build_config, load_config
+from lorawatch.errors import ConfigError, DataError, ModelSpecError, UserError
+from lorawatch.metrics import ClMetrics, compute_cl_metrics, read_matrix_csv
+from lorawatch.presets import preset
+from lorawatch.tables import RunResults, load_run
+
+__version__ = "0.1.0"
+
+
+def run(config: ExperimentConfig, run_dir, *, overwrite: bool = False):
+    """Run the protocol into `run_dir` (see lorawatch.protocol.run_experiment); returns the run folder."""
+    from lorawatch.protocol import run_experiment
+
+    return run_experiment(config, run_dir, overwrite=overwrite)
+
+
+__all__ = [
+    "ClMetrics", "ConfigError", "DataError", "ExperimentConfig", "ModelSpecError", "RunResults", "UserError",
+    "build_config", "compute_cl_metrics", "load_config", "load_run", "preset", "read_matrix_csv", "run",
+]
