@@ -116,7 +116,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, *, ba
     progress.phase(f"{label} · reference set")
     kinds = {t.name: t.kind for t in data.tasks}
     raw = generate(model, tokenizer, encoded.reference, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   device=device)
+                   device=device, on_batch=progress.advance)
     predictions["reference"] = [score(e.id, e.task, kinds[e.task], e.answer, raw[e.id]) for e in data.reference]
     scores["reference"] = accuracy(predictions["reference"])
     ids, logprobs = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id, batch_size=batch_size,
