@@ -13,8 +13,8 @@ from test_protocol import write_task_files
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def lorawatch(*args, cwd=None, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def lorawatch(*args, cwd=None, timeout=600, env=None):
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run([sys.executable, "-m", "lorawatch", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
 
@@ -56,8 +56,11 @@ def test_run_prints_the_tables(tmp_path, tiny_model_dir):
     assert "stage 2 (sum)" in result.stderr  # the per-stage progress log
     shown = lorawatch("show", tmp_path / "run")
     assert shown.returncode == 0 and "Accuracy matrix" in shown.stdout
-    again = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--out", tmp_path / "run")
-    assert_one_line_error(again, "already exists")
+    again = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--out", tmp_path / "run", "--seeds", "3")
+    assert again.returncode == 0 and "resuming" in again.stderr and "Accuracy matrix" in again.stdout
+    changed = lorawatch("run", config_file(tmp_path, tiny_model_dir, eval={"max_new_tokens": 5}), "--out",
+                        tmp_path / "run", "--seeds", "3")
+    assert_one_line_error(changed, "different config", "eval.max_new_tokens")
 
 
 def test_bad_data_file(tmp_path, tiny_model_dir):

@@ -41,9 +41,13 @@ def run(
     max_train_rows: Annotated[Optional[int], typer.Option(help="cap on training rows per task")] = None,
     max_test_rows: Annotated[Optional[int], typer.Option(help="cap on test rows per task")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start the run folder again from scratch")] = False,
+    force: Annotated[bool, typer.Option(help="resume even though the config differs from the recorded one")] = False,
 ) -> None:
-    """Run the protocol: base evaluation, then train/evaluate stage by stage; print the tables."""
+    """Run the protocol: base evaluation, then train/evaluate stage by stage; print the tables.
+
+    Running the same command again on an unfinished run folder resumes it where it stopped.
+    """
     from lorawatch.config import build_config, load_config
     from lorawatch.presets import preset
     from lorawatch.protocol import run_experiment
@@ -71,10 +75,14 @@ def run(
             data["eval"]["max_new_tokens"] = max_new_tokens
         config = build_config(data, source="command line")
         console = Console(stderr=True)
-        run_dir = run_experiment(config, out or Path("runs") / config.name, console=console, overwrite=overwrite)
+        run_dir = run_experiment(config, out or Path("runs") / config.name, console=console, overwrite=overwrite,
+                                 force=force)
         print_results(load_run(run_dir), Console())
     except UserError as error:
         _fail(str(error))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished work is saved; run the same command again to resume\n")
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -171,7 +171,3 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if isinstance(reference, dict) and isinstance(reference.get("path"), str):
         reference["path"] = str(base / reference["path"])
     return build_config(data, source=str(path))
-
-
-def save_config(config: ExperimentConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")

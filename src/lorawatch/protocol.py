@@ -11,25 +11,33 @@ written into every seed's folder.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
+import os
 import platform
 import shutil
+import signal
+import socket
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from rich.console import Console
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from lorawatch import store, tables
-from lorawatch.config import ExperimentConfig, save_config
+from lorawatch.config import ExperimentConfig
 from lorawatch.errors import UserError
 from lorawatch.evaluation import Prediction, accuracy, generate, score
 from lorawatch.models import LoadedModel, load_model
 from lorawatch.progress import RunProgress
 from lorawatch.prompts import EncodedPrompt, EncodedTrainExample, encode_prompt, encode_train_example, user_message
-from lorawatch.stability import answer_logprobs, per_example_drift, summarize
+from lorawatch.stability import ExampleDrift, answer_logprobs, per_example_drift, summarize
 from lorawatch.tasks.base import Example, Task
 from lorawatch.tasks.loading import load_reference, load_task
 from lorawatch.tasks.scoring import training_target
@@ -93,55 +101,128 @@ def environment(loaded: LoadedModel) -> dict:
     }
 
 
-@dataclass
-class StageOutcome:
-    scores: dict[str, float]
-    predictions: dict[str, list[Prediction]]
-    logprobs: torch.Tensor
+def crash_point(name: str) -> None:
+    """Fault injection for the resume tests: SIGKILL this process when LORAWATCH_CRASH_AT names this point."""
+    if os.environ.get("LORAWATCH_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, *, base_logprobs: torch.Tensor | None,
-                        max_new_tokens: int, batch_size: int, device: str, progress: RunProgress,
-                        label: str) -> tuple[StageOutcome, list, dict]:
-    """Every task's test set, the reference set's accuracy, and its drift against the base distribution."""
-    predictions: dict[str, list[Prediction]] = {}
+def _read_predictions(path: Path, expected_ids: list[str]) -> list[Prediction] | None:
+    """A unit's saved predictions, or None when missing or damaged (then the unit is redone)."""
+    if not path.is_file():
+        return None
+    try:
+        rows = [Prediction(**row) for row in store.read_jsonl(path)]
+    except (ValueError, TypeError, KeyError):
+        warnings.warn(f"{path}: damaged, recomputing it", stacklevel=2)
+        return None
+    if [r.id for r in rows] != expected_ids:
+        warnings.warn(f"{path}: does not match the data, recomputing it", stacklevel=2)
+        return None
+    return rows
+
+
+def _read_drift(path: Path, expected_ids: list[str]) -> list[ExampleDrift] | None:
+    if not path.is_file():
+        return None
+    try:
+        rows = [ExampleDrift(**row) for row in store.read_jsonl(path)]
+    except (ValueError, TypeError, KeyError):
+        warnings.warn(f"{path}: damaged, recomputing it", stacklevel=2)
+        return None
+    return rows if [r.id for r in rows] == expected_ids else None
+
+
+def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folder: Path, *,
+                        base_logprobs: torch.Tensor | None, max_new_tokens: int, batch_size: int, device: str,
+                        progress: RunProgress, label: str, crash_prefix: str) -> tuple[dict, list[ExampleDrift],
+                                                                                       torch.Tensor | None]:
+    """Every task's test set, the reference set's accuracy and its drift against the base distribution.
+
+    Each part is a unit written as soon as it is done and reused when the run is resumed. Returns the
+    scores, the per-row drift, and the reference log-probabilities when they had to be computed.
+    """
     scores: dict[str, float] = {}
-    for task in data.tasks:
-        progress.phase(f"{label} · evaluate {task.name}")
-        raw = generate(model, tokenizer, encoded.test[task.name], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, device=device, on_batch=progress.advance)
-        predictions[task.name] = [score(e.id, task.name, task.kind, e.answer, raw[e.id]) for e in task.test]
-        scores[task.name] = accuracy(predictions[task.name])
-
-    progress.phase(f"{label} · reference set")
     kinds = {t.name: t.kind for t in data.tasks}
-    raw = generate(model, tokenizer, encoded.reference, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   device=device, on_batch=progress.advance)
-    predictions["reference"] = [score(e.id, e.task, kinds[e.task], e.answer, raw[e.id]) for e in data.reference]
-    scores["reference"] = accuracy(predictions["reference"])
-    ids, logprobs = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id, batch_size=batch_size,
-                                    device=device)
+    parts = [(t.name, t.test, encoded.test[t.name]) for t in data.tasks]
+    parts.append(("reference", data.reference, encoded.reference))
+    for name, examples, prompts in parts:
+        path = folder / "predictions" / f"{name}.jsonl"
+        rows = _read_predictions(path, [e.id for e in examples])
+        if rows is None:
+            progress.phase(f"{label} · {'reference set' if name == 'reference' else 'evaluate ' + name}")
+            raw = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           device=device, on_batch=progress.advance)
+            rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer, raw[e.id]) for e in examples]
+            store.write_jsonl(path, (r.to_dict() for r in rows))
+            crash_point(f"{crash_prefix}:eval:{name}")
+        else:
+            progress.advance(len(rows))
+        scores[name] = accuracy(rows)
+
+    drift_path = folder / "reference_drift.jsonl"
+    drift = _read_drift(drift_path, [e.id for e in data.reference])
+    logprobs = None
+    if drift is None:
+        progress.phase(f"{label} · reference drift")
+        ids, logprobs = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id,
+                                        batch_size=batch_size, device=device)
+        drift = per_example_drift(ids, [e.task for e in data.reference], logprobs,
+                                  logprobs if base_logprobs is None else base_logprobs)
+        store.write_jsonl(drift_path, (d.to_dict() for d in drift))
+        crash_point(f"{crash_prefix}:drift")
     progress.advance(len(data.reference))
-    drift = per_example_drift(ids, [e.task for e in data.reference], logprobs,
-                              logprobs if base_logprobs is None else base_logprobs)
-    return StageOutcome(scores, predictions, logprobs), drift, summarize(drift)
+    return scores, drift, logprobs
 
 
-def write_stage(run_dir: Path, seed: int, stage: int, *, checkpoint: str, task: str | None, outcome: StageOutcome,
-                drift: list, stats: dict, base_stats: dict, extra: dict) -> None:
-    folder = store.stage_dir(run_dir, seed, stage)
-    for name, rows in outcome.predictions.items():
-        store.write_jsonl(folder / "predictions" / f"{name}.jsonl", (p.to_dict() for p in rows))
-    store.write_jsonl(folder / "reference_drift.jsonl", (d.to_dict() for d in drift))
+def finish_stage(folder: Path, *, stage: int, checkpoint: str, task: str | None, scores: dict, drift: list,
+                 base_stats: dict | None, extra: dict) -> dict:
+    """Write the stage's summary files; stage.json goes last and marks the stage complete."""
+    stats = summarize(drift)
+    base_stats = base_stats or stats
     deltas = {f"{key}_delta": value - base_stats[key] for key, value in stats.items()}
     store.write_json(folder / "reference_stats.json", {**stats, **deltas})
-    store.write_json(folder / "scores.json", outcome.scores)
+    store.write_json(folder / "scores.json", scores)
     store.write_json(folder / "stage.json", {"stage": stage, "checkpoint": checkpoint, "task": task, **extra})
+    return stats
+
+
+def stage_complete(folder: Path, data: RunData, *, adapter: bool) -> bool:
+    """A stage is complete when every file it wrote is intact; damaged ones are reported and redone."""
+    try:
+        if not all(isinstance(store.read_json(folder / name), dict)
+                   for name in ("stage.json", "scores.json", "reference_stats.json")):
+            return False
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        warnings.warn(f"{folder}: damaged summary file, redoing that stage's missing parts", stacklevel=2)
+        return False
+    parts = [(t.name, [e.id for e in t.test]) for t in data.tasks] + [("reference", [e.id for e in data.reference])]
+    if any(_read_predictions(folder / "predictions" / f"{name}.jsonl", ids) is None for name, ids in parts):
+        return False
+    if _read_drift(folder / "reference_drift.jsonl", [e.id for e in data.reference]) is None:
+        return False
+    return not adapter or _adapter_intact(folder / "adapter")
+
+
+def _adapter_intact(folder: Path) -> bool:
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        return False
+    try:
+        load_safetensors(folder / ADAPTER_WEIGHTS)
+        return _readable_json(folder / "adapter_config.json")
+    except Exception:  # safetensors raises its own error types for damaged files
+        warnings.warn(f"{folder}: damaged adapter, redoing that stage", stacklevel=2)
+        return False
 
 
 def lora_config(config: ExperimentConfig) -> LoraConfig:
     return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, bias=config.lora.bias, task_type="CAUSAL_LM")
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def save_adapter(model, folder: Path) -> None:
@@ -153,6 +234,21 @@ def save_adapter(model, folder: Path) -> None:
     tmp.rename(folder)
 
 
+def load_adapter_weights(model, folder: Path) -> bool:
+    """Put a saved adapter's weights into the model's adapter; False (with a warning) if it is damaged."""
+    try:
+        state = load_safetensors(folder / ADAPTER_WEIGHTS)
+        result = set_peft_model_state_dict(model, state)
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        if (folder / ADAPTER_WEIGHTS).exists():
+            warnings.warn(f"{folder}: damaged adapter ({exc.__class__.__name__}), redoing that stage", stacklevel=2)
+        return False
+    if getattr(result, "unexpected_keys", None):
+        warnings.warn(f"{folder}: adapter does not fit this model, redoing that stage", stacklevel=2)
+        return False
+    return True
+
+
 def _total_rows(config: ExperimentConfig, data: RunData) -> int:
     tests = sum(len(t.test) for t in data.tasks)
     per_checkpoint = tests + 2 * len(data.reference)
@@ -160,30 +256,93 @@ def _total_rows(config: ExperimentConfig, data: RunData) -> int:
     return per_checkpoint + len(config.seeds) * (trains + len(data.tasks) * per_checkpoint)
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"{run_dir}: run folder already exists and is not empty; "
-                            "choose another --out or pass --overwrite")
-        shutil.rmtree(run_dir)
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two config dicts."""
+    fields = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields += config_differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b:
+            fields += config_differences(dict(enumerate(a)), dict(enumerate(b)), f"{prefix}{key}.")
+        elif a != b:
+            fields.append(f"{prefix}{key}")
+    return fields
+
+
+def prepare_run_dir(run_dir: Path, config: ExperimentConfig, *, overwrite: bool, force: bool) -> bool:
+    """Create the run folder, or check that an existing one belongs to this config. True when resuming."""
+    config_path = run_dir / "config.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        if not config_path.is_file():
+            raise UserError(f"{run_dir}: folder is not empty and is not a lorawatch run; choose another --out")
+        try:
+            recorded = store.read_json(config_path)
+        except (OSError, ValueError):
+            raise UserError(f"{config_path}: damaged; pass --overwrite to start this run again") from None
+        changed = config_differences(recorded, config.model_dump(mode="json"))
+        if changed and not force:
+            raise UserError(f"{run_dir}: the run was started with a different config (changed: {', '.join(changed)}); "
+                            "use another --out for a new run, --overwrite to start again, or --force to continue")
+        return True
     try:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror})") from None
+        raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
+    return False
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """One writer per run folder. The OS drops the lock when its holder dies, so a crash never leaves it stuck."""
+    handle = open(run_dir / ".lock", "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{run_dir}: already being written by {holder}; wait for it to finish or use another --out")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"lorawatch pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+BASE_LOGPROBS = "base_reference_logprobs.safetensors"
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Console | None = None,
-                   overwrite: bool = False) -> Path:
-    """Run the whole protocol into `run_dir` and return it. Data problems surface before any model work."""
+                   overwrite: bool = False, force: bool = False) -> Path:
+    """Run (or resume) the whole protocol into `run_dir` and return it.
+
+    Data problems surface before any model work. A run folder that already holds this config is resumed:
+    finished units (a stage's training, a task's evaluation, a reference pass) are read back, the rest is
+    computed, and the results are identical to an uninterrupted run.
+    """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     data = load_data(config)
-    prepare_run_dir(run_dir, overwrite)
-    save_config(config, run_dir / "config.json")
+    resuming = prepare_run_dir(run_dir, config, overwrite=overwrite, force=force)
+    with run_lock(run_dir):
+        if not resuming:
+            store.write_json(run_dir / "config.json", config.model_dump(mode="json"))
+        _run_locked(config, run_dir, data, console, resuming)
+    return run_dir
 
+
+def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console: Console, resuming: bool) -> None:
     def fresh_model() -> LoadedModel:
         return load_model(config.model.spec, device=config.model.device, dtype=config.model.dtype,
                           cache_dir=Path(config.model.cache_dir) if config.model.cache_dir else None,
@@ -194,7 +353,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     device = loaded.info.device
     console.print(f"lorawatch: {config.name} · model {loaded.info.spec} ({loaded.info.num_parameters / 1e6:.0f}M "
                   f"params, {device}, {loaded.info.dtype}) · tasks {' → '.join(t.name for t in data.tasks)} · "
-                  f"seeds {', '.join(map(str, config.seeds))} · run folder {run_dir}")
+                  f"seeds {', '.join(map(str, config.seeds))} · run folder {run_dir}"
+                  + (" · resuming" if resuming else ""))
     encoded = encode(data, loaded.tokenizer, config.train.max_length)
     params = TrainParams(learning_rate=config.train.learning_rate, batch_size=config.train.batch_size,
                          grad_accum=config.train.grad_accum, epochs=config.train.epochs,
@@ -203,44 +363,115 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     eval_args = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device)
 
     with RunProgress(_total_rows(config, data), console) as progress:
-        started = time.perf_counter()
-        base, base_drift, base_stats = evaluate_checkpoint(loaded.model, loaded.tokenizer, data, encoded,
-                                                           base_logprobs=None, progress=progress,
-                                                           label="base", **eval_args)
-        base_seconds = time.perf_counter() - started
-        progress.log("base: " + _scores_line(base.scores))
-        for seed in config.seeds:
-            write_stage(run_dir, seed, 0, checkpoint="base", task=None, outcome=base, drift=base_drift,
-                        stats=base_stats, base_stats=base_stats, extra={"eval_seconds": round(base_seconds, 3)})
+        # Stage 0 does not depend on the seed: computed once, in the first seed's folder, then copied.
+        base_dir = store.stage_dir(run_dir, config.seeds[0], 0)
+        base_lp_path = run_dir / BASE_LOGPROBS
+        base_logprobs = _read_logprobs(base_lp_path, len(data.reference))
+        if base_logprobs is None or not stage_complete(base_dir, data, adapter=False):
+            started = time.perf_counter()
+            if base_logprobs is None:
+                (base_dir / "reference_drift.jsonl").unlink(missing_ok=True)
+            scores, drift, computed = evaluate_checkpoint(
+                loaded.model, loaded.tokenizer, data, encoded, base_dir, base_logprobs=None, progress=progress,
+                label="base", crash_prefix="base", **eval_args)
+            if computed is not None:
+                store.atomic_write_bytes(base_lp_path, save_safetensors({"logprobs": computed.contiguous()}))
+                base_logprobs = computed
+            finish_stage(base_dir, stage=0, checkpoint="base", task=None, scores=scores, drift=drift,
+                         base_stats=None, extra={"eval_seconds": round(time.perf_counter() - started, 3)})
+            progress.log("base: " + _scores_line(scores))
+        else:
+            progress.advance(sum(len(t.test) for t in data.tasks) + 2 * len(data.reference))
+        base_stats = {k: v for k, v in store.read_json(base_dir / "reference_stats.json").items()
+                      if not k.endswith("_delta")}
+        for seed in config.seeds[1:]:
+            copy_dir = store.stage_dir(run_dir, seed, 0)
+            if not stage_complete(copy_dir, data, adapter=False):
+                store.atomic_copytree(base_dir, copy_dir)
 
         for seed_index, seed in enumerate(config.seeds):
-            if seed_index > 0:
-                loaded = fresh_model()
-            torch.manual_seed(seed)  # LoRA's A matrices are initialised randomly
-            model = get_peft_model(loaded.model, lora_config(config))
-            for stage, task in enumerate(data.tasks, start=1):
-                label = f"seed {seed} · stage {stage}/{len(data.tasks)}"
-                progress.phase(f"{label} · train {task.name}")
-                log = train_stage(model, encoded.train[task.name], params, seed=seed * 1000 + stage,
-                                  pad_id=loaded.tokenizer.pad_token_id, device=device,
-                                  on_micro_batch=_advance_by_delta(progress))
-                save_adapter(model, store.stage_dir(run_dir, seed, stage) / "adapter")
-                eval_start = time.perf_counter()
-                outcome, drift, stats = evaluate_checkpoint(model, loaded.tokenizer, data, encoded,
-                                                            base_logprobs=base.logprobs, progress=progress,
-                                                            label=label, **eval_args)
-                write_stage(run_dir, seed, stage, checkpoint=task.name, task=task.name, outcome=outcome,
-                            drift=drift, stats=stats, base_stats=base_stats,
-                            extra={"training": log.to_dict(),
-                                   "eval_seconds": round(time.perf_counter() - eval_start, 3)})
-                progress.log(f"seed {seed} stage {stage} ({task.name}): {log.optimizer_steps} steps, loss "
-                             f"{_fmt(log.step_losses[0] if log.step_losses else None)} → "
-                             f"{_fmt(log.step_losses[-1] if log.step_losses else None)} · "
-                             f"{_scores_line(outcome.scores)} · KL to base {stats['kl_mean']:.4f}")
+            stages = [store.stage_dir(run_dir, seed, k) for k in range(len(data.tasks) + 1)]
+            first = next((k for k in range(1, len(stages)) if not stage_complete(stages[k], data, adapter=True)), None)
+            if first is not None:
+                if seed_index > 0:
+                    loaded = fresh_model()
+                torch.manual_seed(seed)  # LoRA's A matrices are initialised randomly
+                model = get_peft_model(loaded.model, lora_config(config))
+                # resume from the last stage whose adapter is intact (redo it too if it is damaged)
+                while first > 1 and not load_adapter_weights(model, stages[first - 1] / "adapter"):
+                    first -= 1
+                for stage in range(first, len(stages)):
+                    _run_stage(model, loaded, data, encoded, params, eval_args, run_dir, seed, stage,
+                               base_logprobs, base_stats, progress)
+                del model
+            else:
+                progress.advance(len(data.tasks) * (sum(len(t.test) for t in data.tasks) + 2 * len(data.reference))
+                                 + sum(len(t.train) for t in data.tasks) * config.train.epochs)
             tables.write_seed_tables(run_dir, seed)
-            del model
         tables.write_summary(run_dir)
-    return run_dir
+
+
+def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, params: TrainParams, eval_args: dict,
+               run_dir: Path, seed: int, stage: int, base_logprobs: torch.Tensor, base_stats: dict,
+               progress: RunProgress) -> None:
+    task = data.tasks[stage - 1]
+    folder = store.stage_dir(run_dir, seed, stage)
+    label = f"seed {seed} · stage {stage}/{len(data.tasks)}"
+    prefix = f"{seed}:{stage}"
+    log_path = folder / "training.json"
+    trained = log_path.is_file() and _readable_json(log_path) and load_adapter_weights(model, folder / "adapter")
+    if trained:
+        log = store.read_json(log_path)
+        progress.advance(len(task.train) * params.epochs)
+    else:
+        # Whatever this stage evaluated before belonged to a different adapter.
+        shutil.rmtree(folder, ignore_errors=True)
+        progress.phase(f"{label} · train {task.name}")
+        advance = _advance_by_delta(progress)
+
+        def on_micro_batch(done: int, total: int) -> None:
+            advance(done, total)
+            crash_point(f"{prefix}:train:{done}")
+
+        log = train_stage(model, encoded.train[task.name], params, seed=seed * 1000 + stage,
+                          pad_id=loaded.tokenizer.pad_token_id, device=eval_args["device"],
+                          on_micro_batch=on_micro_batch).to_dict()
+        save_adapter(model, folder / "adapter")
+        store.write_json(log_path, log)
+        crash_point(f"{prefix}:trained")
+    eval_start = time.perf_counter()
+    scores, drift, _ = evaluate_checkpoint(model, loaded.tokenizer, data, encoded, folder, base_logprobs=base_logprobs,
+                                           progress=progress, label=label, crash_prefix=prefix, **eval_args)
+    stats = finish_stage(folder, stage=stage, checkpoint=task.name, task=task.name, scores=scores, drift=drift,
+                         base_stats=base_stats, extra={"training": log,
+                                                       "eval_seconds": round(time.perf_counter() - eval_start, 3)})
+    crash_point(f"{prefix}:done")
+    losses = log["step_losses"]
+    progress.log(f"seed {seed} stage {stage} ({task.name}): {log['optimizer_steps']} steps, loss "
+                 f"{_fmt(losses[0] if losses else None)} → {_fmt(losses[-1] if losses else None)} · "
+                 f"{_scores_line(scores)} · KL to base {stats['kl_mean']:.4f}")
+
+
+def _readable_json(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        store.read_json(path)
+        return True
+    except (OSError, ValueError):
+        warnings.warn(f"{path}: damaged, redoing that unit", stacklevel=2)
+        return False
+
+
+def _read_logprobs(path: Path, rows: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        tensor = load_safetensors(path)["logprobs"]
+    except Exception:  # a damaged file: recompute
+        warnings.warn(f"{path}: damaged, recomputing the base reference pass", stacklevel=2)
+        return None
+    return tensor if tensor.shape[0] == rows else None
 
 
 def _advance_by_delta(progress: RunProgress):

@@ -1,0 +1,111 @@
+"""Runs that survive crashes: SIGKILL at several points, resume, and compare with an uninterrupted run."""
+
+import filecmp
+import json
+import os
+import signal
+
+import pytest
+
+from lorawatch import store
+from lorawatch.protocol import run_lock
+from test_cli import assert_one_line_error, config_file, lorawatch
+
+RESULT_FILES = ["accuracy_matrix.csv", "cl_metrics.json", "stability.csv"]
+STAGE_FILES = ["scores.json", "reference_stats.json", "reference_drift.jsonl", "predictions/stance.jsonl",
+               "predictions/sum.jsonl", "predictions/reference.jsonl", "adapter/adapter_model.safetensors"]
+
+
+def assert_same_results(run, reference):
+    for name in RESULT_FILES:
+        assert filecmp.cmp(store.seed_dir(run, 1) / name, store.seed_dir(reference, 1) / name, shallow=False), name
+    for stage in range(3):
+        for name in STAGE_FILES:
+            if stage == 0 and name.startswith("adapter"):
+                continue
+            mine, theirs = store.stage_dir(run, 1, stage) / name, store.stage_dir(reference, 1, stage) / name
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                a, b = load_file(mine), load_file(theirs)
+                assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), mine
+            else:
+                assert mine.read_text() == theirs.read_text(), mine
+    assert not list(run.rglob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    config = config_file(root, tiny_model_dir)
+    reference = root / "uninterrupted"
+    result = lorawatch("run", config, "--out", reference, "--seeds", "1")
+    assert result.returncode == 0, result.stderr
+    return root, config, reference
+
+
+@pytest.mark.parametrize("point", [
+    "base:eval:stance",   # during the base evaluation
+    "1:1:train:4",        # in the middle of training stage 1
+    "1:1:trained",        # after training, before its evaluation
+    "1:2:eval:stance",    # during stage 2's evaluation
+    "1:2:eval:reference", # during the reference pass: generation done, drift not yet
+    "1:1:done",           # between stages
+])
+def test_sigkill_then_resume_gives_identical_results(setup, point):
+    root, config, reference = setup
+    out = root / point.replace(":", "-")
+    killed = lorawatch("run", config, "--out", out, "--seeds", "1", env={"LORAWATCH_CRASH_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = lorawatch("run", config, "--out", out, "--seeds", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert_same_results(out, reference)
+
+
+def test_finished_units_are_not_redone(setup):
+    root, config, _ = setup
+    out = root / "not-redone"
+    assert lorawatch("run", config, "--out", out, "--seeds", "1", env={"LORAWATCH_CRASH_AT": "1:2:trained"}
+                     ).returncode == -signal.SIGKILL
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "stage-1" in str(p)}
+    assert lorawatch("run", config, "--out", out, "--seeds", "1").returncode == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+def test_second_writer_is_refused_with_the_holder_named(setup):
+    root, config, reference = setup
+    with run_lock(reference):
+        result = lorawatch("run", config, "--out", reference, "--seeds", "1")
+    assert_one_line_error(result, "already being written by lorawatch pid", str(os.getpid()))
+    # the lock died with its holder: the same command now goes through
+    assert lorawatch("run", config, "--out", reference, "--seeds", "1").returncode == 0
+
+
+def test_changed_config_is_refused_unless_forced(setup, tiny_model_dir):
+    root, _, reference = setup
+    changed = config_file(root / "changed", tiny_model_dir, train={"learning_rate": 1e-3, "batch_size": 2,
+                                                                   "grad_accum": 2})
+    result = lorawatch("run", changed, "--out", reference, "--seeds", "1")
+    assert_one_line_error(result, "different config", "train.learning_rate", "tasks.0.train")
+    assert lorawatch("run", changed, "--out", reference, "--seeds", "1", "--force").returncode == 0
+
+
+def test_damaged_files_are_detected_and_redone(setup):
+    root, config, reference = setup
+    out = root / "damaged"
+    assert lorawatch("run", config, "--out", out, "--seeds", "1").returncode == 0
+    predictions = store.stage_dir(out, 1, 2) / "predictions" / "sum.jsonl"
+    predictions.write_text(predictions.read_text()[:40])  # truncated JSON
+    adapter = store.stage_dir(out, 1, 1) / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])  # damaged adapter
+    result = lorawatch("run", config, "--out", out, "--seeds", "1")
+    assert result.returncode == 0, result.stderr
+    assert "damaged" in result.stderr
+    assert_same_results(out, reference)
+
+
+def test_same_config_twice_is_byte_identical(setup):
+    root, config, reference = setup
+    again = root / "again"
+    assert lorawatch("run", config, "--out", again, "--seeds", "1").returncode == 0
+    assert_same_results(again, reference)
