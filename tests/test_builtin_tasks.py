@@ -32,7 +32,7 @@ MAX_REFERENCE = builtin._REFERENCE_ROWS
 # CPython 3.10-3.13 and under any PYTHONHASHSEED). A change here means the generator changed: every
 # published demo number changes with it, so only update these on purpose.
 GOLDEN = {
-    "stance": "c9233ffd6799c0b2a63041b28a21fc7b7ffada0dcfd1af8f089423df657dd83d",
+    "stance": "70a0a8188efcb10666e8047eaabc5e06e132ee7ebd7fc3b98e75639674b550d7",
     "science": "7ad59bc152f693c34a148262dc0ae22f3bd7774bde79872d50f9a500b138ca21",
     "arithmetic": "2f73ec5bf6f0039b8f1dfbca2fee5fc03062ce15ec8942e9404a75e181d5bc16",
 }
@@ -198,7 +198,7 @@ def test_reference_rows():
 
 
 @pytest.mark.parametrize("n", [30, 31, 44, 100, 503])
-def test_stance_classes_are_balanced_in_every_split(full, reference, n):
+def test_stance_classes_follow_fomc_in_every_split(full, reference, n):
     splits = {
         "train": full["stance"].train[:n],
         "test": full["stance"].test[:n],
@@ -207,8 +207,10 @@ def test_stance_classes_are_balanced_in_every_split(full, reference, n):
     for split, rows in splits.items():
         counts = Counter(e.answer for e in rows)
         assert set(counts) == {"A", "B", "C"}, split
+        # TRACE FOMC: 28% A (dovish), 23% B (hawkish), 49% C (neutral)
+        expected = {"A": 0.3, "B": 0.2, "C": 0.5}
         for letter, count in counts.items():
-            assert 0.25 <= count / len(rows) <= 0.45, (split, letter, counts)
+            assert abs(count / len(rows) - expected[letter]) <= 0.07, (split, letter, counts)
 
 
 @pytest.mark.parametrize("n", [12, 40, 200])

@@ -387,8 +387,8 @@ def test_load_tiny_folder(tiny_folder, tmp_path):
     with torch.no_grad():
         logits = loaded.model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape and logits.shape[-1] == info.vocab_size
-    # default dtype on CPU is bf16; RoPE buffers stay float32 (no blanket model.to(dtype))
-    bf16 = M.load_model(str(tiny_folder), device="cpu")
+    # bf16 on request; RoPE buffers stay float32 (no blanket model.to(dtype))
+    bf16 = M.load_model(str(tiny_folder), device="cpu", dtype="bf16")
     assert bf16.info.dtype == "bfloat16"
     assert next(bf16.model.parameters()).dtype is torch.bfloat16
     assert bf16.model.model.rotary_emb.inv_freq.dtype is torch.float32

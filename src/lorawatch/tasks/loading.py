@@ -6,6 +6,7 @@ Every problem is reported as a DataError naming the file and the row (1-based), 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def load_examples(path: str | Path, *, task: str, split: str, kind: str | None =
         if not answer.strip():
             raise DataError(path, "'answer' is empty", row=number)
         if kind is not None:
-            _check_gold(path, number, kind, answer)
+            _check_gold(path, number, kind, answer, prompt)
         example_id = str(row.get("id", f"{task}/{split}/{index}"))
         if example_id in seen_ids:
             raise DataError(path, f"duplicate id {example_id!r}", row=number)
@@ -82,11 +83,26 @@ def load_examples(path: str | Path, *, task: str, split: str, kind: str | None =
     return tuple(examples)
 
 
-def _check_gold(path: Path, number: int, kind: str, answer: str) -> None:
+_OPTION = re.compile(r"(?<![A-Za-z])([A-E])[.)]\s")
+
+
+def prompt_options(prompt: str) -> str:
+    """The option letters a prompt lists ("A. dovish, B. hawkish, C. neutral" -> "ABC"), or "" if unclear."""
+    found = sorted(set(_OPTION.findall(prompt)))
+    letters = "".join(found)
+    # Only a run of letters from A counts as an option list; a stray "A." in a sentence does not.
+    return letters if len(letters) >= 2 and LETTERS.startswith(letters) else ""
+
+
+def _check_gold(path: Path, number: int, kind: str, answer: str, prompt: str = "") -> None:
     gold = gold_answer(kind, answer)
     if kind == "multiple_choice":
         if len(gold) != 1 or gold not in LETTERS:
             raise DataError(path, f"multiple-choice answer must start with an option letter A-E, found {answer[:30]!r}",
+                            row=number)
+        options = prompt_options(prompt)
+        if options and gold not in options:
+            raise DataError(path, f"answer {gold!r} is not one of the options {', '.join(options)} in the prompt",
                             row=number)
     elif format_number(gold) is None:
         # Real data has a few of these (NumGLUE-cm: "FRIDAY"): warn and keep them rather than refuse the file.
@@ -137,6 +153,6 @@ def load_reference(tasks: "list[Task]", *, path: str | None, builtin_per_task: i
             names = ", ".join(t.name for t in tasks)
             found = f"task {example.task!r}" if example.task else "no 'task' (or 'task_name') field"
             raise DataError(path, f"{found}; each reference row must name one of the tasks: {names}", row=number)
-        _check_gold(Path(path), number, task.kind, example.answer)
+        _check_gold(Path(path), number, task.kind, example.answer, example.prompt)
         rows.append(Example(example.id, example.prompt, example.answer, task=task.name))
     return tuple(rows)
