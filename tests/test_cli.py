@@ -103,3 +103,14 @@ def test_metrics_table_output(tmp_path):
     matrix.write_text("checkpoint,a,b\nbase,0.2,0.3\na,0.6,0.4\nb,0.5,0.7\n")
     result = lorawatch("metrics", matrix)
     assert result.returncode == 0 and "OP" in result.stdout.upper() and "0.600" in result.stdout
+
+
+def test_reversed_order_and_published_position(tmp_path, tiny_model_dir):
+    path = config_file(tmp_path, tiny_model_dir, reference={"path": "data/reference.json", "position": "published"})
+    result = lorawatch("run", path, "--order", "reversed", "--out", tmp_path / "run", "--seeds", "5")
+    assert result.returncode == 0, result.stderr
+    header = (tmp_path / "run" / "seed-5" / "accuracy_matrix.csv").read_text().splitlines()[0]
+    assert header == "checkpoint,sum,stance"
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["order"] == "reversed" and recorded["reference"]["position"] == "published"
+    assert_one_line_error(lorawatch("run", path, "--order", "sum,nope", "--out", tmp_path / "r2"), "nope")

@@ -80,3 +80,15 @@ def test_demo_preset_round_trips():
     assert build_config(json.loads(config.model_dump_json())) == config
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         preset("nope")
+
+
+def test_task_orders():
+    two = minimal()["tasks"] + [{"name": "b", "kind": "numeric", "builtin": "arithmetic", "max_train_rows": 4,
+                                 "max_test_rows": 4}]
+    assert [t.name for t in build_config(minimal(tasks=two)).ordered_tasks()] == ["a", "b"]
+    assert [t.name for t in build_config(minimal(tasks=two, order="reversed")).ordered_tasks()] == ["b", "a"]
+    assert [t.name for t in build_config(minimal(tasks=two, order=["b", "a"])).ordered_tasks()] == ["b", "a"]
+    with pytest.raises(ConfigError, match="every task exactly once"):
+        build_config(minimal(tasks=two, order=["a"]))
+    with pytest.raises(ConfigError, match="order"):
+        build_config(minimal(tasks=two, order="backwards"))

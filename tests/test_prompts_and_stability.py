@@ -85,3 +85,16 @@ def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
     batched = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, device="cpu")
     single = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=1, device="cpu")
     assert batched == single and set(batched) == {"r0", "r1", "r2", "r3"}
+
+
+def test_published_position_reading_differs_only_for_padded_rows(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    messages = ["short", "a much longer prompt with many more words in it", "mid length one", "x y"]
+    prompts = [encode_prompt(tokenizer, f"r{i}", m, 512) for i, m in enumerate(messages)]
+    _, correct = answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
+    _, published = answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu",
+                                   position="published")
+    longest = max(range(4), key=lambda i: len(prompts[i].input_ids))
+    torch.testing.assert_close(published[longest], correct[longest], atol=1e-5, rtol=1e-5)
+    for i in set(range(4)) - {longest}:
+        assert not torch.allclose(published[i], correct[i], atol=1e-3)

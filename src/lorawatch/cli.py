@@ -38,6 +38,7 @@ def run(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="comma-separated seeds, e.g. 33,42,123")] = None,
+    order: Annotated[Optional[str], typer.Option(help="task order: original, reversed, or names A,B,C")] = None,
     max_train_rows: Annotated[Optional[int], typer.Option(help="cap on training rows per task")] = None,
     max_test_rows: Annotated[Optional[int], typer.Option(help="cap on test rows per task")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length")] = None,
@@ -66,6 +67,8 @@ def run(
             data["model"]["dtype"] = dtype
         if seeds is not None:
             data["seeds"] = _parse_seeds(seeds)
+        if order is not None:
+            data["order"] = order if order in ("original", "reversed") else [n.strip() for n in order.split(",")]
         for task in data["tasks"]:
             if max_train_rows is not None:
                 task["max_train_rows"] = max_train_rows
@@ -127,6 +130,55 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")])
         print_results(load_run(run_dir), Console())
     except UserError as error:
         _fail(str(error))
+
+
+data_app = typer.Typer(no_args_is_help=True, help="The paper's datasets: download them, see where they are.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="dataset name, e.g. trace-500 (see `lorawatch data list`)")],
+    dest: Annotated[Optional[Path], typer.Option(help="target folder (default: $LORAWATCH_DATA/<name>, "
+                                                      "else ~/.local/share/lorawatch/data/<name>)")] = None,
+    source: Annotated[Optional[str], typer.Option(help="a local folder or a base URL (http://, https://, file://) "
+                                                       "instead of the authors' repository")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds per request")] = 30.0,
+) -> None:
+    """Download a dataset, verifying every file's SHA-256; files already there are not downloaded again.
+
+    Progress goes to stderr; the dataset's folder is printed on stdout.
+    """
+    from lorawatch.fetch import fetch_dataset
+
+    try:
+        folder = fetch_dataset(name, dest, source, timeout=timeout,
+                               log=lambda line: print(line, file=sys.stderr, flush=True))
+    except UserError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: verified files are kept; run the same command again to finish\n")
+        raise typer.Exit(130)
+    print(folder)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """The known datasets, and whether and where each is installed."""
+    from lorawatch.fetch import DATASETS, dataset_dir, human_size, verified_files
+
+    for name, spec in DATASETS.items():
+        folder = dataset_dir(name)
+        count = verified_files(name)
+        if count == len(spec.files):
+            state = f"installed in {folder}"
+        elif count:
+            state = f"incomplete ({count} of {len(spec.files)} files verified) in {folder}"
+        else:
+            state = f"not installed (would go to {folder})"
+        print(f"{name}: {state}")
+        print(f"    {spec.description}; {len(spec.files)} files, {human_size(spec.total_size)}")
+        print(f"    from {spec.repository}@{spec.commit[:12]} {spec.folder}")
 
 
 def main() -> None:

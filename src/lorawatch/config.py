@@ -55,6 +55,9 @@ class ReferenceSettings(_Strict):
     path: str | None = Field(None, description="JSON/JSONL reference rows; each names its task")
     builtin_per_task: int | None = Field(None, gt=0, description="rows per built-in task")
     max_rows: int | None = Field(None, gt=0)
+    # "answer": each row's own last prompt token (correct). "published": the published code's index
+    # attention_mask.sum(1) - 1 of left-padded batches of 4, a prompt token for most rows; for comparison only.
+    position: Literal["answer", "published"] = "answer"
 
     @model_validator(mode="after")
     def _one_source(self) -> "ReferenceSettings":
@@ -92,7 +95,8 @@ class ExperimentConfig(_Strict):
     name: str = Field("lorawatch-run", min_length=1)
     model: ModelSettings = ModelSettings()
     tasks: list[TaskSettings] = Field(min_length=1)
-    order: list[str] | None = Field(None, description="training order by task name; default: as listed")
+    order: Literal["original", "reversed"] | list[str] = Field(
+        "original", description="training order: 'original' (as listed), 'reversed', or a list of task names")
     reference: ReferenceSettings
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
@@ -112,7 +116,7 @@ class ExperimentConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate task names: {', '.join(duplicates)}")
-        if self.order is not None:
+        if isinstance(self.order, list):
             unknown = [n for n in self.order if n not in names]
             if unknown:
                 raise ValueError(f"order names unknown task(s) {', '.join(unknown)}; tasks are {', '.join(names)}")
@@ -121,8 +125,12 @@ class ExperimentConfig(_Strict):
         return self
 
     def ordered_tasks(self) -> list[TaskSettings]:
+        if self.order == "original":
+            return list(self.tasks)
+        if self.order == "reversed":
+            return list(reversed(self.tasks))
         by_name = {t.name: t for t in self.tasks}
-        return [by_name[n] for n in (self.order or [t.name for t in self.tasks])]
+        return [by_name[n] for n in self.order]
 
 
 assert set(TASK_KINDS) == {"multiple_choice", "numeric"}

@@ -135,7 +135,7 @@ def _read_drift(path: Path, expected_ids: list[str]) -> list[ExampleDrift] | Non
 
 def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folder: Path, *,
                         base_logprobs: torch.Tensor | None, max_new_tokens: int, batch_size: int, device: str,
-                        progress: RunProgress, label: str, crash_prefix: str) -> tuple[dict, list[ExampleDrift],
+                        reference_position: str, progress: RunProgress, label: str, crash_prefix: str) -> tuple[dict, list[ExampleDrift],
                                                                                        torch.Tensor | None]:
     """Every task's test set, the reference set's accuracy and its drift against the base distribution.
 
@@ -166,7 +166,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
     if drift is None:
         progress.phase(f"{label} · reference drift")
         ids, logprobs = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id,
-                                        batch_size=batch_size, device=device)
+                                        batch_size=batch_size, device=device, position=reference_position)
         drift = per_example_drift(ids, [e.task for e in data.reference], logprobs,
                                   logprobs if base_logprobs is None else base_logprobs)
         store.write_jsonl(drift_path, (d.to_dict() for d in drift))
@@ -360,7 +360,8 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                          grad_accum=config.train.grad_accum, epochs=config.train.epochs,
                          max_grad_norm=config.train.max_grad_norm, weight_decay=config.train.weight_decay,
                          lr_scheduler=config.train.lr_scheduler)
-    eval_args = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device)
+    eval_args = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device,
+                     reference_position=config.reference.position)
 
     with RunProgress(_total_rows(config, data), console) as progress:
         # Stage 0 does not depend on the seed: computed once, in the first seed's folder, then copied.

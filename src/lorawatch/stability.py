@@ -20,10 +20,35 @@ from lorawatch.prompts import EncodedPrompt
 STAT_NAMES = ("kl", "entropy", "margin")
 
 
+# The published implementation's reference pass: batches of 4 in file order, left-padded, default position
+# ids, and the distribution read at index attention_mask.sum(1) - 1. Offered only to compare with the paper.
+PUBLISHED_BATCH = 4
+
+
+@torch.no_grad()
+def published_position_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *, pad_id: int,
+                                device: str) -> tuple[list[str], torch.Tensor]:
+    """The published reading: for every row but the longest of its batch this is a token inside the prompt."""
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), PUBLISHED_BATCH):
+        batch = prompts[start:start + PUBLISHED_BATCH]
+        ids, mask = left_pad(batch, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        index = mask.sum(1) - 1
+        out.append(torch.log_softmax(logits[torch.arange(len(batch)), index].float(), dim=-1).cpu())
+    return [p.id for p in prompts], torch.cat(out)
+
+
 @torch.no_grad()
 def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *, pad_id: int, batch_size: int,
-                    device: str) -> tuple[list[str], torch.Tensor]:
-    """Log-probabilities (float32, [rows, vocab]) of the next token after each prompt, in input order."""
+                    device: str, position: str = "answer") -> tuple[list[str], torch.Tensor]:
+    """Log-probabilities (float32, [rows, vocab]) of the next token after each prompt, in input order.
+
+    position="published" reproduces the published implementation's reading instead (see above).
+    """
+    if position == "published":
+        return published_position_logprobs(model, prompts, pad_id=pad_id, device=device)
     model.eval()
     rows: dict[str, torch.Tensor] = {}
     for batch in length_sorted_batches(prompts, batch_size):
