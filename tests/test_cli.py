@@ -107,10 +107,13 @@ def test_metrics_table_output(tmp_path):
 
 def test_reversed_order_and_published_position(tmp_path, tiny_model_dir):
     path = config_file(tmp_path, tiny_model_dir, reference={"path": "data/reference.json", "position": "published"})
-    result = lorawatch("run", path, "--order", "reversed", "--out", tmp_path / "run", "--seeds", "5")
+    result = lorawatch("run", path, "--order", "reversed", "--out", tmp_path / "run", "--seeds", "5",
+                       "--max-test-rows", "3")
     assert result.returncode == 0, result.stderr
     header = (tmp_path / "run" / "seed-5" / "accuracy_matrix.csv").read_text().splitlines()[0]
     assert header == "checkpoint,sum,stance"
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["order"] == "reversed" and recorded["reference"]["position"] == "published"
+    assert recorded["overrides"] == {"seeds": [5], "order": "reversed", "tasks.*.max_test_rows": 3}
+    assert all(t["max_test_rows"] == 3 for t in recorded["tasks"])
     assert_one_line_error(lorawatch("run", path, "--order", "sum,nope", "--out", tmp_path / "r2"), "nope")

@@ -92,3 +92,23 @@ def test_task_orders():
         build_config(minimal(tasks=two, order=["a"]))
     with pytest.raises(ConfigError, match="order"):
         build_config(minimal(tasks=two, order="backwards"))
+
+
+def test_paper_presets_need_the_data_and_use_it(tmp_path, monkeypatch):
+    from conftest import TRACE_DIR, needs_trace
+    from lorawatch.fetch import fetch_dataset
+
+    monkeypatch.setenv("LORAWATCH_DATA", str(tmp_path / "data"))
+    with pytest.raises(ConfigError, match=r"preset paper-qwen needs the paper.s data .*lorawatch data fetch trace-500"):
+        preset("paper-qwen")
+    needs_trace()
+    fetch_dataset("trace-500", source=str(TRACE_DIR), log=lambda *a, **k: None)
+    for name, model in (("paper-qwen", "Qwen/Qwen3.5-0.8B"), ("paper-llama", "meta-llama/Llama-3.2-1B-Instruct"),
+                        ("paper-gemma", "google/gemma-3-1b-it")):
+        config = preset(name)
+        assert config.model.spec == model and config.seeds == [33, 42, 123]
+        assert [t.name for t in config.ordered_tasks()] == ["FOMC", "ScienceQA", "NumGLUE-cm"]
+        assert (config.train.learning_rate, config.train.batch_size, config.train.grad_accum) == (5e-5, 2, 8)
+        assert (config.eval.max_new_tokens, config.eval.batch_size) == (256, 4)
+        assert config.reference.path.endswith("reference.json")
+        assert config.tasks[2].instruction.startswith("Please reason step by step")

@@ -59,23 +59,23 @@ def run(
             raise UserError("give a config file or --preset, not both")
         config = load_config(config_file) if config_file is not None else preset(preset_name or "demo")
         data = config.model_dump(mode="json")
-        if model is not None:
-            data["model"]["spec"] = model
-        if device is not None:
-            data["model"]["device"] = device
-        if dtype is not None:
-            data["model"]["dtype"] = dtype
-        if seeds is not None:
-            data["seeds"] = _parse_seeds(seeds)
-        if order is not None:
-            data["order"] = order if order in ("original", "reversed") else [n.strip() for n in order.split(",")]
-        for task in data["tasks"]:
-            if max_train_rows is not None:
-                task["max_train_rows"] = max_train_rows
-            if max_test_rows is not None:
-                task["max_test_rows"] = max_test_rows
-        if max_new_tokens is not None:
-            data["eval"]["max_new_tokens"] = max_new_tokens
+        changes = {"model.spec": model, "model.device": device, "model.dtype": dtype,
+                   "seeds": _parse_seeds(seeds) if seeds is not None else None,
+                   "order": (order if order in ("original", "reversed") else [n.strip() for n in order.split(",")])
+                   if order is not None else None,
+                   "tasks.*.max_train_rows": max_train_rows, "tasks.*.max_test_rows": max_test_rows,
+                   "eval.max_new_tokens": max_new_tokens}
+        changes = {key: value for key, value in changes.items() if value is not None}
+        for key, value in changes.items():
+            *parents, leaf = key.split(".")
+            targets = [data]
+            for part in parents:  # "*" stands for every task
+                targets = [item for t in targets for item in (t if part == "*" else [t[part]])]
+            for target in targets:
+                target[leaf] = value
+        if preset_name is not None:
+            data["preset"] = preset_name
+        data["overrides"] = {**data.get("overrides", {}), **changes}
         config = build_config(data, source="command line")
         console = Console(stderr=True)
         run_dir = run_experiment(config, out or Path("runs") / config.name, console=console, overwrite=overwrite,

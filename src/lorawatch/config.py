@@ -102,6 +102,9 @@ class ExperimentConfig(_Strict):
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
     seeds: list[int] = Field(default_factory=lambda: [33], min_length=1)
+    # Provenance: the preset a config came from and what the command line changed in it.
+    preset: str | None = None
+    overrides: dict[str, str | int | float | list] = Field(default_factory=dict)
 
     @field_validator("seeds")
     @classmethod

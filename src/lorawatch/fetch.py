@@ -285,7 +285,7 @@ def fetch_dataset(name: str, dest: Path | None = None, source: str | None = None
     folder = Path(dest).expanduser() if dest is not None else dataset_dir(name)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder")
-    origin = _Source(source if source is not None else spec.base_url, timeout)
+    origin = _Source(str(source) if source is not None else spec.base_url, timeout)
     missing = [entry for entry in spec.files if not _matches(folder / entry.path, entry)]
     if not missing:
         log(f"{spec.name}: already installed in {folder}; all {len(spec.files)} files verified, nothing to download")
@@ -293,10 +293,6 @@ def fetch_dataset(name: str, dest: Path | None = None, source: str | None = None
     todo = sum(entry.size for entry in missing)
     log(f"{spec.name}: fetching {len(missing)} of {len(spec.files)} files ({human_size(todo)}) from {origin} "
         f"into {folder}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from None
     width = max(len(entry.path) for entry in spec.files)
     for entry in spec.files:
         target = folder / entry.path

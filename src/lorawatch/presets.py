@@ -28,7 +28,38 @@ def _demo() -> dict:
     }
 
 
-PRESETS = {"demo": _demo}
+# The published study (shared/paper/protocol.md): three models, TRACE's FOMC -> ScienceQA -> NumGLUE-cm,
+# the 48-row reference set, the paper's LoRA and training settings (the config defaults), seeds 33/42/123.
+PAPER_MODELS = {
+    "paper-qwen": "Qwen/Qwen3.5-0.8B",
+    "paper-llama": "meta-llama/Llama-3.2-1B-Instruct",
+    "paper-gemma": "google/gemma-3-1b-it",
+}
+
+
+def _paper(name: str) -> dict:
+    from lorawatch.fetch import dataset_dir, installed
+
+    root = dataset_dir("trace-500")
+    if not installed("trace-500"):
+        raise ConfigError(f"preset {name} needs the paper's data in {root}; run `lorawatch data fetch trace-500` first")
+
+    def task(folder: str, kind: str) -> dict:
+        return {"name": folder, "kind": kind, "instruction": DEFAULT_INSTRUCTIONS[kind],
+                "train": str(root / folder / "train.json"), "test": str(root / folder / "test.json")}
+
+    return {
+        "name": name,
+        "model": {"spec": PAPER_MODELS[name]},
+        "tasks": [task("FOMC", "multiple_choice"), task("ScienceQA", "multiple_choice"),
+                  task("NumGLUE-cm", "numeric")],
+        "reference": {"path": str(root / "reference.json")},
+        "eval": {"max_new_tokens": 256, "batch_size": 4},
+        "seeds": [33, 42, 123],
+    }
+
+
+PRESETS = {"demo": _demo, **{name: (lambda n=name: _paper(n)) for name in PAPER_MODELS}}
 
 
 def preset(name: str) -> ExperimentConfig:
