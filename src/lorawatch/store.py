@@ -5,7 +5,8 @@
       environment.json       library versions, platform, device, dtype, model
       seed-<s>/
         stage-<k>/           k = 0 is the base model, k = 1..T the checkpoint after the k-th task
-          stage.json         index, checkpoint name, task trained, timings, training log
+          stage.json         index, checkpoint name, task trained, timings, training log (written last)
+          training.json      the training log, written once the adapter is saved
           scores.json        accuracy per task and on the reference set
           predictions/<task>.jsonl, predictions/reference.jsonl   one row per example
           reference_drift.jsonl    per reference row: KL to base, entropy, margin
@@ -13,6 +14,8 @@
           adapter/           the cumulative LoRA adapter after this stage (PEFT format)
         accuracy_matrix.csv  cl_metrics.json  cl_metrics.csv  stability.csv
       summary/               mean and std over seeds of the tables above, summary.json
+      base_reference_logprobs.safetensors   the base model's reference distributions
+      .lock                  held (flock) by the process writing the run
 """
 
 from __future__ import annotations
