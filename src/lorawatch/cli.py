@@ -1,4 +1,4 @@
-"""The `lorawatch` command line: run, metrics, show."""
+"""The `lorawatch` command line: run, metrics, show, report."""
 
 from __future__ import annotations
 
@@ -130,6 +130,24 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")])
         print_results(load_run(run_dir), Console())
     except UserError as error:
         _fail(str(error))
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished run folders (one model and task order each)")],
+    out: Annotated[Path, typer.Option(help="folder for the tables, figures and report.md")],
+) -> None:
+    """The paper's tables (3-6) and figures over many run folders, as Markdown, CSV, LaTeX, PNG and SVG.
+
+    Run folders with the same model and task order are merged (their seeds pooled).
+    """
+    from lorawatch.report import write_report
+
+    try:
+        result = write_report(run_dirs, out)
+    except UserError as error:
+        _fail(str(error))
+    print(result.out / "report.md")
 
 
 data_app = typer.Typer(no_args_is_help=True, help="The paper's datasets: download them, see where they are.")

@@ -92,7 +92,7 @@ def figure1(study: Study, points: pd.DataFrame, corr: dict, zone: dict, out_dir:
         ax.axvspan(threshold, right, color="#d62728", alpha=0.08, zorder=0)
         ax.axvline(threshold, color="#d62728", linestyle="--", linewidth=1.2, zorder=2)
         ax.set_xlim(left, right)
-        ax.text(threshold, 0.98, f"  failure zone: KL > {threshold:.3g}\n  (balanced accuracy "
+        ax.text(threshold, 0.98, f"  failure zone: KL > {threshold:.3f}\n  (balanced accuracy "
                 f"{zone['balanced_accuracy']:.2f}, {zone['n_failed']} of {zone['n_failed'] + zone['n_healthy']} "
                 "below base)", transform=ax.get_xaxis_transform(), va="top", ha="left", fontsize=8,
                 color="#a01c1c")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -254,7 +255,8 @@ class ReportTable:
     def to_latex(self) -> str:
         n = len(self.headers)
         spec = "l" * self._label_columns + "r" * (n - self._label_columns)
-        out = ["% " + _latex(self.title).replace("\n", " "), "\\begin{tabular}{" + spec + "}", "\\toprule"]
+        out = ["% " + _latex(self.title) + " (needs \\usepackage{booktabs})",
+               "\\begin{tabular}{" + spec + "}", "\\toprule"]
         if self.header_groups:
             cells, rules, col = [], [], 1
             for label, span in self.header_groups:
@@ -274,7 +276,7 @@ class ReportTable:
         return "\n".join(out) + "\n"
 
     def to_csv(self) -> str:
-        return self.data.to_csv(index=False, float_format="%.6g")
+        return self.data.to_csv(index=False, float_format="%.10g")
 
     @property
     def _label_columns(self) -> int:
@@ -331,7 +333,8 @@ def _seeds_note(study: Study) -> str:
     counts = sorted({len(g.per_seed) for g in study.groups})
     if counts == [1]:
         return "one seed per model and order"
-    return "mean ± std over seeds (sample std, ddof = 1)" + ("" if counts[0] > 1 else "; one-seed rows show the mean only")
+    note = "mean ± std over seeds (sample std, ddof = 1)"
+    return note if counts[0] > 1 else note + "; one-seed rows show the mean only"
 
 
 def table3(study: Study) -> ReportTable:
@@ -462,12 +465,10 @@ def correlation(points: pd.DataFrame) -> dict:
             out[name] = {"r": None, "p": None,
                          "reason": "needs at least 3 checkpoints with varying KL and accuracy"}
             continue
-        r, p = fn(x, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r, p = fn(x, y)
         out[name] = {"r": float(r), "p": float(p)}
+        if caught:  # e.g. scipy's NearConstantInputWarning: kept with the numbers, not printed
+            out[name]["warning"] = str(caught[0].message)
     return out
-
-
-def study_summary(study: Study) -> dict:
-    """What went into the report: the groups, their run folders and seeds."""
-    return {"groups": [{"model": g.model, "spec": g.spec, "order": g.order, "tasks": list(g.tasks),
-                        "seeds": g.seeds, "run_dirs": [str(d) for d in g.run_dirs]} for g in study.groups]}

@@ -1,0 +1,182 @@
+"""`lorawatch report`: the paper's tables and figures over many finished run folders.
+
+    from lorawatch.report import write_report
+    report = write_report(["runs/qwen", "runs/qwen-reversed", "runs/gemma"], "report/")
+
+Writes into the output folder:
+
+    report.md                    index: the runs used, every table, links to every figure
+    table3.md/.csv/.tex          per model and step: learned task, R[k,k], immediate gain, vs. base, avg accuracy
+    table4.md/.csv/.tex          OP, BWT, FWT per checkpoint
+    table5.md/.csv/.tex          Δ entropy, Δ margin, KL to base per checkpoint
+    table6.md/.csv/.tex          final average accuracy and final KL to base, per model and task order
+    figure1.png/.svg, figure1.csv   KL to base vs average accuracy, every checkpoint; correlation; failure zone
+    correlation.json             Pearson and Spearman r and p, the failure-zone threshold and how it was fitted
+    figure2.png/.svg, figure2.csv   KL to base per step, per model and order
+    model-<name>-matrix.png/.svg    the accuracy matrix as an annotated heatmap, one panel per order
+    model-<name>-steps.png/.svg     average accuracy and KL to base per step on twin axes
+
+Markdown and LaTeX cells are "mean ± std" over seeds (the mean alone for one seed, "—" where undefined);
+the CSVs hold the numbers, one row per table row, with `<column>_std` beside each mean and an empty cell
+where a metric is undefined.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from lorawatch import store
+from lorawatch.errors import UserError
+from lorawatch.report.study import (
+    FAILURE_ZONE_METHOD,
+    ReportTable,
+    Study,
+    build_tables,
+    correlation,
+    fit_failure_threshold,
+    kl_accuracy_points,
+    load_study,
+    model_display_name,
+    slug,
+)
+
+__all__ = ["FAILURE_ZONE_METHOD", "Report", "ReportTable", "Study", "build_tables", "correlation",
+           "fit_failure_threshold", "kl_accuracy_points", "load_study", "model_display_name", "write_report"]
+
+
+@dataclass
+class Report:
+    out: Path
+    study: Study
+    tables: list[ReportTable]
+    correlation: dict       # the content of correlation.json
+    files: list[Path]
+
+
+def _clean(value):
+    """JSON-ready: NaN becomes null, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _model_stems(study: Study) -> dict[str, str]:
+    stems: dict[str, str] = {}
+    for model in study.models:
+        stem, n = slug(model), 2
+        while stem in stems.values():
+            stem, n = f"{slug(model)}-{n}", n + 1
+        stems[model] = stem
+    return stems
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
+    """Read the run folders, write tables, figures, correlation.json and report.md into `out`."""
+    from lorawatch.report import figures
+
+    study = load_study(run_dirs)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (--out names the report folder)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the report folder ({exc.strerror or exc})") from None
+    files: list[Path] = []
+
+    def text(name: str, content: str) -> None:
+        store.atomic_write_text(out / name, content)
+        files.append(out / name)
+
+    tables = build_tables(study)
+    for table in tables:
+        text(f"{table.name}.md", f"**{table.title}**\n\n{table.to_markdown()}\n{table.note}\n")
+        text(f"{table.name}.csv", table.to_csv())
+        text(f"{table.name}.tex", table.to_latex())
+
+    points = kl_accuracy_points(study)
+    corr = correlation(points)
+    zone = fit_failure_threshold(points["kl_to_base"], points["below_base"])
+    corr_json = _clean({
+        "x": "KL to base on the reference set (seed mean)",
+        "y": "average accuracy over all tasks (seed mean)",
+        "points": "every checkpoint after a training step, of every model and task order; base checkpoints "
+                  "(KL = 0 by definition) are left out",
+        **corr,
+        "failure_zone": zone,
+        "checkpoints": points.to_dict(orient="records"),
+    })
+    text("correlation.json", json.dumps(corr_json, indent=2, ensure_ascii=False) + "\n")
+    text("figure1.csv", points.to_csv(index=False, float_format="%.10g"))
+    curves = []
+    for group in study.groups:
+        for k in range(len(group.mean)):
+            curves.append({"model": group.model, "spec": group.spec, "order": group.order, "step": k,
+                           "checkpoint": group.mean["checkpoint"].iloc[k], "n_seeds": len(group.per_seed),
+                           "kl_to_base": group.mean["kl_mean"].iloc[k], "kl_to_base_std": group.std["kl_mean"].iloc[k],
+                           "avg_accuracy": group.mean["avg_all"].iloc[k],
+                           "avg_accuracy_std": group.std["avg_all"].iloc[k]})
+    text("figure2.csv", pd.DataFrame(curves).to_csv(index=False, float_format="%.10g"))
+
+    files += figures.figure1(study, points, corr, zone, out)
+    files += figures.figure2(study, out)
+    stems = _model_stems(study)
+    for model in study.models:
+        files += figures.matrix_heatmap(study, model, out, f"model-{stems[model]}-matrix")
+        files += figures.accuracy_and_kl(study, model, out, f"model-{stems[model]}-steps")
+
+    text("report.md", _index(study, tables, corr, zone, stems))
+    return Report(out, study, tables, corr_json, files)
+
+
+def _index(study: Study, tables: list[ReportTable], corr: dict, zone: dict, stems: dict[str, str]) -> str:
+    def r_line(name: str, label: str) -> str:
+        entry = corr[name]
+        if entry["r"] is None:
+            return f"- {label}: not computed ({entry['reason']})"
+        return f"- {label}: r = {entry['r']:.3f}, p = {entry['p']:.3g}"
+
+    lines = ["# lorawatch report", "",
+             f"{len(study.groups)} model × order group(s) from "
+             f"{sum(len(g.run_dirs) for g in study.groups)} run folder(s). Numbers are computed per seed with the "
+             "same code as `lorawatch metrics` and aggregated as mean ± sample std over seeds.", "",
+             "| Model | Spec | Order | Tasks (training order) | Seeds | Run folders |", "|---|---|---|---|---|---|"]
+    for g in study.groups:
+        lines.append(f"| {g.model} | `{g.spec}` | {g.order} | {' → '.join(g.tasks)} | "
+                     f"{', '.join(map(str, g.seeds))} | {', '.join(f'`{d}`' for d in g.run_dirs)} |")
+    lines.append("")
+    for table in tables:
+        lines += [f"## {table.title}", "", table.to_markdown(), table.note, "",
+                  f"[CSV]({table.name}.csv) · [LaTeX]({table.name}.tex)", ""]
+    lines += ["## Figure 1: KL to base against average accuracy", "", "![Figure 1](figure1.png)", "",
+              f"[SVG](figure1.svg) · [data](figure1.csv) · [correlation.json](correlation.json)", "",
+              f"Every checkpoint after a training step ({corr['n']} points, seed means; base checkpoints, whose KL "
+              "is 0 by definition, are left out).", "",
+              r_line("pearson", "Pearson"), r_line("spearman", "Spearman"), ""]
+    if zone["threshold"] is not None:
+        lines.append(f"**Failure zone: KL to base > {zone['threshold']:.4g}** (balanced accuracy "
+                     f"{zone['balanced_accuracy']:.3f}; {zone['n_failed']} checkpoint(s) below their base model's "
+                     f"average accuracy, {zone['n_healthy']} not).")
+    else:
+        lines.append(f"Failure zone: no threshold ({zone['reason']}).")
+    lines += ["", f"Method: {zone['method']}", "",
+              "## Figure 2: KL to base per step", "", "![Figure 2](figure2.png)", "",
+              "[SVG](figure2.svg) · [data](figure2.csv)", "", "## Per model", ""]
+    for model in study.models:
+        stem = stems[model]
+        lines += [f"### {model}", "", f"![{model} accuracy matrix](model-{stem}-matrix.png)", "",
+                  f"![{model} accuracy and KL per step](model-{stem}-steps.png)", "",
+                  f"SVG: [matrix](model-{stem}-matrix.svg) · [steps](model-{stem}-steps.svg)", ""]
+    return "\n".join(lines)
