@@ -107,12 +107,12 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _read_predictions(path: Path, expected_ids: list[str]) -> list[Prediction] | None:
-    """A unit's saved predictions, or None when missing or damaged (then the unit is redone)."""
+def _read_unit(path: Path, expected_ids: list[str], row_type: type) -> list | None:
+    """A unit's saved rows (predictions or drift), or None when missing or damaged: then it is redone."""
     if not path.is_file():
         return None
     try:
-        rows = [Prediction(**row) for row in store.read_jsonl(path)]
+        rows = [row_type(**row) for row in store.read_jsonl(path)]
     except (ValueError, TypeError, KeyError):
         warnings.warn(f"{path}: damaged, recomputing it", stacklevel=2)
         return None
@@ -120,17 +120,6 @@ def _read_predictions(path: Path, expected_ids: list[str]) -> list[Prediction] |
         warnings.warn(f"{path}: does not match the data, recomputing it", stacklevel=2)
         return None
     return rows
-
-
-def _read_drift(path: Path, expected_ids: list[str]) -> list[ExampleDrift] | None:
-    if not path.is_file():
-        return None
-    try:
-        rows = [ExampleDrift(**row) for row in store.read_jsonl(path)]
-    except (ValueError, TypeError, KeyError):
-        warnings.warn(f"{path}: damaged, recomputing it", stacklevel=2)
-        return None
-    return rows if [r.id for r in rows] == expected_ids else None
 
 
 def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folder: Path, *,
@@ -148,7 +137,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
     parts.append(("reference", data.reference, encoded.reference))
     for name, examples, prompts in parts:
         path = folder / "predictions" / f"{name}.jsonl"
-        rows = _read_predictions(path, [e.id for e in examples])
+        rows = _read_unit(path, [e.id for e in examples], Prediction)
         if rows is None:
             progress.phase(f"{label} · {'reference set' if name == 'reference' else 'evaluate ' + name}")
             raw = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -161,7 +150,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
         scores[name] = accuracy(rows)
 
     drift_path = folder / "reference_drift.jsonl"
-    drift = _read_drift(drift_path, [e.id for e in data.reference])
+    drift = _read_unit(drift_path, [e.id for e in data.reference], ExampleDrift)
     logprobs = None
     if drift is None:
         progress.phase(f"{label} · reference drift")
@@ -199,9 +188,9 @@ def stage_complete(folder: Path, data: RunData, *, adapter: bool) -> bool:
         warnings.warn(f"{folder}: damaged summary file, redoing that stage's missing parts", stacklevel=2)
         return False
     parts = [(t.name, [e.id for e in t.test]) for t in data.tasks] + [("reference", [e.id for e in data.reference])]
-    if any(_read_predictions(folder / "predictions" / f"{name}.jsonl", ids) is None for name, ids in parts):
+    if any(_read_unit(folder / "predictions" / f"{name}.jsonl", ids, Prediction) is None for name, ids in parts):
         return False
-    if _read_drift(folder / "reference_drift.jsonl", [e.id for e in data.reference]) is None:
+    if _read_unit(folder / "reference_drift.jsonl", [e.id for e in data.reference], ExampleDrift) is None:
         return False
     return not adapter or _adapter_intact(folder / "adapter")
 
