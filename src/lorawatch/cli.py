@@ -1,4 +1,4 @@
-"""The `lorawatch` command line: run, metrics, show, report."""
+"""The `lorawatch` command line: run, show, metrics, report, data."""
 
 from __future__ import annotations
 
