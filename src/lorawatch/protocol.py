@@ -238,11 +238,19 @@ def load_adapter_weights(model, folder: Path) -> bool:
     return True
 
 
-def _total_rows(config: ExperimentConfig, data: RunData) -> int:
-    tests = sum(len(t.test) for t in data.tasks)
-    per_checkpoint = tests + 2 * len(data.reference)
+def _checkpoint_rows(data: RunData) -> int:
+    """Progress rows of one checkpoint's evaluation: every test row, and the reference set twice."""
+    return sum(len(t.test) for t in data.tasks) + 2 * len(data.reference)
+
+
+def _seed_rows(config: ExperimentConfig, data: RunData) -> int:
+    """Progress rows of one seed after the base stage: all training passes and every checkpoint's evaluation."""
     trains = sum(len(t.train) for t in data.tasks) * config.train.epochs
-    return per_checkpoint + len(config.seeds) * (trains + len(data.tasks) * per_checkpoint)
+    return trains + len(data.tasks) * _checkpoint_rows(data)
+
+
+def _total_rows(config: ExperimentConfig, data: RunData) -> int:
+    return _checkpoint_rows(data) + len(config.seeds) * _seed_rows(config, data)
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -371,7 +379,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                          base_stats=None, extra={"eval_seconds": round(time.perf_counter() - started, 3)})
             progress.log("base: " + _scores_line(scores))
         else:
-            progress.advance(sum(len(t.test) for t in data.tasks) + 2 * len(data.reference))
+            progress.advance(_checkpoint_rows(data))
         base_stats = {k: v for k, v in store.read_json(base_dir / "reference_stats.json").items()
                       if not k.endswith("_delta")}
         for seed in config.seeds[1:]:
@@ -395,8 +403,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                                base_logprobs, base_stats, progress)
                 del model
             else:
-                progress.advance(len(data.tasks) * (sum(len(t.test) for t in data.tasks) + 2 * len(data.reference))
-                                 + sum(len(t.train) for t in data.tasks) * config.train.epochs)
+                progress.advance(_seed_rows(config, data))
             tables.write_seed_tables(run_dir, seed)
         tables.write_summary(run_dir)
 

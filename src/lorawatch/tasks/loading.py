@@ -11,7 +11,8 @@ import warnings
 from pathlib import Path
 
 from lorawatch.errors import DataError
-from lorawatch.tasks.base import Example
+from lorawatch.tasks import builtin as builtin_tasks
+from lorawatch.tasks.base import DEFAULT_INSTRUCTIONS, Example, Task
 from lorawatch.tasks.scoring import LETTERS, format_number, gold_answer
 
 
@@ -115,11 +116,8 @@ def _key(name: str) -> str:
 
 
 def load_task(name: str, kind: str, instruction: str | None, *, builtin: str | None, train: str | None,
-              test: str | None, max_train_rows: int | None, max_test_rows: int | None) -> "Task":
+              test: str | None, max_train_rows: int | None, max_test_rows: int | None) -> Task:
     """A task's examples from its files (first rows up to the limits) or from the built-in generator."""
-    from lorawatch.tasks.base import DEFAULT_INSTRUCTIONS, Task
-    from lorawatch.tasks import builtin as builtin_tasks
-
     if builtin is not None:
         generated = builtin_tasks.builtin_task(builtin, max_train_rows, max_test_rows)
         text = instruction if instruction is not None else builtin_tasks.BUILTIN_INSTRUCTIONS[builtin]
@@ -132,14 +130,12 @@ def load_task(name: str, kind: str, instruction: str | None, *, builtin: str | N
     return Task(name=name, kind=kind, instruction=text, train=train_rows, test=test_rows)
 
 
-def load_reference(tasks: "list[Task]", *, path: str | None, builtin_per_task: int | None,
+def load_reference(tasks: list[Task], *, path: str | None, builtin_per_task: int | None,
                    builtin_names: dict[str, str], max_rows: int | None) -> tuple[Example, ...]:
     """Reference rows, each tagged with the name of the configured task whose kind and instruction it uses.
 
     `builtin_names` maps a built-in generator name to the configured task that uses it.
     """
-    from lorawatch.tasks import builtin as builtin_tasks
-
     if builtin_per_task is not None:
         rows = builtin_tasks.builtin_reference(builtin_per_task, tasks=tuple(builtin_names))
         rows = tuple(Example(e.id, e.prompt, e.answer, task=builtin_names[e.task]) for e in rows)
