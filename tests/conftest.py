@@ -70,10 +70,14 @@ def tiny_plain_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-plain-model"), chat_template=False)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # GGUF conversions are cached per test session, never in the user's home.
-    monkeypatch.setenv("LORAWATCH_CACHE", str(tmp_path_factory.getbasetemp() / "lorawatch-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # GGUF conversions and base-stage results are cached per test session, never in the user's home.
+    # Session scope: module-scoped fixtures that run the protocol are set up before any function-scoped one.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORAWATCH_CACHE", str(tmp_path_factory.getbasetemp() / "lorawatch-cache"))
+        patch.delenv("LORAWATCH_BASE_STAGE_CACHE", raising=False)
+        yield
 
 
 def needs_trace() -> None:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 SMALL = {"model": {"spec": "smollm2-135m-instruct", "device": "cpu", "dtype": "float32"},
          "train": {"learning_rate": 5e-4, "batch_size": 2, "grad_accum": 1},
-         "eval": {"max_new_tokens": 6, "batch_size": 8},
+         "eval": {"max_new_tokens": 6},
          "seeds": [33]}
 
 

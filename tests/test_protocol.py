@@ -33,7 +33,7 @@ def write_task_files(folder):
     (folder / "reference.json").write_text(json.dumps(reference))
 
 
-def tiny_config(model_dir, data_dir, seeds=(1, 2)):
+def tiny_config(model_dir, data_dir, seeds=(1, 2), order="original", **eval_settings):
     return build_config({
         "name": "tiny",
         "model": {"spec": str(model_dir), "device": "cpu", "dtype": "float32"},
@@ -45,8 +45,9 @@ def tiny_config(model_dir, data_dir, seeds=(1, 2)):
         ],
         "reference": {"path": str(data_dir / "reference.json")},
         "train": {"learning_rate": 5e-3, "batch_size": 2, "grad_accum": 2},
-        "eval": {"max_new_tokens": 4, "batch_size": 3},
+        "eval": {"max_new_tokens": 4, "token_budget": 64, **eval_settings},
         "seeds": list(seeds),
+        "order": order,
     })
 
 
@@ -70,7 +71,8 @@ def test_run_folder_contents(tiny_run):
                          "predictions/stance.jsonl", "predictions/sum.jsonl", "predictions/reference.jsonl"):
                 assert (folder / name).is_file(), folder / name
             rows = store.read_jsonl(folder / "predictions" / "stance.jsonl")
-            assert len(rows) == 4 and set(rows[0]) == {"id", "task", "raw_output", "prediction", "gold", "correct"}
+            assert len(rows) == 4 and set(rows[0]) == {"id", "task", "raw_output", "prediction", "gold", "correct",
+                                                          "output_ids"}
             assert (folder / "adapter" / "adapter_model.safetensors").is_file() == (stage > 0)
             assert (folder / "adapter" / "adapter_config.json").is_file() == (stage > 0)
         for name in ("accuracy_matrix.csv", "cl_metrics.json", "cl_metrics.csv", "stability.csv"):
@@ -116,9 +118,9 @@ def test_saved_adapter_reproduces_the_recorded_drift(tiny_run, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     data = load_data(config)
     encoded = encode(data, tokenizer, 512)
-    ids, base_lp = answer_logprobs(base, encoded.reference, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
+    ids, base_lp = answer_logprobs(base, encoded.reference, pad_id=tokenizer.pad_token_id, token_budget=100000, device="cpu")
     model = PeftModel.from_pretrained(base, store.stage_dir(run_dir, 2, 2) / "adapter").eval()
-    _, stage_lp = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
+    _, stage_lp = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id, token_budget=100000, device="cpu")
     recomputed = per_example_drift(ids, [None] * len(ids), stage_lp, base_lp)
     recorded = store.read_jsonl(store.stage_dir(run_dir, 2, 2) / "reference_drift.jsonl")
     for mine, theirs in zip(recomputed, recorded):
@@ -153,3 +155,53 @@ def test_training_lowers_the_loss_on_answer_tokens(tiny_model_dir):
     assert 0.3 < log.step_losses[-1] < 0.35 * log.step_losses[0]
     after = [p for p in model.parameters() if not p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # only the adapter moved
+
+
+def test_costs_are_recorded(tiny_run):
+    run_dir, _, _ = tiny_run
+    costs = store.read_json(run_dir / "costs.json")
+    assert {"model_load", "training", "task_eval", "reference_generation", "tables"} <= set(costs["phase_seconds"])
+    task_eval = costs["generation"]["task_eval"]
+    # 2 seeds x 2 stages x 2 tasks x 4 rows, and the base stage unless an earlier test's run cached it
+    base_reused = store.read_json(store.stage_dir(run_dir, 1, 0) / "stage.json")["reused_from_cache"]
+    assert task_eval["rows"] == 4 * 8 + (0 if base_reused else 8) and task_eval["generated_tokens"] > 0
+    # every generated token is accounted for, and decoding never ran past a row's end
+    assert task_eval["decode_steps"] + task_eval["accepted_draft_tokens"] + task_eval["rows"] >= \
+        task_eval["generated_tokens"]
+    assert costs["peak_rss_bytes"] > 10_000_000 and costs["base_stage_key"]
+
+
+def test_base_stage_is_reused_across_orders_and_runs(tiny_run, tiny_model_dir):
+    run_dir, _, root = tiny_run
+    reversed_run = run_experiment(tiny_config(tiny_model_dir, root / "data", seeds=(3,), order="reversed"),
+                                  root / "reversed")
+    first, again = store.stage_dir(run_dir, 1, 0), store.stage_dir(reversed_run, 3, 0)
+    assert store.read_json(again / "stage.json")["reused_from_cache"] is True
+    assert store.read_json(again / "stage.json")["base_stage_key"] == store.read_json(first / "stage.json")["base_stage_key"]
+    for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "reference_drift.jsonl"):
+        assert (again / name).read_text() == (first / name).read_text()
+    assert list(store.read_json(again / "scores.json")) == ["sum", "stance", "reference"]  # this run's order
+    tasks, _ = read_matrix_csv(store.seed_dir(reversed_run, 3) / "accuracy_matrix.csv")
+    assert tasks == ["sum", "stance"]
+
+
+def test_fast_path_is_faithful_to_the_plain_one(tiny_run, tiny_model_dir):
+    """Drafts, the merged adapter, token-budget batches and the cached base stage against none of them."""
+    run_dir, _, root = tiny_run
+    plain = run_experiment(tiny_config(tiny_model_dir, root / "data", drafts=False, merge_adapter=False,
+                                       reuse_base_stage=False, token_budget=64), root / "plain")
+    fast = run_experiment(tiny_config(tiny_model_dir, root / "data", token_budget=100000), root / "fast")
+    same = total = 0
+    for seed in (1, 2):
+        for stage in range(3):
+            for task in ("stance", "sum", "reference"):
+                a = store.read_jsonl(store.stage_dir(plain, seed, stage) / "predictions" / f"{task}.jsonl")
+                b = store.read_jsonl(store.stage_dir(fast, seed, stage) / "predictions" / f"{task}.jsonl")
+                same += sum(x["output_ids"] == y["output_ids"] for x, y in zip(a, b))
+                total += len(a)
+        _, m_plain = read_matrix_csv(store.seed_dir(plain, seed) / "accuracy_matrix.csv")
+        _, m_fast = read_matrix_csv(store.seed_dir(fast, seed) / "accuracy_matrix.csv")
+        assert abs(m_plain - m_fast).max() <= 1 / 4 + 1e-9  # at most one example of 4 per cell
+    assert same / total >= 0.98
+    fast_costs = store.read_json(fast / "costs.json")["generation"]["task_eval"]
+    assert fast_costs["accepted_draft_tokens"] > 0

@@ -38,7 +38,8 @@ def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     config = config_file(root, tiny_model_dir)
     reference = root / "uninterrupted"
-    result = lorawatch("run", config, "--out", reference, "--seeds", "1")
+    result = lorawatch("run", config, "--out", reference, "--seeds", "1",
+                       env={"LORAWATCH_BASE_STAGE_CACHE": str(root / "cache-reference")})
     assert result.returncode == 0, result.stderr
     return root, config, reference
 
@@ -48,15 +49,17 @@ def setup(tiny_model_dir, tmp_path_factory):
     "1:1:train:4",        # in the middle of training stage 1
     "1:1:trained",        # after training, before its evaluation
     "1:2:eval:stance",    # during stage 2's evaluation
-    "1:2:eval:reference", # during the reference pass: generation done, drift not yet
+    "1:2:eval:reference", # after the reference generation (and its drift), before the stage is complete
     "1:1:done",           # between stages
 ])
 def test_sigkill_then_resume_gives_identical_results(setup, point):
     root, config, reference = setup
     out = root / point.replace(":", "-")
-    killed = lorawatch("run", config, "--out", out, "--seeds", "1", env={"LORAWATCH_CRASH_AT": point})
+    # A base-stage cache of its own, so that the base evaluation really runs (and can be killed).
+    cache = {"LORAWATCH_BASE_STAGE_CACHE": str(root / f"cache-{point.replace(':', '-')}")}
+    killed = lorawatch("run", config, "--out", out, "--seeds", "1", env={"LORAWATCH_CRASH_AT": point, **cache})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = lorawatch("run", config, "--out", out, "--seeds", "1")
+    resumed = lorawatch("run", config, "--out", out, "--seeds", "1", env=cache)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     assert_same_results(out, reference)

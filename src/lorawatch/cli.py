@@ -42,6 +42,8 @@ def run(
     max_train_rows: Annotated[Optional[int], typer.Option(help="cap on training rows per task")] = None,
     max_test_rows: Annotated[Optional[int], typer.Option(help="cap on test rows per task")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length")] = None,
+    plain: Annotated[bool, typer.Option("--plain", help="evaluate without the fast path (no drafts, no merged "
+                                                          "adapter, no cached base stage), for comparison")] = False,
     overwrite: Annotated[bool, typer.Option(help="start the run folder again from scratch")] = False,
     force: Annotated[bool, typer.Option(help="resume even though the config differs from the recorded one")] = False,
 ) -> None:
@@ -64,7 +66,9 @@ def run(
                    "order": (order if order in ("original", "reversed") else [n.strip() for n in order.split(",")])
                    if order is not None else None,
                    "tasks.*.max_train_rows": max_train_rows, "tasks.*.max_test_rows": max_test_rows,
-                   "eval.max_new_tokens": max_new_tokens}
+                   "eval.max_new_tokens": max_new_tokens,
+                   **({"eval.drafts": False, "eval.merge_adapter": False, "eval.reuse_base_stage": False}
+                      if plain else {})}
         changes = {key: value for key, value in changes.items() if value is not None}
         for key, value in changes.items():
             *parents, leaf = key.split(".")

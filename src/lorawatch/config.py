@@ -88,7 +88,12 @@ class TrainSettings(_Strict):
 
 class EvalSettings(_Strict):
     max_new_tokens: int = Field(256, gt=0)
-    batch_size: int = Field(16, gt=0)
+    # Rows x padded length per generation batch; batches hold prompts of similar length.
+    token_budget: int = Field(8192, ge=64)
+    # The fast path's switches (docs/performance.md); none changes what greedy decoding computes.
+    drafts: bool = Field(True, description="check the previous checkpoint's outputs as drafts in one pass")
+    merge_adapter: bool = Field(True, description="fold LoRA into the weights while evaluating")
+    reuse_base_stage: bool = Field(True, description="cache the base evaluation across runs, orders and seeds")
 
 
 class ExperimentConfig(_Strict):
@@ -104,7 +109,7 @@ class ExperimentConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [33], min_length=1)
     # Provenance: the preset a config came from and what the command line changed in it.
     preset: str | None = None
-    overrides: dict[str, str | int | float | list] = Field(default_factory=dict)
+    overrides: dict[str, bool | str | int | float | list] = Field(default_factory=dict)
 
     @field_validator("seeds")
     @classmethod

@@ -1,22 +1,41 @@
-"""Batched greedy generation -> predictions -> exact-match accuracy.
+"""Greedy generation -> predictions -> exact-match accuracy, computed the cheap way.
 
-Prompts are sorted by length before batching so that a batch holds prompts of similar length (less
-padding), and left-padded so that every row's generation starts right after its own last prompt token.
+On a CPU a forward pass over many tokens at once runs several times faster per token than one decoding
+step of a batch, so the generation here spends as little as it can on incremental decoding:
+
+- Prompts are sorted by length and batched by a token budget (not a fixed number of rows), left-padded,
+  with position ids counted from each row's own first token, so a row's result does not depend on its
+  batch neighbours.
+- A row leaves the decoding batch as soon as it has produced a stop token; finished rows cost nothing.
+- A row may come with a draft: the tokens an earlier, similar checkpoint generated for the same prompt.
+  The draft is checked in one forward pass over prompt + draft; the longest prefix that greedy decoding
+  would itself produce is kept, plus greedy's own next token, and only a row that still has not finished
+  is decoded further. The result is greedy decoding's result whatever the draft is: a draft only decides
+  how much work is saved.
+- The distribution after the last prompt token (the reference set's answer position) comes out of the same
+  forward pass, so the reference drift needs no second pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from lorawatch.prompts import EncodedPrompt
 from lorawatch.tasks.scoring import gold_answer, is_correct, normalize_prediction
 
 # End-of-turn markers of the chat formats in use; generation also stops at them.
 CHAT_END_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+# Rows x padded width of one batch. Bigger batches make decoding steps cheaper per row; the key/value cache
+# of a SmolLM2 batch at this budget stays under ~0.5 GB.
+DEFAULT_TOKEN_BUDGET = 8192
+# Rows x kept positions x vocabulary of the logits of one draft-checking pass (float32: 4 bytes each).
+LOGITS_BUDGET = 48_000_000
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
@@ -34,19 +53,84 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -
 
 
 def left_pad(prompts: Sequence[EncodedPrompt], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        n = len(prompt.input_ids)
-        ids[row, width - n:] = torch.tensor(prompt.input_ids)
-        mask[row, width - n:] = 1
+    return _left_pad([p.input_ids for p in prompts], pad_id, device)
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
     return ids.to(device), mask.to(device)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's own first token: padding does not shift a row."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def length_sorted_batches(prompts: Sequence[EncodedPrompt], batch_size: int) -> list[list[EncodedPrompt]]:
     ordered = sorted(prompts, key=lambda p: (len(p.input_ids), p.id))
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def budget_batches(lengths: Sequence[int], token_budget: int, row_cost: Callable[[int], int] | None = None,
+                   cost_budget: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length whose rows x longest length fit the token budget.
+
+    `row_cost(longest)` and `cost_budget` add a second limit (the logits of a draft-checking pass).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        rows = len(current) + 1
+        fits = rows * lengths[i] <= token_budget
+        if fits and row_cost is not None and cost_budget is not None:
+            fits = rows * row_cost(lengths[i]) <= cost_budget
+        if current and not fits:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class GenerationCounters:
+    """What a generation call cost, in tokens; the benchmark reports these."""
+    rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0  # each row up to and including its own stop token: the decoding work needed
+    decode_steps: int = 0  # row-steps computed by incremental decoding (the first token of a prefill included)
+    draft_tokens: int = 0  # draft tokens checked in a single pass
+    accepted_draft_tokens: int = 0
+    forward_tokens: int = 0  # every position run through the model, padding included
+    forward_passes: int = 0
+
+    def add(self, other: "GenerationCounters") -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generated:
+    output_ids: tuple[int, ...]  # generated tokens, ending with the stop token when the row stopped at one
+    first_logprobs: torch.Tensor | None = None  # float32 [vocab]: the next-token distribution after the prompt
+
+
+@dataclass
+class _Row:
+    prompt: EncodedPrompt
+    out: list[int] = field(default_factory=list)
+    first_logprobs: torch.Tensor | None = None
+    done: bool = False
 
 
 @torch.no_grad()
@@ -56,27 +140,149 @@ def generate(
     prompts: Sequence[EncodedPrompt],
     *,
     max_new_tokens: int,
-    batch_size: int,
     device: str,
-    on_batch: Callable[[int], None] | None = None,
-) -> dict[str, str]:
-    """Greedy continuation of each prompt, decoded without special tokens; keyed by prompt id."""
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    drafts: Mapping[str, Sequence[int]] | None = None,
+    first_logprobs: bool = False,
+    counters: GenerationCounters | None = None,
+    on_rows: Callable[[int], None] | None = None,
+) -> dict[str, Generated]:
+    """Greedy continuation of every prompt (at most `max_new_tokens`, ending at a stop token), by prompt id.
+
+    `drafts` maps prompt ids to guessed continuations (see the module docstring); `first_logprobs` also
+    returns each prompt's next-token log-probabilities.
+    """
     model.eval()
-    pad_id = tokenizer.pad_token_id
-    stops = stop_token_ids(tokenizer, model)
-    outputs: dict[str, str] = {}
-    for batch in length_sorted_batches(prompts, batch_size):
-        ids, mask = left_pad(batch, pad_id, device)
-        generated = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad_id,
-        )
-        new_tokens = generated[:, ids.shape[1]:]
-        for prompt, row in zip(batch, new_tokens):
-            outputs[prompt.id] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        if on_batch:
-            on_batch(len(batch))
-    return outputs
+    counters = counters if counters is not None else GenerationCounters()
+    stops = set(stop_token_ids(tokenizer, model))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = [_Row(p) for p in prompts]
+    counters.rows += len(rows)
+    counters.prompt_tokens += sum(len(p.input_ids) for p in prompts)
+
+    def finish(row: _Row) -> None:
+        for i, token in enumerate(row.out):
+            if token in stops:
+                row.out = row.out[:i + 1]
+                break
+        row.out = row.out[:max_new_tokens]
+        row.done = bool(row.out) and (row.out[-1] in stops or len(row.out) >= max_new_tokens)
+        if row.done and on_rows:
+            on_rows(1)
+
+    drafted = [r for r in rows if drafts and drafts.get(r.prompt.id)]
+    if drafted:
+        _check_drafts(model, drafted, drafts, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
+                      device=device, vocab=vocab, token_budget=token_budget, keep_first=first_logprobs,
+                      counters=counters, finish=finish)
+    pending = [r for r in rows if not r.done]
+    if pending:
+        _decode(model, pending, max_new_tokens=max_new_tokens, pad_id=pad_id, device=device,
+                token_budget=token_budget, keep_first=first_logprobs, counters=counters, finish=finish)
+    counters.generated_tokens += sum(len(r.out) for r in rows)
+    return {r.prompt.id: Generated(tuple(r.out), r.first_logprobs) for r in rows}
+
+
+def _check_drafts(model, rows: list[_Row], drafts: Mapping[str, Sequence[int]], *, max_new_tokens: int,
+                  stops: set[int], pad_id: int, device: str, vocab: int, token_budget: int, keep_first: bool,
+                  counters: GenerationCounters, finish: Callable[[_Row], None]) -> None:
+    """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with."""
+    guesses = []
+    for row in rows:
+        draft = list(drafts[row.prompt.id])[:max_new_tokens]
+        cut = next((i for i, t in enumerate(draft) if t in stops), None)
+        guesses.append(draft if cut is None else draft[:cut + 1])
+    lengths = [len(r.prompt.input_ids) + len(g) for r, g in zip(rows, guesses)]
+    longest_draft = max(len(g) for g in guesses)
+    for batch in budget_batches(lengths, token_budget, row_cost=lambda _: (longest_draft + 1) * vocab,
+                                cost_budget=LOGITS_BUDGET):
+        seqs = [list(rows[i].prompt.input_ids) + guesses[i] for i in batch]
+        keep = max(len(guesses[i]) for i in batch) + 1
+        ids, mask = _left_pad(seqs, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                       logits_to_keep=keep).logits
+        counters.forward_passes += 1
+        counters.forward_tokens += ids.numel()
+        for b, i in enumerate(batch):
+            row, draft = rows[i], guesses[i]
+            start = keep - 1 - len(draft)  # the prompt's last position within the kept logits
+            greedy = logits[b, start:].argmax(-1).tolist()  # greedy[j]: the token after prompt + draft[:j]
+            if keep_first:
+                row.first_logprobs = torch.log_softmax(logits[b, start].float(), dim=-1).cpu()
+            agree = 0
+            while agree < len(draft) and greedy[agree] == draft[agree]:
+                agree += 1
+            row.out = draft[:agree] + [greedy[agree]]
+            counters.draft_tokens += len(draft)
+            counters.accepted_draft_tokens += agree
+            finish(row)
+        del logits
+
+
+def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
+            keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None]) -> None:
+    """Incremental greedy decoding; a row leaves the batch (and its cache) once it is finished."""
+    lengths = [len(r.prompt.input_ids) + len(r.out) + (max_new_tokens - len(r.out)) for r in rows]
+    for batch in budget_batches(lengths, token_budget):
+        active = [rows[i] for i in batch]
+        ids, mask = _left_pad([list(r.prompt.input_ids) + r.out for r in active], pad_id, device)
+        positions = position_ids(mask)
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+        counters.forward_passes += 1
+        counters.forward_tokens += ids.numel()
+        counters.decode_steps += len(active)
+        last = positions[:, -1]
+        while True:
+            tokens = logits.argmax(-1)
+            for row, token, row_logits in zip(active, tokens.tolist(), logits):
+                if keep_first and row.first_logprobs is None and not row.out:
+                    row.first_logprobs = torch.log_softmax(row_logits.float(), dim=-1).cpu()
+                row.out.append(token)
+                finish(row)
+            keep = [i for i, row in enumerate(active) if not row.done]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=mask.device)
+                cache.batch_select_indices(index)
+                mask, last, tokens = mask[index], last[index], tokens[index]
+                active = [active[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            last = last + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None], cache=cache,
+                           use_cache=True).logits[:, -1]
+            counters.forward_passes += 1
+            counters.forward_tokens += len(active)
+            counters.decode_steps += len(active)
+        del cache
+
+
+@contextmanager
+def merged_adapter(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate with the LoRA update folded into the base weights (W + s*B*A): one matmul per layer instead
+    of three. The base weights are restored bit for bit afterwards, so training continues unchanged."""
+    lora_layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")
+                   and getattr(m, "lora_A", None)]
+    if not lora_layers:
+        yield
+        return
+    saved = [layer.get_base_layer().weight.detach().clone() for layer in lora_layers]
+    try:
+        for layer in lora_layers:
+            layer.merge()
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(lora_layers, saved):
+                layer.get_base_layer().weight.copy_(weight)
+                layer.merged_adapters = []
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, output_ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(output_ids), skip_special_tokens=True).strip()
 
 
 @dataclass(frozen=True)
@@ -87,16 +293,19 @@ class Prediction:
     prediction: str
     gold: str
     correct: bool
+    output_ids: list[int] | None = None  # the generated tokens; also the next checkpoint's draft
 
     def to_dict(self) -> dict:
         return {"id": self.id, "task": self.task, "raw_output": self.raw_output, "prediction": self.prediction,
-                "gold": self.gold, "correct": self.correct}
+                "gold": self.gold, "correct": self.correct, "output_ids": self.output_ids}
 
 
-def score(example_id: str, task: str, kind: str, answer: str, raw_output: str) -> Prediction:
+def score(example_id: str, task: str, kind: str, answer: str, raw_output: str,
+          output_ids: Sequence[int] | None = None) -> Prediction:
     prediction = normalize_prediction(kind, raw_output)
     gold = gold_answer(kind, answer)
-    return Prediction(example_id, task, raw_output, prediction, gold, is_correct(kind, prediction, gold))
+    return Prediction(example_id, task, raw_output, prediction, gold, is_correct(kind, prediction, gold),
+                      None if output_ids is None else list(output_ids))
 
 
 def accuracy(predictions: Sequence[Prediction]) -> float:

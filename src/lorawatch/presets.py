@@ -23,7 +23,7 @@ def _demo() -> dict:
         # change nothing visible; smaller batches and a larger constant rate make 20.
         "train": {"learning_rate": 5e-4, "batch_size": 4, "grad_accum": 1, "epochs": 2, "lr_scheduler": "constant"},
         # A short answer budget, as on a device: the answer has to come first.
-        "eval": {"max_new_tokens": 12, "batch_size": 24},
+        "eval": {"max_new_tokens": 12},
         "seeds": [33],
     }
 
@@ -54,7 +54,7 @@ def _paper(name: str) -> dict:
         "tasks": [task("FOMC", "multiple_choice"), task("ScienceQA", "multiple_choice"),
                   task("NumGLUE-cm", "numeric")],
         "reference": {"path": str(root / "reference.json")},
-        "eval": {"max_new_tokens": 256, "batch_size": 4},
+        "eval": {"max_new_tokens": 256},
         "seeds": [33, 42, 123],
     }
 

@@ -12,7 +12,9 @@ written into every seed's folder.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -20,7 +22,7 @@ import signal
 import socket
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +34,10 @@ from safetensors.torch import save as save_safetensors
 
 from lorawatch import store, tables
 from lorawatch.config import ExperimentConfig
+from lorawatch.costs import Costs
 from lorawatch.errors import UserError
-from lorawatch.evaluation import Prediction, accuracy, generate, score
-from lorawatch.models import LoadedModel, load_model
+from lorawatch.evaluation import Prediction, accuracy, decode_text, generate, merged_adapter, score
+from lorawatch.models import LoadedModel, default_cache_dir, load_model
 from lorawatch.progress import RunProgress
 from lorawatch.prompts import EncodedPrompt, EncodedTrainExample, encode_prompt, encode_train_example, user_message
 from lorawatch.stability import ExampleDrift, answer_logprobs, per_example_drift, summarize
@@ -122,9 +125,18 @@ def _read_unit(path: Path, expected_ids: list[str], row_type: type) -> list | No
     return rows
 
 
-def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folder: Path, *,
-                        base_logprobs: torch.Tensor | None, max_new_tokens: int, batch_size: int, device: str,
-                        reference_position: str, progress: RunProgress, label: str, crash_prefix: str) -> tuple[dict, list[ExampleDrift],
+@dataclass(frozen=True)
+class EvalParams:
+    max_new_tokens: int
+    token_budget: int
+    device: str
+    reference_position: str  # "answer" | "published"
+    drafts: bool  # use the previous checkpoint's outputs as drafts (see evaluation.py)
+
+
+def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folder: Path, params: EvalParams, *,
+                        base_logprobs: torch.Tensor | None, drafts: dict[str, list[int]] | None, costs: Costs,
+                        progress: RunProgress, label: str, crash_prefix: str) -> tuple[dict, list[ExampleDrift],
                                                                                        torch.Tensor | None]:
     """Every task's test set, the reference set's accuracy and its drift against the base distribution.
 
@@ -133,35 +145,128 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
     """
     scores: dict[str, float] = {}
     kinds = {t.name: t.kind for t in data.tasks}
+    drift_path = folder / "reference_drift.jsonl"
+    drift = _read_unit(drift_path, [e.id for e in data.reference], ExampleDrift)
+    logprobs = None
     parts = [(t.name, t.test, encoded.test[t.name]) for t in data.tasks]
     parts.append(("reference", data.reference, encoded.reference))
     for name, examples, prompts in parts:
         path = folder / "predictions" / f"{name}.jsonl"
         rows = _read_unit(path, [e.id for e in examples], Prediction)
         if rows is None:
-            progress.phase(f"{label} · {'reference set' if name == 'reference' else 'evaluate ' + name}")
-            raw = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           device=device, on_batch=progress.advance)
-            rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer, raw[e.id]) for e in examples]
+            is_reference = name == "reference"
+            # The answer-position distribution falls out of the generation's first forward pass.
+            first = is_reference and drift is None and params.reference_position == "answer"
+            phase = "reference_generation" if is_reference else "task_eval"
+            progress.phase(f"{label} · {'reference set' if is_reference else 'evaluate ' + name}")
+            with costs.phase(phase):
+                generated = generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens,
+                                     device=params.device, token_budget=params.token_budget,
+                                     drafts=drafts if params.drafts else None, first_logprobs=first,
+                                     counters=costs.generation[phase], on_rows=progress.advance)
+            rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer,
+                          decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
+                    for e in examples]
+            if first:
+                # The drift goes to disk before the predictions: a crash in between then leaves nothing that
+                # would have to be recomputed by a different path (and so with different round-off).
+                logprobs = torch.stack([generated[e.id].first_logprobs for e in data.reference])
+                drift = _drift(data, logprobs, base_logprobs)
+                store.write_jsonl(drift_path, (d.to_dict() for d in drift))
             store.write_jsonl(path, (r.to_dict() for r in rows))
             crash_point(f"{crash_prefix}:eval:{name}")
         else:
             progress.advance(len(rows))
         scores[name] = accuracy(rows)
 
-    drift_path = folder / "reference_drift.jsonl"
-    drift = _read_unit(drift_path, [e.id for e in data.reference], ExampleDrift)
-    logprobs = None
     if drift is None:
-        progress.phase(f"{label} · reference drift")
-        ids, logprobs = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id,
-                                        batch_size=batch_size, device=device, position=reference_position)
-        drift = per_example_drift(ids, [e.task for e in data.reference], logprobs,
-                                  logprobs if base_logprobs is None else base_logprobs)
-        store.write_jsonl(drift_path, (d.to_dict() for d in drift))
+        with costs.phase("reference_distribution"):
+            if logprobs is None:
+                progress.phase(f"{label} · reference drift")
+                logprobs = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id,
+                                           token_budget=params.token_budget, device=params.device,
+                                           position=params.reference_position)[1]
+            drift = _drift(data, logprobs, base_logprobs)
+            store.write_jsonl(drift_path, (d.to_dict() for d in drift))
         crash_point(f"{crash_prefix}:drift")
     progress.advance(len(data.reference))
     return scores, drift, logprobs
+
+
+def _drift(data: RunData, logprobs: torch.Tensor, base_logprobs: torch.Tensor | None) -> list[ExampleDrift]:
+    return per_example_drift([e.id for e in data.reference], [e.task for e in data.reference], logprobs,
+                             logprobs if base_logprobs is None else base_logprobs)
+
+
+def read_drafts(folder: Path) -> dict[str, list[int]]:
+    """A finished checkpoint's generated tokens by example id: the next checkpoint's drafts."""
+    drafts: dict[str, list[int]] = {}
+    for path in sorted((folder / "predictions").glob("*.jsonl")):
+        try:
+            rows = store.read_jsonl(path)
+        except (OSError, ValueError):
+            continue  # a draft is only a speed-up; a damaged file just means no drafts
+        drafts.update({r["id"]: r["output_ids"] for r in rows if isinstance(r, dict) and r.get("output_ids")})
+    return drafts
+
+
+def base_stage_key(loaded: LoadedModel, data: RunData, encoded: Encoded, params: EvalParams) -> str:
+    """What the base checkpoint's evaluation depends on: the model, the exact token ids of every prompt, the
+    answers, the generation settings and the software. Task order and seeds do not enter."""
+    versions = {p: importlib.metadata.version(p) for p in ("lorawatch", "torch", "transformers")}
+    info = loaded.info
+    tasks = sorted((t.name, t.kind, [(e.id, e.answer) for e in t.test],
+                    [list(p.input_ids) for p in encoded.test[t.name]]) for t in data.tasks)
+    reference = [(e.id, e.task, e.answer, list(p.input_ids)) for e, p in zip(data.reference, encoded.reference)]
+    payload = json.dumps({"model": [info.spec, info.path, info.dtype, info.device, info.num_parameters],
+                          "versions": versions, "tasks": tasks, "reference": reference,
+                          "max_new_tokens": params.max_new_tokens, "position": params.reference_position},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def base_stage_cache(key: str) -> Path:
+    """$LORAWATCH_BASE_STAGE_CACHE/<key> if set, else beside the model cache:
+    $LORAWATCH_CACHE/base-stages/<key> or ~/.cache/lorawatch/base-stages/<key>."""
+    root = os.environ.get("LORAWATCH_BASE_STAGE_CACHE")
+    return (Path(root).expanduser() if root else default_cache_dir().parent / "base-stages") / key
+
+
+BASE_UNITS = ("predictions", "reference_drift.jsonl")
+
+
+def _restore_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> bool:
+    """Put a cached base evaluation's units into this run; the usual resume path then reads them back."""
+    if not (cache / "complete").is_file():
+        return False
+    try:
+        base_dir.mkdir(parents=True, exist_ok=True)
+        for unit in BASE_UNITS:
+            source, target = cache / unit, base_dir / unit
+            if source.is_dir():
+                store.atomic_copytree(source, target)
+            else:
+                store.atomic_write_bytes(target, source.read_bytes())
+        store.atomic_write_bytes(base_lp_path, (cache / BASE_LOGPROBS).read_bytes())
+    except OSError:
+        warnings.warn(f"{cache}: cached base stage unreadable, computing it", stacklevel=2)
+        return False
+    return True
+
+
+def _save_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> None:
+    try:
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copytree(base_dir / "predictions", tmp / "predictions")
+        shutil.copy2(base_dir / "reference_drift.jsonl", tmp / "reference_drift.jsonl")
+        shutil.copy2(base_lp_path, tmp / BASE_LOGPROBS)
+        (tmp / "complete").write_text("")
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    except OSError as exc:  # a cache is optional: a full or read-only disk must not fail the run
+        warnings.warn(f"{cache}: could not cache the base stage ({exc.strerror or exc})", stacklevel=2)
 
 
 def finish_stage(folder: Path, *, stage: int, checkpoint: str, task: str | None, scores: dict, drift: list,
@@ -340,10 +445,14 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
 
 
 def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console: Console, resuming: bool) -> None:
+    costs = Costs()
+    costs.notes["resumed"] = resuming
+
     def fresh_model() -> LoadedModel:
-        return load_model(config.model.spec, device=config.model.device, dtype=config.model.dtype,
-                          cache_dir=Path(config.model.cache_dir) if config.model.cache_dir else None,
-                          trust_remote_code=config.model.trust_remote_code)
+        with costs.phase("model_load"):
+            return load_model(config.model.spec, device=config.model.device, dtype=config.model.dtype,
+                              cache_dir=Path(config.model.cache_dir) if config.model.cache_dir else None,
+                              trust_remote_code=config.model.trust_remote_code)
 
     loaded = fresh_model()
     store.write_json(run_dir / "environment.json", environment(loaded))
@@ -357,29 +466,40 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                          grad_accum=config.train.grad_accum, epochs=config.train.epochs,
                          max_grad_norm=config.train.max_grad_norm, weight_decay=config.train.weight_decay,
                          lr_scheduler=config.train.lr_scheduler)
-    eval_args = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device,
-                     reference_position=config.reference.position)
+    eval_params = EvalParams(max_new_tokens=config.eval.max_new_tokens, token_budget=config.eval.token_budget,
+                             device=device, reference_position=config.reference.position, drafts=config.eval.drafts)
 
     with RunProgress(_total_rows(config, data), console) as progress:
-        # Stage 0 does not depend on the seed: computed once, in the first seed's folder, then copied.
+        # Stage 0 does not depend on the seed or the task order: computed once per model, data and settings
+        # (cached across runs), written into the first seed's folder, then copied.
         base_dir = store.stage_dir(run_dir, config.seeds[0], 0)
         base_lp_path = run_dir / BASE_LOGPROBS
+        key = base_stage_key(loaded, data, encoded, eval_params)
+        cache = base_stage_cache(key) if config.eval.reuse_base_stage else None
         base_logprobs = _read_logprobs(base_lp_path, len(data.reference))
         if base_logprobs is None or not stage_complete(base_dir, data, adapter=False):
+            reused = cache is not None and _restore_base_stage(cache, base_dir, base_lp_path)
+            if reused:
+                base_logprobs = _read_logprobs(base_lp_path, len(data.reference))
+                progress.log(f"base: reusing the base evaluation cached under {cache}")
             started = time.perf_counter()
             if base_logprobs is None:
                 (base_dir / "reference_drift.jsonl").unlink(missing_ok=True)
             scores, drift, computed = evaluate_checkpoint(
-                loaded.model, loaded.tokenizer, data, encoded, base_dir, base_logprobs=None, progress=progress,
-                label="base", crash_prefix="base", **eval_args)
+                loaded.model, loaded.tokenizer, data, encoded, base_dir, eval_params, base_logprobs=None,
+                drafts=None, costs=costs, progress=progress, label="base", crash_prefix="base")
             if computed is not None:
                 store.atomic_write_bytes(base_lp_path, save_safetensors({"logprobs": computed.contiguous()}))
                 base_logprobs = computed
             finish_stage(base_dir, stage=0, checkpoint="base", task=None, scores=scores, drift=drift,
-                         base_stats=None, extra={"eval_seconds": round(time.perf_counter() - started, 3)})
+                         base_stats=None, extra={"eval_seconds": round(time.perf_counter() - started, 3),
+                                                 "base_stage_key": key, "reused_from_cache": reused})
+            if cache is not None and not reused:
+                _save_base_stage(cache, base_dir, base_lp_path)
             progress.log("base: " + _scores_line(scores))
         else:
             progress.advance(_checkpoint_rows(data))
+        costs.notes["base_stage_key"] = key
         base_stats = {k: v for k, v in store.read_json(base_dir / "reference_stats.json").items()
                       if not k.endswith("_delta")}
         for seed in config.seeds[1:]:
@@ -399,18 +519,21 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                 while first > 1 and not load_adapter_weights(model, stages[first - 1] / "adapter"):
                     first -= 1
                 for stage in range(first, len(stages)):
-                    _run_stage(model, loaded, data, encoded, params, eval_args, run_dir, seed, stage,
-                               base_logprobs, base_stats, progress)
+                    _run_stage(model, loaded, data, encoded, params, eval_params, run_dir, seed, stage,
+                               base_logprobs, base_stats, progress, costs, merge=config.eval.merge_adapter)
                 del model
             else:
                 progress.advance(_seed_rows(config, data))
-            tables.write_seed_tables(run_dir, seed)
-        tables.write_summary(run_dir)
+            with costs.phase("tables"):
+                tables.write_seed_tables(run_dir, seed)
+        with costs.phase("tables"):
+            tables.write_summary(run_dir)
+    store.write_json(run_dir / "costs.json", costs.to_dict())
 
 
-def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, params: TrainParams, eval_args: dict,
-               run_dir: Path, seed: int, stage: int, base_logprobs: torch.Tensor, base_stats: dict,
-               progress: RunProgress) -> None:
+def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, params: TrainParams,
+               eval_params: EvalParams, run_dir: Path, seed: int, stage: int, base_logprobs: torch.Tensor,
+               base_stats: dict, progress: RunProgress, costs: Costs, *, merge: bool) -> None:
     task = data.tasks[stage - 1]
     folder = store.stage_dir(run_dir, seed, stage)
     label = f"seed {seed} · stage {stage}/{len(data.tasks)}"
@@ -430,15 +553,19 @@ def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, para
             advance(done, total)
             crash_point(f"{prefix}:train:{done}")
 
-        log = train_stage(model, encoded.train[task.name], params, seed=seed * 1000 + stage,
-                          pad_id=loaded.tokenizer.pad_token_id, device=eval_args["device"],
-                          on_micro_batch=on_micro_batch).to_dict()
-        save_adapter(model, folder / "adapter")
-        store.write_json(log_path, log)
+        with costs.phase("training"):
+            log = train_stage(model, encoded.train[task.name], params, seed=seed * 1000 + stage,
+                              pad_id=loaded.tokenizer.pad_token_id, device=eval_params.device,
+                              on_micro_batch=on_micro_batch).to_dict()
+            save_adapter(model, folder / "adapter")
+            store.write_json(log_path, log)
         crash_point(f"{prefix}:trained")
     eval_start = time.perf_counter()
-    scores, drift, _ = evaluate_checkpoint(model, loaded.tokenizer, data, encoded, folder, base_logprobs=base_logprobs,
-                                           progress=progress, label=label, crash_prefix=prefix, **eval_args)
+    with merged_adapter(model) if merge else nullcontext():
+        scores, drift, _ = evaluate_checkpoint(model, loaded.tokenizer, data, encoded, folder, eval_params,
+                                               base_logprobs=base_logprobs,
+                                               drafts=read_drafts(store.stage_dir(run_dir, seed, stage - 1)),
+                                               costs=costs, progress=progress, label=label, crash_prefix=prefix)
     stats = finish_stage(folder, stage=stage, checkpoint=task.name, task=task.name, scores=scores, drift=drift,
                          base_stats=base_stats, extra={"training": log,
                                                        "eval_seconds": round(time.perf_counter() - eval_start, 3)})

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lorawatch.evaluation import left_pad, length_sorted_batches
+from lorawatch.evaluation import DEFAULT_TOKEN_BUDGET, budget_batches, left_pad, position_ids
 from lorawatch.prompts import EncodedPrompt
 
 STAT_NAMES = ("kl", "entropy", "margin")
@@ -41,8 +41,8 @@ def published_position_logprobs(model: torch.nn.Module, prompts: Sequence[Encode
 
 
 @torch.no_grad()
-def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *, pad_id: int, batch_size: int,
-                    device: str, position: str = "answer") -> tuple[list[str], torch.Tensor]:
+def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *, pad_id: int, device: str,
+                    token_budget: int = DEFAULT_TOKEN_BUDGET, position: str = "answer") -> tuple[list[str], torch.Tensor]:
     """Log-probabilities (float32, [rows, vocab]) of the next token after each prompt, in input order.
 
     position="published" reproduces the published implementation's reading instead (see above).
@@ -51,13 +51,13 @@ def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *,
         return published_position_logprobs(model, prompts, pad_id=pad_id, device=device)
     model.eval()
     rows: dict[str, torch.Tensor] = {}
-    for batch in length_sorted_batches(prompts, batch_size):
-        ids, mask = left_pad(batch, pad_id, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for batch in budget_batches([len(p.input_ids) for p in prompts], token_budget):
+        chunk = [prompts[i] for i in batch]
+        ids, mask = left_pad(chunk, pad_id, device)
         # logits_to_keep=1: only the last position's logits are projected onto the vocabulary.
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1).logits
         logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu()
-        for prompt, row in zip(batch, logprobs):
+        for prompt, row in zip(chunk, logprobs):
             rows[prompt.id] = row
     ids_in_order = [p.id for p in prompts]
     return ids_in_order, torch.stack([rows[i] for i in ids_in_order])

@@ -118,12 +118,13 @@ def train_stage(
             for batch in window:
                 inputs = _collate(batch, pad_id, device)
                 labels = inputs.pop("labels")
-                logits = model(**inputs).logits
-                shift_logits = logits[:, :-1, :].float()
-                shift_labels = labels[:, 1:]
-                loss_sum = torch.nn.functional.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                    ignore_index=-100, reduction="sum")
+                # Logits only where an answer token is predicted: the vocabulary projection of the prompt
+                # positions (most of each row) would be computed and thrown away.
+                predicts = torch.zeros_like(labels, dtype=torch.bool)
+                predicts[:, :-1] = labels[:, 1:] != -100
+                logits = model(**inputs, logits_to_keep=predicts).logits  # [answer tokens, vocab]
+                loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]],
+                                                             reduction="sum")
                 (loss_sum / window_tokens).backward()
                 window_loss += loss_sum.item()
                 log.micro_batches += 1

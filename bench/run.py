@@ -1,0 +1,180 @@
+"""lorawatch benchmark: the protocol's cost on the real TRACE data, phase by phase.
+
+    python bench/run.py                 # W0, W1 and the W0 study; prints a table, writes bench/results/*.json
+    python bench/run.py W0 --guard      # W0, then the faithfulness guard against a one-row-at-a-time path
+
+Workloads (SmolLM2-135M-Instruct, fp32, the 48-row reference set, seed 33 unless stated):
+    W0        first 16 train / 20 test rows per task, 64 new tokens
+    W1        64 train / 40 test rows per task, 256 new tokens (the paper's generation length)
+    W0-study  W0 with seeds 33, 42, 123 x task orders original and reversed (two runs, one per order)
+
+Every run is the real command line (`lorawatch run`, then `lorawatch report`) in a subprocess, with a fresh
+base-stage cache per workload, so nothing is reused from an earlier benchmark. The phase times, token
+counts and peak memory come from each run's costs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "trace-llm-cl-500"
+
+# The published implementation on this 2-core machine (issue 4): wall seconds and peak RSS of one run.
+REFERENCE = {"W0": {"wall_s": 533.0, "peak_rss_gb": 3.3}, "W1": {"wall_s": 1411.0, "peak_rss_gb": 3.4},
+             "W0-study": {"wall_s": 6 * 533.0, "peak_rss_gb": 3.3}}
+TARGET_SPEEDUP = {"W1": 5.0, "W0-study": 10.0}
+
+WORKLOADS = {
+    "W0": {"runs": [("original", "33")], "train": 16, "test": 20, "new": 64},
+    "W1": {"runs": [("original", "33")], "train": 64, "test": 40, "new": 256},
+    "W0-study": {"runs": [("original", "33,42,123"), ("reversed", "33,42,123")], "train": 16, "test": 20, "new": 64},
+}
+PHASES = ("model_load", "training", "task_eval", "reference_generation", "reference_distribution", "tables")
+COUNTERS = ("rows", "prompt_tokens", "generated_tokens", "decode_steps", "draft_tokens", "accepted_draft_tokens",
+            "forward_tokens", "forward_passes")
+
+
+def lorawatch(*args: str, env: dict) -> None:
+    cmd = [sys.executable, "-m", "lorawatch", *args]
+    result = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        sys.exit(f"bench: `{' '.join(cmd[2:])}` failed:\n{result.stderr[-2000:]}")
+
+
+def prepare_data(source: Path | None, root: Path) -> dict:
+    """The paper's data through lorawatch's own verified download (from a local copy when there is one)."""
+    env = dict(os.environ, LORAWATCH_DATA=str(root))
+    args = ["data", "fetch", "trace-500"]
+    if source is not None:
+        args += ["--source", str(source)]
+    lorawatch(*args, env=env)
+    return env
+
+
+def run_workload(name: str, env: dict, work: Path, extra: list[str]) -> dict:
+    spec = WORKLOADS[name]
+    env = dict(env, LORAWATCH_BASE_STAGE_CACHE=str(work / f"{name}-base-cache"))
+    shutil.rmtree(env["LORAWATCH_BASE_STAGE_CACHE"], ignore_errors=True)
+    phases = {p: 0.0 for p in (*PHASES, "report", "process_start")}
+    counters: dict[str, dict[str, int]] = {}
+    peak = 0
+    runs = []
+    started = time.perf_counter()
+    for order, seeds in spec["runs"]:
+        out = work / f"{name}-{order}"
+        run_start = time.perf_counter()
+        lorawatch("run", "--preset", "paper-qwen", "--model", "smollm2-135m-instruct", "--dtype", "float32",
+                  "--device", "cpu", "--order", order, "--seeds", seeds, "--max-train-rows", str(spec["train"]),
+                  "--max-test-rows", str(spec["test"]), "--max-new-tokens", str(spec["new"]), "--out", str(out),
+                  "--overwrite", *extra, env=env)
+        run_wall = time.perf_counter() - run_start
+        report_start = time.perf_counter()
+        lorawatch("report", str(out), "--out", str(out / "report"), env=env)
+        phases["report"] += time.perf_counter() - report_start
+        costs = json.loads((out / "costs.json").read_text())
+        for phase, seconds in costs["phase_seconds"].items():
+            phases[phase] = phases.get(phase, 0.0) + seconds
+        phases["process_start"] += run_wall - costs["wall_seconds"]  # interpreter and imports
+        for part, values in costs["generation"].items():
+            total = counters.setdefault(part, {c: 0 for c in COUNTERS})
+            for c in COUNTERS:
+                total[c] += values.get(c, 0)
+        peak = max(peak, costs["peak_rss_bytes"])
+        runs.append({"order": order, "seeds": seeds, "run_dir": str(out), "wall_s": round(run_wall, 2),
+                     "base_stage_reused": json.loads((out / f"seed-{seeds.split(',')[0]}" / "stage-0" /
+                                                      "stage.json").read_text()).get("reused_from_cache")})
+    wall = time.perf_counter() - started
+    generated = sum(c["generated_tokens"] for c in counters.values())
+    generation_seconds = phases["task_eval"] + phases["reference_generation"]
+    result = {
+        "workload": name, "rows": {"train": spec["train"], "test": spec["test"], "reference": 48},
+        "max_new_tokens": spec["new"], "wall_s": round(wall, 2),
+        "phase_s": {k: round(v, 2) for k, v in phases.items()},
+        "generation": counters,
+        "generated_tokens": generated,
+        "decode_steps_needed": generated,
+        "decode_steps_computed": sum(c["decode_steps"] for c in counters.values()),
+        "draft_positions_checked": sum(c["draft_tokens"] for c in counters.values()),
+        "generated_tokens_per_s": round(generated / generation_seconds, 1) if generation_seconds else None,
+        "forward_tokens_per_s": round(sum(c["forward_tokens"] for c in counters.values()) / generation_seconds, 1)
+        if generation_seconds else None,
+        "peak_rss_gb": round(peak / 2**30, 2),
+        "runs": runs,
+        "reference": REFERENCE[name],
+        "speedup": round(REFERENCE[name]["wall_s"] / wall, 2),
+        "target_speedup": TARGET_SPEEDUP.get(name),
+    }
+    return result
+
+
+def machine() -> dict:
+    import torch
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+def print_table(results: list[dict]) -> None:
+    head = ["phase (s)"] + [r["workload"] for r in results]
+    rows = [[p] + [f"{r['phase_s'].get(p, 0):.1f}" for r in results] for p in ("process_start", *PHASES, "report")]
+    rows.append(["wall"] + [f"{r['wall_s']:.1f}" for r in results])
+    rows.append(["published wall"] + [f"{r['reference']['wall_s']:.0f}" for r in results])
+    rows.append(["speed-up"] + [f"{r['speedup']:.1f}x" for r in results])
+    rows.append(["generated tokens"] + [str(r["generated_tokens"]) for r in results])
+    rows.append(["decode steps computed"] + [str(r["decode_steps_computed"]) for r in results])
+    rows.append(["draft positions checked"] + [str(r["draft_positions_checked"]) for r in results])
+    rows.append(["generated tok/s"] + [str(r["generated_tokens_per_s"]) for r in results])
+    rows.append(["peak RSS (GB)"] + [f"{r['peak_rss_gb']:.2f}" for r in results])
+    widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--source", type=Path, default=SHARED_DATA if SHARED_DATA.is_dir() else None,
+                        help="local copy of the TRACE files (default: ../shared/data/trace-llm-cl-500 if present, "
+                             "else the authors' repository)")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON results go")
+    parser.add_argument("--guard", action="store_true", help="after W0, check it against a one-row-at-a-time path")
+    parser.add_argument("--plain", action="store_true",
+                        help="turn the fast path's drafts, merged adapter and base-stage reuse off (for comparison)")
+    args = parser.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="lorawatch-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = prepare_data(args.source, work / "data")
+    extra = ["--plain"] if args.plain else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.workloads:
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        result = run_workload(name, env, work, extra)
+        result["machine"] = machine()
+        result["fast_path"] = not args.plain
+        if args.guard and name == "W0":
+            from guard import check_run  # bench/guard.py
+            result["guard"] = check_run(Path(result["runs"][0]["run_dir"]))
+        suffix = "-plain" if args.plain else ""
+        (args.out / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+        results.append(result)
+        print(f"bench: {name} {result['wall_s']:.1f} s ({result['speedup']:.1f}x the published implementation)",
+              file=sys.stderr, flush=True)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

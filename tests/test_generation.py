@@ -1,0 +1,126 @@
+"""The fast generation path gives greedy decoding's results: vs transformers' own generate one row at a time,
+with good, wrong and partial drafts, and with the adapter merged for evaluation."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorawatch.evaluation import (GenerationCounters, budget_batches, generate, merged_adapter, stop_token_ids)
+from lorawatch.prompts import encode_prompt
+from lorawatch.stability import answer_logprobs
+
+MESSAGES = ["Question: 1?", "A longer question about stance and text?", "B", "Solve 3+4", "x y z w",
+            "Which option: A, B or C?", "short", "the model keeps going here for a while"]
+
+
+def load(folder):
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), tokenizer
+
+
+def prompts_for(tokenizer):
+    return [encode_prompt(tokenizer, f"r{i}", m, 512) for i, m in enumerate(MESSAGES)]
+
+
+def reference_one_at_a_time(model, tokenizer, prompts, max_new_tokens):
+    """transformers' generate, one unpadded row at a time: the plain path the fast one must match."""
+    stops = stop_token_ids(tokenizer, model)
+    out = {}
+    for p in prompts:
+        ids = torch.tensor([p.input_ids])
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+        tokens = new.tolist()
+        cut = next((i for i, t in enumerate(tokens) if t in stops), None)
+        out[p.id] = tuple(tokens if cut is None else tokens[:cut + 1])
+    return out
+
+
+def add_stop_token(model, tokenizer, prompts, max_new_tokens):
+    """The random tiny model never says EOS; make a token it produces mid-output a stop token so that rows
+    finish at different steps."""
+    outputs = reference_one_at_a_time(model, tokenizer, prompts, max_new_tokens).values()
+    counts = {}
+    for out in outputs:
+        for t in set(out[1:-1]):
+            counts[t] = counts.get(t, 0) + 1
+    token = max(counts, key=lambda t: (0 < counts[t] < len(prompts), counts[t]))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, token]
+
+
+def test_fast_generation_matches_one_row_at_a_time(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    prompts = prompts_for(tokenizer)
+    add_stop_token(model, tokenizer, prompts, 10)
+    expected = reference_one_at_a_time(model, tokenizer, prompts, 10)
+    for budget in (64, 100000):  # one row per batch, and everything in one batch
+        counters = GenerationCounters()
+        got = generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", token_budget=budget,
+                       counters=counters)
+        assert {k: v.output_ids for k, v in got.items()} == expected
+        assert counters.generated_tokens == sum(len(v) for v in expected.values())
+        # finished rows leave the batch: never more row-steps than tokens needed
+        assert counters.decode_steps == counters.generated_tokens
+    lengths = {len(v) for v in expected.values()}
+    assert len(lengths) > 1 and min(lengths) < 10  # rows did finish at different steps
+
+
+def test_drafts_change_the_cost_never_the_result(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    prompts = prompts_for(tokenizer)
+    add_stop_token(model, tokenizer, prompts, 12)
+    expected = reference_one_at_a_time(model, tokenizer, prompts, 12)
+    exact = {k: list(v) for k, v in expected.items()}
+    wrong = {k: [(t + 7) % 50 + 3 for t in v] for k, v in expected.items()}
+    partial = {k: list(v[:len(v) // 2]) + [5, 6, 7] for k, v in expected.items()}
+    longer = {k: list(v) + [9] * 20 for k, v in expected.items()}
+    for drafts in (exact, wrong, partial, longer):
+        counters = GenerationCounters()
+        got = generate(model, tokenizer, prompts, max_new_tokens=12, device="cpu", drafts=drafts, counters=counters)
+        assert {k: v.output_ids for k, v in got.items()} == expected
+    counters = GenerationCounters()
+    generate(model, tokenizer, prompts, max_new_tokens=12, device="cpu", drafts=exact, counters=counters)
+    assert counters.decode_steps == 0  # an exact draft needs no decoding step at all
+    assert counters.accepted_draft_tokens >= counters.generated_tokens - len(prompts)
+
+
+def test_first_logprobs_are_the_answer_position_distribution(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    prompts = prompts_for(tokenizer)
+    _, reference = answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, token_budget=1, device="cpu")
+    expected = reference_one_at_a_time(model, tokenizer, prompts, 6)
+    for drafts in (None, {k: list(v) for k, v in expected.items()}):
+        got = generate(model, tokenizer, prompts, max_new_tokens=6, device="cpu", drafts=drafts, first_logprobs=True)
+        stacked = torch.stack([got[p.id].first_logprobs for p in prompts])
+        torch.testing.assert_close(stacked, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_adapter_evaluates_the_same_and_restores_the_weights(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)  # a trained-looking adapter, not the zero init
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = prompts_for(tokenizer)
+    plain = reference_one_at_a_time(model, tokenizer, prompts, 8)
+    _, unmerged_lp = answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, token_budget=100000, device="cpu")
+    with merged_adapter(model):
+        got = generate(model, tokenizer, prompts, max_new_tokens=8, device="cpu", first_logprobs=True)
+    assert {k: v.output_ids for k, v in got.items()} == plain
+    torch.testing.assert_close(torch.stack([got[p.id].first_logprobs for p in prompts]), unmerged_lp,
+                               atol=1e-4, rtol=1e-4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_budget_batches_respect_both_limits():
+    lengths = [5, 50, 7, 30, 31, 6, 100]
+    batches = budget_batches(lengths, 64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 64
+    assert [len(b) for b in budget_batches([10] * 10, 1000, row_cost=lambda _: 30, cost_budget=90)] == [3, 3, 3, 1]
