@@ -5,7 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorawatch.evaluation import (GenerationCounters, budget_batches, generate, merged_adapter, stop_token_ids)
+from lorawatch.evaluation import (GenerationCounters, budget_batches, generate, merged_adapter,
+                                  shared_prefix_length, stop_token_ids)
 from lorawatch.prompts import encode_prompt
 from lorawatch.stability import answer_logprobs
 
@@ -124,3 +125,23 @@ def test_budget_batches_respect_both_limits():
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 64
     assert [len(b) for b in budget_batches([10] * 10, 1000, row_cost=lambda _: 30, cost_budget=90)] == [3, 3, 3, 1]
+
+
+def test_rows_share_their_common_prefix(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    preamble = "Please show your choice in the answer field with only the choice letter. Text follows:\n\n"
+    prompts = [encode_prompt(tokenizer, f"r{i}", preamble + m, 512) for i, m in enumerate(MESSAGES)]
+    assert shared_prefix_length([p.input_ids for p in prompts]) >= 15
+    add_stop_token(model, tokenizer, prompts, 10)
+    expected = reference_one_at_a_time(model, tokenizer, prompts, 10)
+    shared, alone = GenerationCounters(), GenerationCounters()
+    got = generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", counters=shared, first_logprobs=True)
+    assert {k: v.output_ids for k, v in got.items()} == expected
+    generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", token_budget=64, counters=alone)
+    assert shared.forward_tokens < alone.forward_tokens  # the prefix was computed once, not per row
+    _, reference = answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, token_budget=1, device="cpu")
+    torch.testing.assert_close(torch.stack([got[p.id].first_logprobs for p in prompts]), reference,
+                               atol=1e-4, rtol=1e-4)
+    drafts = {k: list(v[:3]) for k, v in expected.items()}
+    with_drafts = generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", drafts=drafts)
+    assert {k: v.output_ids for k, v in with_drafts.items()} == expected

@@ -154,6 +154,24 @@ def report(
     print(result.out / "report.md")
 
 
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished run folders, e.g. with and without a monitor")],
+    out: Annotated[Optional[Path], typer.Option(help="also write compare.md, compare.json and the live-drift "
+                                                     "figure into this folder")] = None,
+) -> None:
+    """Runs side by side: accuracy matrix, OP/BWT/FWT, final KL, compute spent and interventions."""
+    from lorawatch.compare import compare_runs, print_comparison, write_comparison
+
+    try:
+        result = compare_runs(run_dirs)
+        print_comparison(result, Console())
+        if out is not None:
+            print(write_comparison(result, out)[0])
+    except UserError as error:
+        _fail(str(error))
+
+
 data_app = typer.Typer(no_args_is_help=True, help="The paper's datasets: download them, see where they are.")
 app.add_typer(data_app, name="data")
 

@@ -96,6 +96,24 @@ class EvalSettings(_Strict):
     reuse_base_stage: bool = Field(True, description="cache the base evaluation across runs, orders and seeds")
 
 
+class MonitorSettings(_Strict):
+    """Live drift monitoring during training, and the action taken when KL to base crosses a threshold.
+    See monitor.py for the exact semantics of each action."""
+    every: int = Field(10, gt=0, description="optimizer steps between two live measurements")
+    action: Literal["warn", "stop", "revert", "rollback"] = "warn"
+    threshold: float | None = Field(None, gt=0, description="absolute KL to base")
+    relative: float | None = Field(None, gt=0, description="threshold = this x the previous checkpoint's KL")
+    calibrate_from: str | None = Field(None, description="a report folder / correlation.json (fitted failure-zone "
+                                                         "threshold) or a run folder (largest KL without accuracy loss)")
+
+    @model_validator(mode="after")
+    def _needs_a_threshold(self) -> "MonitorSettings":
+        if self.action != "warn" and self.threshold is None and self.relative is None and self.calibrate_from is None:
+            raise ValueError(f"action '{self.action}' needs a threshold: give 'threshold', 'relative' or "
+                             "'calibrate_from'")
+        return self
+
+
 class ExperimentConfig(_Strict):
     name: str = Field("lorawatch-run", min_length=1)
     model: ModelSettings = ModelSettings()
@@ -106,6 +124,7 @@ class ExperimentConfig(_Strict):
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
+    monitor: MonitorSettings | None = None
     seeds: list[int] = Field(default_factory=lambda: [33], min_length=1)
     # Provenance: the preset a config came from and what the command line changed in it.
     preset: str | None = None
@@ -186,4 +205,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     reference = data.get("reference")
     if isinstance(reference, dict) and isinstance(reference.get("path"), str):
         reference["path"] = str(base / reference["path"])
+    monitor = data.get("monitor")
+    if isinstance(monitor, dict) and isinstance(monitor.get("calibrate_from"), str):
+        monitor["calibrate_from"] = str(base / monitor["calibrate_from"])
     return build_config(data, source=str(path))

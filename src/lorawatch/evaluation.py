@@ -12,6 +12,8 @@ step of a batch, so the generation here spends as little as it can on incrementa
   would itself produce is kept, plus greedy's own next token, and only a row that still has not finished
   is decoded further. The result is greedy decoding's result whatever the draft is: a draft only decides
   how much work is saved.
+- Rows that start with the same tokens (chat template, instruction, the task's fixed preamble: about half
+  of a TRACE prompt) compute that prefix once; its cache is copied to every row.
 - The distribution after the last prompt token (the reference set's answer position) comes out of the same
   forward pass, so the reference drift needs no second pass.
 """
@@ -199,11 +201,8 @@ def _check_drafts(model, rows: list[_Row], drafts: Mapping[str, Sequence[int]], 
                                 cost_budget=LOGITS_BUDGET):
         seqs = [list(rows[i].prompt.input_ids) + guesses[i] for i in batch]
         keep = max(len(guesses[i]) for i in batch) + 1
-        ids, mask = _left_pad(seqs, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                       logits_to_keep=keep).logits
-        counters.forward_passes += 1
-        counters.forward_tokens += ids.numel()
+        logits, _, _, _ = _prefill(model, seqs, pad_id=pad_id, device=device, keep=keep, use_cache=False,
+                                   counters=counters)
         for b, i in enumerate(batch):
             row, draft = rows[i], guesses[i]
             start = keep - 1 - len(draft)  # the prompt's last position within the kept logits
@@ -226,15 +225,10 @@ def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device
     lengths = [len(r.prompt.input_ids) + len(r.out) + (max_new_tokens - len(r.out)) for r in rows]
     for batch in budget_batches(lengths, token_budget):
         active = [rows[i] for i in batch]
-        ids, mask = _left_pad([list(r.prompt.input_ids) + r.out for r in active], pad_id, device)
-        positions = position_ids(mask)
-        cache = DynamicCache(config=model.config)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-        counters.forward_passes += 1
-        counters.forward_tokens += ids.numel()
+        logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) + r.out for r in active], pad_id=pad_id,
+                                             device=device, keep=1, use_cache=True, counters=counters)
+        logits = logits[:, -1]
         counters.decode_steps += len(active)
-        last = positions[:, -1]
         while True:
             tokens = logits.argmax(-1)
             for row, token, row_logits in zip(active, tokens.tolist(), logits):
@@ -258,6 +252,52 @@ def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device
             counters.forward_tokens += len(active)
             counters.decode_steps += len(active)
         del cache
+
+
+# Rows of a batch that start with the same tokens (the chat template, the task's instruction and its fixed
+# preamble: half of a TRACE prompt) share one computation of that prefix.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    limit = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX and len(seqs) > 1 else 0
+
+
+def _can_share_prefix(model: torch.nn.Module) -> bool:
+    # Sliding-window caches drop old positions; keep to full attention, where a shared prefix is exact.
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return not getattr(config, "sliding_window", None) and \
+        "sliding_attention" not in (getattr(config, "layer_types", None) or [])
+
+
+def _prefill(model, seqs: Sequence[Sequence[int]], *, pad_id: int, device: str, keep: int, use_cache: bool,
+             counters: GenerationCounters) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, torch.Tensor]:
+    """One pass over a batch of rows: (logits of the last `keep` positions, cache, attention mask, each row's
+    last position id). A prefix common to all rows is computed once and its cache copied to every row;
+    the rows' own tokens follow it, padded on their left: [prefix][pad][row]."""
+    shared = shared_prefix_length(seqs) if _can_share_prefix(model) else 0
+    cache = DynamicCache(config=model.config) if use_cache or shared else None
+    if shared:
+        prefix = torch.tensor([list(seqs[0][:shared])], dtype=torch.long, device=device)
+        model(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache, use_cache=True,
+              logits_to_keep=1)
+        cache.batch_repeat_interleave(len(seqs))
+        counters.forward_passes += 1
+        counters.forward_tokens += shared
+    ids, own_mask = _left_pad([s[shared:] for s in seqs], pad_id, device)
+    mask = torch.cat([own_mask.new_ones((len(seqs), shared)), own_mask], dim=1)
+    positions = position_ids(mask)[:, shared:]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=cache is not None, logits_to_keep=keep).logits
+    counters.forward_passes += 1
+    counters.forward_tokens += ids.numel()
+    return logits, cache, mask, positions[:, -1]
 
 
 @contextmanager

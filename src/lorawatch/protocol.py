@@ -38,6 +38,7 @@ from lorawatch.costs import Costs
 from lorawatch.errors import UserError
 from lorawatch.evaluation import Prediction, accuracy, decode_text, generate, merged_adapter, score
 from lorawatch.models import LoadedModel, default_cache_dir, load_model
+from lorawatch.monitor import MonitorParams, StageMonitor, calibrated_threshold
 from lorawatch.progress import RunProgress
 from lorawatch.prompts import EncodedPrompt, EncodedTrainExample, encode_prompt, encode_train_example, user_message
 from lorawatch.stability import ExampleDrift, answer_logprobs, per_example_drift, summarize
@@ -159,11 +160,17 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
             first = is_reference and drift is None and params.reference_position == "answer"
             phase = "reference_generation" if is_reference else "task_eval"
             progress.phase(f"{label} · {'reference set' if is_reference else 'evaluate ' + name}")
+            generated = {}
             with costs.phase(phase):
-                generated = generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens,
-                                     device=params.device, token_budget=params.token_budget,
-                                     drafts=drafts if params.drafts else None, first_logprobs=first,
-                                     counters=costs.generation[phase], on_rows=progress.advance)
+                # One call per task: a task's rows share their prompt's long prefix (see evaluation.py).
+                groups: dict[str | None, list[EncodedPrompt]] = {}
+                for example, prompt in zip(examples, prompts):
+                    groups.setdefault(example.task, []).append(prompt)
+                for group in groups.values():
+                    generated.update(generate(model, tokenizer, group, max_new_tokens=params.max_new_tokens,
+                                              device=params.device, token_budget=params.token_budget,
+                                              drafts=drafts if params.drafts else None, first_logprobs=first,
+                                              counters=costs.generation[phase], on_rows=progress.advance))
             rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer,
                           decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
                     for e in examples]
@@ -436,15 +443,34 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     data = load_data(config)
+    monitor = resolve_monitor(config)
     resuming = prepare_run_dir(run_dir, config, overwrite=overwrite, force=force)
     with run_lock(run_dir):
         if not resuming:
             store.write_json(run_dir / "config.json", config.model_dump(mode="json"))
-        _run_locked(config, run_dir, data, console, resuming)
+        if monitor is not None:
+            store.write_json(run_dir / "monitor.json", monitor)
+        _run_locked(config, run_dir, data, console, resuming,
+                    None if monitor is None else MonitorParams(**monitor["params"]))
     return run_dir
 
 
-def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console: Console, resuming: bool) -> None:
+def resolve_monitor(config: ExperimentConfig) -> dict | None:
+    """The monitor's settings with any calibrated threshold worked out (before any model work)."""
+    if config.monitor is None:
+        return None
+    settings = config.monitor
+    threshold, calibration = settings.threshold, None
+    if settings.calibrate_from is not None:
+        value, how = calibrated_threshold(settings.calibrate_from)
+        calibration = {"threshold": value, "from": how}
+        threshold = max(threshold or 0.0, value)
+    return {"params": {"every": settings.every, "action": settings.action, "threshold": threshold,
+                       "relative": settings.relative}, "calibration": calibration}
+
+
+def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console: Console, resuming: bool,
+                monitor: MonitorParams | None) -> None:
     costs = Costs()
     costs.notes["resumed"] = resuming
 
@@ -520,7 +546,8 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                     first -= 1
                 for stage in range(first, len(stages)):
                     _run_stage(model, loaded, data, encoded, params, eval_params, run_dir, seed, stage,
-                               base_logprobs, base_stats, progress, costs, merge=config.eval.merge_adapter)
+                               base_logprobs, base_stats, progress, costs, merge=config.eval.merge_adapter,
+                               monitor=monitor)
                 del model
             else:
                 progress.advance(_seed_rows(config, data))
@@ -533,7 +560,8 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
 
 def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, params: TrainParams,
                eval_params: EvalParams, run_dir: Path, seed: int, stage: int, base_logprobs: torch.Tensor,
-               base_stats: dict, progress: RunProgress, costs: Costs, *, merge: bool) -> None:
+               base_stats: dict, progress: RunProgress, costs: Costs, *, merge: bool,
+               monitor: MonitorParams | None) -> None:
     task = data.tasks[stage - 1]
     folder = store.stage_dir(run_dir, seed, stage)
     label = f"seed {seed} · stage {stage}/{len(data.tasks)}"
@@ -553,10 +581,27 @@ def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, para
             advance(done, total)
             crash_point(f"{prefix}:train:{done}")
 
+        watch = None
+        if monitor is not None:
+            watch = _stage_monitor(model, loaded, data, encoded, eval_params, run_dir, seed, stage, monitor,
+                                   base_logprobs, progress, label)
         with costs.phase("training"):
             log = train_stage(model, encoded.train[task.name], params, seed=seed * 1000 + stage,
                               pad_id=loaded.tokenizer.pad_token_id, device=eval_params.device,
-                              on_micro_batch=on_micro_batch).to_dict()
+                              on_micro_batch=on_micro_batch, on_step=None if watch is None else watch.on_step
+                              ).to_dict()
+            if watch is not None:
+                intervention = watch.finish(log["optimizer_steps"])
+                log["monitor"] = {"threshold": watch.threshold, "action": monitor.action, "every": monitor.every,
+                                  "measurements": len(watch.series), "seconds": round(watch.seconds, 3),
+                                  "intervention": None if intervention is None else intervention.to_dict()}
+                costs.seconds["monitor"] += watch.seconds
+                store.write_jsonl(folder / "monitor.jsonl", watch.series)
+                if intervention is not None:
+                    progress.log(f"[bold]monitor[/bold]: seed {seed} stage {stage} ({task.name}): KL to base "
+                                 f"{intervention.kl:.4f} > {intervention.threshold:.4f} at step {intervention.step} → "
+                                 f"{intervention.action}" + ("" if intervention.action == "warn" else
+                                                             f", keeping step {intervention.kept_step}"))
             save_adapter(model, folder / "adapter")
             store.write_json(log_path, log)
         crash_point(f"{prefix}:trained")
@@ -568,12 +613,37 @@ def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, para
                                                costs=costs, progress=progress, label=label, crash_prefix=prefix)
     stats = finish_stage(folder, stage=stage, checkpoint=task.name, task=task.name, scores=scores, drift=drift,
                          base_stats=base_stats, extra={"training": log,
+                                                       "intervention": (log.get("monitor") or {}).get("intervention"),
                                                        "eval_seconds": round(time.perf_counter() - eval_start, 3)})
     crash_point(f"{prefix}:done")
     losses = log["step_losses"]
     progress.log(f"seed {seed} stage {stage} ({task.name}): {log['optimizer_steps']} steps, loss "
                  f"{_fmt(losses[0] if losses else None)} → {_fmt(losses[-1] if losses else None)} · "
                  f"{_scores_line(scores)} · KL to base {stats['kl_mean']:.4f}")
+
+
+def _stage_monitor(model, loaded: LoadedModel, data: RunData, encoded: Encoded, eval_params: EvalParams,
+                   run_dir: Path, seed: int, stage: int, monitor: MonitorParams, base_logprobs: torch.Tensor,
+                   progress: RunProgress, label: str) -> StageMonitor:
+    task = data.tasks[stage - 1]
+    previous = store.stage_dir(run_dir, seed, stage - 1) / "reference_stats.json"
+    previous_kl = float(store.read_json(previous).get("kl_mean", 0.0)) if stage > 1 else 0.0
+    threshold = monitor.stage_threshold(previous_kl)
+
+    def measure() -> dict:
+        # The answer-position logits only, against the base distributions computed once for the run.
+        was_training = model.training
+        logprobs = answer_logprobs(model, encoded.reference, pad_id=loaded.tokenizer.pad_token_id,
+                                   token_budget=eval_params.token_budget, device=eval_params.device)[1]
+        model.train(was_training)
+        return summarize(_drift(data, logprobs, base_logprobs))
+
+    def show(point: dict) -> None:
+        limit = "" if threshold is None else f" (threshold {threshold:.4f})"
+        progress.phase(f"{label} · train {task.name} · step {point['step']} KL {point['kl_mean']:.4f}{limit}")
+
+    return StageMonitor(model=model, measure=measure, params=monitor, stage=stage, task=task.name,
+                        threshold=threshold, start_kl=previous_kl, on_point=show)
 
 
 def _readable_json(path: Path) -> bool:

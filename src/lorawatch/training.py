@@ -36,10 +36,12 @@ class TrainingLog:
     seconds: float = 0.0
     step_losses: list[float] = field(default_factory=list)  # mean answer-token loss per optimizer step
     learning_rates: list[float] = field(default_factory=list)
+    stopped_early: bool = False
 
     def to_dict(self) -> dict:
         return {
             "optimizer_steps": self.optimizer_steps,
+            "stopped_early": self.stopped_early,
             "micro_batches": self.micro_batches,
             "answer_tokens": self.answer_tokens,
             "total_tokens": self.total_tokens,
@@ -79,12 +81,14 @@ def train_stage(
     pad_id: int,
     device: str,
     on_micro_batch: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, float], bool] | None = None,
 ) -> TrainingLog:
     """Train the model's trainable (LoRA) parameters on `examples` for `params.epochs` epochs.
 
     The loss of an optimizer step is the mean over all answer tokens of its accumulation window, so
     short and long answers weigh the same whichever micro-batch they land in.
-    `on_micro_batch(done, total)` reports progress in examples.
+    `on_micro_batch(done, total)` reports progress in examples. `on_step(step, total_steps, loss)` runs after
+    every optimizer step; when it returns True the stage ends there (the drift monitor's stop).
     """
     log = TrainingLog()
     start = time.perf_counter()
@@ -141,6 +145,11 @@ def train_stage(
             log.optimizer_steps += 1
             log.answer_tokens += window_tokens
             log.step_losses.append(round(window_loss / window_tokens, 6))
+            if on_step is not None and on_step(log.optimizer_steps, total_steps, window_loss / window_tokens):
+                log.stopped_early = True
+                break
+        if log.stopped_early:
+            break
     model.eval()
     log.seconds = time.perf_counter() - start
     return log

@@ -1,0 +1,160 @@
+"""Runs side by side (`lorawatch compare RUN...`): typically the same seed with and without a drift monitor.
+
+For each run: the accuracy matrix, OP/BWT/FWT, final KL to base, the compute spent (training, of which the
+monitor, evaluation, wall) and the interventions taken. Written as compare.md / compare.json with the live
+drift figure when --out is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from lorawatch import store
+from lorawatch.errors import UserError
+from lorawatch.monitoring_view import interventions, interventions_markdown, monitor_figure
+from lorawatch.tables import load_run
+
+HEADLINE = (("final_avg_accuracy", "final avg accuracy"), ("bwt", "BWT"), ("fwt", "FWT"),
+            ("mean_gain", "mean gain"), ("final_kl_to_base", "final KL to base"))
+
+
+def _labels(run_dirs: Sequence[Path]) -> list[str]:
+    labels = [p.name for p in run_dirs]
+    return labels if len(set(labels)) == len(labels) else [str(p) for p in run_dirs]
+
+
+def _compute(run_dir: Path) -> dict:
+    steps = 0
+    for stage_json in run_dir.glob("seed-*/stage-*/stage.json"):
+        steps += int((store.read_json(stage_json).get("training") or {}).get("optimizer_steps", 0))
+    out = {"optimizer_steps": steps}
+    path = run_dir / "costs.json"
+    if path.is_file():
+        costs = store.read_json(path)
+        phase = costs.get("phase_seconds", {})
+        training, monitor = phase.get("training", 0.0), phase.get("monitor", 0.0)
+        evaluation = sum(phase.get(k, 0.0) for k in ("task_eval", "reference_generation", "reference_distribution"))
+        out.update({"wall_s": costs.get("wall_seconds"), "training_s": training, "monitor_s": monitor,
+                    "monitor_overhead": monitor / (training - monitor) if training > monitor > 0 else 0.0,
+                    "eval_s": evaluation, "resumed": costs.get("resumed", False)})
+    return out
+
+
+def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
+    if len(run_dirs) < 2:
+        raise UserError("compare needs at least two run folders")
+    paths = [Path(p) for p in run_dirs]
+    runs = []
+    for label, path in zip(_labels(paths), paths):
+        results = load_run(path)
+        summary = results.summary()["mean_std"]
+        monitor = store.read_json(path / "monitor.json") if (path / "monitor.json").is_file() else None
+        matrix = results.accuracy_matrix()
+        runs.append({
+            "label": label, "run_dir": str(path), "seeds": results.seeds, "tasks": results.tasks,
+            "monitor": monitor,
+            "accuracy_matrix": matrix.to_dict(orient="records"),
+            "cl_metrics": results.cl_metrics()[["checkpoint", "op", "bwt", "fwt"]].to_dict(orient="records"),
+            "headline": {key: (summary.get(key) or {}).get("mean") for key, _ in HEADLINE},
+            "compute": _compute(path),
+            "interventions": interventions(path),
+        })
+    tasks = {tuple(r["tasks"]) for r in runs}
+    if len(tasks) > 1:
+        raise UserError("compare: the runs trained different task sequences: "
+                        + "; ".join(f"{r['label']}: {' → '.join(r['tasks'])}" for r in runs))
+    return {"runs": runs}
+
+
+def _monitor_text(monitor: dict | None) -> str:
+    if monitor is None:
+        return "none"
+    p = monitor["params"]
+    parts = [p["action"], f"every {p['every']} steps"]
+    if p.get("threshold") is not None:
+        parts.append(f"KL > {p['threshold']:.4g}")
+    if p.get("relative") is not None:
+        parts.append(f"KL > {p['relative']:g} × previous")
+    return ", ".join(parts)
+
+
+def _num(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_markdown(result: dict) -> str:
+    runs = result["runs"]
+    lines = ["# lorawatch compare", "", "| | " + " | ".join(r["label"] for r in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    lines.append("| monitor | " + " | ".join(_monitor_text(r["monitor"]) for r in runs) + " |")
+    lines.append("| seeds | " + " | ".join(", ".join(map(str, r["seeds"])) for r in runs) + " |")
+    for key, label in HEADLINE:
+        lines.append(f"| {label} | " + " | ".join(_num(r["headline"][key], 4) for r in runs) + " |")
+    rows = (("optimizer_steps", "optimizer steps", 0), ("training_s", "training (s)", 1),
+            ("monitor_s", "of which monitor (s)", 1), ("eval_s", "evaluation (s)", 1), ("wall_s", "wall (s)", 1))
+    for key, label, digits in rows:
+        lines.append(f"| {label} | " + " | ".join(
+            _num(r["compute"].get(key), digits) if key in r["compute"] else "—" for r in runs) + " |")
+    lines.append("| monitor overhead | " + " | ".join(
+        f"{100 * r['compute']['monitor_overhead']:.1f}%" if "monitor_overhead" in r["compute"] else "—"
+        for r in runs) + " |")
+    lines.append("| interventions | " + " | ".join(str(len(r["interventions"])) for r in runs) + " |")
+    lines.append("")
+    tasks = runs[0]["tasks"]
+    lines += ["## Accuracy matrices (mean over seeds)", "", "| checkpoint | " +
+              " | ".join(f"{r['label']}: {t}" for r in runs for t in tasks) + " |",
+              "|---|" + "---|" * (len(tasks) * len(runs))]
+    for k in range(len(runs[0]["accuracy_matrix"])):
+        cells = [_num(r["accuracy_matrix"][k][t]) for r in runs for t in tasks]
+        lines.append(f"| {runs[0]['accuracy_matrix'][k]['checkpoint']} | " + " | ".join(cells) + " |")
+    lines += ["", "## OP / BWT / FWT per checkpoint", "", "| checkpoint | " +
+              " | ".join(f"{r['label']}: {m}" for r in runs for m in ("OP", "BWT", "FWT")) + " |",
+              "|---|" + "---|" * (3 * len(runs))]
+    for k in range(len(runs[0]["cl_metrics"])):
+        cells = [_num(r["cl_metrics"][k][m]) for r in runs for m in ("op", "bwt", "fwt")]
+        lines.append(f"| {runs[0]['cl_metrics'][k]['checkpoint']} | " + " | ".join(cells) + " |")
+    taken = [dict(e, run=r["label"]) for r in runs for e in r["interventions"]]
+    lines += ["", "## Interventions", ""]
+    lines.append(interventions_markdown(taken, label="") if taken else "None.")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(result: dict, out: str | Path) -> list[Path]:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the folder ({exc.strerror or exc})") from None
+    files = [out / "compare.md", out / "compare.json"]
+    text = comparison_markdown(result)
+    figure = monitor_figure([(r["label"], Path(r["run_dir"])) for r in result["runs"]], out)
+    if figure:
+        text += "\n## Live drift\n\n![live drift](monitor.png)\n"
+    store.atomic_write_text(files[0], text)
+    store.atomic_write_text(files[1], json.dumps(result, indent=2, default=float) + "\n")
+    return files + figure
+
+
+def print_comparison(result: dict, console: Console) -> None:
+    runs = result["runs"]
+    table = Table(title="Runs side by side (means over seeds)", title_justify="left")
+    table.add_column("")
+    for r in runs:
+        table.add_column(r["label"], justify="right")
+    table.add_row("monitor", *[_monitor_text(r["monitor"]) for r in runs])
+    for key, label in HEADLINE:
+        table.add_row(label, *[_num(r["headline"][key], 4) for r in runs])
+    for key, label, digits in (("optimizer_steps", "optimizer steps", 0), ("training_s", "training (s)", 1),
+                               ("monitor_s", "of which monitor (s)", 1), ("eval_s", "evaluation (s)", 1)):
+        table.add_row(label, *[_num(r["compute"].get(key), digits) for r in runs])
+    table.add_row("interventions", *[str(len(r["interventions"])) for r in runs])
+    console.print(table)
+    for r in runs:
+        for e in r["interventions"]:
+            console.print(f"{r['label']}: seed {e['seed']} stage {e['stage']} ({e['task']}): KL {e['kl']:.4f} > "
+                          f"{e['threshold']:.4f} at step {e['step']} → {e['action']}, kept step {e['kept_step']}")

@@ -1,0 +1,184 @@
+"""Live drift monitoring and its four actions on real (tiny-model) training runs."""
+
+import json
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lorawatch import store
+from lorawatch.compare import compare_runs, write_comparison
+from lorawatch.config import build_config
+from lorawatch.errors import ConfigError, UserError
+from lorawatch.monitor import calibrated_threshold
+from lorawatch.protocol import lora_config, run_experiment
+from test_cli import assert_one_line_error, config_file, lorawatch
+from test_protocol import tiny_config, write_task_files
+
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+def monitored(model_dir, data_dir, **monitor):
+    config = tiny_config(model_dir, data_dir, seeds=(1,)).model_dump(mode="json")
+    config["train"].update(epochs=3)  # 8 rows, batch 2 x accumulation 2: 6 optimizer steps per stage
+    if monitor:
+        config["monitor"] = {"every": 1, **monitor}
+    return build_config(config)
+
+
+def series(run_dir, stage):
+    return store.read_jsonl(store.stage_dir(run_dir, 1, stage) / "monitor.jsonl")
+
+
+def stage_info(run_dir, stage):
+    return store.read_json(store.stage_dir(run_dir, 1, stage) / "stage.json")
+
+
+@pytest.fixture(scope="module")
+def watched(tiny_model_dir, tmp_path_factory):
+    """An unmonitored run and the same run watched (action warn, no threshold): the live KL series."""
+    root = tmp_path_factory.mktemp("monitor")
+    write_task_files(root / "data")
+    plain = run_experiment(monitored(tiny_model_dir, root / "data"), root / "plain")
+    warn = run_experiment(monitored(tiny_model_dir, root / "data", action="warn"), root / "warn")
+    return root, plain, warn
+
+
+def test_warn_records_the_series_and_changes_nothing(watched):
+    root, plain, warn = watched
+    for stage in (1, 2):
+        points = series(warn, stage)
+        assert [p["step"] for p in points] == [1, 2, 3, 4, 5, 6]
+        assert all(p["kl_mean"] > 0 and p["threshold"] is None and not p["above"] for p in points)
+        # the last live measurement is the evaluated checkpoint's drift (same weights, another code path)
+        evaluated = store.read_json(store.stage_dir(warn, 1, stage) / "reference_stats.json")["kl_mean"]
+        assert math.isclose(points[-1]["kl_mean"], evaluated, rel_tol=1e-3, abs_tol=1e-6)
+        assert load_file(store.stage_dir(warn, 1, stage) / ADAPTER).keys() == \
+            load_file(store.stage_dir(plain, 1, stage) / ADAPTER).keys()
+        for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "scores.json"):
+            assert (store.stage_dir(warn, 1, stage) / name).read_text() == \
+                (store.stage_dir(plain, 1, stage) / name).read_text()
+    costs = store.read_json(warn / "costs.json")["phase_seconds"]
+    assert 0 < costs["monitor"] < costs["training"]
+
+
+def _crossing_threshold(points):
+    """A threshold that the series crosses between two measurements, with at least one point below."""
+    for k in range(1, len(points)):
+        if points[k]["kl_mean"] > points[k - 1]["kl_mean"] and all(p["kl_mean"] < points[k]["kl_mean"]
+                                                                      for p in points[:k]):
+            return k, (max(p["kl_mean"] for p in points[:k]) + points[k]["kl_mean"]) / 2
+    pytest.fail("the KL series never rose")
+
+
+def test_stop_ends_the_stage_at_the_crossing_and_keeps_the_last_step_below(watched, tiny_model_dir):
+    root, _, warn = watched
+    points = series(warn, 1)
+    k, threshold = _crossing_threshold(points)
+    run = run_experiment(monitored(tiny_model_dir, root / "data", action="stop", threshold=threshold),
+                         root / "stop")
+    info = stage_info(run, 1)
+    assert info["training"]["optimizer_steps"] == points[k]["step"] and info["training"]["stopped_early"]
+    seen = series(run, 1)
+    assert [p["step"] for p in seen] == [p["step"] for p in points[:k + 1]] and seen[-1]["above"]
+    intervention = info["intervention"]
+    assert intervention["action"] == "stop" and intervention["step"] == points[k]["step"]
+    assert intervention["kept_step"] == points[k - 1]["step"]
+    # the stage keeps exactly the weights of the kept step: its evaluated drift is that step's live drift
+    evaluated = store.read_json(store.stage_dir(run, 1, 1) / "reference_stats.json")["kl_mean"]
+    assert math.isclose(evaluated, points[k - 1]["kl_mean"], rel_tol=1e-3, abs_tol=1e-6)
+    assert evaluated <= threshold
+    shown = lorawatch("show", run)
+    assert shown.returncode == 0
+
+
+def test_revert_keeps_the_previous_adapter_bit_for_bit(watched, tiny_model_dir):
+    root, _, warn = watched
+    # above the first stage's start (KL 0) at once: every stage is reverted
+    run = run_experiment(monitored(tiny_model_dir, root / "data", action="revert", threshold=1e-9), root / "revert")
+    config = build_config(store.read_json(run / "config.json"))
+    torch.manual_seed(1)
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           lora_config(config))
+    initial = {k: v for k, v in fresh.state_dict().items() if "lora_" in k}
+    first, second = (load_file(store.stage_dir(run, 1, s) / ADAPTER) for s in (1, 2))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # stage 1 went back to the adapter as initialised; stage 2 started from it and went back to it too
+    by_suffix = {k.split("base_model.model.")[-1].replace(".default", ""): v for k, v in initial.items()}
+    for key, value in first.items():
+        assert torch.equal(value, by_suffix[key.split("base_model.model.")[-1]]), key
+    for stage in (1, 2):
+        info = stage_info(run, stage)
+        assert info["intervention"]["action"] == "revert" and info["intervention"]["kept_step"] == 0
+        assert info["training"]["optimizer_steps"] == 1  # stopped at the first measurement
+        for name in ("predictions/stance.jsonl", "predictions/sum.jsonl"):
+            assert (store.stage_dir(run, 1, stage) / name).read_text() == \
+                (store.stage_dir(run, 1, 0) / name).read_text()
+
+
+def test_rollback_keeps_the_best_step_under_the_threshold(watched, tiny_model_dir):
+    root, _, warn = watched
+    points = series(warn, 1)
+    k, threshold = _crossing_threshold(points)
+    run = run_experiment(monitored(tiny_model_dir, root / "data", action="rollback", threshold=threshold),
+                         root / "rollback")
+    seen = series(run, 1)
+    # rollback trains the whole stage; the measurements do not disturb training, so the series is warn's
+    assert [round(p["kl_mean"], 6) for p in seen] == [round(p["kl_mean"], 6) for p in points]
+    below = [p for p in seen if not p["above"]]
+    best = min(below, key=lambda p: (p["train_loss"], -p["step"]))
+    info = stage_info(run, 1)
+    assert info["training"]["optimizer_steps"] == 6 and info["intervention"]["action"] == "rollback"
+    assert info["intervention"]["kept_step"] == best["step"] and info["intervention"]["step"] == points[k]["step"]
+    evaluated = store.read_json(store.stage_dir(run, 1, 1) / "reference_stats.json")["kl_mean"]
+    assert math.isclose(evaluated, best["kl_mean"], rel_tol=1e-3, abs_tol=1e-6)
+
+
+def test_compare_and_report_show_the_monitor(watched, tmp_path):
+    root, plain, warn = watched
+    stop = root / "stop"
+    runs = [plain, warn] + ([stop] if (stop / "summary").is_dir() else [])
+    result = compare_runs(runs)
+    labels = [r["label"] for r in result["runs"]]
+    assert labels[:2] == ["plain", "warn"]
+    assert result["runs"][0]["monitor"] is None and result["runs"][1]["monitor"]["params"]["action"] == "warn"
+    assert result["runs"][1]["compute"]["monitor_s"] > 0
+    files = write_comparison(result, tmp_path / "cmp")
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "final KL to base" in text and "monitor overhead" in text and (tmp_path / "cmp" / "monitor.png").is_file()
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][1]["label"] == "warn"
+    assert all(f.is_file() for f in files)
+    cli = lorawatch("compare", plain, warn, "--out", tmp_path / "cli")
+    assert cli.returncode == 0 and "interventions" in cli.stdout
+
+
+def test_calibration_from_a_run_folder_and_bad_sources(watched, tmp_path):
+    root, plain, _ = watched
+    scores = [store.read_json(store.stage_dir(plain, 1, s) / "scores.json") for s in range(3)]
+    base = sum(v for k, v in scores[0].items() if k != "reference") / 2
+    healthy = [store.read_json(store.stage_dir(plain, 1, s) / "reference_stats.json")["kl_mean"] for s in (1, 2)
+               if sum(v for k, v in scores[s].items() if k != "reference") / 2 >= base]
+    if healthy:
+        value, how = calibrated_threshold(plain)
+        assert value == max(healthy) and "without accuracy loss" in how
+    else:
+        with pytest.raises(UserError, match="no trained checkpoint kept"):
+            calibrated_threshold(plain)
+    with pytest.raises(UserError, match="must be a report folder"):
+        calibrated_threshold(tmp_path / "nothing")
+    bad = tmp_path / "correlation.json"
+    bad.write_text(json.dumps({"failure_zone": {"threshold": None}}))
+    with pytest.raises(UserError, match="failure_zone.threshold"):
+        calibrated_threshold(bad)
+    bad.write_text(json.dumps({"failure_zone": {"threshold": 0.25}}))
+    assert calibrated_threshold(tmp_path)[0] == 0.25
+
+
+def test_monitor_config_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="monitor: action 'stop' needs a threshold|needs a threshold"):
+        build_config({**tiny_config(tiny_model_dir, tmp_path).model_dump(mode="json"), "monitor": {"action": "stop"}})
+    path = config_file(tmp_path, tiny_model_dir, monitor={"action": "revert", "calibrate_from": "missing-report"})
+    assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "r"), "missing-report", "calibrate_from")
