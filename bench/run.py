@@ -7,6 +7,7 @@ Workloads (SmolLM2-135M-Instruct, fp32, the 48-row reference set, seed 33 unless
     W0        first 16 train / 20 test rows per task, 64 new tokens
     W1        64 train / 40 test rows per task, 256 new tokens (the paper's generation length)
     W0-study  W0 with seeds 33, 42, 123 x task orders original and reversed (two runs, one per order)
+    monitor   80 train / 5 test rows per task with the live drift monitor at its default interval: its overhead
 
 Every run is the real command line (`lorawatch run`, then `lorawatch report`) in a subprocess, with a fresh
 base-stage cache per workload, so nothing is reused from an earlier benchmark. The phase times, token
@@ -39,6 +40,9 @@ WORKLOADS = {
     "W0": {"runs": [("original", "33")], "train": 16, "test": 20, "new": 64},
     "W1": {"runs": [("original", "33")], "train": 64, "test": 40, "new": 256},
     "W0-study": {"runs": [("original", "33,42,123"), ("reversed", "33,42,123")], "train": 16, "test": 20, "new": 64},
+    # The live drift monitor's cost at its default interval (10 steps): 5 optimizer steps per stage, so each
+    # stage pays one measurement per 5 steps (its last step), twice the default's steady-state rate.
+    "monitor": {"runs": [("original", "33")], "train": 80, "test": 5, "new": 8, "args": ["--monitor", "warn"]},
 }
 PHASES = ("model_load", "training", "task_eval", "reference_generation", "reference_distribution", "tables")
 COUNTERS = ("rows", "prompt_tokens", "generated_tokens", "decode_steps", "draft_tokens", "accepted_draft_tokens",
@@ -66,7 +70,7 @@ def run_workload(name: str, env: dict, work: Path, extra: list[str]) -> dict:
     spec = WORKLOADS[name]
     env = dict(env, LORAWATCH_BASE_STAGE_CACHE=str(work / f"{name}-base-cache"))
     shutil.rmtree(env["LORAWATCH_BASE_STAGE_CACHE"], ignore_errors=True)
-    phases = {p: 0.0 for p in (*PHASES, "report", "process_start")}
+    phases = {p: 0.0 for p in (*PHASES, "monitor", "report", "process_start")}
     counters: dict[str, dict[str, int]] = {}
     peak = 0
     runs = []
@@ -77,7 +81,7 @@ def run_workload(name: str, env: dict, work: Path, extra: list[str]) -> dict:
         lorawatch("run", "--preset", "paper-qwen", "--model", "smollm2-135m-instruct", "--dtype", "float32",
                   "--device", "cpu", "--order", order, "--seeds", seeds, "--max-train-rows", str(spec["train"]),
                   "--max-test-rows", str(spec["test"]), "--max-new-tokens", str(spec["new"]), "--out", str(out),
-                  "--overwrite", *extra, env=env)
+                  "--overwrite", *spec.get("args", []), *extra, env=env)
         run_wall = time.perf_counter() - run_start
         report_start = time.perf_counter()
         lorawatch("report", str(out), "--out", str(out / "report"), env=env)
@@ -95,6 +99,7 @@ def run_workload(name: str, env: dict, work: Path, extra: list[str]) -> dict:
                      "base_stage_reused": json.loads((out / f"seed-{seeds.split(',')[0]}" / "stage-0" /
                                                       "stage.json").read_text()).get("reused_from_cache")})
     wall = time.perf_counter() - started
+    monitor_s = phases.get("monitor", 0.0)
     generated = sum(c["generated_tokens"] for c in counters.values())
     generation_seconds = phases["task_eval"] + phases["reference_generation"]
     result = {
@@ -110,9 +115,10 @@ def run_workload(name: str, env: dict, work: Path, extra: list[str]) -> dict:
         "forward_tokens_per_s": round(sum(c["forward_tokens"] for c in counters.values()) / generation_seconds, 1)
         if generation_seconds else None,
         "peak_rss_gb": round(peak / 2**30, 2),
+        "monitor_overhead": round(monitor_s / (phases["training"] - monitor_s), 4) if monitor_s else None,
         "runs": runs,
-        "reference": REFERENCE[name],
-        "speedup": round(REFERENCE[name]["wall_s"] / wall, 2),
+        "reference": REFERENCE.get(name),
+        "speedup": round(REFERENCE[name]["wall_s"] / wall, 2) if name in REFERENCE else None,
         "target_speedup": TARGET_SPEEDUP.get(name),
     }
     return result
@@ -127,10 +133,13 @@ def machine() -> dict:
 
 def print_table(results: list[dict]) -> None:
     head = ["phase (s)"] + [r["workload"] for r in results]
-    rows = [[p] + [f"{r['phase_s'].get(p, 0):.1f}" for r in results] for p in ("process_start", *PHASES, "report")]
+    rows = [[p] + [f"{r['phase_s'].get(p, 0):.1f}" for r in results]
+            for p in ("process_start", *PHASES, "monitor", "report")]
     rows.append(["wall"] + [f"{r['wall_s']:.1f}" for r in results])
-    rows.append(["published wall"] + [f"{r['reference']['wall_s']:.0f}" for r in results])
-    rows.append(["speed-up"] + [f"{r['speedup']:.1f}x" for r in results])
+    rows.append(["published wall"] + [f"{r['reference']['wall_s']:.0f}" if r["reference"] else "—" for r in results])
+    rows.append(["speed-up"] + [f"{r['speedup']:.1f}x" if r["speedup"] else "—" for r in results])
+    rows.append(["monitor overhead"] + [f"{100 * r['monitor_overhead']:.1f}%" if r["monitor_overhead"] else "—"
+                                        for r in results])
     rows.append(["generated tokens"] + [str(r["generated_tokens"]) for r in results])
     rows.append(["decode steps computed"] + [str(r["decode_steps_computed"]) for r in results])
     rows.append(["draft positions checked"] + [str(r["draft_positions_checked"]) for r in results])
@@ -171,8 +180,8 @@ def main() -> None:
         suffix = "-plain" if args.plain else ""
         (args.out / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
-        print(f"bench: {name} {result['wall_s']:.1f} s ({result['speedup']:.1f}x the published implementation)",
-              file=sys.stderr, flush=True)
+        versus = f" ({result['speedup']:.1f}x the published implementation)" if result["speedup"] else ""
+        print(f"bench: {name} {result['wall_s']:.1f} s{versus}", file=sys.stderr, flush=True)
     print_table(results)
 
 

@@ -182,3 +182,17 @@ def test_monitor_config_errors(tmp_path, tiny_model_dir):
         build_config({**tiny_config(tiny_model_dir, tmp_path).model_dump(mode="json"), "monitor": {"action": "stop"}})
     path = config_file(tmp_path, tiny_model_dir, monitor={"action": "revert", "calibrate_from": "missing-report"})
     assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "r"), "missing-report", "calibrate_from")
+
+
+def test_monitor_from_the_command_line(tmp_path, tiny_model_dir):
+    path = config_file(tmp_path, tiny_model_dir)
+    result = lorawatch("run", path, "--out", tmp_path / "run", "--seeds", "4", "--monitor", "revert",
+                       "--monitor-threshold", "1e-9", "--monitor-every", "1")
+    assert result.returncode == 0, result.stderr
+    assert "monitor" in result.stderr and "revert" in result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["monitor"]["action"] == "revert" and config["overrides"]["monitor.threshold"] == 1e-9
+    info = json.loads((tmp_path / "run" / "seed-4" / "stage-1" / "stage.json").read_text())
+    assert info["intervention"]["action"] == "revert"
+    assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "r2", "--monitor", "explode"),
+                          "monitor.action")

@@ -205,3 +205,25 @@ def test_fast_path_is_faithful_to_the_plain_one(tiny_run, tiny_model_dir):
     assert same / total >= 0.98
     fast_costs = store.read_json(fast / "costs.json")["generation"]["task_eval"]
     assert fast_costs["accepted_draft_tokens"] > 0
+
+
+def test_gap_dropout_has_dropouts_law():
+    from lorawatch.training import GapDropout
+
+    torch.manual_seed(0)
+    dropout = GapDropout(0.05).train()
+    x = torch.randn(64, 128, 96, requires_grad=True)
+    y = dropout(x)
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - 0.05) < 0.003  # 786k draws: 0.003 is > 10 standard deviations
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.95)
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, dropped)
+    # independent across positions: no excess of runs (neighbours both dropped happen at rate p^2)
+    pairs = (dropped[..., 1:] & dropped[..., :-1]).float().mean().item()
+    assert abs(pairs - 0.05 ** 2) < 0.001
+    assert torch.equal(dropout.eval()(x), x)
+    torch.manual_seed(1)
+    a = GapDropout(0.05).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, GapDropout(0.05).train()(x))  # seeded like torch's dropout

@@ -42,6 +42,15 @@ def run(
     max_train_rows: Annotated[Optional[int], typer.Option(help="cap on training rows per task")] = None,
     max_test_rows: Annotated[Optional[int], typer.Option(help="cap on test rows per task")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length")] = None,
+    monitor: Annotated[Optional[str], typer.Option(help="live drift monitor action: warn, stop, revert, "
+                                                         "rollback")] = None,
+    monitor_threshold: Annotated[Optional[float], typer.Option(help="monitor: absolute KL threshold")] = None,
+    monitor_relative: Annotated[Optional[float], typer.Option(help="monitor: threshold as a multiple of the "
+                                                                   "previous checkpoint's KL")] = None,
+    monitor_every: Annotated[Optional[int], typer.Option(help="monitor: optimizer steps between "
+                                                              "measurements")] = None,
+    monitor_calibrate_from: Annotated[Optional[str], typer.Option(help="monitor: threshold from a report folder "
+                                                                       "or a run folder")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="evaluate without the fast path (no drafts, no merged "
                                                           "adapter, no cached base stage), for comparison")] = False,
     overwrite: Annotated[bool, typer.Option(help="start the run folder again from scratch")] = False,
@@ -69,7 +78,12 @@ def run(
                    "eval.max_new_tokens": max_new_tokens,
                    **({"eval.drafts": False, "eval.merge_adapter": False, "eval.reuse_base_stage": False}
                       if plain else {})}
+        changes.update({"monitor.action": monitor, "monitor.threshold": monitor_threshold,
+                        "monitor.relative": monitor_relative, "monitor.every": monitor_every,
+                        "monitor.calibrate_from": monitor_calibrate_from})
         changes = {key: value for key, value in changes.items() if value is not None}
+        if any(key.startswith("monitor.") for key in changes):
+            data["monitor"] = data.get("monitor") or {}
         for key, value in changes.items():
             *parents, leaf = key.split(".")
             targets = [data]

@@ -25,6 +25,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -36,7 +37,7 @@ from lorawatch import store, tables
 from lorawatch.config import ExperimentConfig
 from lorawatch.costs import Costs
 from lorawatch.errors import UserError
-from lorawatch.evaluation import Prediction, accuracy, decode_text, generate, merged_adapter, score
+from lorawatch.evaluation import Generated, Prediction, accuracy, decode_text, generate, merged_adapter, score
 from lorawatch.models import LoadedModel, default_cache_dir, load_model
 from lorawatch.monitor import MonitorParams, StageMonitor, calibrated_threshold
 from lorawatch.progress import RunProgress
@@ -45,7 +46,7 @@ from lorawatch.stability import ExampleDrift, answer_logprobs, per_example_drift
 from lorawatch.tasks.base import Example, Task
 from lorawatch.tasks.loading import load_reference, load_task
 from lorawatch.tasks.scoring import training_target
-from lorawatch.training import TrainParams, train_stage
+from lorawatch.training import TrainParams, train_stage, use_gap_dropout
 
 
 @dataclass(frozen=True)
@@ -160,17 +161,12 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
             first = is_reference and drift is None and params.reference_position == "answer"
             phase = "reference_generation" if is_reference else "task_eval"
             progress.phase(f"{label} · {'reference set' if is_reference else 'evaluate ' + name}")
-            generated = {}
             with costs.phase(phase):
-                # One call per task: a task's rows share their prompt's long prefix (see evaluation.py).
-                groups: dict[str | None, list[EncodedPrompt]] = {}
-                for example, prompt in zip(examples, prompts):
-                    groups.setdefault(example.task, []).append(prompt)
-                for group in groups.values():
-                    generated.update(generate(model, tokenizer, group, max_new_tokens=params.max_new_tokens,
-                                              device=params.device, token_budget=params.token_budget,
-                                              drafts=drafts if params.drafts else None, first_logprobs=first,
-                                              counters=costs.generation[phase], on_rows=progress.advance))
+                generated = generate_by_task(model, tokenizer, examples, prompts,
+                                             max_new_tokens=params.max_new_tokens, device=params.device,
+                                             token_budget=params.token_budget,
+                                             drafts=drafts if params.drafts else None, first_logprobs=first,
+                                             counters=costs.generation[phase], on_rows=progress.advance)
             rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer,
                           decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
                     for e in examples]
@@ -198,6 +194,18 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
         crash_point(f"{crash_prefix}:drift")
     progress.advance(len(data.reference))
     return scores, drift, logprobs
+
+
+def generate_by_task(model, tokenizer, examples: Sequence[Example], prompts: Sequence[EncodedPrompt],
+                     **options) -> dict[str, Generated]:
+    """`generate`, one call per task: a task's rows share their prompts' long prefix (see evaluation.py)."""
+    groups: dict[str | None, list[EncodedPrompt]] = {}
+    for example, prompt in zip(examples, prompts):
+        groups.setdefault(example.task, []).append(prompt)
+    generated: dict[str, Generated] = {}
+    for group in groups.values():
+        generated.update(generate(model, tokenizer, group, **options))
+    return generated
 
 
 def _drift(data: RunData, logprobs: torch.Tensor, base_logprobs: torch.Tensor | None) -> list[ExampleDrift]:
@@ -541,6 +549,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                     loaded = fresh_model()
                 torch.manual_seed(seed)  # LoRA's A matrices are initialised randomly
                 model = get_peft_model(loaded.model, lora_config(config))
+                use_gap_dropout(model)
                 # resume from the last stage whose adapter is intact (redo it too if it is damaged)
                 while first > 1 and not load_adapter_weights(model, stages[first - 1] / "adapter"):
                     first -= 1
@@ -633,9 +642,11 @@ def _stage_monitor(model, loaded: LoadedModel, data: RunData, encoded: Encoded, 
     def measure() -> dict:
         # The answer-position logits only, against the base distributions computed once for the run.
         was_training = model.training
-        logprobs = answer_logprobs(model, encoded.reference, pad_id=loaded.tokenizer.pad_token_id,
-                                   token_budget=eval_params.token_budget, device=eval_params.device)[1]
+        first = generate_by_task(model, loaded.tokenizer, data.reference, encoded.reference, max_new_tokens=1,
+                                 device=eval_params.device, token_budget=eval_params.token_budget,
+                                 first_logprobs=True)
         model.train(was_training)
+        logprobs = torch.stack([first[e.id].first_logprobs for e in data.reference])
         return summarize(_drift(data, logprobs, base_logprobs))
 
     def show(point: dict) -> None:
