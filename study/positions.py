@@ -1,6 +1,6 @@
 """Reference drift at the correct answer position vs the published code's position, for finished runs.
 
-For every checkpoint of every run (seed by seed) the saved adapter is loaded and the reference distribution
+For every checkpoint of every run (its first seed, or all with --all-seeds) the saved adapter is loaded and the reference distribution
 is read twice: at each row's own last prompt token (lorawatch's default) and at index
 `attention_mask.sum(1) - 1` of left-padded batches of 4 in file order (the published code). Each is compared
 with the base model read the same way. Written: positions.csv (per checkpoint, seed means), positions.md
@@ -28,7 +28,7 @@ from lorawatch.tables import load_run_config
 POSITIONS = ("answer", "published")
 
 
-def run_positions(run_dir: Path) -> list[dict]:
+def run_positions(run_dir: Path, all_seeds: bool) -> list[dict]:
     config = load_run_config(run_dir)
     data = load_data(config)
     loaded = load_model(config.model.spec, device=config.model.device, dtype=config.model.dtype)
@@ -45,7 +45,7 @@ def run_positions(run_dir: Path) -> list[dict]:
     base_stats = {p: summarize(per_example_drift(ids, tasks, base[p], base[p])) for p in POSITIONS}
     rows = []
     model = loaded.model
-    for seed in config.seeds:
+    for seed in config.seeds if all_seeds else config.seeds[:1]:
         for stage in range(len(data.tasks) + 1):
             folder = store.stage_dir(run_dir, seed, stage)
             scores = store.read_json(folder / "scores.json")
@@ -73,8 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--all-seeds", action="store_true", help="every seed of each run (default: the first)")
     args = parser.parse_args()
-    per_seed = pd.DataFrame([row for run in args.run_dirs for row in run_positions(run)])
+    per_seed = pd.DataFrame([row for run in args.run_dirs for row in run_positions(run, args.all_seeds)])
     keys = ["model", "order", "step", "checkpoint"]
     table = per_seed.groupby(keys, sort=False).mean(numeric_only=True).drop(columns="seed").reset_index()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def main() -> None:
     table.to_csv(args.out / "positions.csv", index=False, float_format="%.6g")
 
     lines = ["# Reference drift: the answer position vs the published code's position", "",
-             "Seed means. `answer`: each row's own last prompt token (lorawatch's default). `published`: index "
+             "Means over the seeds read (the first seed of each run unless `--all-seeds`). `answer`: each row's own last prompt token (lorawatch's default). `published`: index "
              "`attention_mask.sum(1) - 1` of left-padded batches of 4 in file order, a token inside the prompt for "
              "every row shorter than the longest of its batch.", "",
              "| Model | Order | Step | Checkpoint | Avg acc | KL (answer) | KL (published) | Δ entropy (answer) | "
