@@ -8,6 +8,7 @@ drift figure when --out is given.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -84,7 +85,7 @@ def _monitor_text(monitor: dict | None) -> str:
 
 
 def _num(value, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def comparison_markdown(result: dict) -> str:
