@@ -14,9 +14,6 @@ from typing import Iterator
 
 from lorawatch.evaluation import GenerationCounters
 
-PHASES = ("model_load", "base_stage", "training", "task_eval", "reference_generation", "reference_distribution",
-          "tables")
-
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""

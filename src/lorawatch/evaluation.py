@@ -73,11 +73,6 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def length_sorted_batches(prompts: Sequence[EncodedPrompt], batch_size: int) -> list[list[EncodedPrompt]]:
-    ordered = sorted(prompts, key=lambda p: (len(p.input_ids), p.id))
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
 def budget_batches(lengths: Sequence[int], token_budget: int, row_cost: Callable[[int], int] | None = None,
                    cost_budget: int | None = None) -> list[list[int]]:
     """Indices grouped into batches of similar length whose rows x longest length fit the token budget.
