@@ -359,7 +359,7 @@ def table5(study: Study) -> ReportTable:
     return _per_step_table(
         study, "table5", "Table 5: stability on the reference set, relative to the base checkpoint",
         "Δ entropy and Δ margin: mean over the reference set minus the base checkpoint's; KL to base: mean "
-        "KL(base ‖ checkpoint) of the next-token distribution; " + _seeds_note(study) + ".",
+        "KL(checkpoint ‖ base) of the next-token distribution; " + _seeds_note(study) + ".",
         ["Δ Entropy", "Δ Margin", "KL to Base"],
         [("entropy_mean_delta", "entropy_delta"), ("margin_mean_delta", "margin_delta"), ("kl_mean", "kl_to_base")],
         learned_task_column=False)
