@@ -74,12 +74,18 @@ def _crossing_threshold(points):
     pytest.fail("the KL series never rose")
 
 
-def test_stop_ends_the_stage_at_the_crossing_and_keeps_the_last_step_below(watched, tiny_model_dir):
+def _run_crossing_stage_1(watched, model_dir, action):
+    """The run with `action` at a threshold that warn's stage-1 series crosses: (series, crossing index,
+    threshold, run folder)."""
     root, _, warn = watched
     points = series(warn, 1)
     k, threshold = _crossing_threshold(points)
-    run = run_experiment(monitored(tiny_model_dir, root / "data", action="stop", threshold=threshold),
-                         root / "stop")
+    run = run_experiment(monitored(model_dir, root / "data", action=action, threshold=threshold), root / action)
+    return points, k, threshold, run
+
+
+def test_stop_ends_the_stage_at_the_crossing_and_keeps_the_last_step_below(watched, tiny_model_dir):
+    points, k, threshold, run = _run_crossing_stage_1(watched, tiny_model_dir, "stop")
     info = stage_info(run, 1)
     assert info["training"]["optimizer_steps"] == points[k]["step"] and info["training"]["stopped_early"]
     seen = series(run, 1)
@@ -120,11 +126,7 @@ def test_revert_keeps_the_previous_adapter_bit_for_bit(watched, tiny_model_dir):
 
 
 def test_rollback_keeps_the_best_step_under_the_threshold(watched, tiny_model_dir):
-    root, _, warn = watched
-    points = series(warn, 1)
-    k, threshold = _crossing_threshold(points)
-    run = run_experiment(monitored(tiny_model_dir, root / "data", action="rollback", threshold=threshold),
-                         root / "rollback")
+    points, k, threshold, run = _run_crossing_stage_1(watched, tiny_model_dir, "rollback")
     seen = series(run, 1)
     # rollback trains the whole stage; the measurements do not disturb training, so the series is warn's
     assert [round(p["kl_mean"], 6) for p in seen] == [round(p["kl_mean"], 6) for p in points]

@@ -17,7 +17,8 @@ from rich.table import Table
 
 from lorawatch import store
 from lorawatch.errors import UserError
-from lorawatch.monitoring_view import interventions, interventions_markdown, monitor_figure
+from lorawatch.monitoring_view import interventions, interventions_markdown
+from lorawatch.report.figures import monitor_figure
 from lorawatch.tables import load_run
 
 HEADLINE = (("final_avg_accuracy", "final avg accuracy"), ("bwt", "BWT"), ("fwt", "FWT"),
@@ -121,7 +122,7 @@ def comparison_markdown(result: dict) -> str:
         lines.append(f"| {runs[0]['cl_metrics'][k]['checkpoint']} | " + " | ".join(cells) + " |")
     taken = [dict(e, run=r["label"]) for r in runs for e in r["interventions"]]
     lines += ["", "## Interventions", ""]
-    lines.append(interventions_markdown(taken, label="") if taken else "None.")
+    lines.append(interventions_markdown(taken) if taken else "None.")
     return "\n".join(lines) + "\n"
 
 

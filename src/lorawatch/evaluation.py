@@ -217,7 +217,7 @@ def _check_drafts(model, rows: list[_Row], drafts: Mapping[str, Sequence[int]], 
 def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
             keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None]) -> None:
     """Incremental greedy decoding; a row leaves the batch (and its cache) once it is finished."""
-    lengths = [len(r.prompt.input_ids) + len(r.out) + (max_new_tokens - len(r.out)) for r in rows]
+    lengths = [len(r.prompt.input_ids) + max_new_tokens for r in rows]  # the longest a row's cache can grow
     for batch in budget_batches(lengths, token_budget):
         active = [rows[i] for i in batch]
         logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) + r.out for r in active], pad_id=pad_id,

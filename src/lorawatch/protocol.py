@@ -247,7 +247,7 @@ def base_stage_cache(key: str) -> Path:
     return (Path(root).expanduser() if root else default_cache_dir().parent / "base-stages") / key
 
 
-BASE_UNITS = ("predictions", "reference_drift.jsonl")
+BASE_UNITS = ("predictions", "reference_drift.jsonl")  # what the cache holds, beside the base log-probs
 
 
 def _restore_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> bool:
@@ -274,8 +274,9 @@ def _save_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> None:
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shutil.copytree(base_dir / "predictions", tmp / "predictions")
-        shutil.copy2(base_dir / "reference_drift.jsonl", tmp / "reference_drift.jsonl")
+        for unit in BASE_UNITS:
+            source = base_dir / unit
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp / unit)
         shutil.copy2(base_lp_path, tmp / BASE_LOGPROBS)
         (tmp / "complete").write_text("")
         shutil.rmtree(cache, ignore_errors=True)

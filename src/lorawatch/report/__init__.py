@@ -33,7 +33,7 @@ import pandas as pd
 
 from lorawatch import store
 from lorawatch.errors import UserError
-from lorawatch.monitoring_view import interventions, interventions_markdown, monitor_figure
+from lorawatch.monitoring_view import interventions, interventions_markdown
 from lorawatch.report.study import (
     FAILURE_ZONE_METHOD,
     ReportTable,
@@ -140,13 +140,13 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
 
     index = _index(study, tables, corr, zone, stems)
     run_folders = [(Path(d).name, Path(d)) for g in study.groups for d in g.run_dirs]
-    monitored = monitor_figure(run_folders, out)
+    monitored = figures.monitor_figure(run_folders, out)
     if monitored:
         files += monitored
         taken = [dict(e, run=label) for label, d in run_folders for e in interventions(d)]
         index += ("\n## Live drift monitoring\n\n![live drift](monitor.png)\n\nKL to base measured during "
                   "training, per run and seed (dashed: the stage's threshold; ×: above it).\n\n"
-                  + (interventions_markdown(taken, label="") if taken else "No interventions.") + "\n")
+                  + (interventions_markdown(taken) if taken else "No interventions.") + "\n")
     text("report.md", index)
     return Report(out, study, tables, corr_json, files)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 import numpy as np
@@ -15,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lorawatch import store
+from lorawatch.monitoring_view import monitor_series
 from lorawatch.report.study import Group, Study, slug
 
 LINESTYLES = {"original": "-", "reversed": "--"}
@@ -201,3 +203,34 @@ def accuracy_and_kl(study: Study, model: str, out_dir: Path, stem: str | None = 
     ax.set_title(f"{model}: accuracy and drift per step"
                  + (" (original solid, reversed dashed)" if len(groups) > 1 else ""), fontsize=10)
     return _save(fig, out_dir, stem or f"model-{slug(model)}-steps")
+
+
+def monitor_figure(runs: Sequence[tuple[str, Path]], out_dir: Path, stem: str = "monitor") -> list[Path]:
+    """Live drift: KL to base against cumulative optimizer step for every run and seed; each stage's threshold
+    dashed, measurements above it marked ×. Nothing is written (and [] returned) when no run was monitored."""
+    fig = _new_figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    colors = matplotlib.colormaps["tab10"].colors
+    drawn = False
+    for i, (label, run_dir) in enumerate(runs):
+        series = monitor_series(run_dir)
+        if series.empty:
+            continue
+        drawn = True
+        color = colors[i % len(colors)]
+        for seed, rows in series.groupby("seed"):
+            ax.plot(rows["cumulative_step"], rows["kl_mean"], marker=".", color=color,
+                    label=f"{label} (seed {seed})")
+            for _, stage_rows in rows.groupby("stage"):
+                if stage_rows["threshold"].notna().any():
+                    ax.hlines(stage_rows["threshold"].iloc[0], stage_rows["cumulative_step"].min(),
+                              stage_rows["cumulative_step"].max(), colors=[color], linestyles="dashed", linewidth=1)
+            crossed = rows[rows["above"]]
+            ax.scatter(crossed["cumulative_step"], crossed["kl_mean"], marker="x", s=60, color=color, zorder=3)
+    if not drawn:
+        return []
+    ax.set_xlabel("optimizer step (cumulative over stages)")
+    ax.set_ylabel("KL to base (reference set, mean)")
+    ax.set_title("Live drift during training (dashed: threshold, ×: above it)")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, stem)
