@@ -226,8 +226,9 @@ def read_drafts(folder: Path) -> dict[str, list[int]]:
 
 
 def base_stage_key(loaded: LoadedModel, data: RunData, encoded: Encoded, params: EvalParams) -> str:
-    """What the base checkpoint's evaluation depends on: the model, the exact token ids of every prompt, the
-    answers, the generation settings and the software. Task order and seeds do not enter."""
+    """What the base checkpoint's evaluation depends on, to the byte: the model, the exact token ids of every
+    prompt, the answers, the generation settings (the token budget too: batching changes float round-off) and
+    the software. Task order and seeds do not enter."""
     versions = {p: importlib.metadata.version(p) for p in ("lorawatch", "torch", "transformers")}
     info = loaded.info
     tasks = sorted((t.name, t.kind, [(e.id, e.answer) for e in t.test],
@@ -235,7 +236,8 @@ def base_stage_key(loaded: LoadedModel, data: RunData, encoded: Encoded, params:
     reference = [(e.id, e.task, e.answer, list(p.input_ids)) for e, p in zip(data.reference, encoded.reference)]
     payload = json.dumps({"model": [info.spec, info.path, info.dtype, info.device, info.num_parameters],
                           "versions": versions, "tasks": tasks, "reference": reference,
-                          "max_new_tokens": params.max_new_tokens, "position": params.reference_position},
+                          "max_new_tokens": params.max_new_tokens, "token_budget": params.token_budget,
+                          "position": params.reference_position},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
