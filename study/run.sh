@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 LW=.venv/bin/lorawatch
 OUT=${STUDY_RUNS:-runs/study}
 SMOL="--max-train-rows 96 --max-test-rows 40 --max-new-tokens 64 --seeds 33,42"
-GEMMA="--max-train-rows 32 --max-test-rows 20 --max-new-tokens 32 --seeds 33,42"
+GEMMA="--max-train-rows 96 --max-test-rows 40 --max-new-tokens 32 --seeds 33,42"
 for order in original reversed; do
   $LW run --preset paper-qwen --model smollm2-135m-instruct --dtype float32 --order $order $SMOL \
       --out "$OUT/smollm2-$order"

@@ -101,6 +101,41 @@ def test_stop_ends_the_stage_at_the_crossing_and_keeps_the_last_step_below(watch
     assert shown.returncode == 0
 
 
+def _acting_measurement(points, threshold, patience):
+    """Index of the measurement that sets the action off: the end of the first streak of `patience` measurements
+    above the threshold, or the stage's last measurement when it is above."""
+    streak = 0
+    for i, point in enumerate(points):
+        streak = streak + 1 if point["kl_mean"] > threshold else 0
+        if streak and (streak >= patience or i == len(points) - 1):
+            return i
+    return None
+
+
+@pytest.mark.parametrize("patience", [2, 99])
+def test_stop_with_patience_waits_for_consecutive_measurements_above(watched, tiny_model_dir, patience):
+    root, _, warn = watched
+    points = series(warn, 1)
+    k, threshold = _crossing_threshold(points)
+    j = _acting_measurement(points, threshold, patience)
+    assert j is not None and j > k  # the premise: the first crossing alone no longer stops the stage
+    run = run_experiment(monitored(tiny_model_dir, root / "data", action="stop", threshold=threshold,
+                                   patience=patience), root / f"stop-patience-{patience}")
+    info = stage_info(run, 1)
+    # training went on past the first crossing, exactly as the unmonitored stage did, until the streak was long
+    # enough (patience 99: never, so the stage's last measurement acted)
+    seen = series(run, 1)
+    assert [round(p["kl_mean"], 6) for p in seen] == [round(p["kl_mean"], 6) for p in points[:j + 1]]
+    assert info["training"]["optimizer_steps"] == points[j]["step"]
+    assert info["training"]["stopped_early"] == (j < len(points) - 1)
+    intervention = info["intervention"]
+    assert intervention["step"] == points[j]["step"] and info["training"]["monitor"]["patience"] == patience
+    kept = max(i for i in range(j) if points[i]["kl_mean"] <= threshold)
+    assert intervention["kept_step"] == points[kept]["step"]
+    evaluated = store.read_json(store.stage_dir(run, 1, 1) / "reference_stats.json")["kl_mean"]
+    assert math.isclose(evaluated, points[kept]["kl_mean"], rel_tol=1e-3, abs_tol=1e-6)
+
+
 def test_revert_keeps_the_previous_adapter_bit_for_bit(watched, tiny_model_dir):
     root, _, warn = watched
     # above the first stage's start (KL 0) at once: every stage is reverted
@@ -189,12 +224,15 @@ def test_monitor_config_errors(tmp_path, tiny_model_dir):
 def test_monitor_from_the_command_line(tmp_path, tiny_model_dir):
     path = config_file(tmp_path, tiny_model_dir)
     result = lorawatch("run", path, "--out", tmp_path / "run", "--seeds", "4", "--monitor", "revert",
-                       "--monitor-threshold", "1e-9", "--monitor-every", "1")
+                       "--monitor-threshold", "1e-9", "--monitor-every", "1", "--monitor-patience", "2")
     assert result.returncode == 0, result.stderr
     assert "monitor" in result.stderr and "revert" in result.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["monitor"]["action"] == "revert" and config["overrides"]["monitor.threshold"] == 1e-9
+    assert config["monitor"]["patience"] == 2
     info = json.loads((tmp_path / "run" / "seed-4" / "stage-1" / "stage.json").read_text())
-    assert info["intervention"]["action"] == "revert"
+    # two optimizer steps per stage, both above the threshold: patience 2 acts at the second, not the first
+    assert info["intervention"]["action"] == "revert" and info["intervention"]["step"] == 2
+    assert info["training"]["optimizer_steps"] == 2 and not info["training"]["stopped_early"]
     assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "r2", "--monitor", "explode"),
                           "monitor.action")

@@ -51,6 +51,8 @@ def run(
                                                               "measurements")] = None,
     monitor_calibrate_from: Annotated[Optional[str], typer.Option(help="monitor: threshold from a report folder "
                                                                        "or a run folder")] = None,
+    monitor_patience: Annotated[Optional[int], typer.Option(help="monitor: consecutive measurements above the "
+                                                                 "threshold before acting")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="evaluate without the fast path (no drafts, no merged "
                                                           "adapter, no cached base stage), for comparison")] = False,
     overwrite: Annotated[bool, typer.Option(help="start the run folder again from scratch")] = False,
@@ -80,6 +82,7 @@ def run(
                       if plain else {})}
         changes.update({"monitor.action": monitor, "monitor.threshold": monitor_threshold,
                         "monitor.relative": monitor_relative, "monitor.every": monitor_every,
+                        "monitor.patience": monitor_patience,
                         "monitor.calibrate_from": monitor_calibrate_from})
         changes = {key: value for key, value in changes.items() if value is not None}
         if any(key.startswith("monitor.") for key in changes):

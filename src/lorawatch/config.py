@@ -105,6 +105,8 @@ class MonitorSettings(_Strict):
     relative: float | None = Field(None, gt=0, description="threshold = this x the previous checkpoint's KL")
     calibrate_from: str | None = Field(None, description="a report folder / correlation.json (fitted failure-zone "
                                                          "threshold) or a run folder (largest KL without accuracy loss)")
+    patience: int = Field(1, gt=0, description="act after this many consecutive measurements above the threshold "
+                                               "(a stage's last measurement above it always acts)")
 
     @model_validator(mode="after")
     def _needs_a_threshold(self) -> "MonitorSettings":

@@ -12,6 +12,10 @@ Actions when the KL to base is above the stage's threshold:
 - rollback  train the whole stage; then keep, among the measurements below the threshold (the start of the
             stage included), the one with the lowest training loss over the steps that led to it.
 
+With `patience` k > 1 an action waits for k consecutive measurements above the threshold, so a transient
+crossing (one measurement up, the next back down) is recorded but not acted on; a stage's last measurement
+above the threshold acts whatever the streak, since it is the checkpoint the stage would keep.
+
 The threshold of a stage is the largest of: `threshold` (absolute KL), `relative` x the previous
 checkpoint's KL, and the calibrated value (`calibrate_from`; see `calibrated_threshold`).
 """
@@ -39,6 +43,7 @@ class MonitorParams:
     action: str
     threshold: float | None  # absolute, calibration already folded in
     relative: float | None
+    patience: int = 1
 
     def stage_threshold(self, previous_kl: float) -> float | None:
         candidates = [t for t in (self.threshold, None if self.relative is None else self.relative * previous_kl)
@@ -89,7 +94,7 @@ class Intervention:
     stage: int
     task: str
     action: str
-    step: int  # the optimizer step whose measurement crossed the threshold
+    step: int  # the optimizer step whose measurement set the action off (with patience: the streak's last)
     kl: float  # KL to base measured there
     threshold: float
     kept_step: int  # the step whose adapter the stage keeps (0: the start of the stage)
@@ -113,7 +118,8 @@ class StageMonitor:
     on_point: Callable[[dict], None] | None = None
     series: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    crossed: dict | None = None
+    crossed: dict | None = None  # the measurement that set the action off
+    _streak: int = 0  # consecutive measurements above the threshold
     _losses: list[float] = field(default_factory=list)
     _candidates: list[tuple[dict, dict]] = field(default_factory=list)  # (point, adapter weights)
     _start: dict | None = None
@@ -143,7 +149,9 @@ class StageMonitor:
                  "threshold": self.threshold, "above": above}
         self._losses = []
         self.series.append(point)
-        if above and self.crossed is None:
+        self._streak = self._streak + 1 if above else 0
+        acts = above and (self._streak >= self.params.patience or step == total_steps)
+        if acts and self.crossed is None:
             self.crossed = point
         action = self.params.action
         if not above and action == "stop":
@@ -153,7 +161,7 @@ class StageMonitor:
         self.seconds += time.perf_counter() - started
         if self.on_point:
             self.on_point(point)
-        return above and action in ("stop", "revert")
+        return acts and action in ("stop", "revert")
 
     def finish(self, steps_trained: int) -> Intervention | None:
         """Apply the action to the model's adapter; the intervention taken, or None."""

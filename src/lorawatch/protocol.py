@@ -477,7 +477,7 @@ def resolve_monitor(config: ExperimentConfig) -> dict | None:
         calibration = {"threshold": value, "from": how}
         threshold = max(threshold or 0.0, value)
     return {"params": {"every": settings.every, "action": settings.action, "threshold": threshold,
-                       "relative": settings.relative}, "calibration": calibration}
+                       "relative": settings.relative, "patience": settings.patience}, "calibration": calibration}
 
 
 def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console: Console, resuming: bool,
@@ -605,6 +605,7 @@ def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, para
             if watch is not None:
                 intervention = watch.finish(log["optimizer_steps"])
                 log["monitor"] = {"threshold": watch.threshold, "action": monitor.action, "every": monitor.every,
+                                  "patience": monitor.patience,
                                   "measurements": len(watch.series), "seconds": round(watch.seconds, 3),
                                   "intervention": None if intervention is None else intervention.to_dict()}
                 costs.seconds["monitor"] += watch.seconds

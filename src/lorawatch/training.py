@@ -188,7 +188,7 @@ def train_stage(
             log.answer_tokens += window_tokens
             log.step_losses.append(round(window_loss / window_tokens, 6))
             if on_step is not None and on_step(log.optimizer_steps, total_steps, window_loss / window_tokens):
-                log.stopped_early = True
+                log.stopped_early = log.optimizer_steps < total_steps
                 break
         if log.stopped_early:
             break
