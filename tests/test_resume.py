@@ -3,6 +3,7 @@
 import filecmp
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -91,6 +92,19 @@ def test_changed_config_is_refused_unless_forced(setup, tiny_model_dir):
     result = lorawatch("run", changed, "--out", reference, "--seeds", "1")
     assert_one_line_error(result, "different config", "train.learning_rate", "tasks.0.train")
     assert lorawatch("run", changed, "--out", reference, "--seeds", "1", "--force").returncode == 0
+
+
+def test_a_run_recorded_before_a_field_existed_still_resumes(setup):
+    """A config.json written by an older lorawatch lacks fields added since; their defaults are no change."""
+    root, config, reference = setup
+    older = root / "older"
+    shutil.copytree(reference, older)
+    recorded = json.loads((older / "config.json").read_text())
+    del recorded["eval"]["token_budget"], recorded["train"]["lr_scheduler"]
+    (older / "config.json").write_text(json.dumps(recorded))
+    result = lorawatch("run", config, "--out", older, "--seeds", "1")
+    assert result.returncode == 0, result.stderr
+    assert_same_results(older, reference)
 
 
 def test_damaged_files_are_detected_and_redone(setup):

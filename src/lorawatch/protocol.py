@@ -34,9 +34,9 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from lorawatch import store, tables
-from lorawatch.config import ExperimentConfig
+from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.costs import Costs
-from lorawatch.errors import UserError
+from lorawatch.errors import ConfigError, UserError
 from lorawatch.evaluation import Generated, Prediction, accuracy, decode_text, generate, merged_adapter, score
 from lorawatch.models import LoadedModel, default_cache_dir, load_model
 from lorawatch.monitor import MonitorParams, StageMonitor, calibrated_threshold
@@ -402,6 +402,10 @@ def prepare_run_dir(run_dir: Path, config: ExperimentConfig, *, overwrite: bool,
             recorded = store.read_json(config_path)
         except (OSError, ValueError):
             raise UserError(f"{config_path}: damaged; pass --overwrite to start this run again") from None
+        try:  # read through today's schema, so that a field added since (with its default) is no difference
+            recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
+        except (ConfigError, TypeError):
+            pass  # an older or hand-edited config: compare what is there
         changed = config_differences(recorded, config.model_dump(mode="json"))
         if changed and not force:
             raise UserError(f"{run_dir}: the run was started with a different config (changed: {', '.join(changed)}); "
