@@ -102,7 +102,8 @@ def figure1(study: Study, points: pd.DataFrame, corr: dict, zone: dict, out_dir:
     stats_text = (f"Pearson r = {_fmt(pearson['r'])} (p = {_fmt_p(pearson['p'])})\n"
                   f"Spearman ρ = {_fmt(spearman['r'])} (p = {_fmt_p(spearman['p'])})\n"
                   f"n = {corr['n']} checkpoints (seed means)")
-    ax.text(0.02, 0.03, stats_text, transform=ax.transAxes, fontsize=8.5, va="bottom", ha="left",
+    # Beside the axes, under the legend: inside them it can hide a checkpoint.
+    ax.text(1.03, 0.0, stats_text, transform=ax.transAxes, fontsize=8.5, va="bottom", ha="left",
             bbox={"boxstyle": "round,pad=0.4", "facecolor": "white", "edgecolor": "#999999", "alpha": 0.9})
     ax.set_xlabel("KL to base on the reference set (mean)")
     ax.set_ylabel("Average accuracy over all tasks")
