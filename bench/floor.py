@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +30,10 @@ sys.path.insert(0, str(HERE))
 from run import REFERENCE, SHARED_DATA, TARGET_SPEEDUP, WORKLOADS, prepare_data  # noqa: E402
 
 
-def checkpoint_evaluations(name: str) -> int:
+def checkpoint_evaluations(name: str, tasks: int) -> int:
     """Checkpoints one workload evaluates: the base once (cached across orders) plus one per task and seed."""
-    spec = WORKLOADS[name]
-    seeds = sum(len(s.split(",")) for _, s in spec["runs"])
-    return 1 + 3 * seeds
+    seeds = sum(len(s.split(",")) for _, s in WORKLOADS[name]["runs"])
+    return 1 + tasks * seeds
 
 
 def prompt_pass(name: str, repeat: int) -> dict:
@@ -63,7 +64,7 @@ def prompt_pass(name: str, repeat: int) -> dict:
                          device="cpu", token_budget=budget, first_logprobs=True, counters=counters)
         times.append(time.perf_counter() - start)
     return {"seconds": min(times), "prompt_tokens": counters.prompt_tokens, "positions": counters.forward_tokens,
-            "rows": counters.rows}
+            "tasks": len(run_data.tasks)}
 
 
 def main() -> None:
@@ -76,8 +77,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "floor.json")
     args = parser.parse_args()
 
-    import os
-    import tempfile
     with tempfile.TemporaryDirectory(prefix="lorawatch-floor-") as tmp:
         os.environ.update(prepare_data(args.source, Path(tmp) / "data"))
         rows = []
@@ -89,7 +88,7 @@ def main() -> None:
             phases = measured["phase_s"]
             fixed = phases["process_start"] + phases["model_load"] + phases["training"] - phases.get("monitor", 0.0)
             pass_ = prompt_pass(name, args.repeat)
-            checkpoints = checkpoint_evaluations(name)
+            checkpoints = checkpoint_evaluations(name, pass_["tasks"])
             prompts = checkpoints * pass_["seconds"]
             allowed = REFERENCE[name]["wall_s"] / TARGET_SPEEDUP[name]
             rows.append({"workload": name, "checkpoints": checkpoints, "prompt_pass_s": round(pass_["seconds"], 2),

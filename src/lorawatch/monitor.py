@@ -118,7 +118,7 @@ class StageMonitor:
     on_point: Callable[[dict], None] | None = None
     series: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    crossed: dict | None = None  # the measurement that set the action off
+    trigger: dict | None = None  # the measurement that set the action off
     _streak: int = 0  # consecutive measurements above the threshold
     _losses: list[float] = field(default_factory=list)
     _candidates: list[tuple[dict, dict]] = field(default_factory=list)  # (point, adapter weights)
@@ -151,8 +151,8 @@ class StageMonitor:
         self.series.append(point)
         self._streak = self._streak + 1 if above else 0
         acts = above and (self._streak >= self.params.patience or step == total_steps)
-        if acts and self.crossed is None:
-            self.crossed = point
+        if acts and self.trigger is None:
+            self.trigger = point
         action = self.params.action
         if not above and action == "stop":
             self._candidates = [(point, self._snapshot())]  # only the latest one below is kept
@@ -165,7 +165,7 @@ class StageMonitor:
 
     def finish(self, steps_trained: int) -> Intervention | None:
         """Apply the action to the model's adapter; the intervention taken, or None."""
-        if self.crossed is None:
+        if self.trigger is None:
             return None
         action = self.params.action
         kept_step, kept_kl = steps_trained, self.series[-1]["kl_mean"]
@@ -182,6 +182,6 @@ class StageMonitor:
             kept_step, kept_kl = point["step"], point["kl_mean"]
         self._start = None
         self._candidates = []
-        return Intervention(stage=self.stage, task=self.task, action=action, step=self.crossed["step"],
-                            kl=self.crossed["kl_mean"], threshold=float(self.threshold), kept_step=kept_step,
+        return Intervention(stage=self.stage, task=self.task, action=action, step=self.trigger["step"],
+                            kl=self.trigger["kl_mean"], threshold=float(self.threshold), kept_step=kept_step,
                             kept_kl=kept_kl, steps_trained=steps_trained)

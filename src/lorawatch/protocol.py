@@ -404,7 +404,7 @@ def prepare_run_dir(run_dir: Path, config: ExperimentConfig, *, overwrite: bool,
             raise UserError(f"{config_path}: damaged; pass --overwrite to start this run again") from None
         try:  # read through today's schema, so that a field added since (with its default) is no difference
             recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
-        except (ConfigError, TypeError):
+        except ConfigError:
             pass  # an older or hand-edited config: compare what is there
         changed = config_differences(recorded, config.model_dump(mode="json"))
         if changed and not force:
