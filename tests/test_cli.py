@@ -1,50 +1,8 @@
 """The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-from test_protocol import write_task_files
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def lorawatch(*args, cwd=None, timeout=600, env=None):
-    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lorawatch", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
-
-
-def config_file(tmp_path, model_dir, **changes):
-    write_task_files(tmp_path / "data")
-    config = {
-        "name": "tiny",
-        "model": {"spec": str(model_dir), "device": "cpu", "dtype": "float32"},
-        "tasks": [{"name": "stance", "kind": "multiple_choice", "train": "data/mc_train.json",
-                   "test": "data/mc_test.json"},
-                  {"name": "sum", "kind": "numeric", "train": "data/num_train.jsonl", "test": "data/num_test.json"}],
-        "reference": {"path": "data/reference.json"},
-        "train": {"learning_rate": 5e-3, "batch_size": 2, "grad_accum": 2},
-        "eval": {"max_new_tokens": 4},
-    }
-    for key, value in changes.items():
-        config[key] = value
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from conftest import assert_one_line_error, config_file, lorawatch
 
 
 def test_run_prints_the_tables(tmp_path, tiny_model_dir):

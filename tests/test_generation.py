@@ -145,3 +145,23 @@ def test_rows_share_their_common_prefix(tiny_model_dir):
     drafts = {k: list(v[:3]) for k, v in expected.items()}
     with_drafts = generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", drafts=drafts)
     assert {k: v.output_ids for k, v in with_drafts.items()} == expected
+
+
+def test_duplicate_and_near_duplicate_prompts_in_one_batch(tiny_model_dir):
+    # Rows that repeat a whole prompt (nothing forbids it; length-sorting puts them side by side) must not let the
+    # shared prefix run into their drafts: the first token and the reference distribution are read after the prompt.
+    model, tokenizer = load(tiny_model_dir)
+    preamble = "Please show your choice in the answer field with only the choice letter. Text follows:\n\n"
+    same = preamble + MESSAGES[1]
+    messages = [same, same, same, same + "?", same + "!"]
+    prompts = [encode_prompt(tokenizer, f"d{i}", m, 512) for i, m in enumerate(messages)]
+    add_stop_token(model, tokenizer, prompts, 10)
+    expected = reference_one_at_a_time(model, tokenizer, prompts, 10)
+    _, reference = answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, token_budget=1, device="cpu")
+    for drafts in (None, {k: list(v) for k, v in expected.items()}, {k: list(v[:4]) for k, v in expected.items()}):
+        for group in (prompts[:3], prompts):  # the exact duplicates alone in their batch, and with the near ones
+            got = generate(model, tokenizer, group, max_new_tokens=10, device="cpu", drafts=drafts,
+                           first_logprobs=True)
+            assert {p.id: got[p.id].output_ids for p in group} == {p.id: expected[p.id] for p in group}
+            torch.testing.assert_close(torch.stack([got[p.id].first_logprobs for p in group]),
+                                       reference[:len(group)], atol=1e-4, rtol=1e-4)

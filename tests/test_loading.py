@@ -46,11 +46,15 @@ def test_malformed_files_name_file_and_row(tmp_path, name, content, expected):
     assert str(path) in str(info.value) and expected in str(info.value)
 
 
-def test_non_numeric_numeric_gold_warns_not_refuses(tmp_path):
-    path = write(tmp_path / "n.json", '[{"prompt": "day?", "answer": "FRIDAY"}, {"prompt": "x", "answer": "4"}]')
-    with pytest.warns(UserWarning, match="row 1: numeric answer 'FRIDAY'"):
-        rows = load_examples(path, task="t", split="test", kind="numeric")
-    assert len(rows) == 2
+def test_word_golds_warn_once_per_file_not_refuse(tmp_path):
+    rows = [{"prompt": "day?", "answer": "FRIDAY"}, {"prompt": "x", "answer": "4"}, {"prompt": "y", "answer": "May"}]
+    path = write(tmp_path / "n.json", json.dumps(rows))
+    with pytest.warns(UserWarning) as caught:
+        loaded = load_examples(path, task="t", split="test", kind="numeric")
+    assert len(loaded) == 3
+    assert len(caught) == 1
+    assert str(path) in str(caught[0].message) and "2 numeric answer(s) are words" in str(caught[0].message) \
+        and "rows 1, 3" in str(caught[0].message)
 
 
 def test_reference_rows_map_to_tasks(tmp_path):

@@ -15,8 +15,7 @@ from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.monitor import calibrated_threshold
 from lorawatch.protocol import lora_config, run_experiment
-from test_cli import assert_one_line_error, config_file, lorawatch
-from test_protocol import tiny_config, write_task_files
+from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
 
 ADAPTER = "adapter/adapter_model.safetensors"
 
@@ -210,7 +209,10 @@ def test_calibration_from_a_run_folder_and_bad_sources(watched, tmp_path):
     bad.write_text(json.dumps({"failure_zone": {"threshold": None}}))
     with pytest.raises(UserError, match="failure_zone.threshold"):
         calibrated_threshold(bad)
-    bad.write_text(json.dumps({"failure_zone": {"threshold": 0.25}}))
+    bad.write_text(json.dumps({"failure_zone": {"threshold": 0.25, "n_failed": 1, "n_healthy": 11}}))
+    with pytest.raises(UserError, match="fitted on 1 failed and 11 healthy checkpoint.*at least 3"):
+        calibrated_threshold(bad)
+    bad.write_text(json.dumps({"failure_zone": {"threshold": 0.25, "n_failed": 3, "n_healthy": 9}}))
     assert calibrated_threshold(tmp_path)[0] == 0.25
 
 

@@ -9,46 +9,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import tiny_config, write_task_files
 from lorawatch import store
-from lorawatch.config import build_config
+from lorawatch.config import PLAIN_SWITCHES
 from lorawatch.metrics import compute_cl_metrics, read_matrix_csv
 from lorawatch.prompts import encode_train_example
 from lorawatch.protocol import encode, load_data, run_experiment
 from lorawatch.stability import answer_logprobs, per_example_drift
 from lorawatch.tables import load_run
 from lorawatch.training import TrainParams, train_stage
-
-
-def write_task_files(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    mc = [{"prompt": f"Text {i}: stance? A. dovish, B. hawkish, C. neutral.", "answer": "ABC"[i % 3]}
-          for i in range(14)]
-    num = [{"prompt": f"Question: {i} plus {i}?", "answer": str(2 * i)} for i in range(14)]
-    (folder / "mc_train.json").write_text(json.dumps(mc[:8]))
-    (folder / "mc_test.json").write_text(json.dumps(mc[8:12]))
-    (folder / "num_train.jsonl").write_text("\n".join(json.dumps(r) for r in num[:8]))
-    (folder / "num_test.json").write_text(json.dumps(num[8:12]))
-    reference = [dict(mc[12], task="stance"), dict(mc[13], task="stance"), dict(num[12], task_name="sum"),
-                 dict(num[13], task_name="sum")]
-    (folder / "reference.json").write_text(json.dumps(reference))
-
-
-def tiny_config(model_dir, data_dir, seeds=(1, 2), order="original", **eval_settings):
-    return build_config({
-        "name": "tiny",
-        "model": {"spec": str(model_dir), "device": "cpu", "dtype": "float32"},
-        "tasks": [
-            {"name": "stance", "kind": "multiple_choice", "train": str(data_dir / "mc_train.json"),
-             "test": str(data_dir / "mc_test.json")},
-            {"name": "sum", "kind": "numeric", "train": str(data_dir / "num_train.jsonl"),
-             "test": str(data_dir / "num_test.json")},
-        ],
-        "reference": {"path": str(data_dir / "reference.json")},
-        "train": {"learning_rate": 5e-3, "batch_size": 2, "grad_accum": 2},
-        "eval": {"max_new_tokens": 4, "token_budget": 64, **eval_settings},
-        "seeds": list(seeds),
-        "order": order,
-    })
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +155,10 @@ def test_base_stage_is_reused_across_orders_and_runs(tiny_run, tiny_model_dir):
 
 
 def test_fast_path_is_faithful_to_the_plain_one(tiny_run, tiny_model_dir):
-    """Drafts, the merged adapter, token-budget batches and the cached base stage against none of them."""
+    """Every fast-path part and token-budget batches against none of them."""
     run_dir, _, root = tiny_run
-    plain = run_experiment(tiny_config(tiny_model_dir, root / "data", drafts=False, merge_adapter=False,
-                                       reuse_base_stage=False, token_budget=64), root / "plain")
+    plain = run_experiment(tiny_config(tiny_model_dir, root / "data", token_budget=64,
+                                       **{part: False for part in PLAIN_SWITCHES}), root / "plain")
     fast = run_experiment(tiny_config(tiny_model_dir, root / "data", token_budget=100000), root / "fast")
     same = total = 0
     for seed in (1, 2):

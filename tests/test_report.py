@@ -17,7 +17,8 @@ import pytest
 from lorawatch import store
 from lorawatch.config import build_config
 from lorawatch.errors import UserError
-from lorawatch.report import fit_failure_threshold, load_study, model_display_name, write_report
+from lorawatch.report import (correlations, fit_failure_threshold, kl_accuracy_points, load_study, model_display_name,
+                              write_report)
 from lorawatch.tables import write_seed_tables, write_summary
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -223,6 +224,18 @@ def test_correlation_and_failure_zone_in_the_paper_study(paper, paper_report):
     assert zone["balanced_accuracy"] == 1.0
     assert "balanced accuracy" in zone["method"]
     assert "Failure zone: KL to base > 1.402" in (paper_report.out / "report.md").read_text()
+    # per model beside the pooled one: 6 checkpoints each (2 orders × 3 steps), computed independently
+    assert set(corr["per_model"]) == {model_display_name(spec) for spec in SPECS.values()}
+    for model, spec in SPECS.items():
+        entries = corr["per_model"][model_display_name(spec)]
+        own_kl, own_acc = [], []
+        for stages in (published_stages(paper, model), reversed_stages(paper, model)):
+            own_kl += [s["kl"] for s in stages[1:]]
+            own_acc += [np.mean(list(s["acc"].values())) for s in stages[1:]]
+        assert entries["n"] == 6
+        assert entries["pearson"]["r"] == pytest.approx(np.corrcoef(own_kl, own_acc)[0, 1], abs=1e-9)
+    assert "not independent" in corr["independence"]
+    assert "not independent" in (paper_report.out / "report.md").read_text()
 
 
 def test_figures_exist_and_are_not_trivial(paper_report):
@@ -245,18 +258,32 @@ def test_figures_exist_and_are_not_trivial(paper_report):
 
 
 def test_failure_threshold_on_a_constructed_example():
-    # thresholds 0.15, 0.25, 0.35, 0.45 give balanced accuracy 0.75, 0.583, 0.833, 0.667
-    zone = fit_failure_threshold([0.3, 0.1, 0.5, 0.2, 0.4], [False, False, True, True, True])
-    assert zone["threshold"] == pytest.approx(0.35)
+    # sorted: 0.05 H, 0.1 H, 0.2 F, 0.3 H, 0.4 F, 0.5 F; thresholds 0.075, 0.15, 0.25, 0.35, 0.45 give balanced
+    # accuracy 2/3, 5/6, 2/3, 5/6, 2/3: a tie, which the smallest threshold wins
+    zone = fit_failure_threshold([0.3, 0.1, 0.5, 0.2, 0.4, 0.05], [False, False, True, True, True, False])
+    assert zone["threshold"] == pytest.approx(0.15)
     assert zone["balanced_accuracy"] == pytest.approx(5 / 6)
-    assert (zone["n_failed"], zone["n_healthy"]) == (3, 2)
-    # a tie (0.15 and 0.35 both reach 0.75): the smallest threshold wins; repeated KL values are one candidate
-    tie = fit_failure_threshold([0.1, 0.2, 0.2, 0.3, 0.4], [False, True, True, False, True])
-    assert tie["threshold"] == pytest.approx(0.15)
-    assert tie["balanced_accuracy"] == pytest.approx(0.75)
-    # undefined without both labels
+    assert (zone["n_failed"], zone["n_healthy"], zone["min_per_label"]) == (3, 3, 3)
+    # repeated KL values are one candidate: 0.15, 0.25, 0.35, 0.45 give 2/3, 1/3, 1/2, 2/3
+    repeated = fit_failure_threshold([0.1, 0.2, 0.2, 0.3, 0.4, 0.5], [False, True, True, False, False, True])
+    assert repeated["threshold"] == pytest.approx(0.15) and repeated["balanced_accuracy"] == pytest.approx(2 / 3)
+    # not fitted below the minimum of each label, nor without both labels
+    few = fit_failure_threshold([0.3, 0.1, 0.5, 0.2, 0.4], [False, False, True, True, True])
+    assert few["threshold"] is None and "3 failed and 2 healthy" in few["reason"] and "at least 3" in few["reason"]
     none = fit_failure_threshold([0.1, 0.2], [False, False])
-    assert none["threshold"] is None and "same label" in none["reason"]
+    assert none["threshold"] is None and "0 failed" in none["reason"]
+
+
+def test_correlation_ranks_ties_that_differ_only_by_float_noise():
+    from scipy.stats import spearmanr
+
+    kl = [0.1, 0.2, 0.3, 0.4]
+    noisy = [0.3, 0.275, 0.27499999999999997, 0.25]  # the 2nd and 3rd are equal accuracies (seed means)
+    points = pd.DataFrame({"model": ["m"] * 4, "kl_to_base": kl, "avg_accuracy": noisy})
+    corr = correlations(points)
+    assert corr["spearman"]["r"] == pytest.approx(spearmanr(kl, [0.3, 0.275, 0.275, 0.25])[0], abs=1e-12)
+    assert corr["spearman"]["r"] != pytest.approx(spearmanr(kl, noisy)[0], abs=1e-6)
+    assert corr["per_model"]["m"]["n"] == 4 and "not independent" in corr["independence"]
 
 
 # --- bad input and the command line ------------------------------------------------------------------
@@ -305,3 +332,20 @@ def test_cli_end_to_end(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not-a-run" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_below_base_ignores_float_noise(tmp_path):
+    # Two seeds whose mean average accuracy equals the base's but for float noise: not a failed checkpoint.
+    tasks = ["a", "b"]
+
+    def stages(acc_a: float, acc_b: float) -> list[dict]:
+        return [{"acc": {"a": 0.3, "b": 0.25}, "kl": 0.0, "entropy": 2.0, "margin": 1.5},
+                {"acc": {"a": acc_a, "b": acc_b}, "kl": 0.1, "entropy": 2.0, "margin": 1.5},
+                {"acc": {"a": 0.1, "b": 0.1}, "kl": 0.2, "entropy": 2.0, "margin": 1.5}]
+
+    run = make_run(tmp_path / "run", "org/m", tasks, "original", {1: stages(0.05, 0.125), 2: stages(0.075, 0.85)})
+    points = kl_accuracy_points(load_study([run]))
+    step1 = points[points["step"] == 1].iloc[0]
+    assert step1["avg_accuracy"] != 0.275 and step1["avg_accuracy"] == pytest.approx(0.275)  # the noise is there
+    assert not step1["below_base"]
+    assert points[points["step"] == 2].iloc[0]["below_base"]

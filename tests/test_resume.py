@@ -10,7 +10,7 @@ import pytest
 
 from lorawatch import store
 from lorawatch.protocol import run_lock
-from test_cli import assert_one_line_error, config_file, lorawatch
+from conftest import assert_one_line_error, config_file, lorawatch
 
 RESULT_FILES = ["accuracy_matrix.csv", "cl_metrics.json", "stability.csv"]
 STAGE_FILES = ["scores.json", "reference_stats.json", "reference_drift.jsonl", "predictions/stance.jsonl",

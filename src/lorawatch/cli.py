@@ -53,8 +53,9 @@ def run(
                                                                        "or a run folder")] = None,
     monitor_patience: Annotated[Optional[int], typer.Option(help="monitor: consecutive measurements above the "
                                                                  "threshold before acting")] = None,
-    plain: Annotated[bool, typer.Option("--plain", help="evaluate without the fast path (no drafts, no merged "
-                                                          "adapter, no cached base stage), for comparison")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="evaluate without any fast-path part (no drafts, merged "
+                                                          "adapter, shared prefixes, dropped rows, reference from "
+                                                          "generation or cached base stage), for comparison")] = False,
     overwrite: Annotated[bool, typer.Option(help="start the run folder again from scratch")] = False,
     force: Annotated[bool, typer.Option(help="resume even though the config differs from the recorded one")] = False,
 ) -> None:
@@ -62,7 +63,7 @@ def run(
 
     Running the same command again on an unfinished run folder resumes it where it stopped.
     """
-    from lorawatch.config import build_config, load_config
+    from lorawatch.config import PLAIN_SWITCHES, build_config, load_config
     from lorawatch.presets import preset
     from lorawatch.protocol import run_experiment
     from lorawatch.tables import load_run, print_results
@@ -78,8 +79,7 @@ def run(
                    if order is not None else None,
                    "tasks.*.max_train_rows": max_train_rows, "tasks.*.max_test_rows": max_test_rows,
                    "eval.max_new_tokens": max_new_tokens,
-                   **({"eval.drafts": False, "eval.merge_adapter": False, "eval.reuse_base_stage": False}
-                      if plain else {})}
+                   **({f"eval.{part}": False for part in PLAIN_SWITCHES} if plain else {})}
         changes.update({"monitor.action": monitor, "monitor.threshold": monitor_threshold,
                         "monitor.relative": monitor_relative, "monitor.every": monitor_every,
                         "monitor.patience": monitor_patience,

@@ -82,18 +82,34 @@ class TrainSettings(_Strict):
     max_length: int = Field(512, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    # Linear decay to zero without warm-up is the Hugging Face Trainer default the paper's setup implies.
-    lr_scheduler: Literal["linear", "constant"] = "linear"
+    # The published training loop (no HF Trainer) has no scheduler: the rate is constant. "linear" decays it
+    # to zero over the stage's optimizer steps without warm-up, as the HF Trainer's default would.
+    lr_scheduler: Literal["constant", "linear"] = "constant"
+    # The published loop divides each micro-batch's mean answer-token loss by grad_accum (a short last window
+    # too, whose leftover gradients get one more clipped step). "tokens" weighs every answer token of an
+    # accumulation window equally instead, whichever micro-batch it lands in.
+    loss_weighting: Literal["micro_batch", "tokens"] = "micro_batch"
 
 
 class EvalSettings(_Strict):
     max_new_tokens: int = Field(256, gt=0)
     # Rows x padded length per generation batch; batches hold prompts of similar length.
     token_budget: int = Field(8192, ge=64)
-    # The fast path's switches (docs/performance.md); none changes what greedy decoding computes.
+    # The fast path's switches (evaluation.FastPath, docs/performance.md). A switch that is not exact for the
+    # model's architecture or dtype is turned off there whatever it says here; the run records what was used.
     drafts: bool = Field(True, description="check the previous checkpoint's outputs as drafts in one pass")
-    merge_adapter: bool = Field(True, description="fold LoRA into the weights while evaluating")
+    merge_adapter: bool = Field(True, description="fold LoRA into the weights while evaluating (fp32 only)")
+    shared_prefix: bool = Field(True, description="compute a prefix common to a batch's prompts once "
+                                                  "(full-attention models only)")
+    drop_finished: bool = Field(True, description="finished rows leave the decoding batch")
+    reference_from_generation: bool = Field(True, description="read the reference drift from the generation's "
+                                                              "first pass instead of a pass of its own")
     reuse_base_stage: bool = Field(True, description="cache the base evaluation across runs, orders and seeds")
+
+
+# Every fast-path switch of EvalSettings: `--plain` turns them all off.
+PLAIN_SWITCHES = ("drafts", "merge_adapter", "shared_prefix", "drop_finished", "reference_from_generation",
+                  "reuse_base_stage")
 
 
 class MonitorSettings(_Strict):

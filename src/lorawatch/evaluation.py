@@ -16,6 +16,11 @@ step of a batch, so the generation here spends as little as it can on incrementa
   of a TRACE prompt) compute that prefix once; its cache is copied to every row.
 - The distribution after the last prompt token (the reference set's answer position) comes out of the same
   forward pass, so the reference drift needs no second pass.
+
+Each of these shortcuts is a `FastPath` switch. `fast_path_for` turns off the ones that are not exact for a
+model's architecture or dtype (tests/test_conformance.py checks the rest against transformers' `generate`
+for every family the presets name, in fp32 and bf16), and `FastPath.plain()` turns them all off: the
+straightforward path the fast one is checked against.
 """
 
 from __future__ import annotations
@@ -38,6 +43,50 @@ CHAT_END_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 DEFAULT_TOKEN_BUDGET = 8192
 # Rows x kept positions x vocabulary of the logits of one draft-checking pass (float32: 4 bytes each).
 LOGITS_BUDGET = 48_000_000
+# Bumped whenever a change here changes what generation computes: cached base-stage results record it.
+GENERATION_RULES_VERSION = 2
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The evaluation shortcuts in use (see the module docstring). None changes what greedy decoding computes
+    where `fast_path_for` leaves it on; the batching by token budget is common to both paths."""
+    shared_prefix: bool = True  # a prefix common to a batch's prompts is computed once
+    drop_finished: bool = True  # finished rows leave the decoding batch
+    drafts: bool = True  # the previous checkpoint's outputs are checked in one pass
+    merge_adapter: bool = True  # LoRA folded into the weights while evaluating
+    reference_from_generation: bool = True  # reference drift read from the generation's first pass
+
+    @classmethod
+    def plain(cls) -> "FastPath":
+        return cls(**{name: False for name in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, bool]:
+        return asdict(self)
+
+
+def _text_config(model: torch.nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def fast_path_for(model: torch.nn.Module, dtype: torch.dtype, requested: FastPath) -> tuple[FastPath, dict[str, str]]:
+    """The requested shortcuts less those not exact for this model and dtype, with the reason for each one
+    switched off here."""
+    config = _text_config(model)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    off: dict[str, str] = {}
+    if requested.shared_prefix:
+        if getattr(config, "sliding_window", None) or layer_types - {"full_attention"}:
+            # A sliding-window cache drops old positions, and a recurrent state (linear attention) cannot be
+            # split as [prefix][padding][row]: only full attention makes a shared prefix exact.
+            kinds = ", ".join(sorted(layer_types - {"full_attention"})) or "sliding window"
+            off["shared_prefix"] = f"not exact with {kinds} layers"
+    if requested.merge_adapter and dtype not in (torch.float32, torch.float64):
+        # W + s*B*A rounded to bf16/fp16 loses the small updates of a short stage: another model is evaluated.
+        off["merge_adapter"] = f"folding the adapter into {str(dtype).removeprefix('torch.')} weights rounds it away"
+    used = FastPath(**{name: value and name not in off for name, value in requested.to_dict().items()})
+    return used, off
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
@@ -143,13 +192,16 @@ def generate(
     first_logprobs: bool = False,
     counters: GenerationCounters | None = None,
     on_rows: Callable[[int], None] | None = None,
+    fast: FastPath = FastPath(),
 ) -> dict[str, Generated]:
     """Greedy continuation of every prompt (at most `max_new_tokens`, ending at a stop token), by prompt id.
 
-    `drafts` maps prompt ids to guessed continuations (see the module docstring); `first_logprobs` also
-    returns each prompt's next-token log-probabilities.
+    `drafts` maps prompt ids to guessed continuations (see the module docstring), used when `fast.drafts`;
+    `first_logprobs` also returns each prompt's next-token log-probabilities. `fast.merge_adapter` is the
+    caller's business (`merged_adapter`).
     """
     model.eval()
+    fast = fast_path_for(model, model.dtype, fast)[0]  # whatever is asked, never a shortcut inexact here
     counters = counters if counters is not None else GenerationCounters()
     stops = set(stop_token_ids(tokenizer, model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -168,22 +220,23 @@ def generate(
         if row.done and on_rows:
             on_rows(1)
 
-    drafted = [r for r in rows if drafts and drafts.get(r.prompt.id)]
+    drafted = [r for r in rows if fast.drafts and drafts and drafts.get(r.prompt.id)]
     if drafted:
         _check_drafts(model, drafted, drafts, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
                       device=device, vocab=vocab, token_budget=token_budget, keep_first=first_logprobs,
-                      counters=counters, finish=finish)
+                      counters=counters, finish=finish, share_prefix=fast.shared_prefix)
     pending = [r for r in rows if not r.done]
     if pending:
         _decode(model, pending, max_new_tokens=max_new_tokens, pad_id=pad_id, device=device,
-                token_budget=token_budget, keep_first=first_logprobs, counters=counters, finish=finish)
+                token_budget=token_budget, keep_first=first_logprobs, counters=counters, finish=finish,
+                share_prefix=fast.shared_prefix, drop_finished=fast.drop_finished)
     counters.generated_tokens += sum(len(r.out) for r in rows)
     return {r.prompt.id: Generated(tuple(r.out), r.first_logprobs) for r in rows}
 
 
 def _check_drafts(model, rows: list[_Row], drafts: Mapping[str, Sequence[int]], *, max_new_tokens: int,
                   stops: set[int], pad_id: int, device: str, vocab: int, token_budget: int, keep_first: bool,
-                  counters: GenerationCounters, finish: Callable[[_Row], None]) -> None:
+                  counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool) -> None:
     """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with."""
     guesses = []
     for row in rows:
@@ -196,8 +249,8 @@ def _check_drafts(model, rows: list[_Row], drafts: Mapping[str, Sequence[int]], 
                                 cost_budget=LOGITS_BUDGET):
         seqs = [list(rows[i].prompt.input_ids) + guesses[i] for i in batch]
         keep = max(len(guesses[i]) for i in batch) + 1
-        logits, _, _, _ = _prefill(model, seqs, pad_id=pad_id, device=device, keep=keep, use_cache=False,
-                                   counters=counters)
+        logits, _, _, _ = _prefill(model, seqs, [rows[i].prompt for i in batch], pad_id=pad_id, device=device,
+                                   keep=keep, use_cache=False, counters=counters, share_prefix=share_prefix)
         for b, i in enumerate(batch):
             row, draft = rows[i], guesses[i]
             start = keep - 1 - len(draft)  # the prompt's last position within the kept logits
@@ -215,18 +268,23 @@ def _check_drafts(model, rows: list[_Row], drafts: Mapping[str, Sequence[int]], 
 
 
 def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
-            keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None]) -> None:
-    """Incremental greedy decoding; a row leaves the batch (and its cache) once it is finished."""
+            keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool,
+            drop_finished: bool) -> None:
+    """Incremental greedy decoding. With `drop_finished` a row leaves the batch (and its cache) once it is
+    finished; without it, it is carried along until the whole batch is done and its tokens are ignored."""
     lengths = [len(r.prompt.input_ids) + max_new_tokens for r in rows]  # the longest a row's cache can grow
     for batch in budget_batches(lengths, token_budget):
         active = [rows[i] for i in batch]
-        logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) + r.out for r in active], pad_id=pad_id,
-                                             device=device, keep=1, use_cache=True, counters=counters)
+        logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) + r.out for r in active],
+                                             [r.prompt for r in active], pad_id=pad_id, device=device, keep=1,
+                                             use_cache=True, counters=counters, share_prefix=share_prefix)
         logits = logits[:, -1]
         counters.decode_steps += len(active)
         while True:
             tokens = logits.argmax(-1)
             for row, token, row_logits in zip(active, tokens.tolist(), logits):
+                if row.done:
+                    continue  # carried along (drop_finished off): its tokens are not its own any more
                 if keep_first and row.first_logprobs is None and not row.out:
                     row.first_logprobs = torch.log_softmax(row_logits.float(), dim=-1).cpu()
                 row.out.append(token)
@@ -234,9 +292,10 @@ def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device
             keep = [i for i, row in enumerate(active) if not row.done]
             if not keep:
                 break
-            if len(keep) < len(active):
+            if drop_finished and len(keep) < len(active):
                 index = torch.tensor(keep, device=mask.device)
-                cache.batch_select_indices(index)
+                # reorder_cache selects rows in every kind of cache layer, recurrent states included.
+                cache.reorder_cache(index)
                 mask, last, tokens = mask[index], last[index], tokens[index]
                 active = [active[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
@@ -255,7 +314,11 @@ MIN_SHARED_PREFIX = 8
 
 
 def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Tokens every row starts with, leaving each row at least one token of its own."""
+    """Tokens every row starts with, leaving each row at least one token of its own.
+
+    Called on the prompts alone (never prompt + draft): a row's own part then always holds its last prompt
+    token, where its first generated token and reference distribution are read, even when rows repeat a
+    whole prompt."""
     limit = min(len(s) for s in seqs) - 1
     first = seqs[0]
     n = 0
@@ -264,19 +327,14 @@ def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n if n >= MIN_SHARED_PREFIX and len(seqs) > 1 else 0
 
 
-def _can_share_prefix(model: torch.nn.Module) -> bool:
-    # Sliding-window caches drop old positions; keep to full attention, where a shared prefix is exact.
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return not getattr(config, "sliding_window", None) and \
-        "sliding_attention" not in (getattr(config, "layer_types", None) or [])
-
-
-def _prefill(model, seqs: Sequence[Sequence[int]], *, pad_id: int, device: str, keep: int, use_cache: bool,
-             counters: GenerationCounters) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, torch.Tensor]:
-    """One pass over a batch of rows: (logits of the last `keep` positions, cache, attention mask, each row's
-    last position id). A prefix common to all rows is computed once and its cache copied to every row;
-    the rows' own tokens follow it, padded on their left: [prefix][pad][row]."""
-    shared = shared_prefix_length(seqs) if _can_share_prefix(model) else 0
+def _prefill(model, seqs: Sequence[Sequence[int]], prompts: Sequence[EncodedPrompt], *, pad_id: int, device: str,
+             keep: int, use_cache: bool, counters: GenerationCounters,
+             share_prefix: bool) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, torch.Tensor]:
+    """One pass over a batch of rows (each a prompt and what follows it): (logits of the last `keep` positions,
+    cache, attention mask, each row's last position id). With `share_prefix`, a prefix common to all prompts
+    is computed once and its cache copied to every row; the rows' own tokens follow it, padded on their
+    left: [prefix][pad][row]."""
+    shared = shared_prefix_length([p.input_ids for p in prompts]) if share_prefix else 0
     cache = DynamicCache(config=model.config) if use_cache or shared else None
     if shared:
         prefix = torch.tensor([list(seqs[0][:shared])], dtype=torch.long, device=device)

@@ -33,6 +33,13 @@ import pandas as pd
 
 from lorawatch.errors import DataError
 
+# Accuracies that differ by less than this are equal: seed means of fractions carry float noise
+# (0.275 against 0.27499999999999997), and a rank or a "below base" must not hang on it.
+ACCURACY_TOLERANCE = 1e-9
+# A failure-zone threshold is fitted only with at least this many failed and this many healthy checkpoints;
+# below that a threshold separates a handful of points by chance, not failed checkpoints from healthy ones.
+MIN_CHECKPOINTS_PER_LABEL = 3
+
 BASE_CHECKPOINT = "base"
 CHECKPOINT_COLUMN = "checkpoint"
 METRIC_COLUMNS: tuple[str, ...] = ("op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base")

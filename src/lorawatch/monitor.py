@@ -33,6 +33,7 @@ import torch
 
 from lorawatch import store
 from lorawatch.errors import UserError
+from lorawatch.metrics import ACCURACY_TOLERANCE, MIN_CHECKPOINTS_PER_LABEL
 
 ACTIONS = ("warn", "stop", "revert", "rollback")
 
@@ -67,6 +68,11 @@ def calibrated_threshold(source: str | Path) -> tuple[float, str]:
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise UserError(f"{path}: field 'failure_zone.threshold' is missing or not a positive number; "
                             "the report could not fit one")
+        counts = [zone.get("n_failed"), zone.get("n_healthy")]
+        if not all(isinstance(n, int) for n in counts) or min(counts) < MIN_CHECKPOINTS_PER_LABEL:
+            raise UserError(f"{path}: the failure-zone threshold was fitted on {counts[0]} failed and {counts[1]} "
+                            f"healthy checkpoint(s); at least {MIN_CHECKPOINTS_PER_LABEL} of each are needed to "
+                            "calibrate from it")
         return float(value), f"failure-zone threshold fitted in {path}"
     if path.is_dir() and (path / "config.json").is_file():
         healthy = []
@@ -80,7 +86,7 @@ def calibrated_threshold(source: str | Path) -> tuple[float, str]:
                 continue
             tasks = [t for t in scores if t != "reference"]
             average = np.mean([scores[t] for t in tasks])
-            if average >= np.mean([base[t] for t in tasks]) and stats.get("kl_mean", 0) > 0:
+            if average >= np.mean([base[t] for t in tasks]) - ACCURACY_TOLERANCE and stats.get("kl_mean", 0) > 0:
                 healthy.append(stats["kl_mean"])
         if not healthy:
             raise UserError(f"{path}: no trained checkpoint kept the base model's average accuracy; "

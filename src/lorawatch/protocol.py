@@ -37,7 +37,8 @@ from lorawatch import store, tables
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.costs import Costs
 from lorawatch.errors import ConfigError, UserError
-from lorawatch.evaluation import Generated, Prediction, accuracy, decode_text, generate, merged_adapter, score
+from lorawatch.evaluation import (GENERATION_RULES_VERSION, FastPath, Generated, Prediction, accuracy, decode_text,
+                                  fast_path_for, generate, merged_adapter, score)
 from lorawatch.models import LoadedModel, default_cache_dir, load_model
 from lorawatch.monitor import MonitorParams, StageMonitor, calibrated_threshold
 from lorawatch.progress import RunProgress
@@ -45,7 +46,7 @@ from lorawatch.prompts import EncodedPrompt, EncodedTrainExample, encode_prompt,
 from lorawatch.stability import ExampleDrift, answer_logprobs, per_example_drift, summarize
 from lorawatch.tasks.base import Example, Task
 from lorawatch.tasks.loading import load_reference, load_task
-from lorawatch.tasks.scoring import training_target
+from lorawatch.tasks.scoring import SCORING_RULES_VERSION, training_target
 from lorawatch.training import TrainParams, train_stage, use_gap_dropout
 
 
@@ -133,7 +134,7 @@ class EvalParams:
     token_budget: int
     device: str
     reference_position: str  # "answer" | "published"
-    drafts: bool  # use the previous checkpoint's outputs as drafts (see evaluation.py)
+    fast: FastPath  # the evaluation shortcuts in use, already resolved for the model and dtype
 
 
 def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folder: Path, params: EvalParams, *,
@@ -158,14 +159,15 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
         if rows is None:
             is_reference = name == "reference"
             # The answer-position distribution falls out of the generation's first forward pass.
-            first = is_reference and drift is None and params.reference_position == "answer"
+            first = is_reference and drift is None and params.reference_position == "answer" and \
+                params.fast.reference_from_generation
             phase = "reference_generation" if is_reference else "task_eval"
             progress.phase(f"{label} · {'reference set' if is_reference else 'evaluate ' + name}")
             with costs.phase(phase):
                 generated = generate_by_task(model, tokenizer, examples, prompts,
                                              max_new_tokens=params.max_new_tokens, device=params.device,
                                              token_budget=params.token_budget,
-                                             drafts=drafts if params.drafts else None, first_logprobs=first,
+                                             drafts=drafts, first_logprobs=first, fast=params.fast,
                                              counters=costs.generation[phase], on_rows=progress.advance)
             rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer,
                           decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
@@ -234,10 +236,12 @@ def base_stage_key(loaded: LoadedModel, data: RunData, encoded: Encoded, params:
     tasks = sorted((t.name, t.kind, [(e.id, e.answer) for e in t.test],
                     [list(p.input_ids) for p in encoded.test[t.name]]) for t in data.tasks)
     reference = [(e.id, e.task, e.answer, list(p.input_ids)) for e, p in zip(data.reference, encoded.reference)]
+    versions["scoring_rules"] = SCORING_RULES_VERSION
+    versions["generation_rules"] = GENERATION_RULES_VERSION
     payload = json.dumps({"model": [info.spec, info.path, info.dtype, info.device, info.num_parameters],
                           "versions": versions, "tasks": tasks, "reference": reference,
                           "max_new_tokens": params.max_new_tokens, "token_budget": params.token_budget,
-                          "position": params.reference_position},
+                          "position": params.reference_position, "fast_path": params.fast.to_dict()},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -506,9 +510,14 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
     params = TrainParams(learning_rate=config.train.learning_rate, batch_size=config.train.batch_size,
                          grad_accum=config.train.grad_accum, epochs=config.train.epochs,
                          max_grad_norm=config.train.max_grad_norm, weight_decay=config.train.weight_decay,
-                         lr_scheduler=config.train.lr_scheduler)
+                         lr_scheduler=config.train.lr_scheduler, loss_weighting=config.train.loss_weighting)
+    requested = FastPath(**{part: getattr(config.eval, part) for part in FastPath.__dataclass_fields__})
+    fast, switched_off = fast_path_for(loaded.model, loaded.model.dtype, requested)
+    for part, why in switched_off.items():
+        console.print(f"lorawatch: fast path: {part} off for this model ({why})")
+    costs.notes["fast_path"] = {"used": fast.to_dict(), "switched_off": switched_off}
     eval_params = EvalParams(max_new_tokens=config.eval.max_new_tokens, token_budget=config.eval.token_budget,
-                             device=device, reference_position=config.reference.position, drafts=config.eval.drafts)
+                             device=device, reference_position=config.reference.position, fast=fast)
 
     with RunProgress(_total_rows(config, data), console) as progress:
         # Stage 0 does not depend on the seed or the task order: computed once per model, data and settings
@@ -534,7 +543,8 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                 base_logprobs = computed
             finish_stage(base_dir, stage=0, checkpoint="base", task=None, scores=scores, drift=drift,
                          base_stats=None, extra={"eval_seconds": round(time.perf_counter() - started, 3),
-                                                 "base_stage_key": key, "reused_from_cache": reused})
+                                                 "base_stage_key": key, "reused_from_cache": reused,
+                                                 "fast_path": fast.to_dict()})
             if cache is not None and not reused:
                 _save_base_stage(cache, base_dir, base_lp_path)
             progress.log("base: " + _scores_line(scores))
@@ -562,8 +572,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
                     first -= 1
                 for stage in range(first, len(stages)):
                     _run_stage(model, loaded, data, encoded, params, eval_params, run_dir, seed, stage,
-                               base_logprobs, base_stats, progress, costs, merge=config.eval.merge_adapter,
-                               monitor=monitor)
+                               base_logprobs, base_stats, progress, costs, monitor=monitor)
                 del model
             else:
                 progress.advance(_seed_rows(config, data))
@@ -576,8 +585,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, data: RunData, console:
 
 def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, params: TrainParams,
                eval_params: EvalParams, run_dir: Path, seed: int, stage: int, base_logprobs: torch.Tensor,
-               base_stats: dict, progress: RunProgress, costs: Costs, *, merge: bool,
-               monitor: MonitorParams | None) -> None:
+               base_stats: dict, progress: RunProgress, costs: Costs, *, monitor: MonitorParams | None) -> None:
     task = data.tasks[stage - 1]
     folder = store.stage_dir(run_dir, seed, stage)
     label = f"seed {seed} · stage {stage}/{len(data.tasks)}"
@@ -623,7 +631,7 @@ def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, para
             store.write_json(log_path, log)
         crash_point(f"{prefix}:trained")
     eval_start = time.perf_counter()
-    with merged_adapter(model) if merge else nullcontext():
+    with merged_adapter(model) if eval_params.fast.merge_adapter else nullcontext():
         scores, drift, _ = evaluate_checkpoint(model, loaded.tokenizer, data, encoded, folder, eval_params,
                                                base_logprobs=base_logprobs,
                                                drafts=read_drafts(store.stage_dir(run_dir, seed, stage - 1)),
@@ -631,6 +639,7 @@ def _run_stage(model, loaded: LoadedModel, data: RunData, encoded: Encoded, para
     stats = finish_stage(folder, stage=stage, checkpoint=task.name, task=task.name, scores=scores, drift=drift,
                          base_stats=base_stats, extra={"training": log,
                                                        "intervention": (log.get("monitor") or {}).get("intervention"),
+                                                       "fast_path": eval_params.fast.to_dict(),
                                                        "eval_seconds": round(time.perf_counter() - eval_start, 3)})
     crash_point(f"{prefix}:done")
     losses = log["step_losses"]
@@ -652,7 +661,7 @@ def _stage_monitor(model, loaded: LoadedModel, data: RunData, encoded: Encoded, 
         was_training = model.training
         first = generate_by_task(model, loaded.tokenizer, data.reference, encoded.reference, max_new_tokens=1,
                                  device=eval_params.device, token_budget=eval_params.token_budget,
-                                 first_logprobs=True)
+                                 first_logprobs=True, fast=eval_params.fast)
         model.train(was_training)
         logprobs = torch.stack([first[e.id].first_logprobs for e in data.reference])
         return summarize(_drift(data, logprobs, base_logprobs))

@@ -66,7 +66,8 @@ class TrainParams:
     epochs: int
     max_grad_norm: float | None
     weight_decay: float
-    lr_scheduler: str  # "linear" | "constant"
+    lr_scheduler: str = "constant"  # "constant" (the published loop) | "linear" (decay to zero)
+    loss_weighting: str = "micro_batch"  # "micro_batch" (the published loop) | "tokens"
 
 
 @dataclass
@@ -127,7 +128,10 @@ def train_stage(
 ) -> TrainingLog:
     """Train the model's trainable (LoRA) parameters on `examples` for `params.epochs` epochs.
 
-    The loss of an optimizer step is the mean over all answer tokens of its accumulation window, so
+    The published loop (shared/paper/protocol.md) is the default: each micro-batch's mean answer-token loss
+    divided by `grad_accum` (`loss_weighting="micro_batch"`), a constant learning rate, and a last clipped
+    step on whatever a short final window accumulated (500 rows, batch 2, accumulation 8 -> 32 steps).
+    `loss_weighting="tokens"` makes a step's loss the mean over all answer tokens of its window instead, so
     short and long answers weigh the same whichever micro-batch they land in.
     `on_micro_batch(done, total)` reports progress in examples. `on_step(step, total_steps, loss)` runs after
     every optimizer step; when it returns True the stage ends there (the drift monitor's stop).
@@ -160,7 +164,7 @@ def train_stage(
             window_tokens = sum(_answer_token_count(b) for b in window)
             if window_tokens == 0:
                 continue  # every answer was truncated away; nothing to learn from this window
-            window_loss = 0.0
+            window_loss = 0.0  # what is logged: the mean answer-token loss, as weighted for the gradient
             for batch in window:
                 inputs = _collate(batch, pad_id, device)
                 labels = inputs.pop("labels")
@@ -171,8 +175,19 @@ def train_stage(
                 logits = model(**inputs, logits_to_keep=predicts).logits  # [answer tokens, vocab]
                 loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]],
                                                              reduction="sum")
-                (loss_sum / window_tokens).backward()
-                window_loss += loss_sum.item()
+                batch_tokens = _answer_token_count(batch)
+                if params.loss_weighting == "tokens":
+                    loss = loss_sum / window_tokens
+                    window_loss += loss.item()
+                elif batch_tokens:
+                    # The published loop: this micro-batch's mean, over the full accumulation count (also in a
+                    # short last window); the logged value is the mean of the window's micro-batch means.
+                    loss = loss_sum / (batch_tokens * params.grad_accum)
+                    window_loss += loss.item() * params.grad_accum / len(window)
+                else:
+                    loss = None  # no answer token left in this micro-batch: no loss, as in a mean over nothing
+                if loss is not None:
+                    loss.backward()
                 log.micro_batches += 1
                 log.total_tokens += int(inputs["attention_mask"].sum())
                 done += len(batch)
@@ -186,8 +201,8 @@ def train_stage(
             optimizer.zero_grad(set_to_none=True)
             log.optimizer_steps += 1
             log.answer_tokens += window_tokens
-            log.step_losses.append(round(window_loss / window_tokens, 6))
-            if on_step is not None and on_step(log.optimizer_steps, total_steps, window_loss / window_tokens):
+            log.step_losses.append(round(window_loss, 6))
+            if on_step is not None and on_step(log.optimizer_steps, total_steps, window_loss):
                 log.stopped_early = log.optimizer_steps < total_steps
                 break
         if log.stopped_early:

@@ -40,6 +40,7 @@ from lorawatch.report.study import (
     Study,
     build_tables,
     correlation,
+    correlations,
     fit_failure_threshold,
     kl_accuracy_points,
     load_study,
@@ -47,7 +48,7 @@ from lorawatch.report.study import (
     slug,
 )
 
-__all__ = ["FAILURE_ZONE_METHOD", "Report", "ReportTable", "Study", "build_tables", "correlation",
+__all__ = ["FAILURE_ZONE_METHOD", "Report", "ReportTable", "Study", "build_tables", "correlation", "correlations",
            "fit_failure_threshold", "kl_accuracy_points", "load_study", "model_display_name", "write_report"]
 
 
@@ -108,7 +109,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
         text(f"{table.name}.tex", table.to_latex())
 
     points = kl_accuracy_points(study)
-    corr = correlation(points)
+    corr = correlations(points)
     zone = fit_failure_threshold(points["kl_to_base"], points["below_base"])
     corr_json = _clean({
         "x": "KL to base on the reference set (seed mean)",
@@ -152,11 +153,13 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
 
 
 def _index(study: Study, tables: list[ReportTable], corr: dict, zone: dict, stems: dict[str, str]) -> str:
-    def r_line(name: str, label: str) -> str:
-        entry = corr[name]
-        if entry["r"] is None:
-            return f"- {label}: not computed ({entry['reason']})"
-        return f"- {label}: r = {entry['r']:.3f}, p = {entry['p']:.3g}"
+    def r_line(entries: dict, label: str) -> str:
+        parts = []
+        for name in ("pearson", "spearman"):
+            entry = entries[name]
+            parts.append(f"{name.title()} not computed ({entry['reason']})" if entry["r"] is None else
+                         f"{name.title()} r = {entry['r']:.3f}, p = {entry['p']:.3g}")
+        return f"- {label} ({entries['n']} points): " + "; ".join(parts)
 
     lines = ["# lorawatch report", "",
              f"{len(study.groups)} model × order group(s) from "
@@ -174,13 +177,16 @@ def _index(study: Study, tables: list[ReportTable], corr: dict, zone: dict, stem
               f"[SVG](figure1.svg) · [data](figure1.csv) · [correlation.json](correlation.json)", "",
               f"Every checkpoint after a training step ({corr['n']} points, seed means; base checkpoints, whose KL "
               "is 0 by definition, are left out).", "",
-              r_line("pearson", "Pearson"), r_line("spearman", "Spearman"), ""]
+              r_line(corr, "All models pooled"),
+              *[r_line(entries, model) for model, entries in corr["per_model"].items()],
+              "", corr["independence"], ""]
     if zone["threshold"] is not None:
         lines.append(f"**Failure zone: KL to base > {zone['threshold']:.4g}** (balanced accuracy "
                      f"{zone['balanced_accuracy']:.3f}; {zone['n_failed']} checkpoint(s) below their base model's "
                      f"average accuracy, {zone['n_healthy']} not).")
     else:
-        lines.append(f"Failure zone: no threshold ({zone['reason']}).")
+        lines.append(f"Failure zone: no threshold ({zone['reason']}), so none is offered to "
+                     "`monitor.calibrate_from`.")
     lines += ["", f"Method: {zone['method']}", "",
               "## Figure 2: KL to base per step", "", "![Figure 2](figure2.png)", "",
               "[SVG](figure2.svg) · [data](figure2.csv)", "", "## Per model", ""]

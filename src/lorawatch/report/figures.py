@@ -101,7 +101,11 @@ def figure1(study: Study, points: pd.DataFrame, corr: dict, zone: dict, out_dir:
     pearson, spearman = corr["pearson"], corr["spearman"]
     stats_text = (f"Pearson r = {_fmt(pearson['r'])} (p = {_fmt_p(pearson['p'])})\n"
                   f"Spearman ρ = {_fmt(spearman['r'])} (p = {_fmt_p(spearman['p'])})\n"
-                  f"n = {corr['n']} checkpoints (seed means)")
+                  f"n = {corr['n']} checkpoints (seed means)" + ("" if len(corr.get("per_model", {})) < 2 else
+                                                                 ", models pooled"))
+    for model, entries in (corr.get("per_model") or {}).items() if len(corr.get("per_model", {})) > 1 else ():
+        stats_text += (f"\n{model}: r = {_fmt(entries['pearson']['r'])}, ρ = {_fmt(entries['spearman']['r'])} "
+                       f"(n = {entries['n']})")
     # Beside the axes, under the legend: inside them it can hide a checkpoint.
     ax.text(1.03, 0.0, stats_text, transform=ax.transAxes, fontsize=8.5, va="bottom", ha="left",
             bbox={"boxstyle": "round,pad=0.4", "facecolor": "white", "edgecolor": "#999999", "alpha": 0.9})

@@ -24,7 +24,7 @@ import pandas as pd
 from lorawatch import store
 from lorawatch.config import ExperimentConfig
 from lorawatch.errors import UserError
-from lorawatch.metrics import mean_std_frames
+from lorawatch.metrics import ACCURACY_TOLERANCE, MIN_CHECKPOINTS_PER_LABEL, mean_std_frames
 from lorawatch.tables import load_run, seed_tables
 
 # Per step (row 0 = base): what the tables and figures need, all per seed before aggregation.
@@ -414,7 +414,8 @@ def kl_accuracy_points(study: Study) -> pd.DataFrame:
                             "checkpoint": task, "n_seeds": len(group.per_seed),
                             "kl_to_base": float(row["kl_mean"]), "kl_to_base_std": float(std["kl_mean"]),
                             "avg_accuracy": float(row["avg_all"]), "avg_accuracy_std": float(std["avg_all"]),
-                            "base_avg_accuracy": base_avg, "below_base": bool(row["avg_all"] < base_avg)})
+                            "base_avg_accuracy": base_avg,
+                            "below_base": bool(row["avg_all"] < base_avg - ACCURACY_TOLERANCE)})
     return pd.DataFrame(records)
 
 
@@ -423,7 +424,8 @@ FAILURE_ZONE_METHOD = (
     "base model's average accuracy. Candidate thresholds are the midpoints between consecutive distinct KL "
     "values (sorted); a checkpoint is predicted failed when its KL to base is above the threshold. The threshold "
     "with the highest balanced accuracy ((true-positive rate + true-negative rate) / 2) is chosen; ties go to the "
-    "smallest threshold. Undefined when every checkpoint has the same label or all KL values are equal."
+    f"smallest threshold. Not fitted with fewer than {MIN_CHECKPOINTS_PER_LABEL} failed or fewer than "
+    f"{MIN_CHECKPOINTS_PER_LABEL} healthy checkpoints, nor when all KL values are equal."
 )
 
 
@@ -432,11 +434,12 @@ def fit_failure_threshold(kl: Sequence[float], failed: Sequence[bool]) -> dict:
     kl = np.asarray(kl, dtype=float)
     failed = np.asarray(failed, dtype=bool)
     result = {"threshold": None, "balanced_accuracy": None, "n_failed": int(failed.sum()),
-              "n_healthy": int((~failed).sum()), "rule": "failed if KL to base > threshold",
-              "method": FAILURE_ZONE_METHOD}
+              "n_healthy": int((~failed).sum()), "min_per_label": MIN_CHECKPOINTS_PER_LABEL,
+              "rule": "failed if KL to base > threshold", "method": FAILURE_ZONE_METHOD}
     values = np.unique(kl)
-    if failed.all() or not failed.any():
-        result["reason"] = "every checkpoint has the same label (all failed or none failed)"
+    if min(result["n_failed"], result["n_healthy"]) < MIN_CHECKPOINTS_PER_LABEL:
+        result["reason"] = (f"{result['n_failed']} failed and {result['n_healthy']} healthy checkpoint(s); at least "
+                            f"{MIN_CHECKPOINTS_PER_LABEL} of each are needed")
         return result
     if len(values) < 2:
         result["reason"] = "all checkpoints have the same KL to base"
@@ -453,12 +456,20 @@ def fit_failure_threshold(kl: Sequence[float], failed: Sequence[bool]) -> dict:
     return result
 
 
+INDEPENDENCE_NOTE = (
+    "Checkpoints of one run share its training trajectory, and one model's runs share its base: the points are "
+    "not independent, so the p-values (which assume they are) overstate the evidence. The pooled correlation "
+    "also mixes models whose KL scales differ; read it beside the per-model ones.")
+
+
 def correlation(points: pd.DataFrame) -> dict:
-    """Pearson and Spearman correlation of KL to base with average accuracy over the points."""
+    """Pearson and Spearman correlation of KL to base with average accuracy over the points.
+
+    Values are rounded to 9 decimals first, so that accuracies equal but for float noise tie in the ranks."""
     from scipy import stats
 
-    x = points["kl_to_base"].to_numpy(dtype=float)
-    y = points["avg_accuracy"].to_numpy(dtype=float)
+    x = np.round(points["kl_to_base"].to_numpy(dtype=float), 9)
+    y = np.round(points["avg_accuracy"].to_numpy(dtype=float), 9)
     out: dict = {"n": int(len(x))}
     for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
         if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
@@ -472,3 +483,9 @@ def correlation(points: pd.DataFrame) -> dict:
         if caught:  # e.g. scipy's NearConstantInputWarning: kept with the numbers, not printed
             out[name]["warning"] = str(caught[0].message)
     return out
+
+
+def correlations(points: pd.DataFrame) -> dict:
+    """The pooled correlation, the same per model, and the caveat that goes with them."""
+    per_model = {model: correlation(points[points["model"] == model]) for model in dict.fromkeys(points["model"])}
+    return {**correlation(points), "per_model": per_model, "independence": INDEPENDENCE_NOTE}

@@ -54,6 +54,7 @@ def load_examples(path: str | Path, *, task: str, split: str, kind: str | None =
     if not rows:
         raise DataError(path, "contains no rows; expected a list of {prompt, answer} rows")
     examples = []
+    word_golds: list[int] = []
     seen_ids: set[str] = set()
     for index, row in enumerate(rows):
         number = index + 1
@@ -70,8 +71,8 @@ def load_examples(path: str | Path, *, task: str, split: str, kind: str | None =
         answer = str(answer)
         if not answer.strip():
             raise DataError(path, "'answer' is empty", row=number)
-        if kind is not None:
-            _check_gold(path, number, kind, answer, prompt)
+        if kind is not None and _check_gold(path, number, kind, answer, prompt):
+            word_golds.append(number)
         example_id = str(row.get("id", f"{task}/{split}/{index}"))
         if example_id in seen_ids:
             raise DataError(path, f"duplicate id {example_id!r}", row=number)
@@ -81,6 +82,11 @@ def load_examples(path: str | Path, *, task: str, split: str, kind: str | None =
             row_task = row.get("task") or row.get("task_name") or row.get("task_id")
             row_task = str(row_task) if row_task is not None else None
         examples.append(Example(id=example_id, prompt=prompt, answer=answer, task=row_task))
+    if word_golds:
+        # Real data has a few of these (NumGLUE-cm: "Friday"): kept, with one line per file rather than per row.
+        shown = ", ".join(map(str, word_golds[:5])) + (", ..." if len(word_golds) > 5 else "")
+        warnings.warn(f"{path}: {len(word_golds)} numeric answer(s) are words, not numbers (rows {shown}); "
+                      "a prediction without any number is compared with them as text", stacklevel=2)
     return tuple(examples)
 
 
@@ -95,7 +101,8 @@ def prompt_options(prompt: str) -> str:
     return letters if len(letters) >= 2 and LETTERS.startswith(letters) else ""
 
 
-def _check_gold(path: Path, number: int, kind: str, answer: str, prompt: str = "") -> None:
+def _check_gold(path: Path, number: int, kind: str, answer: str, prompt: str = "") -> bool:
+    """Refuse a gold answer that can never be scored; True for a numeric gold that is a word."""
     gold = gold_answer(kind, answer)
     if kind == "multiple_choice":
         if len(gold) != 1 or gold not in LETTERS:
@@ -105,10 +112,7 @@ def _check_gold(path: Path, number: int, kind: str, answer: str, prompt: str = "
         if options and gold not in options:
             raise DataError(path, f"answer {gold!r} is not one of the options {', '.join(options)} in the prompt",
                             row=number)
-    elif format_number(gold) is None:
-        # Real data has a few of these (NumGLUE-cm: "FRIDAY"): warn and keep them rather than refuse the file.
-        warnings.warn(f"{path}, row {number}: numeric answer {gold!r} is not a number; "
-                      "it can only be matched as text", stacklevel=2)
+    return kind == "numeric" and format_number(gold) is None
 
 
 def _key(name: str) -> str:

@@ -1,9 +1,10 @@
 """Answer normalisation and exact-match scoring.
 
 The rules follow the paper's published evaluation (shared/paper/protocol.md): strip reasoning blocks, chat
-end markers and markdown emphasis; multiple choice prefers an explicit marker, then a leading option letter,
-then the last standalone letter; numeric takes the last number after a final-answer marker, else the last
-number in the text. The same functions turn gold answers into training targets, so that what the model is
+end markers and markdown emphasis; multiple choice prefers an explicit marker (tried kind by kind in the
+published priority order), then a leading option letter (either case), then the last standalone letter;
+numeric takes the last number after a final-answer marker, else the last number in the text, else the last
+line upper-cased (so that a word gold can match). The same functions turn gold answers into training targets, so that what the model is
 taught and what it is graded on cannot drift apart.
 """
 
@@ -11,16 +12,25 @@ from __future__ import annotations
 
 import re
 
+# Bumped whenever a rule below changes what a text scores: cached base-stage results record it.
+SCORING_RULES_VERSION = 2
+
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
 _END_MARKERS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<eos>")
 _EMPHASIS = re.compile(r"(\*\*|__|\*|`)")
 
 LETTERS = "ABCDE"
-_MC_MARKER = re.compile(
-    r"(?:final\s+answer|the\s+answer\s+is|answer|option|choice)\s*(?:is)?\s*[:：]?\s*\(?([A-E])\b\)?",
-    re.IGNORECASE,
-)
-_MC_LEADING = re.compile(r"^\s*\(?([A-E])(?:[\s.):,]|$)")
+# Explicit answer markers in the published priority order: the first kind that matches anywhere in the text
+# decides (its first occurrence), so "final answer: C" beats an earlier "answer: B" and an "option D" discussed
+# after "the answer is A" does not override it. Letters are read case-insensitively.
+_MC_MARKERS = tuple(re.compile(pattern + r"\s*\(?([A-E])\b", re.IGNORECASE) for pattern in (
+    r"final\s+answer\s*[:：\-]",
+    r"answer\s*[:：\-]",
+    r"the\s+answer\s+is",
+    r"option",
+    r"choice",
+))
+_MC_LEADING = re.compile(r"^\s*\(?([A-E])(?:[\s.):,]|$)", re.IGNORECASE)
 _MC_STANDALONE = re.compile(r"(?<![A-Za-z])([A-E])(?![A-Za-z])")
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -40,12 +50,13 @@ def normalize_choice(text: str) -> str:
     """The option letter a text commits to, or "" when it names none."""
     text = clean_output(text)
     # The model's own explicit statement beats anything else it wrote (e.g. options it discussed).
-    markers = _MC_MARKER.findall(text)
-    if markers:
-        return markers[-1].upper()
+    for marker in _MC_MARKERS:
+        found = marker.search(text)
+        if found:
+            return found.group(1).upper()
     leading = _MC_LEADING.match(text)
     if leading:
-        return leading.group(1)
+        return leading.group(1).upper()
     standalone = _MC_STANDALONE.findall(text)
     return standalone[-1] if standalone else ""
 
@@ -65,7 +76,10 @@ def format_number(token: str) -> str | None:
 
 
 def normalize_number(text: str) -> str:
-    """The final numeric answer in a text, canonically formatted, or "" when there is none."""
+    """The final numeric answer in a text, canonically formatted.
+
+    With no number at all, the text's last line upper-cased, as the published code does: a word gold such as
+    NumGLUE-cm's "Friday" can then match an answer that is that word alone. "" for an empty text."""
     text = clean_output(text)
     boxed = _BOXED.findall(text)
     if boxed:
@@ -78,7 +92,10 @@ def normalize_number(text: str) -> str:
         if numbers:
             return format_number(numbers[-1]) or ""
     numbers = _NUMBER.findall(text)
-    return (format_number(numbers[-1]) or "") if numbers else ""
+    if numbers:
+        return format_number(numbers[-1]) or ""
+    lines = text.splitlines()
+    return lines[-1].strip().upper() if lines else ""
 
 
 def normalize_prediction(kind: str, text: str) -> str:
@@ -90,7 +107,7 @@ def gold_answer(kind: str, answer: str) -> str:
 
     Multiple choice: the leading letter of the first line (ScienceQA appends a rationale after a newline).
     Numeric: the canonical number, or the stripped text when the gold is not a number (the real NumGLUE-cm
-    test set has a few such rows; they are kept, and only a matching text can score).
+    test set has a few such rows; they are kept, and a prediction with no number is compared with them as text).
     """
     first_line = answer.strip().split("\n", 1)[0].strip()
     if kind == "multiple_choice":
