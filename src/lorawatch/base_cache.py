@@ -20,8 +20,8 @@ from lorawatch.runfolder import BASE_LOGPROBS
 from lorawatch.tasks.scoring import SCORING_RULES_VERSION
 
 
-def base_stage_key(loaded: LoadedModel, data: RunData, encoded: Encoded, params: EvalParams) -> str:
-    """What the base checkpoint's evaluation depends on, to the byte: the model, the exact token ids of every
+def base_stage_key(loaded: LoadedModel, weights: str, data: RunData, encoded: Encoded, params: EvalParams) -> str:
+    """What the base checkpoint's evaluation depends on, to the byte: the model (and a digest of its weights), the exact token ids of every
     prompt, the answers, the generation settings (the token budget too: batching changes float round-off) and
     the software. Task order and seeds do not enter."""
     versions = {p: importlib.metadata.version(p) for p in ("lorawatch", "torch", "transformers")}
@@ -31,7 +31,7 @@ def base_stage_key(loaded: LoadedModel, data: RunData, encoded: Encoded, params:
     reference = [(e.id, e.task, e.answer, list(p.input_ids)) for e, p in zip(data.reference, encoded.reference)]
     versions["scoring_rules"] = SCORING_RULES_VERSION
     versions["generation_rules"] = GENERATION_RULES_VERSION
-    payload = json.dumps({"model": [info.spec, info.path, info.dtype, info.device, info.num_parameters],
+    payload = json.dumps({"model": [info.spec, info.path, info.dtype, info.device, info.num_parameters, weights],
                           "versions": versions, "tasks": tasks, "reference": reference,
                           "max_new_tokens": params.max_new_tokens, "token_budget": params.token_budget,
                           "position": params.reference_position, "fast_path": params.fast.to_dict()},

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -107,6 +109,9 @@ def run(
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: finished work is saved; run the same command again to resume\n")
         raise typer.Exit(130)
+    except Terminated:
+        sys.stderr.write("terminated (SIGTERM): finished work is saved; run the same command again to resume\n")
+        raise typer.Exit(143)
 
 
 @app.command()
@@ -238,7 +243,22 @@ def data_list() -> None:
         print(f"    from {spec.repository}@{spec.commit[:12]} {spec.folder}")
 
 
+class Terminated(Exception):
+    """SIGTERM, as Ray, SLURM and Kubernetes send on preemption: handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    # Deprecation notices of the libraries are for their callers' developers, not for a user's terminal.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft)(\.|$)")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars: lorawatch shows its own progress
     app()
 
 

@@ -33,11 +33,12 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
 def _compute(run_dir: Path) -> dict:
     steps = 0
     for stage_json in run_dir.glob("seed-*/stage-*/stage.json"):
-        steps += int((store.read_json(stage_json).get("training") or {}).get("optimizer_steps", 0))
+        stage = store.read_run_file(stage_json)
+        steps += int(((stage if isinstance(stage, dict) else {}).get("training") or {}).get("optimizer_steps", 0))
     out = {"optimizer_steps": steps}
     path = run_dir / "costs.json"
     if path.is_file():
-        costs = store.read_json(path)
+        costs = store.read_run_file(path)
         phase = costs.get("phase_seconds", {})
         training, monitor = phase.get("training", 0.0), phase.get("monitor", 0.0)
         evaluation = sum(phase.get(k, 0.0) for k in ("task_eval", "reference_generation", "reference_distribution"))
@@ -55,7 +56,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
     for label, path in zip(_labels(paths), paths):
         results = load_run(path)
         summary = results.summary()["mean_std"]
-        monitor = store.read_json(path / "monitor.json") if (path / "monitor.json").is_file() else None
+        monitor = store.read_run_file(path / "monitor.json") if (path / "monitor.json").is_file() else None
         matrix = results.accuracy_matrix()
         runs.append({
             "label": label, "run_dir": str(path), "seeds": results.seeds, "tasks": results.tasks,

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from lorawatch.errors import ConfigError
-from lorawatch.tasks.base import TASK_KINDS
+from lorawatch.errors import ConfigError, file_problem
+from lorawatch.tasks.base import TASK_KINDS, task_key
+from lorawatch.tasks.builtin import BUILTIN_KINDS
+
+# Names the run folder and its tables use for themselves: the base row, the checkpoint column, the reference set.
+RESERVED_TASK_NAMES = ("base", "checkpoint", "reference")
+MAX_SEED = 2**32 - 1
 
 
 class _Strict(BaseModel):
@@ -40,8 +45,24 @@ class TaskSettings(_Strict):
     max_train_rows: int | None = Field(None, gt=0)
     max_test_rows: int | None = Field(None, gt=0)
 
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, name: str) -> str:
+        # The name becomes a file name (predictions/<name>.jsonl) and a column of the accuracy matrix.
+        if name.strip().lower() in RESERVED_TASK_NAMES:
+            raise ValueError(f"'{name}' is reserved ({', '.join(RESERVED_TASK_NAMES)} name parts of the run folder "
+                             "and its tables); rename the task")
+        if any(ch in name for ch in '/\\\0') or name.startswith(".") or name != name.strip():
+            raise ValueError("a task name must not contain '/', '\\' or NUL, start with '.', or have leading or "
+                             "trailing spaces")
+        return name
+
     @model_validator(mode="after")
     def _one_source(self) -> "TaskSettings":
+        if self.builtin is not None and self.builtin in BUILTIN_KINDS and BUILTIN_KINDS[self.builtin] != self.kind:
+            raise ValueError(f"built-in task '{self.builtin}' is {BUILTIN_KINDS[self.builtin]}, not {self.kind}")
+        if self.builtin is not None and self.builtin not in BUILTIN_KINDS:
+            raise ValueError(f"unknown built-in task '{self.builtin}'; choose one of {', '.join(BUILTIN_KINDS)}")
         if self.builtin is None and (self.train is None or self.test is None):
             raise ValueError("a task needs either 'builtin' or both 'train' and 'test' files")
         if self.builtin is not None and (self.train or self.test):
@@ -143,7 +164,8 @@ class ExperimentConfig(_Strict):
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
     monitor: MonitorSettings | None = None
-    seeds: list[int] = Field(default_factory=lambda: [33], min_length=1)
+    # Strict: YAML's `yes`/`true` are not seeds. Bounded: the training seed is seed * 1000 + stage.
+    seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [33], min_length=1)
     # Provenance: the preset a config came from and what the command line changed in it.
     preset: str | None = None
     overrides: dict[str, bool | str | int | float | list] = Field(default_factory=dict)
@@ -161,6 +183,13 @@ class ExperimentConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate task names: {', '.join(duplicates)}")
+        # Reference rows name their task loosely (case and punctuation ignored), so names must differ beyond that.
+        by_key: dict[str, str] = {}
+        for name in names:
+            other = by_key.setdefault(task_key(name), name)
+            if other != name:
+                raise ValueError(f"task names '{other}' and '{name}' differ only in case or punctuation; reference "
+                                 "rows could not tell them apart")
         if isinstance(self.order, list):
             unknown = [n for n in self.order if n not in names]
             if unknown:
@@ -201,17 +230,41 @@ def build_config(data: dict, source: str = "config") -> ExperimentConfig:
         raise ConfigError(_describe(error, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(f"line {mark.line + 1} column {mark.column + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read a YAML or JSON config. Relative data paths are taken relative to the config file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    problem = file_problem(path, "config file")
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
+    is_json = path.suffix.lower() == ".json"
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not a valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
-                          f"file ({str(exc).splitlines()[0]})") from None
+        data = json.loads(text) if is_json else yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not a valid JSON file ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not a valid YAML file ({problem}{where})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
     base = path.resolve().parent

@@ -6,6 +6,9 @@ everything else is a bug in lorawatch and keeps its traceback.
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 
 class UserError(Exception):
     """A problem with the user's input: a data file, a config value, a model spec, the environment."""
@@ -29,3 +32,19 @@ class ConfigError(UserError):
 
 class ModelSpecError(UserError):
     """A model spec cannot be resolved to a model and tokenizer."""
+
+
+def file_problem(path: Path, what: str) -> str | None:
+    """Why `path` is not a readable regular file (a missing file, a folder, a pipe that would block a read, a
+    symbolic link loop), phrased for a one-line error; None when it is one."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"{what} not found" + (" (a broken symbolic link)" if path.is_symlink() else "")
+    except OSError as exc:
+        return f"{what} cannot be read ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return f"is a folder; expected a {what}"
+    if not stat.S_ISREG(mode):
+        return f"is not a regular file (a pipe, socket or device); expected a {what}"
+    return None

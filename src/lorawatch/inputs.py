@@ -5,7 +5,11 @@ Everything here is checked before any model work; a data problem is a DataError 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+
+import torch
 
 from lorawatch.config import ExperimentConfig
 from lorawatch.errors import UserError
@@ -51,3 +55,32 @@ def encode(data: RunData, tokenizer, max_length: int) -> Encoded:
         reference=[encode_prompt(tokenizer, e.id, user_message(instruction[e.task], e.prompt), max_length)
                    for e in data.reference],
     )
+
+
+# --- fingerprints: what a run's results were computed from -------------------------------------------
+
+
+def _digest(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def data_fingerprint(data: RunData) -> dict:
+    """Digests of every row a run reads (after row limits), per task and split, and of the instructions and the
+    reference set: a file edited in place (same name, same row count) changes its digest."""
+    rows = lambda examples: [(e.id, e.prompt, e.answer, e.task) for e in examples]  # noqa: E731
+    return {
+        "tasks": {t.name: {"kind": t.kind, "instruction": _digest(t.instruction), "train": _digest(rows(t.train)),
+                           "test": _digest(rows(t.test))} for t in data.tasks},
+        "reference": _digest(rows(data.reference)),
+    }
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of the model's weights as loaded (names, dtypes, shapes and bytes): replaced weights under the
+    same name or path change it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:20]

@@ -23,6 +23,7 @@ This module is pure numpy/pandas so that metrics can be recomputed from a CSV on
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lorawatch import store
 from lorawatch.errors import DataError
 
 # Accuracies that differ by less than this are equal: seed means of fractions carry float noise
@@ -298,12 +300,13 @@ def write_matrix_csv(path: str | Path, tasks: Sequence[str], matrix: np.ndarray)
     task_names = _validate_tasks(tasks)
     # Validate first: a file that read_matrix_csv would reject should not be written at all.
     R = _validate_matrix(matrix, task_names)
-    with Path(path).open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow([CHECKPOINT_COLUMN, *task_names])
-        for label, row in zip([BASE_CHECKPOINT, *task_names], R):
-            # repr of a Python float is the shortest string that parses back to the same float.
-            writer.writerow([label, *(repr(float(value)) for value in row)])
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([CHECKPOINT_COLUMN, *task_names])
+    for label, row in zip([BASE_CHECKPOINT, *task_names], R):
+        # repr of a Python float is the shortest string that parses back to the same float.
+        writer.writerow([label, *(repr(float(value)) for value in row)])
+    store.atomic_write_text(Path(path), text.getvalue())  # readers see the old matrix or the new one, never half
 
 
 # --- aggregating over seeds -----------------------------------------------------------------------

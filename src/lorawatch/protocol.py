@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 from rich.console import Console
+from transformers import AutoModelForCausalLM
 from safetensors.torch import save as save_safetensors
 
 from lorawatch import store, tables
@@ -31,15 +33,17 @@ from lorawatch.base_cache import base_stage_cache, base_stage_key, restore_base_
 from lorawatch.checkpoint_eval import EvalParams, drift_rows, evaluate_checkpoint, generate_by_task
 from lorawatch.config import ExperimentConfig
 from lorawatch.costs import Costs
-from lorawatch.evaluation import FastPath, fast_path_for, merged_adapter
-from lorawatch.inputs import RunData, encode, load_data
+from lorawatch.errors import UserError
+from lorawatch.evaluation import GENERATION_RULES_VERSION, FastPath, fast_path_for, merged_adapter
+from lorawatch.inputs import RunData, data_fingerprint, encode, load_data, weights_digest
 from lorawatch.models import LoadedModel, load_model
 from lorawatch.monitor import MonitorParams, StageMonitor, calibrated_threshold
 from lorawatch.progress import RunProgress
-from lorawatch.runfolder import (BASE_LOGPROBS, crash_point, environment, finish_stage, load_adapter_weights,
-                                 prepare_run_dir, read_drafts, read_logprobs, readable_json, run_lock, save_adapter,
-                                 stage_complete)
+from lorawatch.runfolder import (BASE_LOGPROBS, abandon_run_dir, crash_point, environment, finish_stage,
+                                 load_adapter_weights, plan_run_dir, read_drafts, read_logprobs, readable_json,
+                                 run_lock, save_adapter, stage_complete, start_run_dir)
 from lorawatch.stability import summarize
+from lorawatch.tasks.scoring import SCORING_RULES_VERSION
 from lorawatch.training import TrainParams, train_stage, use_gap_dropout
 
 __all__ = ["Recipe", "encode", "generate_by_task", "load_data", "lora_config", "resolve_monitor", "run_experiment",
@@ -58,14 +62,21 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     run_dir = Path(run_dir)
     data = load_data(config)
     monitor = resolve_monitor(config)
-    resuming = prepare_run_dir(run_dir, config, overwrite=overwrite, force=force)
-    with run_lock(run_dir):
-        if not resuming:
-            store.write_json(run_dir / "config.json", config.model_dump(mode="json"))
-        if monitor is not None:
-            store.write_json(run_dir / "monitor.json", monitor)
-        Recipe(config, run_dir, data, console, resuming,
-               None if monitor is None else MonitorParams(**monitor["params"])).run()
+    plan = plan_run_dir(run_dir, config, data_inputs(data), overwrite=overwrite, force=force)
+    try:
+        with run_lock(run_dir):
+            recipe = Recipe(config, run_dir, data, console, plan.mode == "resume",
+                            None if monitor is None else MonitorParams(**monitor["params"]))
+            recipe.setup()
+            # Every check has passed and the lock is held: only now is the folder cleared, recorded or resumed.
+            for note in start_run_dir(run_dir, plan, config, recipe.fingerprint(), environment(recipe.loaded)):
+                console.print(f"lorawatch: {note}")
+            if monitor is not None:
+                store.write_json(run_dir / "monitor.json", monitor)
+            recipe.run()
+    except BaseException:
+        abandon_run_dir(run_dir, plan)
+        raise
     return run_dir
 
 
@@ -83,9 +94,29 @@ def resolve_monitor(config: ExperimentConfig) -> dict | None:
                        "relative": settings.relative, "patience": settings.patience}, "calibration": calibration}
 
 
+def data_inputs(data: RunData) -> dict:
+    """The inputs known before the model is loaded: every row read, and the scoring and generation rules."""
+    return {"data": data_fingerprint(data),
+            "rules": {"scoring": SCORING_RULES_VERSION, "generation": GENERATION_RULES_VERSION}}
+
+
 def lora_config(config: ExperimentConfig) -> LoraConfig:
     return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, bias=config.lora.bias, task_type="CAUSAL_LM")
+
+
+def check_lora_targets(model: torch.nn.Module, lora: LoraConfig) -> None:
+    """The adapter's target modules exist in this model: checked on a weightless copy (meta device) before the
+    base stage, not found out when the first stage starts."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    try:
+        get_peft_model(skeleton, lora)
+    except NoMatchingPeftModuleError:
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+        raise UserError(f"lora.target_modules {lora.target_modules!r} names no layer of this model; its linear "
+                        f"layers are {', '.join(names)} (or use all-linear)") from None
 
 
 class Recipe:
@@ -100,7 +131,7 @@ class Recipe:
         self.costs.notes["resumed"] = resuming
 
     def run(self) -> None:
-        self.setup()
+        """Everything after `setup`, which the caller runs first (the run folder is started in between)."""
         with RunProgress(self.total_rows(), self.console) as self.progress:
             self.base_stage()
             for seed_index, seed in enumerate(self.config.seeds):
@@ -121,7 +152,8 @@ class Recipe:
     def setup(self) -> None:
         config, data = self.config, self.data
         self.loaded = self.load_model()
-        store.write_json(self.run_dir / "environment.json", environment(self.loaded))
+        check_lora_targets(self.loaded.model, lora_config(config))
+        self.weights = weights_digest(self.loaded.model)
         info = self.loaded.info
         self.console.print(f"lorawatch: {config.name} · model {info.spec} ({info.num_parameters / 1e6:.0f}M "
                            f"params, {info.device}, {info.dtype}) · tasks {' → '.join(t.name for t in data.tasks)} · "
@@ -141,6 +173,10 @@ class Recipe:
         self.eval_params = EvalParams(max_new_tokens=config.eval.max_new_tokens, token_budget=config.eval.token_budget,
                                       device=info.device, reference_position=config.reference.position, fast=fast)
 
+    def fingerprint(self) -> dict:
+        """What this run's results are computed from; a resume with other inputs is refused."""
+        return {**data_inputs(self.data), "model": {"weights": self.weights}}
+
     # --- stage 0 ---------------------------------------------------------------------------------------
 
     def base_stage(self) -> None:
@@ -148,7 +184,7 @@ class Recipe:
         config, data, progress = self.config, self.data, self.progress
         base_dir = store.stage_dir(self.run_dir, config.seeds[0], 0)
         lp_path = self.run_dir / BASE_LOGPROBS
-        key = base_stage_key(self.loaded, data, self.encoded, self.eval_params)
+        key = base_stage_key(self.loaded, self.weights, data, self.encoded, self.eval_params)
         cache = base_stage_cache(key) if config.eval.reuse_base_stage else None
         self.base_logprobs = read_logprobs(lp_path, len(data.reference))
         if self.base_logprobs is None or not stage_complete(base_dir, data, adapter=False):

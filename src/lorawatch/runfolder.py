@@ -18,6 +18,7 @@ import socket
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -199,37 +200,161 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return fields
 
 
-def prepare_run_dir(run_dir: Path, config: ExperimentConfig, *, overwrite: bool, force: bool) -> bool:
-    """Create the run folder, or check that an existing one belongs to this config. True when resuming."""
-    config_path = run_dir / "config.json"
+RUN_MARKER = ".lorawatch-run"  # in every run folder: --overwrite deletes only folders that have it
+INPUTS = "inputs.json"  # what the results were computed from: data, model weights, scoring and generation rules
+CONFIG_HISTORY = "config_history.jsonl"  # one line per --force: what changed and what was kept
+ENVIRONMENT_HISTORY = "environment_history.jsonl"  # one line per start or resume of the run
+# Config fields whose change would make finished stages mean something else: --force never resumes over them.
+MEANING_FIELDS = ("order", "tasks", "reference", "lora", "train", "model.dtype")
+MOVABLE_FIELDS = ("tasks.*.train", "tasks.*.test", "reference.path")  # data may move if its rows do not change
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder lorawatch wrote: its marker, or (written before the marker existed) a config.json beside the
+    environment or seed folders that only a run writes."""
+    if (path / RUN_MARKER).is_file():
+        return True
+    return (path / "config.json").is_file() and ((path / "environment.json").is_file() or
+                                                 any(p.is_dir() for p in path.glob("seed-*")))
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    mode: str  # "new" | "resume" | "overwrite"
+    created: bool  # the folder did not exist before this command
+    forced: tuple[str, ...] = ()  # config fields --force resumes over
+
+
+def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overwrite: bool,
+                 force: bool) -> FolderPlan:
+    """Check the folder against this command, before any model work: the config, and the inputs known without
+    the model (data, rules). On disk it only creates an empty folder (for the lock). Nothing is deleted here:
+    --overwrite clears the folder once the run's checks have passed and its lock is held (`clear_run_dir`)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        if not config_path.is_file():
-            raise UserError(f"{run_dir}: folder is not empty and is not a lorawatch run; choose another --out")
-        try:
-            recorded = store.read_json(config_path)
-        except (OSError, ValueError):
-            raise UserError(f"{config_path}: damaged; pass --overwrite to start this run again") from None
-        try:  # read through today's schema, so that a field added since (with its default) is no difference
-            recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
-        except ConfigError:
-            pass  # an older or hand-edited config: compare what is there
-        changed = config_differences(recorded, config.model_dump(mode="json"))
-        if changed and not force:
-            raise UserError(f"{run_dir}: the run was started with a different config (changed: {', '.join(changed)}); "
-                            "use another --out for a new run, --overwrite to start again, or --force to continue")
-        return True
+    created = not run_dir.exists()
+    contents = [p for p in run_dir.iterdir() if p.name != ".lock"] if run_dir.is_dir() else []
+    if not contents:
+        mode, forced = "new", ()
+    elif not is_run_folder(run_dir):
+        raise UserError(f"{run_dir}: folder is not empty and is not a lorawatch run; choose another --out"
+                        + (" (--overwrite deletes only lorawatch run folders)" if overwrite else ""))
+    elif overwrite:
+        mode, forced = "overwrite", ()
+    else:
+        mode, forced = "resume", _check_config(run_dir, config, force)
+        check_inputs(run_dir, inputs)
     try:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
+    return FolderPlan(mode, created, tuple(forced))
+
+
+def _check_config(run_dir: Path, config: ExperimentConfig, force: bool) -> list[str]:
+    config_path = run_dir / "config.json"
+    try:
+        recorded = store.read_json(config_path)
+    except DAMAGED:
+        raise UserError(f"{config_path}: damaged; pass --overwrite to start this run again") from None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{config_path}: damaged; pass --overwrite to start this run again")
+    try:  # read through today's schema, so that a field added since (with its default) is no difference
+        recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
+    except ConfigError:
+        pass  # an older or hand-edited config: compare what is there
+    changed = config_differences(recorded, config.model_dump(mode="json"))
+    if changed and not force:
+        raise UserError(f"{run_dir}: the run was started with a different config (changed: {', '.join(changed)}); "
+                        "use another --out for a new run, --overwrite to start again, or --force to continue")
+    meaning = [f for f in changed if _matches(f, MEANING_FIELDS) and not _matches(f, MOVABLE_FIELDS)]
+    if meaning:
+        raise UserError(f"{run_dir}: --force cannot resume over {', '.join(meaning)}: finished stages were computed "
+                        "with the old values; use another --out, or --overwrite to start again")
+    return changed
+
+
+def _matches(field: str, patterns: tuple[str, ...]) -> bool:
+    parts = field.split(".")
+    for pattern in patterns:
+        want = pattern.split(".")
+        if len(parts) >= len(want) and all(w in ("*", p) for w, p in zip(want, parts)):
+            return True
     return False
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite, with the lock held: everything but the lock file goes (deleting the lock file would let a
+    second writer lock a new one)."""
+    for path in run_dir.iterdir():
+        if path.name == ".lock":
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def start_run_dir(run_dir: Path, plan: FolderPlan, config: ExperimentConfig, fingerprint: dict,
+                  env: dict) -> list[str]:
+    """With the lock held and the model loaded: clear (--overwrite), record the config and inputs (a new run),
+    or check them (a resumed one). Returns lines to tell the user."""
+    notes = []
+    if plan.mode == "overwrite":
+        clear_run_dir(run_dir)
+    if plan.mode == "resume":
+        check_inputs(run_dir, fingerprint)
+        if plan.forced:
+            previous = store.read_json(run_dir / "config.json")
+            _append_jsonl(run_dir / CONFIG_HISTORY, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                     "changed": list(plan.forced), "previous": previous})
+            notes.append(f"--force: resuming with changed {', '.join(plan.forced)}; finished stages keep what they "
+                         "were computed with, unfinished ones use the new values (recorded in "
+                         f"{CONFIG_HISTORY})")
+    if plan.mode != "resume" or plan.forced:
+        store.write_json(run_dir / "config.json", config.model_dump(mode="json"))
+    if plan.mode != "resume" or not (run_dir / INPUTS).is_file():
+        store.write_json(run_dir / INPUTS, fingerprint)
+    store.atomic_write_text(run_dir / RUN_MARKER, "a lorawatch run folder\n")
+    store.write_json(run_dir / "environment.json", env)
+    _append_jsonl(run_dir / ENVIRONMENT_HISTORY, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode,
+                                                 **env})
+    return notes
+
+
+def check_inputs(run_dir: Path, inputs: dict) -> None:
+    """Refuse to resume a run whose inputs (the parts of `inputs` given) differ from those it recorded: its
+    finished stages were computed from the old ones, and --force does not change that."""
+    path = run_dir / INPUTS
+    if not path.is_file():
+        return  # written by a version before fingerprints: recorded from now on
+    try:
+        recorded = store.read_json(path)
+    except DAMAGED:
+        raise UserError(f"{path}: damaged; pass --overwrite to start this run again") from None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: damaged; pass --overwrite to start this run again")
+    changed = config_differences({k: recorded.get(k) for k in inputs}, inputs)
+    if changed:
+        raise UserError(f"{run_dir}: the run's inputs changed since it started (changed: {', '.join(changed)}); "
+                        "finished stages were computed from the old ones: use another --out, or --overwrite to "
+                        "start again")
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    """History files grow by one line; rewritten whole (atomically) so that a crash never leaves half a line."""
+    rows = store.read_jsonl(path) if path.is_file() else []
+    store.write_jsonl(path, [*rows, row])
+
+
+def abandon_run_dir(run_dir: Path, plan: FolderPlan) -> None:
+    """A check failed before anything was recorded: leave no folder behind that would refuse the corrected
+    command (only a folder this command created, holding nothing but the lock)."""
+    if plan.created and run_dir.is_dir() and all(p.name == ".lock" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextmanager

@@ -85,6 +85,18 @@ def read_json(path: Path) -> object:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_run_file(path: Path, read=read_json):
+    """Read one of a finished run's files for a report, `show` or `compare`: a missing or damaged file is the
+    user's one-line error naming it, not a traceback."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; the run folder is incomplete") from None
+    except (OSError, ValueError) as exc:  # pandas' parser errors are ValueErrors too
+        raise UserError(f"{path}: damaged or unreadable ({exc.__class__.__name__}); run the same command that "
+                        "made it again to redo it") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

@@ -90,7 +90,10 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a lorawatch run folder (no config.json)")
-    return build_config(store.read_json(path), source=str(path))
+    data = store.read_run_file(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: damaged (not a mapping of config fields)")
+    return build_config(data, source=str(path))
 
 
 @dataclass
@@ -110,8 +113,8 @@ class RunResults:
 
     def _table(self, name: str, seed: int | None, stat: str = "mean") -> pd.DataFrame:
         if seed is None:
-            return pd.read_csv(store.summary_dir(self.path) / f"{name}_{stat}.csv")
-        return pd.read_csv(store.seed_dir(self.path, seed) / f"{name}.csv")
+            return store.read_run_file(store.summary_dir(self.path) / f"{name}_{stat}.csv", pd.read_csv)
+        return store.read_run_file(store.seed_dir(self.path, seed) / f"{name}.csv", pd.read_csv)
 
     def accuracy_matrix(self, seed: int | None = None, stat: str = "mean") -> pd.DataFrame:
         return self._table("accuracy_matrix", seed, stat)
@@ -123,7 +126,10 @@ class RunResults:
         return self._table("stability", seed, stat)
 
     def summary(self) -> dict:
-        return store.read_json(store.summary_dir(self.path) / "summary.json")
+        summary = store.read_run_file(store.summary_dir(self.path) / "summary.json")
+        if not isinstance(summary, dict) or not isinstance(summary.get("mean_std"), dict):
+            raise UserError(f"{store.summary_dir(self.path) / 'summary.json'}: damaged (no mean_std)")
+        return summary
 
     def predictions(self, seed: int, stage: int, task: str) -> pd.DataFrame:
         return pd.DataFrame(store.read_jsonl(store.stage_dir(self.path, seed, stage) / "predictions" / f"{task}.jsonl"))

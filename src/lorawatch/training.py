@@ -46,7 +46,11 @@ class GapDropout(torch.nn.Module):
 
 
 def use_gap_dropout(model: torch.nn.Module) -> int:
-    """Replace the LoRA layers' torch Dropout modules by GapDropout (same p); returns how many were replaced."""
+    """On a CPU, replace the LoRA layers' torch Dropout modules by GapDropout (same p); returns how many were
+    replaced. Elsewhere torch's own dropout stays: GapDropout draws in float64 (which MPS lacks) and checks its
+    draw on the host, a synchronisation per LoRA layer on a GPU, where torch's per-element draw is cheap anyway."""
+    if next(model.parameters()).device.type != "cpu":
+        return 0
     replaced = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)

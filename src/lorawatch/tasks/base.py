@@ -35,3 +35,8 @@ class Task:
     instruction: str
     train: tuple[Example, ...] = field(default=())
     test: tuple[Example, ...] = field(default=())
+
+
+def task_key(name: str) -> str:
+    """A task name as reference rows may spell it: case and punctuation ignored ("NumGLUE-cm" = "numglue_cm")."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())

@@ -44,7 +44,7 @@ BUILTIN_INSTRUCTIONS: dict[str, str] = {
     "arithmetic": "Answer with only the final number.",
 }
 
-_KINDS: dict[str, str] = {
+BUILTIN_KINDS: dict[str, str] = {
     "stance": "multiple_choice",
     "science": "multiple_choice",
     "arithmetic": "numeric",
@@ -803,7 +803,7 @@ def builtin_task(name: str, n_train: int, n_test: int) -> Task:
 
     return Task(
         name=name,
-        kind=_KINDS[name],  # type: ignore[arg-type]
+        kind=BUILTIN_KINDS[name],  # type: ignore[arg-type]
         instruction=BUILTIN_INSTRUCTIONS[name],
         train=examples("train", n_train),
         test=examples("test", n_test),

@@ -10,17 +10,16 @@ import re
 import warnings
 from pathlib import Path
 
-from lorawatch.errors import DataError
+from lorawatch.errors import DataError, file_problem
 from lorawatch.tasks import builtin as builtin_tasks
-from lorawatch.tasks.base import DEFAULT_INSTRUCTIONS, Example, Task
+from lorawatch.tasks.base import DEFAULT_INSTRUCTIONS, Example, Task, task_key
 from lorawatch.tasks.scoring import LETTERS, format_number, gold_answer
 
 
 def _read_rows(path: Path) -> list[object]:
-    if not path.exists():
-        raise DataError(path, "file not found")
-    if path.is_dir():
-        raise DataError(path, "is a folder; expected a .json or .jsonl file")
+    problem = file_problem(path, ".json or .jsonl file")
+    if problem:
+        raise DataError(path, problem)
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -115,8 +114,6 @@ def _check_gold(path: Path, number: int, kind: str, answer: str, prompt: str = "
     return kind == "numeric" and format_number(gold) is None
 
 
-def _key(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def load_task(name: str, kind: str, instruction: str | None, *, builtin: str | None, train: str | None,
@@ -144,11 +141,11 @@ def load_reference(tasks: list[Task], *, path: str | None, builtin_per_task: int
         rows = builtin_tasks.builtin_reference(builtin_per_task, tasks=tuple(builtin_names))
         rows = tuple(Example(e.id, e.prompt, e.answer, task=builtin_names[e.task]) for e in rows)
         return rows[:max_rows]
-    by_key = {_key(t.name): t for t in tasks}
+    by_key = {task_key(t.name): t for t in tasks}
     loaded = load_examples(path, task="reference", split="reference", keep_task_field=True)[:max_rows]
     rows = []
     for number, example in enumerate(loaded, start=1):
-        task = by_key.get(_key(example.task or ""))
+        task = by_key.get(task_key(example.task or ""))
         if task is None:
             names = ", ".join(t.name for t in tasks)
             found = f"task {example.task!r}" if example.task else "no 'task' (or 'task_name') field"
