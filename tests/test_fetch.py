@@ -255,3 +255,12 @@ def test_cli_errors_are_one_line_with_exit_code_2(server, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]  # after the progress lines of the files before it
     assert last.startswith("error: NumGLUE-cm/train.json: not found"), result.stderr
+
+
+def test_a_folder_in_the_way_and_a_zero_timeout_are_one_line_errors(served_copy, tmp_path):
+    dest = tmp_path / "dest"
+    (dest / "FOMC" / "train.json").mkdir(parents=True)  # a folder where a file must go
+    with pytest.raises(UserError, match=r"FOMC/train.json: cannot write \(Is a directory\); verified files are kept"):
+        fetch_dataset("trace-500", dest, str(served_copy), log=lambda _: None)
+    with pytest.raises(UserError, match=r"^--timeout must be a positive number of seconds, got 0$"):
+        fetch_dataset("trace-500", tmp_path / "other", str(served_copy), log=lambda _: None, timeout=0)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +262,40 @@ def test_library_warnings_stay_out_of_the_output(finished):
     root, config, run = finished
     result = lorawatch("run", config, "--out", run, "--seeds", "1")
     assert result.returncode == 0 and "Warning" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("damage", ["half-copied weights", "wrong-typed config field"])
+def test_a_damaged_model_folder_is_one_line(tmp_path, tiny_model_dir, damage):
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    if damage == "half-copied weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+        fragment = "deserializing header"
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        config["num_hidden_layers"] = "two"
+        (folder / "config.json").write_text(json.dumps(config))
+        fragment = "num_hidden_layers"
+    result = lorawatch("run", config_file(tmp_path, folder), "--out", tmp_path / "run")
+    assert_one_line_error(result, "cannot load the model in", fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_read_only_folder_inside_a_run_is_found_before_any_model_work(finished, tmp_path, monkeypatch):
+    # as root (CI) chmod does not stop a write, so the permission the check reads is what is simulated here
+    from lorawatch.config import build_config
+    from lorawatch.errors import UserError
+    from lorawatch.inputs import load_data
+    from lorawatch.protocol import data_inputs
+    from lorawatch.runfolder import plan_run_dir
+
+    root, config_path, run = finished
+    out = _copy(run, tmp_path / "run")
+    config = build_config(store.read_json(out / "config.json"))  # the run's own config: a plain resume
+    read_only = store.seed_dir(out, 1)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == read_only else real_access(p, mode))
+    with pytest.raises(UserError, match=r"seed-1: the run folder is not writable there"):
+        plan_run_dir(out, config, data_inputs(load_data(config)), overwrite=False, force=False)

@@ -91,7 +91,10 @@ def test_changed_config_is_refused_unless_forced(setup, tiny_model_dir):
                                                                    "grad_accum": 2})
     result = lorawatch("run", changed, "--out", reference, "--seeds", "1")
     assert_one_line_error(result, "different config", "train.learning_rate", "tasks.0.train")
-    assert lorawatch("run", changed, "--out", reference, "--seeds", "1", "--force").returncode == 0
+    # finished stages were trained at the old rate: --force does not resume over that (moved data it does)
+    forced = lorawatch("run", changed, "--out", reference, "--seeds", "1", "--force")
+    assert_one_line_error(forced, "--force cannot resume over train.learning_rate", "--overwrite")
+    assert "tasks.0.train" not in forced.stderr
 
 
 def test_a_run_recorded_before_a_field_existed_still_resumes(setup):

@@ -263,7 +263,8 @@ def _install(source: _Source, entry: DatasetFile, target: Path) -> None:
         os.replace(tmp, target)
         tmp = None
     except OSError as exc:
-        if exc.errno in _ENVIRONMENT_ERRORS or isinstance(exc, (FileExistsError, NotADirectoryError)):
+        if exc.errno in _ENVIRONMENT_ERRORS or isinstance(exc, (FileExistsError, NotADirectoryError,
+                                                                IsADirectoryError)):
             raise UserError(f"{target}: cannot write ({exc.strerror or exc}); verified files are kept, "
                             "free the problem and run the same command again") from None
         raise
@@ -282,6 +283,8 @@ def fetch_dataset(name: str, dest: Path | None = None, source: str | None = None
     lands at its final name.
     """
     spec = manifest(name)
+    if not timeout > 0:
+        raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     folder = Path(dest).expanduser() if dest is not None else dataset_dir(name)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder")

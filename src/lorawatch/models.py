@@ -38,6 +38,8 @@ from urllib.parse import urlparse
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 from lorawatch.errors import ConfigError, ModelSpecError
 
@@ -759,10 +761,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     kwargs = {"use_safetensors": True} if has_safetensors else {}
     try:
         return _from_pretrained(str(folder), dtype, trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError, StrictDataclassError) as error:
+        # a half-copied weights file, a config field of the wrong type: the folder's problem, named in one line
         text = str(error).strip()
         raise ModelSpecError(
-            f"cannot load the model in {folder}: {text.splitlines()[0] if text else type(error).__name__}"
+            f"cannot load the model in {folder}: {' '.join(text.split())[:300] if text else type(error).__name__}"
         ) from error
 
 

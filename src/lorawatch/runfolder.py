@@ -251,6 +251,13 @@ def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overw
         probe.unlink()
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
+    if mode == "resume":
+        # A read-only folder inside the run would otherwise be found only when a stage, trained, is saved.
+        locked = [p for p in [run_dir, *run_dir.rglob("*")] if p.is_dir() and not os.access(p, os.W_OK | os.X_OK)]
+        if locked:
+            raise UserError(f"{locked[0]}: the run folder is not writable there"
+                            + (f" (and {len(locked) - 1} more folders)" if len(locked) > 1 else "")
+                            + "; make it writable and run the same command again")
     return FolderPlan(mode, created, tuple(forced))
 
 

@@ -1,8 +1,15 @@
 """The run folder: what is written where, always atomically (a temporary name, then a rename).
 
     RUN/
+      .lorawatch-run         the marker: --overwrite deletes only folders that have it
       config.json            the resolved config
-      environment.json       library versions, platform, device, dtype, model
+      inputs.json            digests of what the results were computed from: rows, instructions, reference
+                             set, model weights, scoring and generation rules (a resume over others is refused)
+      config_history.jsonl   one line per --force: the fields it changed and the config before
+      environment.json       library versions, platform, device, dtype, model (of the latest start)
+      environment_history.jsonl   the same, one line per start or resume
+      monitor.json           the live drift monitor's settings, when one is configured
+      costs.json             seconds per phase, tokens, peak memory, the fast-path parts used
       seed-<s>/
         stage-<k>/           k = 0 is the base model, k = 1..T the checkpoint after the k-th task
           stage.json         index, checkpoint name, task trained, timings, training log (written last)
