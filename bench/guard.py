@@ -21,7 +21,8 @@ from peft import PeftModel
 
 from lorawatch import store
 from lorawatch.config import build_config
-from lorawatch.evaluation import decode_text, score, stop_token_ids
+from lorawatch.evaluation import decode_text, stop_token_ids
+from lorawatch.tasks.scoring import score
 from lorawatch.models import load_model
 from lorawatch.protocol import encode, load_data
 

@@ -21,7 +21,8 @@ from peft import PeftModel
 from lorawatch import store
 from lorawatch.models import load_model
 from lorawatch.protocol import encode, load_data
-from lorawatch.report.study import correlation, fit_failure_threshold, model_display_name, order_label
+from lorawatch.report.statistics import correlation, fit_failure_threshold
+from lorawatch.report.study import model_display_name, order_label
 from lorawatch.stability import answer_logprobs, per_example_drift, summarize
 from lorawatch.tables import load_run_config
 

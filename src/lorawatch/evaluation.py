@@ -33,7 +33,6 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from lorawatch.prompts import EncodedPrompt
-from lorawatch.tasks.scoring import gold_answer, is_correct, normalize_prediction
 
 # End-of-turn markers of the chat formats in use; generation also stops at them.
 CHAT_END_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
@@ -376,30 +375,3 @@ def merged_adapter(model: torch.nn.Module) -> Iterator[None]:
 
 def decode_text(tokenizer: PreTrainedTokenizerBase, output_ids: Sequence[int]) -> str:
     return tokenizer.decode(list(output_ids), skip_special_tokens=True).strip()
-
-
-@dataclass(frozen=True)
-class Prediction:
-    id: str
-    task: str
-    raw_output: str
-    prediction: str
-    gold: str
-    correct: bool
-    output_ids: list[int] | None = None  # the generated tokens; also the next checkpoint's draft
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "task": self.task, "raw_output": self.raw_output, "prediction": self.prediction,
-                "gold": self.gold, "correct": self.correct, "output_ids": self.output_ids}
-
-
-def score(example_id: str, task: str, kind: str, answer: str, raw_output: str,
-          output_ids: Sequence[int] | None = None) -> Prediction:
-    prediction = normalize_prediction(kind, raw_output)
-    gold = gold_answer(kind, answer)
-    return Prediction(example_id, task, raw_output, prediction, gold, is_correct(kind, prediction, gold),
-                      None if output_ids is None else list(output_ids))
-
-
-def accuracy(predictions: Sequence[Prediction]) -> float:
-    return sum(p.correct for p in predictions) / len(predictions) if predictions else float("nan")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file as load_safetensors
 from lorawatch import store
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import ConfigError, UserError
-from lorawatch.evaluation import Prediction
+from lorawatch.tasks.scoring import Prediction
 from lorawatch.inputs import RunData
 from lorawatch.models import LoadedModel
 from lorawatch.stability import ExampleDrift, summarize

@@ -34,19 +34,15 @@ import pandas as pd
 from lorawatch import store
 from lorawatch.errors import UserError
 from lorawatch.monitoring_view import interventions, interventions_markdown
-from lorawatch.report.study import (
+from lorawatch.report.paper_tables import ReportTable, build_tables
+from lorawatch.report.statistics import (
     FAILURE_ZONE_METHOD,
-    ReportTable,
-    Study,
-    build_tables,
     correlation,
     correlations,
     fit_failure_threshold,
     kl_accuracy_points,
-    load_study,
-    model_display_name,
-    slug,
 )
+from lorawatch.report.study import Study, load_study, model_display_name, slug
 
 __all__ = ["FAILURE_ZONE_METHOD", "Report", "ReportTable", "Study", "build_tables", "correlation", "correlations",
            "fit_failure_threshold", "kl_accuracy_points", "load_study", "model_display_name", "write_report"]

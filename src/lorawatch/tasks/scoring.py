@@ -11,6 +11,8 @@ taught and what it is graded on cannot drift apart.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Sequence
 
 # Bumped whenever a rule below changes what a text scores: cached base-stage results record it.
 SCORING_RULES_VERSION = 2
@@ -123,3 +125,33 @@ def is_correct(kind: str, prediction: str, gold: str) -> bool:
 def training_target(kind: str, answer: str) -> str:
     """What the model is trained to say: the option letter alone, or the final number alone."""
     return gold_answer(kind, answer)
+
+
+# --- a prediction, scored -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    id: str
+    task: str
+    raw_output: str
+    prediction: str
+    gold: str
+    correct: bool
+    output_ids: list[int] | None = None  # the generated tokens; also the next checkpoint's draft
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "task": self.task, "raw_output": self.raw_output, "prediction": self.prediction,
+                "gold": self.gold, "correct": self.correct, "output_ids": self.output_ids}
+
+
+def score(example_id: str, task: str, kind: str, answer: str, raw_output: str,
+          output_ids: Sequence[int] | None = None) -> Prediction:
+    prediction = normalize_prediction(kind, raw_output)
+    gold = gold_answer(kind, answer)
+    return Prediction(example_id, task, raw_output, prediction, gold, is_correct(kind, prediction, gold),
+                      None if output_ids is None else list(output_ids))
+
+
+def accuracy(predictions: Sequence[Prediction]) -> float:
+    return sum(p.correct for p in predictions) / len(predictions) if predictions else float("nan")
