@@ -48,8 +48,9 @@ GENERATION_RULES_VERSION = 2
 
 @dataclass(frozen=True)
 class FastPath:
-    """The evaluation shortcuts in use (see the module docstring). None changes what greedy decoding computes
-    where `fast_path_for` leaves it on; the batching by token budget is common to both paths."""
+    """The evaluation shortcuts in use (see the module docstring). Where `fast_path_for` leaves one on, it changes
+    what greedy decoding computes by float round-off at most (a token can flip only where the model scores two
+    equal within it); the batching by token budget is common to both paths."""
     shared_prefix: bool = True  # a prefix common to a batch's prompts is computed once
     drop_finished: bool = True  # finished rows leave the decoding batch
     drafts: bool = True  # the previous checkpoint's outputs are checked in one pass

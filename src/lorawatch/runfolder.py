@@ -261,14 +261,20 @@ def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overw
     return FolderPlan(mode, created, tuple(forced))
 
 
+def _read_record(path: Path) -> dict:
+    """A run's own record (config.json, inputs.json): a mapping, or a one-line error if it is damaged."""
+    try:
+        recorded = store.read_json(path)
+    except DAMAGED:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: damaged; pass --overwrite to start this run again")
+    return recorded
+
+
 def _check_config(run_dir: Path, config: ExperimentConfig, force: bool) -> list[str]:
     config_path = run_dir / "config.json"
-    try:
-        recorded = store.read_json(config_path)
-    except DAMAGED:
-        raise UserError(f"{config_path}: damaged; pass --overwrite to start this run again") from None
-    if not isinstance(recorded, dict):
-        raise UserError(f"{config_path}: damaged; pass --overwrite to start this run again")
+    recorded = _read_record(config_path)
     try:  # read through today's schema, so that a field added since (with its default) is no difference
         recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
     except ConfigError:
@@ -338,12 +344,7 @@ def check_inputs(run_dir: Path, inputs: dict) -> None:
     path = run_dir / INPUTS
     if not path.is_file():
         return  # written by a version before fingerprints: recorded from now on
-    try:
-        recorded = store.read_json(path)
-    except DAMAGED:
-        raise UserError(f"{path}: damaged; pass --overwrite to start this run again") from None
-    if not isinstance(recorded, dict):
-        raise UserError(f"{path}: damaged; pass --overwrite to start this run again")
+    recorded = _read_record(path)
     changed = config_differences({k: recorded.get(k) for k in inputs}, inputs)
     if changed:
         raise UserError(f"{run_dir}: the run's inputs changed since it started (changed: {', '.join(changed)}); "
