@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The packaged-model study in docs/study/: SmolLM2-135M-Instruct and Gemma-3-270M on the paper's TRACE data,
-# both task orders, seeds 33 and 42, at sizes that fit a 2-core CPU. Rerunning resumes unfinished runs.
+# both task orders, seed 33 (SEEDS=33,42 adds a second), at sizes that fit a 2-core CPU. Rerunning resumes
+# unfinished runs.
 #   study/run.sh            # all runs, then the report and the position comparison
 # Needs `make venv gemma` and `lorawatch data fetch trace-500` (add --source DIR for a local copy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LW=.venv/bin/lorawatch
 OUT=${STUDY_RUNS:-runs/study}
-SMOL="--max-train-rows 96 --max-test-rows 40 --max-new-tokens 64 --seeds 33,42"
-GEMMA="--max-train-rows 96 --max-test-rows 40 --max-new-tokens 32 --seeds 33,42"
+SEEDS=${SEEDS:-33}
+SMOL="--max-train-rows 96 --max-test-rows 40 --max-new-tokens 64 --seeds $SEEDS"
+GEMMA="--max-train-rows 96 --max-test-rows 40 --max-new-tokens 32 --seeds $SEEDS"
 for order in original reversed; do
   $LW run --preset paper-qwen --model smollm2-135m-instruct --dtype float32 --order $order $SMOL \
       --out "$OUT/smollm2-$order"
@@ -21,3 +23,4 @@ $LW report "$OUT"/smollm2-original "$OUT"/smollm2-reversed "$OUT"/gemma3-origina
     --out docs/study
 .venv/bin/python study/positions.py "$OUT"/smollm2-original "$OUT"/smollm2-reversed "$OUT"/gemma3-original \
     "$OUT"/gemma3-reversed --out docs/study/positions
+.venv/bin/python study/summarize.py docs/study   # the numbers docs/study/README.md quotes
