@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.lorawatch-installed
 
-.PHONY: venv demo test gemma clean
+.PHONY: venv demo test browser gemma clean
 
 venv: $(STAMP)
 
@@ -22,10 +22,22 @@ $(STAMP): pyproject.toml Makefile
 # Run again to resume an interrupted demo (or reprint a finished one); DEMO_ARGS=--overwrite starts afresh.
 DEMO_ARGS ?=
 demo: venv
-	$(BIN)/lorawatch run --preset demo --out runs/demo $(DEMO_ARGS)
+	$(BIN)/lorawatch run --preset demo --out runs/demo --html $(DEMO_ARGS)
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest -q
+
+# The HTML report's tests open it in Debian's chromium (through chromedriver); installed where apt-get is usable,
+# elsewhere those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "note: could not install chromium; the browser tests will skip"; \
+	else echo "note: chromium and chromium-driver are not installed (apt-get install chromium chromium-driver);" \
+		"the browser tests will skip"; fi
 
 # Optional second model family (Gemma-3-270M base, ~250 MB).
 gemma: venv

@@ -20,7 +20,7 @@ for order in original reversed; do
       --out "$OUT/gemma3-$order"
 done
 $LW report "$OUT"/smollm2-original "$OUT"/smollm2-reversed "$OUT"/gemma3-original "$OUT"/gemma3-reversed \
-    --out docs/study
+    --out docs/study --html   # report.md and the tables; report.html: the same in one offline page
 .venv/bin/python study/positions.py "$OUT"/smollm2-original "$OUT"/smollm2-reversed "$OUT"/gemma3-original \
     "$OUT"/gemma3-reversed --out docs/study/positions
 .venv/bin/python study/summarize.py docs/study   # the numbers docs/study/README.md quotes

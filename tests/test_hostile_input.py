@@ -152,6 +152,7 @@ def test_replaced_weights_are_not_served_from_the_base_stage_cache(tmp_path):
     ({"name": "base"}, ["tasks.0.name", "reserved"]),
     ({"name": "Reference"}, ["tasks.0.name", "reserved"]),
     ({"name": "checkpoint"}, ["tasks.0.name", "reserved"]),
+    ({"name": "schema_version"}, ["tasks.0.name", "reserved"]),
     ({"name": "Sum"}, ["'Sum' and 'sum' differ only in case"]),
     ({"name": "a/b"}, ["tasks.0.name", "must not contain '/'"]),
 ])

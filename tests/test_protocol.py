@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_config, write_task_files
-from lorawatch import store
+from lorawatch import schema, store
 from lorawatch.config import PLAIN_SWITCHES
 from lorawatch.metrics import compute_cl_metrics, read_matrix_csv
 from lorawatch.prompts import encode_train_example
@@ -65,7 +65,8 @@ def test_numbers_are_consistent(tiny_run):
                 predictions = store.read_jsonl(folder / "predictions" / f"{task}.jsonl")
                 assert scores[task] == sum(p["correct"] for p in predictions) / len(predictions) == matrix[stage, i]
         expected = compute_cl_metrics(matrix, tasks).to_dict()
-        assert store.read_json(store.seed_dir(run_dir, seed) / "cl_metrics.json") == expected
+        recorded = store.read_record(store.seed_dir(run_dir, seed) / "cl_metrics.json", schema.ClMetricsRecord)
+        assert recorded.body() == expected and recorded.schema_version == schema.SCHEMA_VERSION
         stability = results.stability(seed)
         assert stability["kl_mean"].iloc[0] == 0.0
         assert (stability["kl_mean"].iloc[1:] > 0).all()
@@ -149,7 +150,7 @@ def test_base_stage_is_reused_across_orders_and_runs(tiny_run, tiny_model_dir):
     assert store.read_json(again / "stage.json")["base_stage_key"] == store.read_json(first / "stage.json")["base_stage_key"]
     for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "reference_drift.jsonl"):
         assert (again / name).read_text() == (first / name).read_text()
-    assert list(store.read_json(again / "scores.json")) == ["sum", "stance", "reference"]  # this run's order
+    assert list(store.read_record(again / "scores.json", schema.Scores).accuracy()) == ["sum", "stance", "reference"]
     tasks, _ = read_matrix_csv(store.seed_dir(reversed_run, 3) / "accuracy_matrix.csv")
     assert tasks == ["sum", "stance"]
 

@@ -3,6 +3,7 @@
     config = lorawatch.preset("demo")            # or lorawatch.load_config("exp.yaml")
     run_dir = lorawatch.run(config, "runs/demo")
     results = lorawatch.load_run(run_dir)        # data frames: accuracy_matrix(), cl_metrics(), stability()
+    lorawatch.evaluate(config, ["out/task-a", "out/task-b"], "runs/theirs", trained_on=["a", "b"])
 """
 
 from lorawatch.config import ExperimentConfig, build_config, load_config
@@ -21,7 +22,15 @@ def run(config: ExperimentConfig, run_dir, *, overwrite: bool = False):
     return run_experiment(config, run_dir, overwrite=overwrite)
 
 
+def evaluate(config: ExperimentConfig, adapters, run_dir, *, trained_on: list[str] | None = None,
+             overwrite: bool = False):
+    """Evaluate adapters trained elsewhere into `run_dir` (see lorawatch.evaluate_adapters); returns the run folder."""
+    from lorawatch.evaluate_adapters import evaluate_adapters
+
+    return evaluate_adapters(config, adapters, run_dir, trained_on=trained_on, overwrite=overwrite)
+
+
 __all__ = [
     "ClMetrics", "ConfigError", "DataError", "ExperimentConfig", "ModelSpecError", "RunResults", "UserError",
-    "build_config", "compute_cl_metrics", "load_config", "load_run", "preset", "read_matrix_csv", "run",
+    "build_config", "compute_cl_metrics", "evaluate", "load_config", "load_run", "preset", "read_matrix_csv", "run",
 ]

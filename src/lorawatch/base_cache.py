@@ -16,7 +16,7 @@ from lorawatch.checkpoint_eval import EvalParams
 from lorawatch.evaluation import GENERATION_RULES_VERSION
 from lorawatch.inputs import Encoded, RunData
 from lorawatch.models import LoadedModel, default_cache_dir
-from lorawatch.runfolder import BASE_LOGPROBS
+from lorawatch.units import BASE_LOGPROBS
 from lorawatch.tasks.scoring import SCORING_RULES_VERSION
 
 

@@ -17,7 +17,7 @@ from lorawatch.tasks.scoring import Prediction, accuracy, score
 from lorawatch.inputs import Encoded, RunData
 from lorawatch.progress import RunProgress
 from lorawatch.prompts import EncodedPrompt
-from lorawatch.runfolder import crash_point, read_unit
+from lorawatch.units import crash_point, read_unit
 from lorawatch.stability import ExampleDrift, answer_logprobs, per_example_drift
 from lorawatch.tasks.base import Example
 
@@ -71,8 +71,8 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
                 # would have to be recomputed by a different path (and so with different round-off).
                 logprobs = torch.stack([generated[e.id].first_logprobs for e in data.reference])
                 drift = drift_rows(data, logprobs, base_logprobs)
-                store.write_jsonl(drift_path, (d.to_dict() for d in drift))
-            store.write_jsonl(path, (r.to_dict() for r in rows))
+                store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
+            store.write_rows(path, Prediction, (r.to_dict() for r in rows))
             crash_point(f"{crash_prefix}:eval:{name}")
         else:
             progress.advance(len(rows))
@@ -86,7 +86,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
                                            token_budget=params.token_budget, device=params.device,
                                            position=params.reference_position)[1]
             drift = drift_rows(data, logprobs, base_logprobs)
-            store.write_jsonl(drift_path, (d.to_dict() for d in drift))
+            store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
         crash_point(f"{crash_prefix}:drift")
     progress.advance(len(data.reference))
     return scores, drift, logprobs

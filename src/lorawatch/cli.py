@@ -31,6 +31,36 @@ def _parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds: expected comma-separated integers, got {text!r}") from None
 
 
+def _load(config_file: Path | None, preset_name: str | None):
+    from lorawatch.config import load_config
+    from lorawatch.presets import preset
+
+    if config_file is not None and preset_name is not None:
+        raise UserError("give a config file or --preset, not both")
+    return load_config(config_file) if config_file is not None else preset(preset_name or "demo")
+
+
+def _with_changes(config, changes: dict, preset_name: str | None):
+    """The config with the command line's changes (dotted fields; "*" stands for every task), recorded in it."""
+    from lorawatch.config import build_config
+
+    data = config.model_dump(mode="json")
+    changes = {key: value for key, value in changes.items() if value is not None}
+    if any(key.startswith("monitor.") for key in changes):
+        data["monitor"] = data.get("monitor") or {}
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        targets = [data]
+        for part in parents:
+            targets = [item for t in targets for item in (t if part == "*" else [t[part]])]
+        for target in targets:
+            target[leaf] = value
+    if preset_name is not None:
+        data["preset"] = preset_name
+    data["overrides"] = {**data.get("overrides", {}), **changes}
+    return build_config(data, source="command line")
+
+
 @app.command()
 def run(
     config_file: Annotated[Optional[Path], typer.Argument(help="YAML/JSON experiment config")] = None,
@@ -60,21 +90,17 @@ def run(
                                                           "generation or cached base stage), for comparison")] = False,
     overwrite: Annotated[bool, typer.Option(help="start the run folder again from scratch")] = False,
     force: Annotated[bool, typer.Option(help="resume even though the config differs from the recorded one")] = False,
+    as_html: Annotated[bool, typer.Option("--html", help="also write RUN/report.html (see `show --html`)")] = False,
 ) -> None:
     """Run the protocol: base evaluation, then train/evaluate stage by stage; print the tables.
 
     Running the same command again on an unfinished run folder resumes it where it stopped.
     """
-    from lorawatch.config import PLAIN_SWITCHES, build_config, load_config
-    from lorawatch.presets import preset
+    from lorawatch.config import PLAIN_SWITCHES
     from lorawatch.protocol import run_experiment
-    from lorawatch.tables import load_run, print_results
 
     try:
-        if config_file is not None and preset_name is not None:
-            raise UserError("give a config file or --preset, not both")
-        config = load_config(config_file) if config_file is not None else preset(preset_name or "demo")
-        data = config.model_dump(mode="json")
+        config = _load(config_file, preset_name)
         changes = {"model.spec": model, "model.device": device, "model.dtype": dtype,
                    "seeds": _parse_seeds(seeds) if seeds is not None else None,
                    "order": (order if order in ("original", "reversed") else [n.strip() for n in order.split(",")])
@@ -86,24 +112,60 @@ def run(
                         "monitor.relative": monitor_relative, "monitor.every": monitor_every,
                         "monitor.patience": monitor_patience,
                         "monitor.calibrate_from": monitor_calibrate_from})
-        changes = {key: value for key, value in changes.items() if value is not None}
-        if any(key.startswith("monitor.") for key in changes):
-            data["monitor"] = data.get("monitor") or {}
-        for key, value in changes.items():
-            *parents, leaf = key.split(".")
-            targets = [data]
-            for part in parents:  # "*" stands for every task
-                targets = [item for t in targets for item in (t if part == "*" else [t[part]])]
-            for target in targets:
-                target[leaf] = value
-        if preset_name is not None:
-            data["preset"] = preset_name
-        data["overrides"] = {**data.get("overrides", {}), **changes}
-        config = build_config(data, source="command line")
+        config = _with_changes(config, changes, preset_name)
         console = Console(stderr=True)
         run_dir = run_experiment(config, out or Path("runs") / config.name, console=console, overwrite=overwrite,
                                  force=force)
-        print_results(load_run(run_dir), Console())
+        _print_results(run_dir, as_html)
+    except UserError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished work is saved; run the same command again to resume\n")
+        raise typer.Exit(130)
+    except Terminated:
+        sys.stderr.write("terminated (SIGTERM): finished work is saved; run the same command again to resume\n")
+        raise typer.Exit(143)
+
+
+@app.command()
+def evaluate(
+    adapters: Annotated[list[Path], typer.Argument(help="PEFT adapter folders in training order, or a training "
+                                                        "output folder holding checkpoint-N/ folders")],
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON experiment config: the model, "
+                                                                         "tasks and reference set")] = None,
+    preset_name: Annotated[Optional[str], typer.Option("--preset", help="a named config, e.g. demo")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run folder (default: runs/<name>-evaluate)")] = None,
+    trained_on: Annotated[Optional[str], typer.Option(help="the task each adapter was trained on, in order: A,B,C "
+                                                           "(without it OP/BWT/FWT are left undefined)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="the seed the adapters were trained with (a label)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="base model spec: alias, hub id, folder or .gguf")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16")] = None,
+    max_test_rows: Annotated[Optional[int], typer.Option(help="cap on test rows per task")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length")] = None,
+    plain: Annotated[bool, typer.Option("--plain", help="evaluate without any fast-path part")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start the run folder again from scratch")] = False,
+    force: Annotated[bool, typer.Option(help="resume even though the config differs from the recorded one")] = False,
+    as_html: Annotated[bool, typer.Option("--html", help="also write RUN/report.html (see `show --html`)")] = False,
+) -> None:
+    """Evaluate adapters trained elsewhere (Trainer, TRL, ...) like `run`'s checkpoints: base model and every
+    adapter on every task and the reference set, into a run folder that show, report and compare read.
+
+    Running the same command again on an unfinished run folder resumes it.
+    """
+    from lorawatch.config import PLAIN_SWITCHES
+    from lorawatch.evaluate_adapters import evaluate_adapters
+
+    try:
+        config = _with_changes(_load(config_file, preset_name), {
+            "model.spec": model, "model.device": device, "model.dtype": dtype,
+            "tasks.*.max_test_rows": max_test_rows, "eval.max_new_tokens": max_new_tokens,
+            **({f"eval.{part}": False for part in PLAIN_SWITCHES} if plain else {})}, preset_name)
+        order = None if trained_on is None else [name.strip() for name in trained_on.split(",") if name.strip()]
+        run_dir = evaluate_adapters(config, adapters, out or Path("runs") / f"{config.name}-evaluate",
+                                    trained_on=order, seed=seed, console=Console(stderr=True), overwrite=overwrite,
+                                    force=force)
+        _print_results(run_dir, as_html)
     except UserError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -147,21 +209,60 @@ def metrics(
                                           for k, v in result.summary.items()))
 
 
-@app.command()
-def show(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")]) -> None:
-    """Print a run folder's accuracy matrix, CL metrics and stability table."""
+def _print_results(run_dir: Path, as_html: bool) -> None:
+    """A finished run's tables on stdout; with --html, its page written and its path printed last."""
     from lorawatch.tables import load_run, print_results
 
+    print_results(load_run(run_dir), Console())
+    if as_html:
+        from lorawatch.report.html import write_run_html
+
+        print(write_run_html(run_dir, run_dir / "report.html"))
+
+
+@app.command()
+def show(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    as_html: Annotated[bool, typer.Option("--html", help="also write RUN_DIR/report.html: tables, figures, live "
+                                                         "drift, costs and an example browser in one page that "
+                                                         "opens offline")] = False,
+) -> None:
+    """Print a run folder's accuracy matrix, CL metrics and stability table."""
     try:
-        print_results(load_run(run_dir), Console())
+        _print_results(run_dir, as_html)
     except UserError as error:
         _fail(str(error))
+
+
+@app.command()
+def check(run_dirs: Annotated[list[Path], typer.Argument(help="run folders, finished or not")]) -> None:
+    """Read every file of run folders against the run-folder schema; one line per problem (exit 1 if any)."""
+    from lorawatch.runfolder import is_run_folder
+    from lorawatch.schema import SCHEMA_VERSION
+    from lorawatch.store import check_run_folder
+
+    problems = 0
+    for run_dir in run_dirs:
+        if not run_dir.is_dir() or not is_run_folder(run_dir):
+            _fail(f"{run_dir}: not a lorawatch run folder")
+        found = check_run_folder(run_dir)
+        for line in found:
+            typer.echo(line)
+        problems += len(found)
+        if not found:
+            typer.echo(f"{run_dir}: every file fits the run-folder schema (this lorawatch writes version "
+                       f"{SCHEMA_VERSION})")
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="finished run folders (one model and task order each)")],
     out: Annotated[Path, typer.Option(help="folder for the tables, figures and report.md")],
+    as_html: Annotated[bool, typer.Option("--html", help="also write OUT/report.html: the tables, figures and every "
+                                                         "run's sections and example browser in one page that opens "
+                                                         "offline")] = False,
 ) -> None:
     """The paper's tables (3-6) and figures over many run folders, as Markdown, CSV, LaTeX, PNG and SVG.
 
@@ -171,9 +272,16 @@ def report(
 
     try:
         result = write_report(run_dirs, out)
+        page = None
+        if as_html:
+            from lorawatch.report.html import write_report_html
+
+            page = write_report_html(result, result.out / "report.html")
     except UserError as error:
         _fail(str(error))
     print(result.out / "report.md")
+    if page is not None:
+        print(page)
 
 
 @app.command()

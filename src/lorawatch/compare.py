@@ -19,7 +19,7 @@ from lorawatch import store
 from lorawatch.errors import UserError
 from lorawatch.monitoring_view import interventions, interventions_markdown
 from lorawatch.report.figures import monitor_figure
-from lorawatch.tables import load_run
+from lorawatch.tables import RunResults, load_run
 
 HEADLINE = (("final_avg_accuracy", "final avg accuracy"), ("bwt", "BWT"), ("fwt", "FWT"),
             ("mean_gain", "mean gain"), ("final_kl_to_base", "final KL to base"))
@@ -30,21 +30,21 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
     return labels if len(set(labels)) == len(labels) else [str(p) for p in run_dirs]
 
 
-def _compute(run_dir: Path) -> dict:
+def _compute(results: RunResults) -> dict:
     steps = 0
-    for stage_json in run_dir.glob("seed-*/stage-*/stage.json"):
-        stage = store.read_run_file(stage_json)
-        steps += int(((stage if isinstance(stage, dict) else {}).get("training") or {}).get("optimizer_steps", 0))
+    for seed in results.seeds:
+        for stage in range(1, len(results.tasks) + 1):
+            training = results.stage(seed, stage).training
+            steps += training.optimizer_steps if training else 0
     out = {"optimizer_steps": steps}
-    path = run_dir / "costs.json"
-    if path.is_file():
-        costs = store.read_run_file(path)
-        phase = costs.get("phase_seconds", {})
+    costs = results.costs()
+    if costs is not None:
+        phase = costs.phase_seconds
         training, monitor = phase.get("training", 0.0), phase.get("monitor", 0.0)
         evaluation = sum(phase.get(k, 0.0) for k in ("task_eval", "reference_generation", "reference_distribution"))
-        out.update({"wall_s": costs.get("wall_seconds"), "training_s": training, "monitor_s": monitor,
+        out.update({"wall_s": costs.wall_seconds, "training_s": training, "monitor_s": monitor,
                     "monitor_overhead": monitor / (training - monitor) if training > monitor > 0 else 0.0,
-                    "eval_s": evaluation, "resumed": costs.get("resumed", False)})
+                    "eval_s": evaluation, "resumed": costs.resumed})
     return out
 
 
@@ -56,7 +56,8 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
     for label, path in zip(_labels(paths), paths):
         results = load_run(path)
         summary = results.summary()["mean_std"]
-        monitor = store.read_run_file(path / "monitor.json") if (path / "monitor.json").is_file() else None
+        settings = results.monitor_settings()
+        monitor = None if settings is None else settings.body()
         matrix = results.accuracy_matrix()
         runs.append({
             "label": label, "run_dir": str(path), "seeds": results.seeds, "tasks": results.tasks,
@@ -64,7 +65,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
             "accuracy_matrix": matrix.to_dict(orient="records"),
             "cl_metrics": results.cl_metrics()[["checkpoint", "op", "bwt", "fwt"]].to_dict(orient="records"),
             "headline": {key: (summary.get(key) or {}).get("mean") for key, _ in HEADLINE},
-            "compute": _compute(path),
+            "compute": _compute(results),
             "interventions": interventions(path),
         })
     tasks = {tuple(r["tasks"]) for r in runs}

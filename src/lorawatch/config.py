@@ -17,8 +17,9 @@ from lorawatch.errors import ConfigError, file_problem
 from lorawatch.tasks.base import TASK_KINDS, task_key
 from lorawatch.tasks.builtin import BUILTIN_KINDS
 
-# Names the run folder and its tables use for themselves: the base row, the checkpoint column, the reference set.
-RESERVED_TASK_NAMES = ("base", "checkpoint", "reference")
+# Names the run folder and its tables use for themselves: the base row, the checkpoint column, the reference set,
+# and the version key of scores.json (which is keyed by task name).
+RESERVED_TASK_NAMES = ("base", "checkpoint", "reference", "schema_version")
 MAX_SEED = 2**32 - 1
 
 

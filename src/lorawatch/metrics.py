@@ -141,6 +141,28 @@ def compute_cl_metrics(matrix: np.ndarray | Sequence[Sequence[float]], tasks: Se
     return ClMetrics(tasks=tuple(task_names), per_checkpoint=tuple(per_checkpoint), summary=summary)
 
 
+def compute_unordered_metrics(matrix: np.ndarray | Sequence[Sequence[float]], tasks: Sequence[str],
+                              checkpoints: Sequence[str]) -> ClMetrics:
+    """What a matrix supports when it is not known which task each checkpoint was trained on (adapters trained
+    elsewhere, `lorawatch evaluate` without --trained-on): R has shape (K+1, T), row 0 the base model, any K.
+
+    Only the average over all tasks is defined per checkpoint, and how the final one moved from the base model;
+    OP, BWT, FWT, gain and learning accuracy need the training order, so they are None.
+    """
+    task_names = _validate_tasks(tasks)
+    R = np.asarray(matrix, dtype=float)
+    if R.ndim != 2 or R.shape[0] < 1 or R.shape[1] != len(task_names) or len(checkpoints) != R.shape[0]:
+        raise ValueError(f"the accuracy matrix must have one row per checkpoint ({len(checkpoints)}) and one column "
+                         f"per task ({len(task_names)}), got shape {R.shape}")
+    per_checkpoint = tuple(CheckpointMetrics(checkpoint=name, op=None, bwt=None, fwt=None, avg_all=float(row.mean()),
+                                             gain=None, delta_vs_base=None) for name, row in zip(checkpoints, R))
+    summary: dict[str, float | int | None] = {
+        "final_avg_accuracy": per_checkpoint[-1].avg_all, "bwt": None, "fwt": None, "fwt_gem": None,
+        "learning_accuracy": None, "mean_gain": None, "num_tasks": len(task_names),
+    }
+    return ClMetrics(tasks=tuple(task_names), per_checkpoint=per_checkpoint, summary=summary)
+
+
 def _mean_or_none(values: np.ndarray) -> float | None:
     # Every "undefined" in the definitions is an average over an empty set of tasks.
     return float(values.mean()) if values.size else None

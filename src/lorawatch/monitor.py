@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lorawatch import store
+from lorawatch import schema, store
 from lorawatch.errors import UserError
 from lorawatch.metrics import ACCURACY_TOLERANCE, MIN_CHECKPOINTS_PER_LABEL
 
@@ -76,18 +76,22 @@ def calibrated_threshold(source: str | Path) -> tuple[float, str]:
         return float(value), f"failure-zone threshold fitted in {path}"
     if path.is_dir() and (path / "config.json").is_file():
         healthy = []
-        for stage_json in sorted(path.glob("seed-*/stage-*/stage.json")):
-            folder = stage_json.parent
-            try:
-                scores = store.read_json(folder / "scores.json")
-                stats = store.read_json(folder / "reference_stats.json")
-                base = store.read_json(folder.parent / "stage-0" / "scores.json")
-            except (OSError, ValueError):
-                continue
-            tasks = [t for t in scores if t != "reference"]
-            average = np.mean([scores[t] for t in tasks])
-            if average >= np.mean([base[t] for t in tasks]) - ACCURACY_TOLERANCE and stats.get("kl_mean", 0) > 0:
-                healthy.append(stats["kl_mean"])
+        for seed in store.seeds_on_disk(path):
+            for stage in store.stages_on_disk(path, seed)[1:]:
+                folder = store.stage_dir(path, seed, stage)
+                try:
+                    store.read_record(folder / "stage.json", schema.StageRecord)  # only finished stages count
+                    scores = store.read_record(folder / "scores.json", schema.Scores).accuracy()
+                    kl = store.read_record(folder / "reference_stats.json", schema.ReferenceStats).kl_mean
+                    base = store.read_record(folder.parent / "stage-0" / "scores.json", schema.Scores).accuracy()
+                except (OSError, ValueError):
+                    continue
+                tasks = [t for t in scores if t != "reference"]
+                if not all(t in base for t in tasks):
+                    continue
+                average = np.mean([scores[t] for t in tasks])
+                if average >= np.mean([base[t] for t in tasks]) - ACCURACY_TOLERANCE and kl > 0:
+                    healthy.append(kl)
         if not healthy:
             raise UserError(f"{path}: no trained checkpoint kept the base model's average accuracy; "
                             "cannot calibrate a threshold from this run")

@@ -11,34 +11,36 @@ from typing import Sequence
 
 import pandas as pd
 
-from lorawatch import store
+from lorawatch import schema, store
 
 
 def monitor_series(run_dir: Path) -> pd.DataFrame:
     """One row per live measurement: seed, stage, task, step, cumulative step, KL, entropy, margin, threshold."""
     rows = []
-    for seed_dir in sorted(run_dir.glob("seed-*"), key=lambda p: int(p.name.split("-")[1])):
+    for seed in store.seeds_on_disk(run_dir):
         offset = 0
-        stages = sorted(seed_dir.glob("stage-*"), key=lambda p: int(p.name.split("-")[1]))
-        for stage_dir in stages[1:]:
-            stage = int(stage_dir.name.split("-")[1])
-            info = store.read_json(stage_dir / "stage.json") if (stage_dir / "stage.json").is_file() else {}
-            path = stage_dir / "monitor.jsonl"
-            if path.is_file():
-                for point in store.read_jsonl(path):
-                    rows.append({"seed": int(seed_dir.name.split("-")[1]), "stage": stage, "task": info.get("task"),
-                                 "cumulative_step": offset + point["step"], **point})
-            offset += int((info.get("training") or {}).get("optimizer_steps", 0))
+        for stage in store.stages_on_disk(run_dir, seed)[1:]:
+            folder = store.stage_dir(run_dir, seed, stage)
+            if not (folder / "stage.json").is_file():
+                continue  # an unfinished stage: its series is not final
+            info = store.load_record(folder / "stage.json", schema.StageRecord)
+            if (folder / "monitor.jsonl").is_file():
+                for point in store.load_rows(folder / "monitor.jsonl", schema.MonitorPoint):
+                    rows.append({"seed": seed, "stage": stage, "task": info.task,
+                                 "cumulative_step": offset + point.step, **point.model_dump()})
+            offset += info.training.optimizer_steps if info.training else 0
     return pd.DataFrame(rows)
 
 
 def interventions(run_dir: Path) -> list[dict]:
     found = []
-    for stage_json in sorted(run_dir.glob("seed-*/stage-*/stage.json")):
-        entry = store.read_json(stage_json).get("intervention")
-        if entry:
-            found.append({"seed": int(stage_json.parent.parent.name.split("-")[1]), **entry})
-    return sorted(found, key=lambda e: (e["seed"], e["stage"]))
+    for seed in store.seeds_on_disk(run_dir):
+        for stage in store.stages_on_disk(run_dir, seed):
+            path = store.stage_dir(run_dir, seed, stage) / "stage.json"
+            entry = store.load_record(path, schema.StageRecord).intervention if path.is_file() else None
+            if entry is not None:
+                found.append({"seed": seed, **entry.model_dump()})
+    return found
 
 
 def interventions_markdown(rows: Sequence[dict]) -> str:

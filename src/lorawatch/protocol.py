@@ -9,7 +9,7 @@
       finish   stage-k's summary files (stage.json last: the stage is complete)
     tables     accuracy matrix, CL metrics and stability per seed; mean/std over seeds
 
-Every step writes its units into the run folder (runfolder.py) as soon as they are done, and a rerun reads
+Every step writes its units into the run folder (units.py) as soon as they are done, and a rerun reads
 finished units back instead of recomputing them, so a resumed run gives the same files as an uninterrupted one.
 The base stage does not depend on the seed (greedy decoding, no adapter): computed once, copied to every seed.
 """
@@ -28,7 +28,7 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 from safetensors.torch import save as save_safetensors
 
-from lorawatch import store, tables
+from lorawatch import schema, store, tables
 from lorawatch.base_cache import base_stage_cache, base_stage_key, restore_base_stage, save_base_stage
 from lorawatch.checkpoint_eval import EvalParams, drift_rows, evaluate_checkpoint, generate_by_task
 from lorawatch.config import ExperimentConfig
@@ -39,9 +39,9 @@ from lorawatch.inputs import RunData, data_fingerprint, encode, load_data, weigh
 from lorawatch.models import LoadedModel, load_model
 from lorawatch.monitor import MonitorParams, StageMonitor, calibrated_threshold
 from lorawatch.progress import RunProgress
-from lorawatch.runfolder import (BASE_LOGPROBS, abandon_run_dir, crash_point, environment, finish_stage,
-                                 load_adapter_weights, plan_run_dir, read_drafts, read_logprobs, readable_json,
-                                 run_lock, save_adapter, stage_complete, start_run_dir)
+from lorawatch.runfolder import abandon_run_dir, plan_run_dir, run_lock, start_run_dir
+from lorawatch.units import (BASE_LOGPROBS, crash_point, environment, finish_stage, load_adapter_weights, read_drafts,
+                             read_logprobs, readable_json, save_adapter, stage_complete)
 from lorawatch.stability import summarize
 from lorawatch.tasks.scoring import SCORING_RULES_VERSION
 from lorawatch.training import TrainParams, train_stage, use_gap_dropout
@@ -72,7 +72,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
             for note in start_run_dir(run_dir, plan, config, recipe.fingerprint(), environment(recipe.loaded)):
                 console.print(f"lorawatch: {note}")
             if monitor is not None:
-                store.write_json(run_dir / "monitor.json", monitor)
+                store.write_record(run_dir / "monitor.json", schema.MonitorSettings, monitor)
             recipe.run()
     except BaseException:
         abandon_run_dir(run_dir, plan)
@@ -138,7 +138,7 @@ class Recipe:
                 self.run_seed(seed, fresh_model=seed_index > 0)
             with self.costs.phase("tables"):
                 tables.write_summary(self.run_dir)
-        store.write_json(self.run_dir / "costs.json", self.costs.to_dict())
+        store.write_record(self.run_dir / "costs.json", schema.CostsRecord, self.costs.to_dict())
 
     # --- setup -----------------------------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ class Recipe:
     def setup(self) -> None:
         config, data = self.config, self.data
         self.loaded = self.load_model()
-        check_lora_targets(self.loaded.model, lora_config(config))
+        self.check_model()
         self.weights = weights_digest(self.loaded.model)
         info = self.loaded.info
         self.console.print(f"lorawatch: {config.name} · model {info.spec} ({info.num_parameters / 1e6:.0f}M "
@@ -172,6 +172,10 @@ class Recipe:
         self.costs.notes["fast_path"] = {"used": fast.to_dict(), "switched_off": switched_off}
         self.eval_params = EvalParams(max_new_tokens=config.eval.max_new_tokens, token_budget=config.eval.token_budget,
                                       device=info.device, reference_position=config.reference.position, fast=fast)
+
+    def check_model(self) -> None:
+        """What must hold of the loaded model before anything is printed or computed."""
+        check_lora_targets(self.loaded.model, lora_config(self.config))
 
     def fingerprint(self) -> dict:
         """What this run's results are computed from; a resume with other inputs is refused."""
@@ -212,8 +216,7 @@ class Recipe:
         else:
             progress.advance(self.checkpoint_rows())
         self.costs.notes["base_stage_key"] = key
-        self.base_stats = {k: v for k, v in store.read_json(base_dir / "reference_stats.json").items()
-                           if not k.endswith("_delta")}
+        self.base_stats = store.read_record(base_dir / "reference_stats.json", schema.ReferenceStats).statistics()
         for seed in config.seeds[1:]:
             copy_dir = store.stage_dir(self.run_dir, seed, 0)
             if not stage_complete(copy_dir, data, adapter=False):
@@ -249,9 +252,9 @@ class Recipe:
         task = self.data.tasks[stage - 1]
         folder = store.stage_dir(self.run_dir, seed, stage)
         log_path = folder / "training.json"
-        if log_path.is_file() and readable_json(log_path) and load_adapter_weights(model, folder / "adapter"):
+        if readable_json(log_path, schema.TrainingRecord) and load_adapter_weights(model, folder / "adapter"):
             self.progress.advance(len(task.train) * self.train_params.epochs)
-            return store.read_json(log_path)
+            return store.read_record(log_path, schema.TrainingRecord).body()
         shutil.rmtree(folder, ignore_errors=True)  # whatever this stage evaluated before belonged to another adapter
         label = self.stage_label(seed, stage)
         self.progress.phase(f"{label} · train {task.name}")
@@ -270,7 +273,7 @@ class Recipe:
             if watch is not None:
                 log["monitor"] = self.finish_monitor(watch, log, folder, seed, stage)
             save_adapter(model, folder / "adapter")
-            store.write_json(log_path, log)
+            store.write_record(log_path, schema.TrainingRecord, log)
         crash_point(f"{seed}:{stage}:trained")
         return log
 
@@ -304,7 +307,7 @@ class Recipe:
     def stage_monitor(self, model, seed: int, stage: int) -> StageMonitor:
         task, data, loaded = self.data.tasks[stage - 1], self.data, self.loaded
         previous = store.stage_dir(self.run_dir, seed, stage - 1) / "reference_stats.json"
-        previous_kl = float(store.read_json(previous).get("kl_mean", 0.0)) if stage > 1 else 0.0
+        previous_kl = store.read_record(previous, schema.ReferenceStats).kl_mean if stage > 1 else 0.0
         threshold = self.monitor.stage_threshold(previous_kl)
         label = self.stage_label(seed, stage)
 
@@ -331,7 +334,7 @@ class Recipe:
         intervention = watch.finish(log["optimizer_steps"])
         monitor = self.monitor
         self.costs.seconds["monitor"] += watch.seconds
-        store.write_jsonl(folder / "monitor.jsonl", watch.series)
+        store.write_rows(folder / "monitor.jsonl", schema.MonitorPoint, watch.series)
         if intervention is not None:
             self.progress.log(f"[bold]monitor[/bold]: seed {seed} stage {stage} ({self.data.tasks[stage - 1].name}): "
                               f"KL to base {intervention.kl:.4f} > {intervention.threshold:.4f} at step "

@@ -1,189 +1,25 @@
-"""The run folder's units and their life cycle: the lock, creating or resuming a folder, writing a finished
-stage, telling a complete unit from a missing or damaged one, adapters, and the environment a run used.
+"""The run folder's life cycle: checking a folder against the command before any model work, creating,
+resuming or clearing it (--overwrite, --force), what a run records of itself (config, inputs, histories), and
+the lock that makes one process its only writer.
 
-The layout itself (which file is where) is in store.py; every write goes through its atomic writers.
-Only the errors that mean "this file is damaged" (unreadable JSON, a damaged safetensors file, rows that do not
-match the data) mark a unit for recomputation; any other error is a bug and is raised.
+The layout itself (which file is where) and every read and write are store.py's; a stage's units are units.py's.
 """
 
 from __future__ import annotations
 
 import fcntl
-import importlib.metadata
 import os
-import platform
 import shutil
-import signal
 import socket
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from peft import set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
-
-from lorawatch import store
+from lorawatch import schema, store
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import ConfigError, UserError
-from lorawatch.tasks.scoring import Prediction
-from lorawatch.inputs import RunData
-from lorawatch.models import LoadedModel
-from lorawatch.stability import ExampleDrift, summarize
-
-# What a damaged file raises when it is read back: it is then recomputed, never trusted.
-DAMAGED = (OSError, ValueError, TypeError, KeyError, SafetensorError)
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-BASE_LOGPROBS = "base_reference_logprobs.safetensors"
-
-
-def environment(loaded: LoadedModel) -> dict:
-    versions = {}
-    for package in ("lorawatch", "torch", "transformers", "peft", "numpy", "pandas"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "versions": versions,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "device": loaded.info.device,
-        "dtype": loaded.info.dtype,
-        "model": loaded.info.to_dict(),
-    }
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the resume tests: SIGKILL this process when LORAWATCH_CRASH_AT names this point."""
-    if os.environ.get("LORAWATCH_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def read_unit(path: Path, expected_ids: list[str], row_type: type) -> list | None:
-    """A unit's saved rows (predictions or drift), or None when missing or damaged: then it is redone."""
-    if not path.is_file():
-        return None
-    try:
-        rows = [row_type(**row) for row in store.read_jsonl(path)]
-    except (ValueError, TypeError, KeyError):
-        warnings.warn(f"{path}: damaged, recomputing it", stacklevel=2)
-        return None
-    if [r.id for r in rows] != expected_ids:
-        warnings.warn(f"{path}: does not match the data, recomputing it", stacklevel=2)
-        return None
-    return rows
-
-
-def finish_stage(folder: Path, *, stage: int, checkpoint: str, task: str | None, scores: dict, drift: list,
-                 base_stats: dict | None, extra: dict) -> dict:
-    """Write the stage's summary files; stage.json goes last and marks the stage complete."""
-    stats = summarize(drift)
-    base_stats = base_stats or stats
-    deltas = {f"{key}_delta": value - base_stats[key] for key, value in stats.items()}
-    store.write_json(folder / "reference_stats.json", {**stats, **deltas})
-    store.write_json(folder / "scores.json", scores)
-    store.write_json(folder / "stage.json", {"stage": stage, "checkpoint": checkpoint, "task": task, **extra})
-    return stats
-
-
-def stage_complete(folder: Path, data: RunData, *, adapter: bool) -> bool:
-    """A stage is complete when every file it wrote is intact; damaged ones are reported and redone."""
-    try:
-        if not all(isinstance(store.read_json(folder / name), dict)
-                   for name in ("stage.json", "scores.json", "reference_stats.json")):
-            return False
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):
-        warnings.warn(f"{folder}: damaged summary file, redoing that stage's missing parts", stacklevel=2)
-        return False
-    parts = [(t.name, [e.id for e in t.test]) for t in data.tasks] + [("reference", [e.id for e in data.reference])]
-    if any(read_unit(folder / "predictions" / f"{name}.jsonl", ids, Prediction) is None for name, ids in parts):
-        return False
-    if read_unit(folder / "reference_drift.jsonl", [e.id for e in data.reference], ExampleDrift) is None:
-        return False
-    return not adapter or adapter_intact(folder / "adapter")
-
-
-def adapter_intact(folder: Path) -> bool:
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        return False
-    try:
-        load_safetensors(folder / ADAPTER_WEIGHTS)
-    except DAMAGED:
-        warnings.warn(f"{folder}: damaged adapter, redoing that stage", stacklevel=2)
-        return False
-    return readable_json(folder / "adapter_config.json")
-
-
-def save_adapter(model, folder: Path) -> None:
-    # Written beside the final name, then renamed: a crash never leaves a half-written adapter in place.
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def load_adapter_weights(model, folder: Path) -> bool:
-    """Put a saved adapter's weights into the model's adapter; False (with a warning) if it is damaged."""
-    path = folder / ADAPTER_WEIGHTS
-    if not path.is_file():
-        return False
-    try:
-        state = load_safetensors(path)
-    except DAMAGED as exc:
-        warnings.warn(f"{folder}: damaged adapter ({exc.__class__.__name__}), redoing that stage", stacklevel=2)
-        return False
-    try:
-        result = set_peft_model_state_dict(model, state)
-    except RuntimeError:  # tensors of other shapes: an adapter of another rank or model
-        warnings.warn(f"{folder}: adapter does not fit this model, redoing that stage", stacklevel=2)
-        return False
-    if getattr(result, "unexpected_keys", None):
-        warnings.warn(f"{folder}: adapter does not fit this model, redoing that stage", stacklevel=2)
-        return False
-    return True
-
-
-def read_drafts(folder: Path) -> dict[str, list[int]]:
-    """A finished checkpoint's generated tokens by example id: the next checkpoint's drafts."""
-    drafts: dict[str, list[int]] = {}
-    for path in sorted((folder / "predictions").glob("*.jsonl")):
-        try:
-            rows = store.read_jsonl(path)
-        except (OSError, ValueError):
-            continue  # a draft is only a speed-up; a damaged file just means no drafts
-        drafts.update({r["id"]: r["output_ids"] for r in rows if isinstance(r, dict) and r.get("output_ids")})
-    return drafts
-
-
-def readable_json(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        store.read_json(path)
-        return True
-    except (OSError, ValueError):
-        warnings.warn(f"{path}: damaged, redoing that unit", stacklevel=2)
-        return False
-
-
-def read_logprobs(path: Path, rows: int) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    try:
-        tensor = load_safetensors(path)["logprobs"]
-    except DAMAGED:
-        warnings.warn(f"{path}: damaged, recomputing the base reference pass", stacklevel=2)
-        return None
-    return tensor if tensor.shape[0] == rows else None
+from lorawatch.units import DAMAGED
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -242,6 +78,8 @@ def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overw
     elif overwrite:
         mode, forced = "overwrite", ()
     else:
+        _check_same_job(run_dir, inputs)
+        _check_versions(run_dir)
         mode, forced = "resume", _check_config(run_dir, config, force)
         check_inputs(run_dir, inputs)
     try:
@@ -261,15 +99,38 @@ def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overw
     return FolderPlan(mode, created, tuple(forced))
 
 
-def _read_record(path: Path) -> dict:
-    """A run's own record (config.json, inputs.json): a mapping, or a one-line error if it is damaged."""
+def _read_record(path: Path, record: type[schema.Record] | None = None) -> dict:
+    """A run's own record (config.json, or a typed one such as inputs.json): a mapping, or a one-line error if it
+    is damaged."""
     try:
-        recorded = store.read_json(path)
+        recorded = store.read_json(path) if record is None else store.read_record(path, record).body()
     except DAMAGED:
         recorded = None
     if not isinstance(recorded, dict):
         raise UserError(f"{path}: damaged; pass --overwrite to start this run again")
     return recorded
+
+
+def _check_versions(run_dir: Path) -> None:
+    """A record from a newer lorawatch is refused before any model work (a damaged one is the run's to redo)."""
+    for path in run_dir.rglob("*.json"):
+        if path.name in schema.RECORDS and "adapter" not in path.parts:
+            try:
+                store.read_record(path, schema.RECORDS[path.name])
+            except (OSError, ValueError):
+                continue
+
+
+def _check_same_job(run_dir: Path, inputs: dict) -> None:
+    """`run` trains its adapters, `evaluate` reads them from elsewhere: neither resumes the other's folder."""
+    path = run_dir / INPUTS
+    evaluated = path.is_file() and bool(_read_record(path, schema.Inputs).get("adapters"))
+    if evaluated and "adapters" not in inputs:
+        raise UserError(f"{run_dir}: made by `lorawatch evaluate` (adapters trained elsewhere); `lorawatch run` does "
+                        "not resume it: use another --out, or evaluate it again with `lorawatch evaluate`")
+    if not evaluated and "adapters" in inputs and path.is_file():
+        raise UserError(f"{run_dir}: made by `lorawatch run`; `lorawatch evaluate` does not write into it: use "
+                        "another --out")
 
 
 def _check_config(run_dir: Path, config: ExperimentConfig, force: bool) -> list[str]:
@@ -322,19 +183,20 @@ def start_run_dir(run_dir: Path, plan: FolderPlan, config: ExperimentConfig, fin
         check_inputs(run_dir, fingerprint)
         if plan.forced:
             previous = store.read_json(run_dir / "config.json")
-            _append_jsonl(run_dir / CONFIG_HISTORY, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                     "changed": list(plan.forced), "previous": previous})
+            _append_row(run_dir / CONFIG_HISTORY, schema.ConfigChange, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                                        "changed": list(plan.forced),
+                                                                        "previous": previous})
             notes.append(f"--force: resuming with changed {', '.join(plan.forced)}; finished stages keep what they "
                          "were computed with, unfinished ones use the new values (recorded in "
                          f"{CONFIG_HISTORY})")
     if plan.mode != "resume" or plan.forced:
         store.write_json(run_dir / "config.json", config.model_dump(mode="json"))
     if plan.mode != "resume" or not (run_dir / INPUTS).is_file():
-        store.write_json(run_dir / INPUTS, fingerprint)
+        store.write_record(run_dir / INPUTS, schema.Inputs, fingerprint)
     store.atomic_write_text(run_dir / RUN_MARKER, "a lorawatch run folder\n")
-    store.write_json(run_dir / "environment.json", env)
-    _append_jsonl(run_dir / ENVIRONMENT_HISTORY, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode,
-                                                 **env})
+    store.write_record(run_dir / "environment.json", schema.Environment, env)
+    _append_row(run_dir / ENVIRONMENT_HISTORY, schema.EnvironmentEntry,
+                {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode, **env})
     return notes
 
 
@@ -344,7 +206,7 @@ def check_inputs(run_dir: Path, inputs: dict) -> None:
     path = run_dir / INPUTS
     if not path.is_file():
         return  # written by a version before fingerprints: recorded from now on
-    recorded = _read_record(path)
+    recorded = _read_record(path, schema.Inputs)
     changed = config_differences({k: recorded.get(k) for k in inputs}, inputs)
     if changed:
         raise UserError(f"{run_dir}: the run's inputs changed since it started (changed: {', '.join(changed)}); "
@@ -352,8 +214,10 @@ def check_inputs(run_dir: Path, inputs: dict) -> None:
                         "start again")
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
-    """History files grow by one line; rewritten whole (atomically) so that a crash never leaves half a line."""
+def _append_row(path: Path, row_type: type, row: dict) -> None:
+    """History files grow by one line; rewritten whole (atomically) so that a crash never leaves half a line.
+    The new line is checked; earlier ones are kept as they were written."""
+    store.check_rows(row_type, [row])
     rows = store.read_jsonl(path) if path.is_file() else []
     store.write_jsonl(path, [*rows, row])
 

@@ -1,4 +1,5 @@
-"""The run folder: what is written where, always atomically (a temporary name, then a rename).
+"""The run folder: what is written where, always atomically (a temporary name, then a rename), and every
+read of it: each JSON file is a typed record of schema.py, checked when written and when read back.
 
     RUN/
       .lorawatch-run         the marker: --overwrite deletes only folders that have it
@@ -23,6 +24,11 @@
       summary/               mean and std over seeds of the tables above, summary.json
       base_reference_logprobs.safetensors   the base model's reference distributions
       .lock                  held (flock) by the process writing the run
+
+Each JSON file is a record of schema.py with `schema_version` as its last key; the JSON Lines rows and CSV
+tables follow the record beside them. Writers go through write_record/write_rows (checked before writing);
+readers through read_record/read_rows (a run: damaged means redo) or load_record/load_rows (a report: damaged
+is the user's one-line error). check_run_folder reads a whole folder against the schema.
 """
 
 from __future__ import annotations
@@ -30,16 +36,28 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+from functools import cache
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 import pandas as pd
+from pydantic import TypeAdapter, ValidationError
 
 from lorawatch.errors import UserError
+from lorawatch.schema import SCHEMA_VERSION, TABLE_COLUMNS, Record
+
+R = TypeVar("R", bound=Record)
 
 _ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,6 +66,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results unreadable to the user's group
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -92,20 +111,102 @@ def read_json(path: Path) -> object:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_run_file(path: Path, read=read_json):
-    """Read one of a finished run's files for a report, `show` or `compare`: a missing or damaged file is the
-    user's one-line error naming it, not a traceback."""
-    try:
-        return read(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; the run folder is incomplete") from None
-    except (OSError, ValueError) as exc:  # pandas' parser errors are ValueErrors too
-        raise UserError(f"{path}: damaged or unreadable ({exc.__class__.__name__}); run the same command that "
-                        "made it again to redo it") from None
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --- typed records --------------------------------------------------------------------------------------------
+
+class NewerRecordError(UserError):
+    """A record written by a newer lorawatch: never mistaken for a damaged file (which a run would redo)."""
+
+
+def write_record(path: Path, schema: type[Record], data: dict) -> None:
+    """Check `data` against its schema (a mismatch is a bug, raised here), then write it with its version last."""
+    body = {k: v for k, v in data.items() if k != "schema_version"}
+    schema.model_validate(body)
+    write_json(path, {**body, "schema_version": SCHEMA_VERSION})
+
+
+def read_record(path: Path, schema: type[R]) -> R:
+    """A record read back and checked. A missing file raises FileNotFoundError; a damaged one (unreadable JSON,
+    fields that do not fit the schema) a ValueError; one from a newer lorawatch NewerRecordError."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a mapping")
+    version = data.get("schema_version", 0)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise NewerRecordError(f"{path}: written by a newer lorawatch (record version {version}, this one reads up "
+                               f"to {SCHEMA_VERSION}); upgrade lorawatch to read this run")
+    return schema.model_validate(data)
+
+
+@cache
+def _rows_adapter(row_type: type) -> TypeAdapter:
+    return TypeAdapter(list[row_type])
+
+
+def check_rows(row_type: type, rows: list[dict]) -> None:
+    """Each row fits `row_type` (a dataclass or a schema part); a mismatch on writing is a bug, raised here."""
+    _rows_adapter(row_type).validate_python(rows)
+
+
+def write_rows(path: Path, row_type: type, rows: Iterable[dict]) -> None:
+    """A JSON Lines file, each row checked against `row_type` first."""
+    rows = list(rows)
+    check_rows(row_type, rows)
+    write_jsonl(path, rows)
+
+
+def read_rows(path: Path, row_type: type) -> list:
+    """A JSON Lines file's rows as `row_type`; a row that does not fit raises a ValueError (damaged)."""
+    return _rows_adapter(row_type).validate_python(read_jsonl(path))
+
+
+def read_table(path: Path, name: str) -> pd.DataFrame:
+    """One of the CSV tables (TABLE_COLUMNS names them), checked for its columns."""
+    frame = pd.read_csv(path)
+    missing = [c for c in TABLE_COLUMNS[name] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)}")
+    return frame
+
+
+def describe_problem(path: Path, exc: Exception) -> str:
+    """A one-line account of why a run file could not be read: missing, a field that does not fit, unreadable."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: missing; the run folder is incomplete"
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        field = ".".join(map(str, error["loc"])) or "(the record)"
+        return f"{path}: damaged: field '{field}': {error['msg']}; run the same command that made it again to redo it"
+    return (f"{path}: damaged or unreadable ({exc.__class__.__name__}: {str(exc)[:120]}); run the same command that "
+            "made it again to redo it")
+
+
+def read_run_file(path: Path, read=read_json):
+    """Read one of a finished run's files for a report, `show` or `compare`: a missing or damaged file is the
+    user's one-line error naming it (and the field, for a record), not a traceback."""
+    try:
+        return read(path)
+    except (OSError, ValueError) as exc:  # pandas' parser errors and pydantic's ValidationError are ValueErrors too
+        raise UserError(describe_problem(path, exc)) from None
+
+
+def load_record(path: Path, schema: type[R]) -> R:
+    """A finished run's record for a report, `show` or `compare` (see read_run_file)."""
+    return read_run_file(path, lambda p: read_record(p, schema))
+
+
+def load_rows(path: Path, row_type: type) -> list:
+    return read_run_file(path, lambda p: read_rows(p, row_type))
+
+
+def load_table(path: Path, name: str) -> pd.DataFrame:
+    return read_run_file(path, lambda p: read_table(p, name))
+
+
+# --- layout -----------------------------------------------------------------------------------------------------
 
 
 def seed_dir(run_dir: Path, seed: int) -> Path:
@@ -118,3 +219,54 @@ def stage_dir(run_dir: Path, seed: int, stage: int) -> Path:
 
 def summary_dir(run_dir: Path) -> Path:
     return run_dir / "summary"
+
+
+_NUMBERED = re.compile(r"(seed|stage)-(\d+)")
+
+
+def _numbered(folder: Path, kind: str) -> list[int]:
+    found = [_NUMBERED.fullmatch(p.name) for p in folder.glob(f"{kind}-*") if p.is_dir()] if folder.is_dir() else []
+    return sorted(int(m.group(2)) for m in found if m)
+
+
+def seeds_on_disk(run_dir: Path) -> list[int]:
+    """The seeds with a folder in the run (temporary folders such as stage-1.tmp are not units)."""
+    return _numbered(run_dir, "seed")
+
+
+def stages_on_disk(run_dir: Path, seed: int) -> list[int]:
+    """The stages of a seed that have a folder, in order."""
+    return _numbered(seed_dir(run_dir, seed), "stage")
+
+
+def check_run_folder(run_dir: Path) -> list[str]:
+    """Every file of a run folder read against its schema: one line per problem (none for a sound folder)."""
+    from lorawatch.config import build_config
+    from lorawatch.errors import ConfigError
+    from lorawatch.schema import RECORDS, ConfigChange, EnvironmentEntry, MonitorPoint
+    from lorawatch.stability import ExampleDrift
+    from lorawatch.tasks.scoring import Prediction
+
+    rows = {"reference_drift.jsonl": ExampleDrift, "monitor.jsonl": MonitorPoint,
+            "environment_history.jsonl": EnvironmentEntry, "config_history.jsonl": ConfigChange}
+    problems = []
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        relative = path.relative_to(run_dir)
+        if "adapter" in relative.parts:
+            continue  # PEFT's own format
+        try:
+            if path.name == "config.json":
+                build_config(read_json(path), source=str(path))
+            elif path.name in RECORDS:
+                read_record(path, RECORDS[path.name])
+            elif path.parent.name == "predictions" and path.suffix == ".jsonl":
+                read_rows(path, Prediction)
+            elif path.name in rows:
+                read_rows(path, rows[path.name])
+            elif path.suffix == ".csv" and path.stem.removesuffix("_mean").removesuffix("_std") in TABLE_COLUMNS:
+                read_table(path, path.stem.removesuffix("_mean").removesuffix("_std"))
+        except ConfigError as exc:
+            problems.append(str(exc))
+        except (OSError, ValueError) as exc:
+            problems.append(describe_problem(path, exc))
+    return problems

@@ -15,46 +15,66 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from lorawatch import store
+from lorawatch import schema, store
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import UserError
-from lorawatch.metrics import compute_cl_metrics, mean_std_frames, write_matrix_csv
+from lorawatch.metrics import (ClMetrics, compute_cl_metrics, compute_unordered_metrics, mean_std_frames,
+                               write_matrix_csv)
+from lorawatch.stability import ExampleDrift
+from lorawatch.tasks.scoring import Prediction
 
 STABILITY_COLUMNS = ("reference_accuracy", "kl_mean", "kl_p10", "kl_p95", "entropy_mean", "entropy_p10",
                      "entropy_p95", "margin_mean", "margin_p10", "margin_p95", "entropy_mean_delta",
                      "margin_mean_delta")
 
 
-def _stages(run_dir: Path, seed: int) -> list[dict]:
-    folder = store.seed_dir(run_dir, seed)
-    stages = sorted(folder.glob("stage-*/stage.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    return [{"dir": p.parent, **store.read_json(p)} for p in stages]
-
-
 def seed_tables(run_dir: Path, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(accuracy matrix, CL metrics, stability) of one seed, read from its stage folders."""
-    stages = _stages(run_dir, seed)
-    tasks = [s["task"] for s in stages[1:]]
-    checkpoints = [s["checkpoint"] for s in stages]
-    scores = [store.read_json(s["dir"] / "scores.json") for s in stages]
+    """(accuracy matrix, CL metrics, stability) of one seed, read from its finished stage folders."""
+    folders = [store.stage_dir(run_dir, seed, k) for k in store.stages_on_disk(run_dir, seed)]
+    folders = [f for f in folders if (f / "stage.json").is_file()]
+    stages = [store.load_record(f / "stage.json", schema.StageRecord) for f in folders]
+    scores = [store.load_record(f / "scores.json", schema.Scores).accuracy() for f in folders]
+    # The columns are the tasks in training order; adapters evaluated without knowing what each was trained
+    # on (`lorawatch evaluate` without --trained-on) keep the config's task order instead.
+    tasks = [s.task for s in stages[1:]]
+    if None in tasks or not tasks:
+        tasks = [name for name in scores[0] if name != "reference"]
     matrix = pd.DataFrame([[row[t] for t in tasks] for row in scores], columns=tasks)
-    matrix.insert(0, "checkpoint", checkpoints)
-    metrics = compute_cl_metrics(matrix[tasks].to_numpy(dtype=float), tasks).to_frame()
+    matrix.insert(0, "checkpoint", [s.checkpoint for s in stages])
+    metrics = seed_metrics(matrix).to_frame()
     stability_rows = []
-    for stage, row in zip(stages, scores):
-        stats = store.read_json(stage["dir"] / "reference_stats.json")
-        stability_rows.append({"checkpoint": stage["checkpoint"], "reference_accuracy": row["reference"],
+    for folder, stage, row in zip(folders, stages, scores):
+        stats = store.load_record(folder / "reference_stats.json", schema.ReferenceStats).body()
+        stability_rows.append({"checkpoint": stage.checkpoint, "reference_accuracy": row["reference"],
                                **{k: stats[k] for k in STABILITY_COLUMNS if k in stats}})
     return matrix, metrics, pd.DataFrame(stability_rows)
+
+
+def is_ordered(matrix: pd.DataFrame) -> bool:
+    """Row k is the checkpoint after training the k-th column's task (every `lorawatch run`): the CL metrics
+    that need the training order are defined."""
+    tasks = list(matrix.columns[1:])
+    return list(matrix["checkpoint"])[1:] == tasks
+
+
+def seed_metrics(matrix: pd.DataFrame) -> ClMetrics:
+    tasks = list(matrix.columns[1:])
+    values = matrix[tasks].to_numpy(dtype=float)
+    if is_ordered(matrix):
+        return compute_cl_metrics(values, tasks)
+    return compute_unordered_metrics(values, tasks, list(matrix["checkpoint"]))
 
 
 def write_seed_tables(run_dir: Path, seed: int) -> None:
     matrix, _, stability = seed_tables(run_dir, seed)
     folder = store.seed_dir(run_dir, seed)
     tasks = list(matrix.columns[1:])
-    write_matrix_csv(folder / "accuracy_matrix.csv", tasks, matrix[tasks].to_numpy(dtype=float))
-    metrics = compute_cl_metrics(matrix[tasks].to_numpy(dtype=float), tasks)
-    store.write_json(folder / "cl_metrics.json", metrics.to_dict())
+    if is_ordered(matrix):
+        write_matrix_csv(folder / "accuracy_matrix.csv", tasks, matrix[tasks].to_numpy(dtype=float))
+    else:  # not the (T+1) x T shape `lorawatch metrics` reads; the same columns
+        store.write_csv(folder / "accuracy_matrix.csv", matrix)
+    metrics = seed_metrics(matrix)
+    store.write_record(folder / "cl_metrics.json", schema.ClMetricsRecord, metrics.to_dict())
     store.write_csv(folder / "cl_metrics.csv", metrics.to_frame())
     store.write_csv(folder / "stability.csv", stability)
 
@@ -70,8 +90,7 @@ def write_summary(run_dir: Path) -> None:
         store.write_csv(out / f"{name}_mean.csv", mean)
         store.write_csv(out / f"{name}_std.csv", std)
     for seed, (matrix, _, stability) in zip(config.seeds, per_seed):
-        tasks = list(matrix.columns[1:])
-        summary = compute_cl_metrics(matrix[tasks].to_numpy(dtype=float), tasks).summary
+        summary = seed_metrics(matrix).summary
         summaries.append({**summary, "final_kl_to_base": float(stability["kl_mean"].iloc[-1]),
                           "final_reference_accuracy": float(stability["reference_accuracy"].iloc[-1])})
     keys = [k for k, v in summaries[0].items() if isinstance(v, float) or v is None]
@@ -81,9 +100,9 @@ def write_summary(run_dir: Path) -> None:
         defined = values[~np.isnan(values)]
         aggregate[key] = {"mean": float(defined.mean()) if len(defined) else None,
                           "std": float(defined.std(ddof=1)) if len(defined) > 1 else (0.0 if len(defined) else None)}
-    store.write_json(out / "summary.json", {"seeds": config.seeds, "per_seed": dict(zip(map(str, config.seeds),
-                                                                                        summaries)),
-                                            "mean_std": aggregate})
+    store.write_record(out / "summary.json", schema.Summary,
+                       {"seeds": config.seeds, "per_seed": dict(zip(map(str, config.seeds), summaries)),
+                        "mean_std": aggregate})
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
@@ -113,8 +132,8 @@ class RunResults:
 
     def _table(self, name: str, seed: int | None, stat: str = "mean") -> pd.DataFrame:
         if seed is None:
-            return store.read_run_file(store.summary_dir(self.path) / f"{name}_{stat}.csv", pd.read_csv)
-        return store.read_run_file(store.seed_dir(self.path, seed) / f"{name}.csv", pd.read_csv)
+            return store.load_table(store.summary_dir(self.path) / f"{name}_{stat}.csv", name)
+        return store.load_table(store.seed_dir(self.path, seed) / f"{name}.csv", name)
 
     def accuracy_matrix(self, seed: int | None = None, stat: str = "mean") -> pd.DataFrame:
         return self._table("accuracy_matrix", seed, stat)
@@ -126,16 +145,27 @@ class RunResults:
         return self._table("stability", seed, stat)
 
     def summary(self) -> dict:
-        summary = store.read_run_file(store.summary_dir(self.path) / "summary.json")
-        if not isinstance(summary, dict) or not isinstance(summary.get("mean_std"), dict):
-            raise UserError(f"{store.summary_dir(self.path) / 'summary.json'}: damaged (no mean_std)")
-        return summary
+        """summary.json as written (headline numbers per seed and their mean_std), without its version."""
+        return store.load_record(store.summary_dir(self.path) / "summary.json", schema.Summary).body()
+
+    def stage(self, seed: int, stage: int) -> schema.StageRecord:
+        return store.load_record(store.stage_dir(self.path, seed, stage) / "stage.json", schema.StageRecord)
+
+    def costs(self) -> schema.CostsRecord | None:
+        path = self.path / "costs.json"
+        return store.load_record(path, schema.CostsRecord) if path.is_file() else None
+
+    def monitor_settings(self) -> schema.MonitorSettings | None:
+        path = self.path / "monitor.json"
+        return store.load_record(path, schema.MonitorSettings) if path.is_file() else None
 
     def predictions(self, seed: int, stage: int, task: str) -> pd.DataFrame:
-        return pd.DataFrame(store.read_jsonl(store.stage_dir(self.path, seed, stage) / "predictions" / f"{task}.jsonl"))
+        path = store.stage_dir(self.path, seed, stage) / "predictions" / f"{task}.jsonl"
+        return pd.DataFrame([r.to_dict() for r in store.load_rows(path, Prediction)])
 
     def reference_drift(self, seed: int, stage: int) -> pd.DataFrame:
-        return pd.DataFrame(store.read_jsonl(store.stage_dir(self.path, seed, stage) / "reference_drift.jsonl"))
+        path = store.stage_dir(self.path, seed, stage) / "reference_drift.jsonl"
+        return pd.DataFrame([r.to_dict() for r in store.load_rows(path, ExampleDrift)])
 
 
 def load_run(run_dir: str | Path) -> RunResults:

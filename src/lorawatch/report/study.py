@@ -25,7 +25,7 @@ from lorawatch import store
 from lorawatch.config import ExperimentConfig
 from lorawatch.errors import UserError
 from lorawatch.metrics import mean_std_frames
-from lorawatch.tables import load_run, seed_tables
+from lorawatch.tables import is_ordered, load_run, seed_tables
 
 # Per step (row 0 = base): what the tables and figures need, all per seed before aggregation.
 STEP_COLUMNS = ("learned_acc", "gain", "delta_vs_base", "avg_all", "op", "bwt", "fwt", "kl_mean",
@@ -142,6 +142,9 @@ def _read_seed(run_dir: Path, seed: int, tasks: list[str]) -> SeedResult:
         raise UserError(f"{run_dir}: seed {seed}: a stage's scores.json has no accuracy for task {exc}") from None
     except (OSError, ValueError) as exc:  # unreadable JSON, or a matrix compute_cl_metrics rejects
         raise UserError(f"{run_dir}: seed {seed}: cannot read its results ({exc})") from None
+    if not is_ordered(matrix):
+        raise UserError(f"{run_dir}: the task each checkpoint was trained on is not known (evaluated without "
+                        "--trained-on); the paper's tables need it: run `lorawatch evaluate` again with --trained-on")
     found = list(matrix.columns[1:])
     if found != tasks:
         raise UserError(f"{run_dir}: seed {seed} has stages for tasks {', '.join(found)} but config.json trains "

@@ -1,0 +1,303 @@
+"""What each file of a run folder holds, as typed records: checked when written and when read back.
+
+Every JSON record carries `schema_version` (its last key). A JSON Lines file's rows follow the version of the
+record beside them (a stage's predictions, drift and monitor series: its stage.json; the histories: the run's
+inputs.json); the CSV tables follow their seed's cl_metrics.json and the summary's summary.json. config.json is
+the resolved config, checked by the config schema itself (`config.ExperimentConfig`).
+
+Version 0 is a folder written before records were versioned (no `schema_version` key): it reads the same,
+since version 1 only added the key. A record from a newer lorawatch is refused with a line saying so, never
+mistaken for a damaged file (which a run would recompute).
+
+Bump SCHEMA_VERSION when a record changes meaning or shape, and teach `store.read_record` to read the old one.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt
+
+SCHEMA_VERSION = 1
+
+
+class Part(BaseModel):
+    """A piece of a record: every field named, nothing unknown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Record(Part):
+    """One JSON file of a run folder."""
+
+    schema_version: NonNegativeInt = 0  # 0: written before records were versioned
+
+    def body(self) -> dict:
+        """The record as it was written, without its version: what a resumed run carries forward."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude={"schema_version"})
+
+
+# --- a stage: stage.json, training.json, scores.json, reference_stats.json ------------------------------------
+
+class Intervention(Part):
+    stage: int
+    task: str
+    action: str
+    step: int
+    kl: float
+    threshold: float
+    kept_step: int
+    kept_kl: float | None
+    steps_trained: int
+
+
+class MonitorLog(Part):
+    threshold: float | None
+    action: str
+    every: int
+    patience: int
+    measurements: int
+    seconds: float
+    intervention: Intervention | None
+
+
+class TrainingLog(Part):
+    optimizer_steps: NonNegativeInt
+    stopped_early: bool
+    micro_batches: NonNegativeInt
+    answer_tokens: NonNegativeInt
+    total_tokens: NonNegativeInt
+    seconds: NonNegativeFloat
+    first_loss: float | None
+    last_loss: float | None
+    step_losses: list[float]
+    learning_rates: list[float]
+    monitor: MonitorLog | None = None  # only in a monitored run
+
+
+class TrainingRecord(TrainingLog, Record):
+    """training.json: written once the stage's adapter is saved; a resumed run reads the stage back from it."""
+
+
+class StageRecord(Record):
+    """stage.json: written last, it marks the stage complete. Stage 0 is the base model."""
+
+    stage: NonNegativeInt
+    checkpoint: str
+    task: str | None
+    training: TrainingLog | None = None  # stages 1..T
+    intervention: Intervention | None = None  # stages 1..T
+    fast_path: dict[str, bool] = Field(default_factory=dict)  # the evaluation shortcuts used
+    eval_seconds: NonNegativeFloat | None = None
+    base_stage_key: str | None = None  # stage 0: the key of the base-stage cache
+    reused_from_cache: bool | None = None  # stage 0
+    adapter: str | None = None  # `lorawatch evaluate`: the folder of the adapter evaluated at this stage
+
+
+class Scores(Record):
+    """scores.json: accuracy on each task and on the reference set ("reference"), by name."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float]
+
+    def accuracy(self) -> dict[str, float]:
+        return dict(self.__pydantic_extra__)
+
+
+class ReferenceStats(Record):
+    """reference_stats.json: the checkpoint's drift on the reference set, and each statistic minus stage 0's."""
+
+    kl_mean: float
+    kl_p10: float
+    kl_p95: float
+    entropy_mean: float
+    entropy_p10: float
+    entropy_p95: float
+    margin_mean: float
+    margin_p10: float
+    margin_p95: float
+    kl_mean_delta: float
+    kl_p10_delta: float
+    kl_p95_delta: float
+    entropy_mean_delta: float
+    entropy_p10_delta: float
+    entropy_p95_delta: float
+    margin_mean_delta: float
+    margin_p10_delta: float
+    margin_p95_delta: float
+
+    def statistics(self) -> dict[str, float]:
+        """The statistics themselves, without their deltas."""
+        return {k: v for k, v in self.body().items() if not k.endswith("_delta")}
+
+
+class MonitorPoint(Part):
+    """One row of a stage's monitor.jsonl: a live measurement during training."""
+
+    step: int
+    kl_mean: float
+    entropy_mean: float
+    margin_mean: float
+    train_loss: float
+    threshold: float | None
+    above: bool
+
+
+# --- the run: costs.json, monitor.json, inputs.json, environment.json and the histories -------------------------
+
+class GenerationCounts(Part):
+    rows: NonNegativeInt
+    prompt_tokens: NonNegativeInt
+    generated_tokens: NonNegativeInt
+    decode_steps: NonNegativeInt
+    draft_tokens: NonNegativeInt
+    accepted_draft_tokens: NonNegativeInt
+    forward_tokens: NonNegativeInt
+    forward_passes: NonNegativeInt
+
+
+class FastPathRecord(Part):
+    used: dict[str, bool]
+    switched_off: dict[str, str]  # part -> why
+
+
+class CostsRecord(Record):
+    """costs.json: what the run (its latest command) spent."""
+
+    wall_seconds: NonNegativeFloat
+    phase_seconds: dict[str, NonNegativeFloat]
+    generation: dict[str, GenerationCounts]
+    peak_rss_bytes: NonNegativeInt
+    resumed: bool = False
+    fast_path: FastPathRecord | None = None
+    base_stage_key: str | None = None
+
+
+class MonitorParamsRecord(Part):
+    every: int
+    action: str
+    threshold: float | None
+    relative: float | None
+    patience: int
+
+
+class Calibration(Part):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    threshold: float
+    from_: str = Field(alias="from")  # how it was obtained
+
+
+class MonitorSettings(Record):
+    """monitor.json: the live monitor's settings, with a calibrated threshold worked out."""
+
+    params: MonitorParamsRecord
+    calibration: Calibration | None = None
+
+
+class TaskInputs(Part):
+    kind: str
+    instruction: str
+    train: str
+    test: str
+
+
+class DataInputs(Part):
+    tasks: dict[str, TaskInputs]
+    reference: str
+
+
+class AdapterInput(Part):
+    path: str
+    digest: str  # of adapter_model.safetensors
+    trained_on: str | None  # the task, when --trained-on gave it
+
+
+class Inputs(Record):
+    """inputs.json: digests of what the results were computed from."""
+
+    data: DataInputs
+    rules: dict[str, int]  # scoring, generation: the versions of lorawatch's rules
+    model: dict[str, str] | None = None  # weights: a digest of the loaded weights
+    adapters: list[AdapterInput] | None = None  # `lorawatch evaluate`: the adapters evaluated, in stage order
+
+
+class Environment(Record):
+    """environment.json: where the latest start or resume ran."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    versions: dict[str, str | None]
+    python: str
+    platform: str
+    processor: str
+    torch_threads: int
+    device: str
+    dtype: str
+    model: dict  # the loaded model's description (models.ModelInfo)
+
+
+class EnvironmentEntry(Environment):
+    """A row of environment_history.jsonl: one per start or resume."""
+
+    time: str
+    mode: str  # new | resume | overwrite
+
+
+class ConfigChange(Part):
+    """A row of config_history.jsonl: one per --force."""
+
+    time: str
+    changed: list[str]
+    previous: dict
+
+
+# --- tables: cl_metrics.json per seed, summary/summary.json ---------------------------------------------------
+
+class CheckpointMetricsRecord(Part):
+    checkpoint: str
+    op: float | None
+    bwt: float | None
+    fwt: float | None
+    avg_all: float
+    gain: float | None
+    delta_vs_base: float | None
+
+
+class ClMetricsRecord(Record):
+    """seed-S/cl_metrics.json (and its CSV twins accuracy_matrix.csv, cl_metrics.csv, stability.csv)."""
+
+    tasks: list[str]
+    per_checkpoint: list[CheckpointMetricsRecord]
+    summary: dict[str, float | int | None]
+
+
+class MeanStd(Part):
+    mean: float | None
+    std: float | None
+
+
+class Summary(Record):
+    """summary/summary.json: the headline numbers per seed and their mean and std over seeds."""
+
+    seeds: list[int]
+    per_seed: dict[str, dict[str, float | int | None]]
+    mean_std: dict[str, MeanStd]
+
+
+# The columns each CSV table must have (more may follow, e.g. the task columns of the accuracy matrix).
+TABLE_COLUMNS = {
+    "accuracy_matrix": ("checkpoint",),
+    "cl_metrics": ("checkpoint", "op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base"),
+    "stability": ("checkpoint", "reference_accuracy", "kl_mean", "entropy_mean", "margin_mean"),
+}
+
+# Every JSON record of a run folder, by file name: what `lorawatch validate`-style checks and the tests walk.
+RECORDS: dict[str, type[Record]] = {
+    "stage.json": StageRecord,
+    "training.json": TrainingRecord,
+    "scores.json": Scores,
+    "reference_stats.json": ReferenceStats,
+    "costs.json": CostsRecord,
+    "monitor.json": MonitorSettings,
+    "inputs.json": Inputs,
+    "environment.json": Environment,
+    "cl_metrics.json": ClMetricsRecord,
+    "summary.json": Summary,
+}

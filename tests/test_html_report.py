@@ -1,0 +1,425 @@
+"""The HTML page of a run and of a study (report/html.py): written with nothing to fetch, its example browser's
+flips computed right, and the pages checked in a real browser (headless Chromium through Selenium) at a desktop
+and a phone width: no console error, no request leaving the file, key elements visible, filters working.
+
+The browser tests skip (saying why) without Debian's chromium and chromium-driver or without selenium; the rest
+runs everywhere. LORAWATCH_SCREENSHOTS=1 also saves docs/images/report-{desktop,narrow}.png, of the run folder
+in LORAWATCH_SCREENSHOT_RUN when set (e.g. runs/demo), else of the tiny run made here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config, write_task_files
+
+from lorawatch import store
+from lorawatch.config import build_config
+from lorawatch.report import write_report
+from lorawatch.report.html import write_report_html, write_run_html
+from lorawatch.report.html_examples import flipped_examples, load_prompts, word_diff
+from lorawatch.tables import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_V0 = Path(__file__).resolve().parent / "data" / "run-v0"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+NEEDS_BROWSER = "needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
+
+# Which test rows are answered right, per stage (rows of a pattern) and row index (columns): planted into the
+# predictions of finished runs, so the flips are known. stance flips 0→1: row 0 lost, row 3 gained.
+PATTERNS = {"stance": [[1, 0, 1, 0], [0, 0, 1, 1], [0, 1, 0, 1]],
+            "sum": [[0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]}
+PAIRS = [(0, 1), (1, 2), (0, 2)]
+HOSTILE = "<script>window.__pwned = 1</script>"  # a model's output is text, never markup
+
+
+def plant_flips(run_dir: Path, seeds) -> None:
+    for seed in seeds:
+        for k in range(3):
+            for task, pattern in PATTERNS.items():
+                path = store.stage_dir(run_dir, seed, k) / "predictions" / f"{task}.jsonl"
+                rows = store.read_jsonl(path)
+                for row in rows:
+                    i = int(row["id"].rsplit("/", 1)[1])
+                    row["correct"] = bool(pattern[k][i])
+                    row["raw_output"] = (f"The answer is ({row['gold']})." if row["correct"] else
+                                         f"Maybe the answer is (Z), {HOSTILE if i == 2 else 'not sure'}\x1a")
+                store.write_jsonl(path, rows)
+
+
+def expected_flips(seeds) -> set[tuple]:
+    return {(seed, a, b, task, f"{task}/test/{i}", "gained" if p[b][i] else "lost")
+            for seed in seeds for a, b in PAIRS for task, p in PATTERNS.items() for i in range(4) if p[a][i] != p[b][i]}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A fresh monitored run of the tiny model (its data files still there: prompts shown), flips planted."""
+    from lorawatch.protocol import run_experiment
+
+    root = tmp_path_factory.mktemp("html-tiny")
+    write_task_files(root / "data")
+    config = tiny_config(tiny_model_dir, root / "data", seeds=(1,)).model_dump(mode="json")
+    config["monitor"] = {"every": 1, "action": "rollback", "threshold": 0.02}
+    run_experiment(build_config(config), root / "run")
+    plant_flips(root / "run", [1])
+    return root / "run"
+
+
+def v0_copy(folder: Path, rows_per_task: int | None = None) -> Path:
+    """The committed old run (two seeds, a monitor) with its data paths pointing nowhere: prompts unavailable.
+    With `rows_per_task`, each stage's predictions become that many rows whose correctness alternates from one
+    stage to the next (every row flips at 0→1 and 1→2): thousands of flips for the browser."""
+    shutil.copytree(RUN_V0, folder)
+    config = store.read_json(folder / "config.json")
+    for task in config["tasks"]:
+        task["train"], task["test"] = f"{folder}/gone/{task['name']}-train.json", f"{folder}/gone/{task['name']}.json"
+    config["reference"]["path"] = f"{folder}/gone/reference.json"
+    store.write_json(folder / "config.json", config)
+    if rows_per_task is None:
+        plant_flips(folder, [1, 2])
+        return folder
+    for seed in (1, 2):
+        for k in range(3):
+            for task in ("stance", "sum"):
+                store.write_jsonl(store.stage_dir(folder, seed, k) / "predictions" / f"{task}.jsonl",
+                                  [{"id": f"{task}/test/{i}", "task": task, "gold": "A", "correct": (i + k) % 2 == 0,
+                                    "prediction": "A" if (i + k) % 2 == 0 else "B", "output_ids": None,
+                                    "raw_output": f"Row {i}: the answer is {'A' if (i + k) % 2 == 0 else 'B'}."}
+                                   for i in range(rows_per_task)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pages(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("html-pages")
+    v0 = v0_copy(root / "run-v0")
+    big = v0_copy(root / "run-big", rows_per_task=300)
+    report = write_report([tiny_run, v0], root / "report")
+    return {"run": write_run_html(tiny_run, root / "run.html"), "v0": write_run_html(v0, root / "v0.html"),
+            "big": write_run_html(big, root / "big.html"), "study": write_report_html(report, root / "study.html"),
+            "v0_dir": v0}
+
+
+class _Attributes(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []   # every src, href and xlink:href
+        self.ids: list[str] = []
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        self.links += [v or "" for k, v in attrs.items() if k in ("src", "href", "xlink:href", "srcset", "action")]
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
+
+
+def parse(page: Path) -> tuple[str, _Attributes]:
+    text = page.read_text(encoding="utf-8")
+    parser = _Attributes()
+    parser.feed(text)
+    return text, parser
+
+
+def blobs(text: str) -> dict[str, dict]:
+    return {m.group(1): json.loads(m.group(2)) for m in
+            re.finditer(r'<script type="application/json" id="([^"]+)">(.*?)</script>', text, re.S)}
+
+
+def flips_in(blob: dict) -> set[tuple]:
+    pairs = blob["pairs"]
+    return {(r[0], pairs[r[1]]["a"], pairs[r[1]]["b"], blob["tasks"][r[2]], r[3], "gained" if r[4] else "lost")
+            for r in blob["rows"]}
+
+
+# --- without a browser -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["run", "v0", "study"])
+def test_page_fetches_nothing(pages, name):
+    text, parsed = parse(pages[name])
+    assert parsed.links, "the page has in-page links"
+    for link in parsed.links:
+        assert link.startswith(("#", "data:")), f"{name}: {link[:80]} would leave the file"
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.I)
+    assert "@import" not in text and not re.search(r"url\(\s*['\"]?(?:https?:)?//", text)
+    assert not [t for t, a in parsed.tags if t in ("link", "script") and (a.get("src") or a.get("rel") == "stylesheet")]
+    assert "default-src 'none'" in text  # the page's own policy blocks any request the checks above could miss
+    assert len(parsed.ids) == len(set(parsed.ids)), "duplicate ids (inline SVGs must not share them)"
+
+
+def test_run_page_holds_every_section(pages):
+    text, parsed = parse(pages["run"])
+    for ident in ("overview", "matrix", "metrics", "drift", "monitor", "examples", "costs", "config"):
+        assert ident in parsed.ids, ident
+    assert text.count("<svg") >= 4  # KL, Δ entropy, Δ margin, live drift
+    assert "Interventions" in text and "rollback" in text and "peak memory" in text
+    assert "<summary>config.json</summary>" in text and "<summary>environment.json</summary>" in text
+
+
+def test_blob_holds_the_planted_flips(pages, tiny_run):
+    (name, blob), = blobs(pages["run"].read_text(encoding="utf-8")).items()
+    assert name == "xb-data" and flips_in(blob) == expected_flips([1])
+    assert blob["promptNote"] is None
+    assert blob["prompts"]["stance"]["stance/test/0"] == "Text 8: stance? A. dovish, B. hawkish, C. neutral."
+    row = next(r for r in blob["rows"] if r[3] == "stance/test/0" and blob["pairs"][r[1]]["b"] == 1)
+    assert row[4] == 0 and row[5] == "C"  # lost; gold C
+    assert row[8] == "<del>The</del> answer is (<del>C</del>)<del>.</del>"
+    assert row[9] == "<ins>Maybe the</ins> answer is (<ins>Z</ins>)<ins>, not sure\u241a</ins>"
+    assert len(blob["ref"]) == 4 * 3 and {r[3] for r in blob["ref"]} == {"stance", "sum"}  # 4 rows per pair
+    assert "<script>window" not in pages["run"].read_text(encoding="utf-8")  # in the blob as \u003cscript
+
+
+def test_flipped_examples_by_hand(tiny_run):
+    flips = flipped_examples(tiny_run, 1, 0, 1, "stance")
+    assert [(f["id"], f["direction"]) for f in flips] == [("stance/test/0", "lost"), ("stance/test/3", "gained")]
+    assert [f["id"] for f in flipped_examples(tiny_run, 1, 1, 2, "sum")] == []
+    assert [(f["id"], f["direction"]) for f in flipped_examples(tiny_run, 1, 0, 2, "sum")] == [("sum/test/0", "gained")]
+
+
+def test_word_diff_escapes_and_marks_words():
+    assert word_diff("The answer is (A).", "The answer is (B).") == \
+        ("The answer is (<del>A</del>).", "The answer is (<ins>B</ins>).")
+    before, after = word_diff("a <b>", "a <b> & c\x00")
+    assert before == "a &lt;b&gt;" and after == "a &lt;b&gt;<ins> &amp; c\u2400</ins>"
+
+
+def test_prompts_unavailable_show_ids(pages):
+    (blob,) = blobs(pages["v0"].read_text(encoding="utf-8")).values()
+    assert blob["prompts"] == {} and blob["refPrompts"] == {}
+    assert "could not be read" in blob["promptNote"] and "could not be read" in pages["v0"].read_text(encoding="utf-8")
+    assert flips_in(blob) == expected_flips([1, 2]) and blob["seeds"] == [1, 2]
+
+
+def test_changed_data_hides_its_prompts(tiny_run, tmp_path):
+    data = tmp_path / "data"
+    write_task_files(data)
+    rows = json.loads((data / "mc_test.json").read_text())
+    rows[0]["prompt"] = "edited after the run"
+    (data / "mc_test.json").write_text(json.dumps(rows))
+    config = store.read_json(tiny_run / "config.json")
+    for task in config["tasks"]:
+        task["test"] = str(data / Path(task["test"]).name)
+    results = load_run(tiny_run)
+    results.config = build_config(config)
+    prompts, reference, note = load_prompts(results)
+    assert "stance" not in prompts and prompts["sum"]["sum/test/0"] == "Question: 8 plus 8?"
+    assert reference and "stance changed since the run" in note
+
+
+def test_study_page_holds_the_report_and_every_run(pages):
+    text, parsed = parse(pages["study"])
+    for title in ("Table 3", "Table 4", "Table 5", "Table 6", "Figure 1", "Figure 2", "Live drift monitoring"):
+        assert title in text, title
+    for ident in ("tables", "figure1", "figure2", "models", "live", "run1", "run2", "run1-examples", "run2-matrix"):
+        assert ident in parsed.ids, ident
+    found = blobs(text)
+    assert set(found) == {"run1-xb-data", "run2-xb-data"}
+    assert flips_in(found["run1-xb-data"]) == expected_flips([1])
+    assert flips_in(found["run2-xb-data"]) == expected_flips([1, 2])
+
+
+def test_page_weight(pages):
+    sizes = {name: pages[name].stat().st_size for name in ("run", "v0", "big", "study")}
+    print("page weight (bytes):", sizes)
+    assert sizes["run"] < 200_000 and sizes["v0"] < 200_000 and sizes["big"] < 1_500_000
+
+
+# --- in a real browser -------------------------------------------------------------------------------------------
+
+WIDTHS = {"desktop": (1280, 900), "narrow": (390, 844)}
+# Installed before any script of every page: records what goes wrong as it happens. The driver's logs say it
+# too, but chromedriver receives them asynchronously; a loaded machine could read them too early.
+PROBE = """
+window.__problems = [];
+const note = (what) => window.__problems.push(String(what));
+const error = console.error;
+console.error = function (...args) { note("console.error: " + args.join(" ")); return error.apply(this, args); };
+window.addEventListener("error", (e) => note("error: " + (e.message || (e.target && (e.target.src || e.target.href))
+                                                             || e.type)), true);  // capture: failed resources too
+window.addEventListener("unhandledrejection", (e) => note("unhandled rejection: " + e.reason));
+document.addEventListener("securitypolicyviolation", (e) => note("blocked by the page's policy: " + e.blockedURI));
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(NEEDS_BROWSER)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("needs selenium to drive the browser: .venv/bin/pip install selenium")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never try to download a driver or a browser
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--host-resolver-rules=MAP * ~NOTFOUND"):  # no name resolves: nothing could leave anyway
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": PROBE})
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def open_page(driver, page: Path, width: str):
+    w, h = WIDTHS[width]
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": width == "narrow"})
+    driver.get_log("browser"), driver.get_log("performance")  # drop what earlier pages logged
+    driver.get(page.resolve().as_uri())
+    return driver
+
+
+def assert_clean(driver) -> None:
+    """No error of any kind and no request but the file itself (and data: URLs)."""
+    problems = driver.execute_script("return window.__problems || ['the probe did not run']")
+    assert not problems, problems
+    logs = {kind: driver.get_log(kind) for kind in ("browser", "performance")}
+    time.sleep(0.3)  # whatever chromedriver has not received yet
+    logs = {kind: entries + driver.get_log(kind) for kind, entries in logs.items()}
+    errors = [e for e in logs["browser"] if e["level"] in ("SEVERE", "WARNING")]
+    assert not errors, errors
+    urls = []
+    for entry in logs["performance"]:
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    urls += driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith(("file:", "data:", "about:")) for u in urls), urls
+    assert driver.execute_script("return window.__pwned === undefined")
+    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 1, f"the page is {overflow}px wider than the window"
+
+
+def choose(driver, root, name: str, label: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(root.find_element(By.CSS_SELECTOR, f"select[name={name}]")).select_by_visible_text(label)
+
+
+def shown(root) -> list[dict]:
+    """The cards rendered, as their data attributes (one script call: hundreds of round trips would be slow)."""
+    return root.parent.execute_script(
+        "return Array.from(arguments[0].querySelectorAll('.xb-card'), c => Object.assign({}, c.dataset))", root)
+
+
+def count_line(root) -> int:
+    from selenium.webdriver.common.by import By
+
+    return int(root.find_element(By.CSS_SELECTOR, ".xb-count").text.split()[0])
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_run_page_in_browser(browser, pages, width):
+    from selenium.webdriver.common.by import By
+
+    driver = open_page(browser, pages["run"], width)
+    for selector in ("h1", "#overview .card", "table.heatmap", "#drift svg", "#monitor svg", "#costs table",
+                     ".xb-filters select[name=task]", ".xb-card", ".xb-ref tbody tr"):
+        assert driver.find_element(By.CSS_SELECTOR, selector).is_displayed(), selector
+    root = driver.find_element(By.CSS_SELECTOR, ".xb")
+    expected = expected_flips([1])
+    assert count_line(root) == len(shown(root)) == len(expected)
+    card = root.find_element(By.CSS_SELECTOR, ".xb-card")
+    assert "Text 8: stance?" in card.text or "Question:" in card.text  # the prompt, read back from the data
+    assert card.find_elements(By.CSS_SELECTOR, "del") or card.find_elements(By.CSS_SELECTOR, "ins")
+    choose(driver, root, "task", "stance")
+    assert {c["task"] for c in shown(root)} == {"stance"}
+    assert len(shown(root)) == count_line(root) == sum(1 for e in expected if e[3] == "stance")
+    choose(driver, root, "dir", "right → wrong (lost)")
+    assert {(c["task"], c["dir"]) for c in shown(root)} == {("stance", "lost")}
+    assert len(shown(root)) == sum(1 for e in expected if e[3] == "stance" and e[5] == "lost")
+    choose(driver, root, "pair", "1 stance → 2 sum")
+    assert len(shown(root)) == 1 and HOSTILE.split(">")[0] in root.text  # the hostile output, shown as text
+    assert_clean(driver)
+
+
+def test_old_run_without_data_in_browser(browser, pages):
+    from selenium.webdriver.common.by import By
+
+    driver = open_page(browser, pages["v0"], "desktop")
+    root = driver.find_element(By.CSS_SELECTOR, ".xb")
+    assert count_line(root) == len(expected_flips([1, 2]))
+    assert "prompt not available" in root.find_element(By.CSS_SELECTOR, ".xb-card").text
+    choose(driver, root, "seed", "2")
+    choose(driver, root, "task", "sum")
+    assert {(c["seed"], c["task"]) for c in shown(root)} == {("2", "sum")}
+    assert len(shown(root)) == sum(1 for e in expected_flips([2]) if e[3] == "sum")
+    assert_clean(driver)
+
+
+def test_thousands_of_flips_render_a_page_at_a_time(browser, pages):
+    from selenium.webdriver.common.by import By
+
+    driver = open_page(browser, pages["big"], "desktop")
+    root = driver.find_element(By.CSS_SELECTOR, ".xb")
+    assert count_line(root) == 2400 and len(shown(root)) == 200  # 300 rows x 2 tasks x 2 pairs x 2 seeds
+    more = root.find_element(By.CSS_SELECTOR, ".xb-more")
+    more.click()
+    assert len(shown(root)) == 400
+    start = time.perf_counter()
+    choose(driver, root, "dir", "wrong → right (gained)")
+    assert time.perf_counter() - start < 2.0
+    assert count_line(root) == 1200 and {c["dir"] for c in shown(root)} == {"gained"} and len(shown(root)) == 200
+    assert_clean(driver)
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_study_page_in_browser(browser, pages, width):
+    from selenium.webdriver.common.by import By
+
+    driver = open_page(browser, pages["study"], width)
+    for selector in ("#tables table", "#figure1 svg", "#figure2 svg", "#models svg", "#live svg", "#run2 > summary"):
+        assert driver.find_element(By.CSS_SELECTOR, selector).is_displayed(), selector
+    run = driver.find_element(By.ID, "run2")
+    assert not run.find_element(By.CSS_SELECTOR, ".xb").is_displayed()  # collapsed until opened
+    run.find_element(By.CSS_SELECTOR, "summary").click()
+    root = run.find_element(By.CSS_SELECTOR, ".xb")
+    assert root.is_displayed() and count_line(root) == len(expected_flips([1, 2]))
+    choose(driver, root, "dir", "wrong → right (gained)")
+    assert {c["dir"] for c in shown(root)} == {"gained"}
+    assert_clean(driver)
+
+
+def test_browser_checks_catch_a_request_and_an_error(browser, pages, tmp_path):
+    """The checks above are not vacuous: a remote image and a console error are both seen."""
+    page = tmp_path / "leaky.html"
+    page.write_text('<!doctype html><img src="http://example.invalid/x.png"><script>console.error("boom")</script>')
+    driver = open_page(browser, page, "desktop")
+    problems = driver.execute_script("return window.__problems")
+    assert any("boom" in p for p in problems) and any("example.invalid" in p for p in problems), problems
+    with pytest.raises(AssertionError, match="boom|example.invalid"):
+        assert_clean(driver)
+    # and in a page with lorawatch's policy, the browser itself refuses the request
+    text = pages["run"].read_text(encoding="utf-8").replace("<main>", '<main><img src="https://example.invalid/y.png">')
+    (tmp_path / "policed.html").write_text(text, encoding="utf-8")
+    driver = open_page(browser, tmp_path / "policed.html", "desktop")
+    problems = driver.execute_script("return window.__problems")
+    assert any("policy: https://example.invalid/y.png" in p for p in problems), problems
+
+
+@pytest.mark.skipif(os.environ.get("LORAWATCH_SCREENSHOTS") != "1", reason="set LORAWATCH_SCREENSHOTS=1")
+def test_screenshots(browser, pages, tmp_path):
+    run = os.environ.get("LORAWATCH_SCREENSHOT_RUN")
+    page = write_run_html(Path(run), tmp_path / "shot.html") if run else pages["run"]
+    (ROOT / "docs" / "images").mkdir(parents=True, exist_ok=True)
+    for width in WIDTHS:
+        driver = open_page(browser, page, width)
+        driver.save_screenshot(str(ROOT / "docs" / "images" / f"report-{width}.png"))
+        assert_clean(driver)
