@@ -197,3 +197,48 @@ def test_gap_dropout_has_dropouts_law():
     a = GapDropout(0.05).train()(x)
     torch.manual_seed(1)
     assert torch.equal(a, GapDropout(0.05).train()(x))  # seeded like torch's dropout
+
+
+def test_two_runs_started_together_compute_the_base_stage_once(tmp_path, tiny_model_dir):
+    """The second run waits on the base-stage cache's lock while the first computes (held open at a pause point),
+    then reuses what the first cached, instead of computing it a second time beside it."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SRC, config_file
+
+    path = config_file(tmp_path, tiny_model_dir)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "LORAWATCH_BASE_STAGE_CACHE": str(tmp_path / "cache")}
+
+    def start(name: str, **extra) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "lorawatch", "run", str(path), "--out", str(tmp_path / name),
+                                 "--seeds", "1"], env={**env, **extra}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    first = start("a", LORAWATCH_PAUSE_AT="base:eval:stance", LORAWATCH_PAUSE_SECONDS="6")
+    deadline = time.monotonic() + 120
+    while True:  # until the first run holds the lock, i.e. is computing the base stage
+        held = False
+        for lock in (tmp_path / "cache").glob("*.lock"):
+            with open(lock) as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held = True
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+        if held:
+            break
+        time.sleep(0.1)
+    second = start("b")
+    outputs = [process.communicate(timeout=600) for process in (first, second)]
+    assert [process.returncode for process in (first, second)] == [0, 0], outputs
+    reused = [store.read_record(store.stage_dir(tmp_path / name, 1, 0) / "stage.json", schema.StageRecord)
+              .reused_from_cache for name in ("a", "b")]
+    assert reused == [False, True]
+    assert "waiting to reuse it" in outputs[1][1]
+    for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "reference_drift.jsonl"):
+        assert (store.stage_dir(tmp_path / "a", 1, 0) / name).read_bytes() == \
+            (store.stage_dir(tmp_path / "b", 1, 0) / name).read_bytes()

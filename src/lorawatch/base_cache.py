@@ -3,13 +3,16 @@ order, so it is computed once per model, data and settings and copied into every
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from lorawatch import store
 from lorawatch.checkpoint_eval import EvalParams
@@ -47,6 +50,29 @@ def base_stage_cache(key: str) -> Path:
 
 
 BASE_UNITS = ("predictions", "reference_drift.jsonl")  # what the cache holds, beside the base log-probs
+
+
+@contextmanager
+def base_stage_lock(cache: Path | None, on_wait: Callable[[], None]) -> Iterator[None]:
+    """While held, this process alone computes or reads the cached base stage of this key: runs started together
+    (a study's units, two terminals) compute it once, the others wait, then reuse it. The OS drops the lock when
+    its holder dies. Without a usable cache folder there is nothing to share, and no lock."""
+    if cache is None:
+        yield
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache.with_name(cache.name + ".lock"), "a+", encoding="utf-8")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def restore_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> bool:

@@ -29,7 +29,8 @@ from transformers import AutoModelForCausalLM
 from safetensors.torch import save as save_safetensors
 
 from lorawatch import schema, store, tables
-from lorawatch.base_cache import base_stage_cache, base_stage_key, restore_base_stage, save_base_stage
+from lorawatch.base_cache import (base_stage_cache, base_stage_key, base_stage_lock, restore_base_stage,
+                                  save_base_stage)
 from lorawatch.checkpoint_eval import EvalParams, drift_rows, evaluate_checkpoint, generate_by_task
 from lorawatch.config import ExperimentConfig
 from lorawatch.costs import Costs
@@ -192,27 +193,11 @@ class Recipe:
         cache = base_stage_cache(key) if config.eval.reuse_base_stage else None
         self.base_logprobs = read_logprobs(lp_path, len(data.reference))
         if self.base_logprobs is None or not stage_complete(base_dir, data, adapter=False):
-            reused = cache is not None and restore_base_stage(cache, base_dir, lp_path)
-            if reused:
-                self.base_logprobs = read_logprobs(lp_path, len(data.reference))
-                progress.log(f"base: reusing the base evaluation cached under {cache}")
-            started = time.perf_counter()
-            if self.base_logprobs is None:
-                (base_dir / "reference_drift.jsonl").unlink(missing_ok=True)
-            scores, drift, computed = evaluate_checkpoint(
-                self.loaded.model, self.loaded.tokenizer, data, self.encoded, base_dir, self.eval_params,
-                base_logprobs=None, drafts=None, costs=self.costs, progress=progress, label="base",
-                crash_prefix="base")
-            if computed is not None:
-                store.atomic_write_bytes(lp_path, save_safetensors({"logprobs": computed.contiguous()}))
-                self.base_logprobs = computed
-            finish_stage(base_dir, stage=0, checkpoint="base", task=None, scores=scores, drift=drift,
-                         base_stats=None, extra={"eval_seconds": round(time.perf_counter() - started, 3),
-                                                 "base_stage_key": key, "reused_from_cache": reused,
-                                                 "fast_path": self.eval_params.fast.to_dict()})
-            if cache is not None and not reused:
-                save_base_stage(cache, base_dir, lp_path)
-            progress.log("base: " + _scores_line(scores))
+            def waiting() -> None:
+                progress.log(f"base: another run is computing this base stage; waiting to reuse it ({cache})")
+
+            with base_stage_lock(cache, on_wait=waiting):
+                self.compute_base_stage(base_dir, lp_path, key, cache)
         else:
             progress.advance(self.checkpoint_rows())
         self.costs.notes["base_stage_key"] = key
@@ -221,6 +206,29 @@ class Recipe:
             copy_dir = store.stage_dir(self.run_dir, seed, 0)
             if not stage_complete(copy_dir, data, adapter=False):
                 store.atomic_copytree(base_dir, copy_dir)
+
+    def compute_base_stage(self, base_dir: Path, lp_path: Path, key: str, cache: Path | None) -> None:
+        """Stage 0's units: restored from the cache when it holds them, else computed (and then cached)."""
+        data, progress = self.data, self.progress
+        reused = cache is not None and restore_base_stage(cache, base_dir, lp_path)
+        if reused:
+            self.base_logprobs = read_logprobs(lp_path, len(data.reference))
+            progress.log(f"base: reusing the base evaluation cached under {cache}")
+        started = time.perf_counter()
+        if self.base_logprobs is None:
+            (base_dir / "reference_drift.jsonl").unlink(missing_ok=True)
+        scores, drift, computed = evaluate_checkpoint(
+            self.loaded.model, self.loaded.tokenizer, data, self.encoded, base_dir, self.eval_params,
+            base_logprobs=None, drafts=None, costs=self.costs, progress=progress, label="base", crash_prefix="base")
+        if computed is not None:
+            store.atomic_write_bytes(lp_path, save_safetensors({"logprobs": computed.contiguous()}))
+            self.base_logprobs = computed
+        finish_stage(base_dir, stage=0, checkpoint="base", task=None, scores=scores, drift=drift, base_stats=None,
+                     extra={"eval_seconds": round(time.perf_counter() - started, 3), "base_stage_key": key,
+                            "reused_from_cache": reused, "fast_path": self.eval_params.fast.to_dict()})
+        if cache is not None and not reused:
+            save_base_stage(cache, base_dir, lp_path)
+        progress.log("base: " + _scores_line(scores))
 
     # --- one seed ----------------------------------------------------------------------------------------
 

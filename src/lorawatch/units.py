@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -54,9 +55,12 @@ def environment(loaded: LoadedModel) -> dict:
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for the resume tests: SIGKILL this process when LORAWATCH_CRASH_AT names this point."""
+    """Fault injection for the resume and concurrency tests: SIGKILL this process when LORAWATCH_CRASH_AT names
+    this point; sleep LORAWATCH_PAUSE_SECONDS there when LORAWATCH_PAUSE_AT names it."""
     if os.environ.get("LORAWATCH_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("LORAWATCH_PAUSE_AT") == name:
+        time.sleep(float(os.environ.get("LORAWATCH_PAUSE_SECONDS", "5")))
 
 
 def read_unit(path: Path, expected_ids: list[str], row_type: type) -> list | None:
