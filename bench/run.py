@@ -2,6 +2,7 @@
 
     python bench/run.py                 # W0, W1 and the W0 study; prints a table, writes bench/results/*.json
     python bench/run.py W0 --guard      # W0, then the faithfulness guard against a one-row-at-a-time path
+    python bench/run.py W0 --dtypes float32,bfloat16   # both dtypes in one invocation, on one machine
 
 Workloads (SmolLM2-135M-Instruct, fp32, the 48-row reference set, seed 33 unless stated):
     W0        first 16 train / 20 test rows per task, 64 new tokens
@@ -66,9 +67,10 @@ def prepare_data(source: Path | None, root: Path) -> dict:
     return env
 
 
-def run_workload(name: str, env: dict, work: Path, extra: list[str]) -> dict:
+def run_workload(name: str, env: dict, work: Path, extra: list[str], dtype: str = "float32") -> dict:
     spec = WORKLOADS[name]
-    env = dict(env, LORAWATCH_BASE_STAGE_CACHE=str(work / f"{name}-base-cache"))
+    tag = name if dtype == "float32" else f"{name}-{dtype}"
+    env = dict(env, LORAWATCH_BASE_STAGE_CACHE=str(work / f"{tag}-base-cache"))
     shutil.rmtree(env["LORAWATCH_BASE_STAGE_CACHE"], ignore_errors=True)
     phases = {p: 0.0 for p in (*PHASES, "monitor", "report", "process_start")}
     counters: dict[str, dict[str, int]] = {}
@@ -76,9 +78,9 @@ def run_workload(name: str, env: dict, work: Path, extra: list[str]) -> dict:
     runs = []
     started = time.perf_counter()
     for order, seeds in spec["runs"]:
-        out = work / f"{name}-{order}"
+        out = work / f"{tag}-{order}"
         run_start = time.perf_counter()
-        lorawatch("run", "--preset", "paper-qwen", "--model", "smollm2-135m-instruct", "--dtype", "float32",
+        lorawatch("run", "--preset", "paper-qwen", "--model", "smollm2-135m-instruct", "--dtype", dtype,
                   "--device", "cpu", "--order", order, "--seeds", seeds, "--max-train-rows", str(spec["train"]),
                   "--max-test-rows", str(spec["test"]), "--max-new-tokens", str(spec["new"]), "--out", str(out),
                   "--overwrite", *spec.get("args", []), *extra, env=env)
@@ -103,7 +105,7 @@ def run_workload(name: str, env: dict, work: Path, extra: list[str]) -> dict:
     generated = sum(c["generated_tokens"] for c in counters.values())
     generation_seconds = phases["task_eval"] + phases["reference_generation"]
     result = {
-        "workload": name, "rows": {"train": spec["train"], "test": spec["test"], "reference": 48},
+        "workload": name, "dtype": dtype, "rows": {"train": spec["train"], "test": spec["test"], "reference": 48},
         "max_new_tokens": spec["new"], "wall_s": round(wall, 2),
         "phase_s": {k: round(v, 2) for k, v in phases.items()},
         "generation": counters,
@@ -132,7 +134,7 @@ def machine() -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    head = ["phase (s)"] + [r["workload"] for r in results]
+    head = ["phase (s)"] + [r["workload"] + ("" if r["dtype"] == "float32" else f" {r['dtype']}") for r in results]
     rows = [[p] + [f"{r['phase_s'].get(p, 0):.1f}" for r in results]
             for p in ("process_start", *PHASES, "monitor", "report")]
     rows.append(["wall"] + [f"{r['wall_s']:.1f}" for r in results])
@@ -159,6 +161,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON results go")
     parser.add_argument("--guard", action="store_true", help="after W0, check it against a one-row-at-a-time path")
+    parser.add_argument("--dtypes", default="float32",
+                        help="comma-separated model dtypes, each workload run in each (e.g. float32,bfloat16: "
+                             "the ratio measured in one invocation, on one machine)")
     parser.add_argument("--plain", action="store_true",
                         help="turn the fast path's drafts, merged adapter and base-stage reuse off (for comparison)")
     args = parser.parse_args()
@@ -170,18 +175,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.workloads:
-        print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        result = run_workload(name, env, work, extra)
-        result["machine"] = machine()
-        result["fast_path"] = not args.plain
-        if args.guard and name == "W0":
-            from guard import check_run  # bench/guard.py
-            result["guard"] = check_run(Path(result["runs"][0]["run_dir"]))
-        suffix = "-plain" if args.plain else ""
-        (args.out / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-        results.append(result)
-        versus = f" ({result['speedup']:.1f}x the published implementation)" if result["speedup"] else ""
-        print(f"bench: {name} {result['wall_s']:.1f} s{versus}", file=sys.stderr, flush=True)
+        for dtype in args.dtypes.split(","):
+            print(f"bench: {name} {dtype} ...", file=sys.stderr, flush=True)
+            result = run_workload(name, env, work, extra, dtype)
+            result["machine"] = machine()
+            result["fast_path"] = not args.plain
+            if args.guard and name == "W0":
+                from guard import check_run  # bench/guard.py
+                result["guard"] = check_run(Path(result["runs"][0]["run_dir"]))
+            suffix = ("" if dtype == "float32" else f"-{dtype}") + ("-plain" if args.plain else "")
+            (args.out / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+            results.append(result)
+            versus = f" ({result['speedup']:.1f}x the published implementation)" if result["speedup"] else ""
+            print(f"bench: {name} {dtype} {result['wall_s']:.1f} s{versus}", file=sys.stderr, flush=True)
     print_table(results)
 
 

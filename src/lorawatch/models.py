@@ -142,10 +142,13 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_auto_dtype() -> torch.dtype:
-    # Measured on the project's 2-core Xeon (AVX512 without AVX512_BF16/AMX), torch 2.13, SmolLM2-135M:
-    # batch 16 x 115 tokens forward 2.4 s fp32 vs 8.3 s bf16; 32 rows x 24 new tokens 10.6 s vs 21.5 s.
-    # bf16 pays off only where the CPU multiplies bf16 natively.
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    # fp32 on every CPU. Without native bf16 (the project's 2-core Xeon, torch 2.13, SmolLM2-135M) bf16 is 2-3x
+    # slower: batch 16 x 115 tokens forward 2.4 s fp32 vs 8.3 s bf16. With it (2-core AMD EPYC, AVX512_BF16),
+    # `bench/run.py W0 --dtypes float32,bfloat16` in one invocation: training 26.1 s bf16 vs 33.5 s fp32, but the
+    # whole run 186.7 s vs 173.9 s, since evaluation is slower (the adapter cannot be merged into bf16 weights, and
+    # 1.7x the decode steps: fewer drafts held). bf16 on a CPU
+    # is there for those who ask for it (model.dtype: bfloat16).
+    return torch.float32
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
