@@ -137,9 +137,6 @@ def test_resolve_device_unavailable_mps():
 
 def test_resolve_dtype_auto(monkeypatch):
     # fp32 on every CPU, native bf16 or not: the whole protocol measured no faster in bf16 (models.cpu_auto_dtype)
-    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: True)
-    assert M.resolve_dtype("auto", "cpu") is torch.float32
-    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: False)
     assert M.resolve_dtype("auto", "cpu") is torch.float32
     assert M.resolve_dtype("auto", "mps") is torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -1,4 +1,4 @@
-"""The `lorawatch` command line: run, show, metrics, report, data."""
+"""The `lorawatch` command line: run, evaluate, metrics, show, check, report, compare, data."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,6 +30,22 @@ def _parse_seeds(text: str) -> list[int]:
         return [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
         raise UserError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+
+
+@contextmanager
+def _long_command():
+    """A command that computes into a run folder: a user's mistake is one line (exit 2); Ctrl-C (130) and SIGTERM
+    (143, as Ray, SLURM and Kubernetes send on preemption) keep the finished work and say how to resume."""
+    try:
+        yield
+    except UserError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished work is saved; run the same command again to resume\n")
+        raise typer.Exit(130)
+    except Terminated:
+        sys.stderr.write("terminated (SIGTERM): finished work is saved; run the same command again to resume\n")
+        raise typer.Exit(143)
 
 
 def _load(config_file: Path | None, preset_name: str | None):
@@ -99,7 +116,7 @@ def run(
     from lorawatch.config import PLAIN_SWITCHES
     from lorawatch.protocol import run_experiment
 
-    try:
+    with _long_command():
         config = _load(config_file, preset_name)
         changes = {"model.spec": model, "model.device": device, "model.dtype": dtype,
                    "seeds": _parse_seeds(seeds) if seeds is not None else None,
@@ -117,14 +134,6 @@ def run(
         run_dir = run_experiment(config, out or Path("runs") / config.name, console=console, overwrite=overwrite,
                                  force=force)
         _print_results(run_dir, as_html)
-    except UserError as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished work is saved; run the same command again to resume\n")
-        raise typer.Exit(130)
-    except Terminated:
-        sys.stderr.write("terminated (SIGTERM): finished work is saved; run the same command again to resume\n")
-        raise typer.Exit(143)
 
 
 @app.command()
@@ -156,7 +165,7 @@ def evaluate(
     from lorawatch.config import PLAIN_SWITCHES
     from lorawatch.evaluate_adapters import evaluate_adapters
 
-    try:
+    with _long_command():
         config = _with_changes(_load(config_file, preset_name), {
             "model.spec": model, "model.device": device, "model.dtype": dtype,
             "tasks.*.max_test_rows": max_test_rows, "eval.max_new_tokens": max_new_tokens,
@@ -166,14 +175,6 @@ def evaluate(
                                     trained_on=order, seed=seed, console=Console(stderr=True), overwrite=overwrite,
                                     force=force)
         _print_results(run_dir, as_html)
-    except UserError as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished work is saved; run the same command again to resume\n")
-        raise typer.Exit(130)
-    except Terminated:
-        sys.stderr.write("terminated (SIGTERM): finished work is saved; run the same command again to resume\n")
-        raise typer.Exit(143)
 
 
 @app.command()

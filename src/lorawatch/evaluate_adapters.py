@@ -31,9 +31,9 @@ from lorawatch import store, tables
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import UserError
 from lorawatch.inputs import load_data
-from lorawatch.protocol import Recipe, data_inputs
-from lorawatch.runfolder import abandon_run_dir, plan_run_dir, run_lock, start_run_dir
-from lorawatch.units import ADAPTER_WEIGHTS, environment, finish_stage, load_adapter_weights, stage_complete
+from lorawatch.protocol import Recipe, data_inputs, run_recipe
+from lorawatch.runfolder import plan_run_dir
+from lorawatch.units import ADAPTER_WEIGHTS, finish_stage, load_adapter_weights, stage_complete
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$")
@@ -232,24 +232,19 @@ def evaluate_adapters(config: ExperimentConfig, adapter_paths: Sequence[Path], r
     plan = plan_run_dir(run_dir, config, {**data_inputs(data), "adapters": adapter_records(adapters, trained_on)},
                         overwrite=overwrite, force=force)
     started = time.perf_counter()
-    try:
-        with run_lock(run_dir):
-            recipe = AdapterRecipe(config, run_dir, data, console, plan.mode == "resume", None, adapters=adapters,
-                                   trained_on=trained_on)
-            recipe.setup()
-            for note in start_run_dir(run_dir, plan, config, recipe.fingerprint(), environment(recipe.loaded)):
-                console.print(f"lorawatch: {note}")
-            names = {Path(a.base_model).name.lower() for a in adapters if a.base_model}
-            ours = {Path(config.model.spec).name.lower(), Path(recipe.loaded.info.path or "").name.lower()}
-            if names and not names & ours:
-                console.print(f"lorawatch: note: the adapters were trained on {', '.join(sorted(names))}; evaluating "
-                              f"them on {config.model.spec} (their layers fit it)")
-            if trained_on is None:
-                console.print("lorawatch: which task each adapter was trained on is not known (--trained-on): OP, "
-                              "BWT, FWT, gain and learning accuracy need it and are left undefined")
-            recipe.run()
-    except BaseException:
-        abandon_run_dir(run_dir, plan)
-        raise
+    recipe = AdapterRecipe(config, run_dir, data, console, plan.mode == "resume", None, adapters=adapters,
+                           trained_on=trained_on)
+
+    def explain() -> None:
+        names = {Path(a.base_model).name.lower() for a in adapters if a.base_model}
+        ours = {Path(config.model.spec).name.lower(), Path(recipe.loaded.info.path or "").name.lower()}
+        if names and not names & ours:
+            console.print(f"lorawatch: note: the adapters were trained on {', '.join(sorted(names))}; evaluating "
+                          f"them on {config.model.spec} (their layers fit it)")
+        if trained_on is None:
+            console.print("lorawatch: which task each adapter was trained on is not known (--trained-on): OP, "
+                          "BWT, FWT, gain and learning accuracy need it and are left undefined")
+
+    run_recipe(recipe, plan, after_start=explain)
     console.print(f"lorawatch: evaluated {len(adapters)} adapter(s) in {time.perf_counter() - started:.1f}s")
     return run_dir

@@ -133,14 +133,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX512_BF16 or AMX), where bf16 beats fp32."""
-    import torch.cpu
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def cpu_auto_dtype() -> torch.dtype:
     # fp32 on every CPU. Without native bf16 (the project's 2-core Xeon, torch 2.13, SmolLM2-135M) bf16 is 2-3x
     # slower: batch 16 x 115 tokens forward 2.4 s fp32 vs 8.3 s bf16. With it (2-core AMD EPYC, AVX512_BF16),

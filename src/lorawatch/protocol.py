@@ -20,6 +20,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -40,15 +41,15 @@ from lorawatch.inputs import RunData, data_fingerprint, encode, load_data, weigh
 from lorawatch.models import LoadedModel, load_model
 from lorawatch.monitor import MonitorParams, StageMonitor, calibrated_threshold
 from lorawatch.progress import RunProgress
-from lorawatch.runfolder import abandon_run_dir, plan_run_dir, run_lock, start_run_dir
+from lorawatch.runfolder import FolderPlan, abandon_run_dir, plan_run_dir, run_lock, start_run_dir
 from lorawatch.units import (BASE_LOGPROBS, crash_point, environment, finish_stage, load_adapter_weights, read_drafts,
-                             read_logprobs, readable_json, save_adapter, stage_complete)
+                             read_intact, read_logprobs, save_adapter, stage_complete)
 from lorawatch.stability import summarize
 from lorawatch.tasks.scoring import SCORING_RULES_VERSION
 from lorawatch.training import TrainParams, train_stage, use_gap_dropout
 
 __all__ = ["Recipe", "encode", "generate_by_task", "load_data", "lora_config", "resolve_monitor", "run_experiment",
-           "run_lock"]
+           "run_lock", "run_recipe"]
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Console | None = None,
@@ -64,21 +65,33 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     data = load_data(config)
     monitor = resolve_monitor(config)
     plan = plan_run_dir(run_dir, config, data_inputs(data), overwrite=overwrite, force=force)
+    recipe = Recipe(config, run_dir, data, console, plan.mode == "resume",
+                    None if monitor is None else MonitorParams(**monitor["params"]))
+
+    def record_monitor() -> None:
+        if monitor is not None:
+            store.write_record(run_dir / "monitor.json", schema.MonitorSettings, monitor)
+
+    run_recipe(recipe, plan, after_start=record_monitor)
+    return run_dir
+
+
+def run_recipe(recipe: "Recipe", plan: FolderPlan, *, after_start: Callable[[], None] | None = None) -> None:
+    """With the folder's lock held: set up (model, checks), start the folder (clear, record or resume it), then
+    run. A command that fails before it recorded anything leaves no folder behind."""
+    run_dir = recipe.run_dir
     try:
         with run_lock(run_dir):
-            recipe = Recipe(config, run_dir, data, console, plan.mode == "resume",
-                            None if monitor is None else MonitorParams(**monitor["params"]))
             recipe.setup()
             # Every check has passed and the lock is held: only now is the folder cleared, recorded or resumed.
-            for note in start_run_dir(run_dir, plan, config, recipe.fingerprint(), environment(recipe.loaded)):
-                console.print(f"lorawatch: {note}")
-            if monitor is not None:
-                store.write_record(run_dir / "monitor.json", schema.MonitorSettings, monitor)
+            for note in start_run_dir(run_dir, plan, recipe.config, recipe.fingerprint(), environment(recipe.loaded)):
+                recipe.console.print(f"lorawatch: {note}")
+            if after_start is not None:
+                after_start()
             recipe.run()
     except BaseException:
         abandon_run_dir(run_dir, plan)
         raise
-    return run_dir
 
 
 def resolve_monitor(config: ExperimentConfig) -> dict | None:
@@ -260,9 +273,10 @@ class Recipe:
         task = self.data.tasks[stage - 1]
         folder = store.stage_dir(self.run_dir, seed, stage)
         log_path = folder / "training.json"
-        if readable_json(log_path, schema.TrainingRecord) and load_adapter_weights(model, folder / "adapter"):
+        trained = read_intact(log_path, schema.TrainingRecord)
+        if trained is not None and load_adapter_weights(model, folder / "adapter"):
             self.progress.advance(len(task.train) * self.train_params.epochs)
-            return store.read_record(log_path, schema.TrainingRecord).body()
+            return trained.body()
         shutil.rmtree(folder, ignore_errors=True)  # whatever this stage evaluated before belonged to another adapter
         label = self.stage_label(seed, stage)
         self.progress.phase(f"{label} · train {task.name}")

@@ -169,16 +169,27 @@ def read_drafts(folder: Path) -> dict[str, list[int]]:
     return drafts
 
 
-def readable_json(path: Path, record: type[schema.Record] | None = None) -> bool:
-    """The file is there and reads (as `record`, when given); a damaged one is reported."""
+def readable_json(path: Path) -> bool:
+    """The file is there and reads as JSON; a damaged one is reported."""
     if not path.is_file():
         return False
     try:
-        store.read_json(path) if record is None else store.read_record(path, record)
+        store.read_json(path)
         return True
     except (OSError, ValueError):
         warnings.warn(f"{path}: damaged, redoing that unit", stacklevel=2)
         return False
+
+
+def read_intact(path: Path, record: type[schema.Record]) -> schema.Record | None:
+    """A unit's record, or None when it is missing or damaged (reported): then the unit is redone."""
+    if not path.is_file():
+        return None
+    try:
+        return store.read_record(path, record)
+    except (OSError, ValueError):
+        warnings.warn(f"{path}: damaged, redoing that unit", stacklevel=2)
+        return None
 
 
 def read_logprobs(path: Path, rows: int) -> torch.Tensor | None:
