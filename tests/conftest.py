@@ -184,4 +184,31 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+RESULT_FILES = ["accuracy_matrix.csv", "cl_metrics.json", "stability.csv"]
+STAGE_FILES = ["scores.json", "reference_stats.json", "reference_drift.jsonl", "predictions/stance.jsonl",
+               "predictions/sum.jsonl", "predictions/reference.jsonl", "adapter/adapter_model.safetensors"]
+
+
+def assert_same_results(run, reference, seed=1):
+    """Two run folders of the tiny two-task config hold the same results (adapters compared by value)."""
+    import filecmp
+
+    from lorawatch import store
+
+    for name in RESULT_FILES:
+        assert filecmp.cmp(store.seed_dir(run, seed) / name, store.seed_dir(reference, seed) / name, shallow=False), name
+    for stage in range(3):
+        for name in STAGE_FILES:
+            if stage == 0 and name.startswith("adapter"):
+                continue
+            mine, theirs = store.stage_dir(run, seed, stage) / name, store.stage_dir(reference, seed, stage) / name
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                a, b = load_file(mine), load_file(theirs)
+                assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), mine
+            else:
+                assert mine.read_text() == theirs.read_text(), mine
+    assert not list(run.rglob("*.tmp"))
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

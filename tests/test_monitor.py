@@ -188,6 +188,8 @@ def test_compare_and_report_show_the_monitor(watched, tmp_path):
     assert "final KL to base" in text and "monitor overhead" in text and (tmp_path / "cmp" / "monitor.png").is_file()
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][1]["label"] == "warn"
     assert all(f.is_file() for f in files)
+    assert "| strategy | none | none |" in text and (tmp_path / "cmp" / "figure3.png") in files
+    assert "![final accuracy against final KL](figure3.png)" in text
     cli = lorawatch("compare", plain, warn, "--out", tmp_path / "cli")
     assert cli.returncode == 0 and "interventions" in cli.stdout
 

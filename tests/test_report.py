@@ -238,8 +238,22 @@ def test_correlation_and_failure_zone_in_the_paper_study(paper, paper_report):
     assert "not independent" in (paper_report.out / "report.md").read_text()
 
 
+def test_figure3_has_the_final_point_of_every_run_and_seed(paper, paper_report):
+    finals = pd.read_csv(paper_report.out / "figure3.csv")
+    # 3 models x (3 seeds in the original order, qwen's from two run folders, + 1 seed reversed)
+    assert len(finals) == 12 and set(finals["seed"]) == set(OFFSETS)
+    assert sorted(finals[finals["order"] == "reversed"]["seed"]) == [33, 33, 33]
+    for _, row in finals.iterrows():
+        matrix = pd.read_csv(store.seed_dir(Path(row["run_dir"]), int(row["seed"])) / "accuracy_matrix.csv")
+        assert row["final_avg_accuracy"] == pytest.approx(matrix[list(PAPER_TASKS)].iloc[-1].mean(), abs=1e-9)
+        stats = json.loads((store.stage_dir(Path(row["run_dir"]), int(row["seed"]), 3) / "reference_stats.json")
+                           .read_text())
+        assert row["final_kl_to_base"] == pytest.approx(stats["kl_mean"], abs=1e-9)
+    assert "## Figure 3" in (paper_report.out / "report.md").read_text()
+
+
 def test_figures_exist_and_are_not_trivial(paper_report):
-    stems = ["figure1", "figure2"] + [f"model-{m}-{kind}" for m in ("qwen3-5-0-8b", "gemma-3-1b-it",
+    stems = ["figure1", "figure2", "figure3"] + [f"model-{m}-{kind}" for m in ("qwen3-5-0-8b", "gemma-3-1b-it",
                                                                    "llama-3-2-1b-instruct")
                                       for kind in ("matrix", "steps")]
     for stem in stems:

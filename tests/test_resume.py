@@ -1,6 +1,5 @@
 """Runs that survive crashes: SIGKILL at several points, resume, and compare with an uninterrupted run."""
 
-import filecmp
 import json
 import os
 import shutil
@@ -10,29 +9,7 @@ import pytest
 
 from lorawatch import store
 from lorawatch.protocol import run_lock
-from conftest import assert_one_line_error, config_file, lorawatch
-
-RESULT_FILES = ["accuracy_matrix.csv", "cl_metrics.json", "stability.csv"]
-STAGE_FILES = ["scores.json", "reference_stats.json", "reference_drift.jsonl", "predictions/stance.jsonl",
-               "predictions/sum.jsonl", "predictions/reference.jsonl", "adapter/adapter_model.safetensors"]
-
-
-def assert_same_results(run, reference):
-    for name in RESULT_FILES:
-        assert filecmp.cmp(store.seed_dir(run, 1) / name, store.seed_dir(reference, 1) / name, shallow=False), name
-    for stage in range(3):
-        for name in STAGE_FILES:
-            if stage == 0 and name.startswith("adapter"):
-                continue
-            mine, theirs = store.stage_dir(run, 1, stage) / name, store.stage_dir(reference, 1, stage) / name
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                a, b = load_file(mine), load_file(theirs)
-                assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), mine
-            else:
-                assert mine.read_text() == theirs.read_text(), mine
-    assert not list(run.rglob("*.tmp"))
-
+from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):

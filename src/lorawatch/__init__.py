@@ -4,6 +4,7 @@
     run_dir = lorawatch.run(config, "runs/demo")
     results = lorawatch.load_run(run_dir)        # data frames: accuracy_matrix(), cl_metrics(), stability()
     lorawatch.evaluate(config, ["out/task-a", "out/task-b"], "runs/theirs", trained_on=["a", "b"])
+    lorawatch.run_study("study/demo-lr-sweep.yaml", backend="ray")   # a grid of runs, then the report over them
 """
 
 from lorawatch.config import ExperimentConfig, build_config, load_config
@@ -30,7 +31,28 @@ def evaluate(config: ExperimentConfig, adapters, run_dir, *, trained_on: list[st
     return evaluate_adapters(config, adapters, run_dir, trained_on=trained_on, overwrite=overwrite)
 
 
+def run_study(study_file, out=None, *, backend: str = "local", address: str | None = None,
+              workers: int | None = None, track: str | None = None):
+    """Run a study from STUDY.yaml (see lorawatch.study); returns its folder. A unit that did not finish is a
+    UserError naming it (the finished ones are kept: calling again resumes)."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from lorawatch.study import load_study_file, study_states
+    from lorawatch.study_driver import run_study as drive
+
+    out = Path(out) if out is not None else Path("runs") / load_study_file(study_file).name
+    code = drive(Path(study_file), out, backend=backend, address=address, workers=workers, plan=False,
+                     as_html=False, console=Console(stderr=True), track=track)
+    if code:
+        failed = [s.name for s in study_states(out) if s.state != "done"]
+        raise UserError(f"{out}: unit(s) {', '.join(failed)} did not finish; `lorawatch study status {out}` says why")
+    return out
+
+
 __all__ = [
     "ClMetrics", "ConfigError", "DataError", "ExperimentConfig", "ModelSpecError", "RunResults", "UserError",
     "build_config", "compute_cl_metrics", "evaluate", "load_config", "load_run", "preset", "read_matrix_csv", "run",
+    "run_study",
 ]

@@ -1,4 +1,4 @@
-"""The `lorawatch` command line: run, evaluate, metrics, show, check, report, compare, data."""
+"""The `lorawatch` command line: run, evaluate, metrics, show, check, report, compare, track, data."""
 
 from __future__ import annotations
 
@@ -32,6 +32,22 @@ def _parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds: expected comma-separated integers, got {text!r}") from None
 
 
+def parse_set_options(options: list[str]) -> dict:
+    """`--set FIELD=VALUE` options as config changes. VALUE is read as JSON (96, 1e-4, true, [33, 42], "text"),
+    anything else as text (original, smollm2-135m-instruct)."""
+    changes = {}
+    for option in options:
+        field, sep, text = option.partition("=")
+        if not sep or not field.strip():
+            raise UserError(f"--set {option!r}: expected FIELD=VALUE, e.g. train.learning_rate=1e-4")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        changes[field.strip()] = value
+    return changes
+
+
 @contextmanager
 def _long_command():
     """A command that computes into a run folder: a user's mistake is one line (exit 2); Ctrl-C (130) and SIGTERM
@@ -46,36 +62,6 @@ def _long_command():
     except Terminated:
         sys.stderr.write("terminated (SIGTERM): finished work is saved; run the same command again to resume\n")
         raise typer.Exit(143)
-
-
-def _load(config_file: Path | None, preset_name: str | None):
-    from lorawatch.config import load_config
-    from lorawatch.presets import preset
-
-    if config_file is not None and preset_name is not None:
-        raise UserError("give a config file or --preset, not both")
-    return load_config(config_file) if config_file is not None else preset(preset_name or "demo")
-
-
-def _with_changes(config, changes: dict, preset_name: str | None):
-    """The config with the command line's changes (dotted fields; "*" stands for every task), recorded in it."""
-    from lorawatch.config import build_config
-
-    data = config.model_dump(mode="json")
-    changes = {key: value for key, value in changes.items() if value is not None}
-    if any(key.startswith("monitor.") for key in changes):
-        data["monitor"] = data.get("monitor") or {}
-    for key, value in changes.items():
-        *parents, leaf = key.split(".")
-        targets = [data]
-        for part in parents:
-            targets = [item for t in targets for item in (t if part == "*" else [t[part]])]
-        for target in targets:
-            target[leaf] = value
-    if preset_name is not None:
-        data["preset"] = preset_name
-    data["overrides"] = {**data.get("overrides", {}), **changes}
-    return build_config(data, source="command line")
 
 
 @app.command()
@@ -102,6 +88,12 @@ def run(
                                                                        "or a run folder")] = None,
     monitor_patience: Annotated[Optional[int], typer.Option(help="monitor: consecutive measurements above the "
                                                                  "threshold before acting")] = None,
+    track: Annotated[Optional[str], typer.Option(help="also log the run, stage by stage, to mlflow or tensorboard "
+                                                      "(docs/tracking.md)")] = None,
+    set_fields: Annotated[Optional[list[str]], typer.Option("--set", help="FIELD=VALUE: any config field, dotted "
+                                                                          "(tasks.*.max_train_rows=96, "
+                                                                          "train.learning_rate=1e-4); VALUE is "
+                                                                          "JSON, else text; repeatable")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="evaluate without any fast-path part (no drafts, merged "
                                                           "adapter, shared prefixes, dropped rows, reference from "
                                                           "generation or cached base stage), for comparison")] = False,
@@ -113,11 +105,12 @@ def run(
 
     Running the same command again on an unfinished run folder resumes it where it stopped.
     """
-    from lorawatch.config import PLAIN_SWITCHES
+    from lorawatch.config import PLAIN_SWITCHES, with_changes
+    from lorawatch.presets import base_config
     from lorawatch.protocol import run_experiment
 
     with _long_command():
-        config = _load(config_file, preset_name)
+        config = base_config(config_file, preset_name)
         changes = {"model.spec": model, "model.device": device, "model.dtype": dtype,
                    "seeds": _parse_seeds(seeds) if seeds is not None else None,
                    "order": (order if order in ("original", "reversed") else [n.strip() for n in order.split(",")])
@@ -128,8 +121,9 @@ def run(
         changes.update({"monitor.action": monitor, "monitor.threshold": monitor_threshold,
                         "monitor.relative": monitor_relative, "monitor.every": monitor_every,
                         "monitor.patience": monitor_patience,
-                        "monitor.calibrate_from": monitor_calibrate_from})
-        config = _with_changes(config, changes, preset_name)
+                        "monitor.calibrate_from": monitor_calibrate_from, "tracking.backend": track})
+        changes.update(parse_set_options(set_fields or []))
+        config = with_changes(config, changes, preset_name)
         console = Console(stderr=True)
         run_dir = run_experiment(config, out or Path("runs") / config.name, console=console, overwrite=overwrite,
                                  force=force)
@@ -162,11 +156,12 @@ def evaluate(
 
     Running the same command again on an unfinished run folder resumes it.
     """
-    from lorawatch.config import PLAIN_SWITCHES
+    from lorawatch.config import PLAIN_SWITCHES, with_changes
     from lorawatch.evaluate_adapters import evaluate_adapters
+    from lorawatch.presets import base_config
 
     with _long_command():
-        config = _with_changes(_load(config_file, preset_name), {
+        config = with_changes(base_config(config_file, preset_name), {
             "model.spec": model, "model.device": device, "model.dtype": dtype,
             "tasks.*.max_test_rows": max_test_rows, "eval.max_new_tokens": max_new_tokens,
             **({f"eval.{part}": False for part in PLAIN_SWITCHES} if plain else {})}, preset_name)
@@ -301,6 +296,74 @@ def compare(
             print(write_comparison(result, out)[0])
     except UserError as error:
         _fail(str(error))
+
+
+@app.command()
+def track(
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished run folders")],
+    to: Annotated[Optional[str], typer.Option("--to", help="mlflow or tensorboard (default: the run's own tracking "
+                                                           "section, else mlflow)")] = None,
+    uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite:///RUN_DIR/mlflow.db) or "
+                                                    "TensorBoard log folder (default: RUN_DIR/tensorboard)")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the run's name)")] = None,
+) -> None:
+    """Log finished run folders to MLflow or TensorBoard after the fact, as `run --track` does live: parameters,
+    training loss, live drift, accuracy and drift per stage, CL metrics, summary and tables.
+
+    Tracking a folder again to the same place logs nothing twice. Prints where each run went.
+    """
+    from lorawatch.tracking import export_run, export_settings
+
+    try:
+        for run_dir in run_dirs:
+            print(f"{run_dir}: {export_run(run_dir, export_settings(run_dir, to, uri, experiment))}")
+    except UserError as error:
+        _fail(str(error))
+
+
+@app.command()
+def study(
+    study_file: Annotated[str, typer.Argument(metavar="STUDY.yaml | status",
+                                              help="the study file; or `status` followed by a study folder")],
+    folder: Annotated[Optional[Path], typer.Argument(metavar="[DIR]", help="with `status`: the study folder")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="study folder (default: runs/<study name>)")] = None,
+    backend: Annotated[str, typer.Option(help="local (units one after the other here) or ray")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="ray: an existing cluster's address (default: an embedded "
+                                                        "local Ray)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="ray, embedded: units at once (default: as the CPUs "
+                                                        "allow)", min=1)] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="only write DIR/units.txt, one `lorawatch run` line per "
+                                                      "unit, for another scheduler")] = False,
+    report_dir: Annotated[Optional[Path], typer.Option("--report", help="the report's folder (default: "
+                                                                     "DIR/report)")] = None,
+    track: Annotated[Optional[str], typer.Option(help="also log the study to mlflow or tensorboard: a parent run, "
+                                                      "each unit a child (docs/tracking.md)")] = None,
+    as_html: Annotated[bool, typer.Option("--html", help="also write the report as one HTML page")] = False,
+) -> None:
+    """Run a grid of runs from STUDY.yaml (one run folder per grid point and seed), then the report over them.
+
+    Rerunning the command resumes: finished units are kept, interrupted ones resume from their run folders,
+    failed ones are tried again. `lorawatch study status DIR` shows each unit's state.
+    """
+    from lorawatch.study_driver import print_status, run_study
+
+    if study_file == "status":
+        try:
+            if folder is None:
+                raise UserError("usage: lorawatch study status DIR (the study's --out folder)")
+            raise typer.Exit(print_status(folder, Console()))
+        except UserError as error:
+            _fail(str(error))
+    if folder is not None:
+        _fail(f"unexpected argument {folder}; the study folder is given with --out")
+    if backend not in ("local", "ray"):
+        _fail(f"--backend: expected local or ray, got {backend!r}")
+    if track not in (None, "mlflow", "tensorboard"):
+        _fail(f"--track: expected mlflow or tensorboard, got {track!r}")
+    with _long_command():
+        code = run_study(Path(study_file), out, backend=backend, address=address, workers=workers, plan=plan,
+                         as_html=as_html, console=Console(stderr=True), report_dir=report_dir, track=track)
+    raise typer.Exit(code)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="The paper's datasets: download them, see where they are.")

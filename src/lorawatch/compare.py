@@ -18,6 +18,7 @@ from rich.table import Table
 from lorawatch import store
 from lorawatch.errors import UserError
 from lorawatch.monitoring_view import interventions, interventions_markdown
+from lorawatch.report import figures, final_points, load_study
 from lorawatch.report.figures import monitor_figure
 from lorawatch.tables import RunResults, load_run
 
@@ -61,7 +62,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
         matrix = results.accuracy_matrix()
         runs.append({
             "label": label, "run_dir": str(path), "seeds": results.seeds, "tasks": results.tasks,
-            "monitor": monitor,
+            "strategy": results.config.strategy.model_dump(exclude_none=True), "monitor": monitor,
             "accuracy_matrix": matrix.to_dict(orient="records"),
             "cl_metrics": results.cl_metrics()[["checkpoint", "op", "bwt", "fwt"]].to_dict(orient="records"),
             "headline": {key: (summary.get(key) or {}).get("mean") for key, _ in HEADLINE},
@@ -87,6 +88,12 @@ def _monitor_text(monitor: dict | None) -> str:
     return ", ".join(parts)
 
 
+def _strategy_text(strategy: dict) -> str:
+    settings = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in strategy.items() if key != "name")
+    return strategy["name"] + (f" ({settings})" if settings else "")
+
+
 def _num(value, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -95,6 +102,7 @@ def comparison_markdown(result: dict) -> str:
     runs = result["runs"]
     lines = ["# lorawatch compare", "", "| | " + " | ".join(r["label"] for r in runs) + " |",
              "|---|" + "---|" * len(runs)]
+    lines.append("| strategy | " + " | ".join(_strategy_text(r["strategy"]) for r in runs) + " |")
     lines.append("| monitor | " + " | ".join(_monitor_text(r["monitor"]) for r in runs) + " |")
     lines.append("| seeds | " + " | ".join(", ".join(map(str, r["seeds"])) for r in runs) + " |")
     for key, label in HEADLINE:
@@ -139,6 +147,14 @@ def write_comparison(result: dict, out: str | Path) -> list[Path]:
     figure = monitor_figure([(r["label"], Path(r["run_dir"])) for r in result["runs"]], out)
     if figure:
         text += "\n## Live drift\n\n![live drift](monitor.png)\n"
+    text += "\n## Final accuracy against final drift\n\n"
+    try:
+        study = load_study([r["run_dir"] for r in result["runs"]])
+    except UserError as exc:  # e.g. adapters evaluated without their training order
+        text += f"Not drawn: {exc}\n"
+    else:
+        figure += figures.figure3(study, final_points(study), out)
+        text += "![final accuracy against final KL](figure3.png)\n\nOne point per run and seed.\n"
     store.atomic_write_text(files[0], text)
     store.atomic_write_text(files[1], json.dumps(result, indent=2, default=float) + "\n")
     return files + figure
@@ -150,6 +166,7 @@ def print_comparison(result: dict, console: Console) -> None:
     table.add_column("")
     for r in runs:
         table.add_column(r["label"], justify="right")
+    table.add_row("strategy", *[_strategy_text(r["strategy"]) for r in runs])
     table.add_row("monitor", *[_monitor_text(r["monitor"]) for r in runs])
     for key, label in HEADLINE:
         table.add_row(label, *[_num(r["headline"][key], 4) for r in runs])

@@ -154,6 +154,70 @@ class MonitorSettings(_Strict):
         return self
 
 
+class TrackingSettings(_Strict):
+    """Where a run (or a study) is also logged for experiment trackers (tracking.py). Not part of what a run's
+    results depend on: a resumed run may add, change or drop it."""
+    backend: Literal["mlflow", "tensorboard"]
+    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///<folder>/mlflow.db beside "
+                                              "the run or study); TensorBoard log folder (default: "
+                                              "<folder>/tensorboard)")
+    experiment: str | None = Field(None, description="MLflow experiment name (default: the run's or study's name)")
+
+
+# The settings each mitigation strategy takes (strategies/), with their defaults; `none` is the plain protocol.
+# A setting of another strategy is refused rather than ignored: it would suggest an effect the run does not have.
+STRATEGY_FIELDS: dict[str, dict[str, object]] = {
+    "none": {},
+    "replay": {"fraction": None, "count": None},  # exactly one of the two
+    "kl_anchor": {"weight": 1.0},  # nats per answer token, on the footing of the cross-entropy
+    "ewc": {"weight": None, "fisher_rows": 64},  # the Fisher's scale depends on the model: no default lambda
+    "merge": {"method": "linear", "density": None},
+    "olora": {"lambda_orth": 0.5, "lambda_l2": 0.0},  # lambda_1, lambda_2 of the O-LoRA authors' scripts
+}
+
+
+class StrategySettings(_Strict):
+    """A strategy against forgetting and drift (strategies/). `none` trains one cumulative adapter, as the paper."""
+    name: Literal["none", "replay", "kl_anchor", "ewc", "merge", "olora"] = "none"
+    fraction: float | None = Field(None, gt=0, le=1, description="replay: share of each earlier task's training "
+                                                                 "rows mixed into every later stage")
+    count: int | None = Field(None, gt=0, description="replay: rows of each earlier task mixed into every later "
+                                                      "stage (all of them if it has fewer)")
+    weight: float | None = Field(None, gt=0, description="kl_anchor: weight of the KL term; ewc: lambda")
+    fisher_rows: int | None = Field(None, gt=0, description="ewc: training rows the Fisher is estimated on")
+    method: Literal["linear", "ties", "dare_linear", "magmax"] | None = Field(
+        None, description="merge: how the per-task adapters are combined")
+    density: float | None = Field(None, gt=0, le=1, description="merge: share of each task update kept (ties, "
+                                                                "dare_linear)")
+    lambda_orth: float | None = Field(None, ge=0, description="olora: weight of the orthogonality penalty")
+    lambda_l2: float | None = Field(None, ge=0, description="olora: weight of the new adapter's L2 penalty")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_of_the_strategy(cls, data):
+        # Filled in here, so that config.json records the values the run used.
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            defaults = STRATEGY_FIELDS.get(data["name"], {})
+            data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+        return data
+
+    @model_validator(mode="after")
+    def _settings_of_the_strategy(self) -> "StrategySettings":
+        own = STRATEGY_FIELDS[self.name]
+        for key in type(self).model_fields:
+            if key != "name" and key not in own and getattr(self, key) is not None:
+                takes = ", ".join(own) or "no settings"
+                raise ValueError(f"'{key}' is not a setting of strategy '{self.name}' (it takes {takes})")
+        if self.name == "replay" and (self.fraction is None) == (self.count is None):
+            raise ValueError("strategy 'replay' needs exactly one of 'fraction' or 'count'")
+        if self.name == "ewc" and self.weight is None:
+            raise ValueError("strategy 'ewc' needs 'weight' (lambda, the penalty's weight)")
+        if self.name == "merge" and (self.method in ("ties", "dare_linear")) != (self.density is not None):
+            raise ValueError(f"merge method '{self.method}' " + ("needs 'density'" if self.density is None
+                                                                  else "takes no 'density'"))
+        return self
+
+
 class ExperimentConfig(_Strict):
     name: str = Field("lorawatch-run", min_length=1)
     model: ModelSettings = ModelSettings()
@@ -165,6 +229,8 @@ class ExperimentConfig(_Strict):
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
     monitor: MonitorSettings | None = None
+    tracking: TrackingSettings | None = None
+    strategy: StrategySettings = StrategySettings()
     # Strict: YAML's `yes`/`true` are not seeds. Bounded: the training seed is seed * 1000 + stage.
     seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [33], min_length=1)
     # Provenance: the preset a config came from and what the command line changed in it.
@@ -199,6 +265,13 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"order must name every task exactly once; tasks are {', '.join(names)}")
         return self
 
+    @model_validator(mode="after")
+    def _strategy_fits_lora(self) -> "ExperimentConfig":
+        if self.strategy.name in ("merge", "olora") and self.lora.bias != "none":
+            raise ValueError(f"strategy '{self.strategy.name}' trains one adapter per task and needs lora.bias "
+                             f"'none' (trained biases would be shared by every task's adapter), got '{self.lora.bias}'")
+        return self
+
     def ordered_tasks(self) -> list[TaskSettings]:
         if self.order == "original":
             return list(self.tasks)
@@ -229,6 +302,34 @@ def build_config(data: dict, source: str = "config") -> ExperimentConfig:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_describe(error, source)) from None
+
+
+def with_changes(config: ExperimentConfig, changes: dict, preset: str | None = None,
+                 source: str = "command line") -> ExperimentConfig:
+    """The config with changes to dotted fields ("*" stands for every task), recorded in it as `overrides` (and
+    the preset it came from). `lorawatch run`'s options and `--set`, and a study's units, are built by this one
+    function, so that a unit run from its command line records the same config as one run by the study."""
+    data = config.model_dump(mode="json")
+    changes = {key: value for key, value in changes.items() if value is not None}
+    for section in ("monitor", "tracking"):  # optional sections: a change to one of their fields creates them
+        if any(key.startswith(f"{section}.") for key in changes):
+            data[section] = data.get(section) or {}
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        targets = [data]
+        for part in parents:
+            try:
+                targets = [item for t in targets for item in (t if part == "*" else [t[part]])]
+            except (KeyError, TypeError):
+                raise ConfigError(f"{source}: field '{key}': no such field") from None
+        for target in targets:
+            if not isinstance(target, dict):
+                raise ConfigError(f"{source}: field '{key}': no such field")
+            target[leaf] = value
+    if preset is not None:
+        data["preset"] = preset
+    data["overrides"] = {**data.get("overrides", {}), **changes}
+    return build_config(data, source=source)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

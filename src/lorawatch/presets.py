@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lorawatch.config import ExperimentConfig, build_config
+from pathlib import Path
+
+from lorawatch.config import ExperimentConfig, build_config, load_config
 from lorawatch.errors import ConfigError
 from lorawatch.tasks.base import DEFAULT_INSTRUCTIONS
 
@@ -66,3 +68,10 @@ def preset(name: str) -> ExperimentConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
     return build_config(PRESETS[name](), source=f"preset {name}")
+
+
+def base_config(config_file: str | Path | None, preset_name: str | None) -> ExperimentConfig:
+    """The config a command or a study unit starts from: a config file or a preset (default: demo)."""
+    if config_file is not None and preset_name is not None:
+        raise ConfigError("give a config file or --preset, not both")
+    return load_config(config_file) if config_file is not None else preset(preset_name or "demo")

@@ -46,6 +46,8 @@ from lorawatch.units import (BASE_LOGPROBS, crash_point, environment, finish_sta
                              read_intact, read_logprobs, save_adapter, stage_complete)
 from lorawatch.stability import summarize
 from lorawatch.tasks.scoring import SCORING_RULES_VERSION
+from lorawatch.tracking import RunLogger, require as require_tracker
+from lorawatch.strategies import build_strategy
 from lorawatch.training import TrainParams, train_stage, use_gap_dropout
 
 __all__ = ["Recipe", "encode", "generate_by_task", "load_data", "lora_config", "resolve_monitor", "run_experiment",
@@ -53,26 +55,39 @@ __all__ = ["Recipe", "encode", "generate_by_task", "load_data", "lora_config", "
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Console | None = None,
-                   overwrite: bool = False, force: bool = False) -> Path:
+                   overwrite: bool = False, force: bool = False, tracking_parent: str | None = None,
+                   tracking_name: str | None = None) -> Path:
     """Run (or resume) the whole protocol into `run_dir` and return it.
 
     Data problems surface before any model work. A run folder that already holds this config is resumed:
     finished units (a stage's training, a task's evaluation, a reference pass) are read back, the rest is
-    computed, and the results are identical to an uninterrupted run.
+    computed, and the results are identical to an uninterrupted run. With `config.tracking`, each finished stage
+    is also logged to MLflow or TensorBoard (tracking.py), as a child of `tracking_parent` when given, named
+    `tracking_name` (default: the config's name).
     """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
+    if config.tracking is not None:
+        require_tracker(config.tracking.backend)
     data = load_data(config)
     monitor = resolve_monitor(config)
     plan = plan_run_dir(run_dir, config, data_inputs(data), overwrite=overwrite, force=force)
     recipe = Recipe(config, run_dir, data, console, plan.mode == "resume",
                     None if monitor is None else MonitorParams(**monitor["params"]))
 
-    def record_monitor() -> None:
+    def after_start() -> None:
         if monitor is not None:
             store.write_record(run_dir / "monitor.json", schema.MonitorSettings, monitor)
+        if config.tracking is not None:
+            recipe.tracker = RunLogger(run_dir, config.tracking, name=tracking_name, parent=tracking_parent)
+            console.print(f"lorawatch: tracking to {recipe.tracker.where}")
 
-    run_recipe(recipe, plan, after_start=record_monitor)
+    try:
+        run_recipe(recipe, plan, after_start=after_start)
+    except BaseException as error:
+        if recipe.tracker is not None:
+            recipe.tracker.abort(error)
+        raise
     return run_dir
 
 
@@ -143,6 +158,7 @@ class Recipe:
         self.resuming, self.monitor = resuming, monitor
         self.costs = Costs()
         self.costs.notes["resumed"] = resuming
+        self.tracker: RunLogger | None = None  # logs each finished stage, then the tables (reads the folder)
 
     def run(self) -> None:
         """Everything after `setup`, which the caller runs first (the run folder is started in between)."""
@@ -153,6 +169,8 @@ class Recipe:
             with self.costs.phase("tables"):
                 tables.write_summary(self.run_dir)
         store.write_record(self.run_dir / "costs.json", schema.CostsRecord, self.costs.to_dict())
+        if self.tracker is not None:
+            self.tracker.finish()
 
     # --- setup -----------------------------------------------------------------------------------------
 
@@ -186,6 +204,8 @@ class Recipe:
         self.costs.notes["fast_path"] = {"used": fast.to_dict(), "switched_off": switched_off}
         self.eval_params = EvalParams(max_new_tokens=config.eval.max_new_tokens, token_budget=config.eval.token_budget,
                                       device=info.device, reference_position=config.reference.position, fast=fast)
+        self.strategy = build_strategy(config.strategy, {t.name: self.encoded.train[t.name] for t in data.tasks},
+                                       pad_id=self.loaded.tokenizer.pad_token_id, device=info.device)
 
     def check_model(self) -> None:
         """What must hold of the loaded model before anything is printed or computed."""
@@ -257,13 +277,17 @@ class Recipe:
             torch.manual_seed(seed)  # LoRA's A matrices are initialised randomly
             model = get_peft_model(self.loaded.model, lora_config(self.config))
             use_gap_dropout(model)
-            # resume from the last stage whose adapter is intact (redo it too if it is damaged)
-            while first > 1 and not load_adapter_weights(model, stages[first - 1] / "adapter"):
+            # resume from the last stage whose adapter is intact (redo it too if it is damaged), and whatever its
+            # strategy kept for later stages (checked first: a stage to redo must not start from its own adapter)
+            while first > 1 and not (self.strategy.intact(stages[first - 1], first - 1)
+                                     and load_adapter_weights(model, stages[first - 1] / "adapter")):
                 first -= 1
             for stage in range(first, len(stages)):
                 log = self.train(model, seed, stage)
                 scores, drift, seconds = self.evaluate(model, seed, stage)
                 self.finish(seed, stage, log, scores, drift, seconds)
+                if self.tracker is not None:
+                    self.tracker.stage(seed, stage)
             del model
         with self.costs.phase("tables"):
             tables.write_seed_tables(self.run_dir, seed)
@@ -273,8 +297,12 @@ class Recipe:
         task = self.data.tasks[stage - 1]
         folder = store.stage_dir(self.run_dir, seed, stage)
         log_path = folder / "training.json"
+        # Also for a stage read back: a strategy shapes the model for the stage here (O-LoRA adds the earlier
+        # tasks' adapters), and the stage's own adapter is loaded into that shape.
+        plan = self.strategy.plan(model, stage, seed, [store.stage_dir(self.run_dir, seed, k) for k in range(stage)])
         trained = read_intact(log_path, schema.TrainingRecord)
-        if trained is not None and load_adapter_weights(model, folder / "adapter"):
+        if (trained is not None and self.strategy.intact(folder, stage)
+                and load_adapter_weights(model, folder / "adapter")):
             self.progress.advance(len(task.train) * self.train_params.epochs)
             return trained.body()
         shutil.rmtree(folder, ignore_errors=True)  # whatever this stage evaluated before belonged to another adapter
@@ -283,17 +311,20 @@ class Recipe:
         advance = _advance_by_delta(self.progress)
 
         def on_micro_batch(done: int, total: int) -> None:
-            advance(done, total)
+            advance(done * len(task.train) // len(plan.rows), total)  # progress counts the task's own rows
             crash_point(f"{seed}:{stage}:train:{done}")
 
         watch = None if self.monitor is None else self.stage_monitor(model, seed, stage)
         with self.costs.phase("training"):
-            log = train_stage(model, self.encoded.train[task.name], self.train_params, seed=seed * 1000 + stage,
+            log = train_stage(model, plan.rows, self.train_params, seed=plan.seed,
                               pad_id=self.loaded.tokenizer.pad_token_id, device=self.eval_params.device,
-                              on_micro_batch=on_micro_batch, on_step=None if watch is None else watch.on_step
-                              ).to_dict()
+                              on_micro_batch=on_micro_batch, on_step=None if watch is None else watch.on_step,
+                              extra_loss=plan.extra_loss).to_dict()
             if watch is not None:
                 log["monitor"] = self.finish_monitor(watch, log, folder, seed, stage)
+            strategy_log = self.strategy.finish(model, plan, log["optimizer_steps"], folder)
+            if strategy_log is not None:
+                log["strategy"] = strategy_log
             save_adapter(model, folder / "adapter")
             store.write_record(log_path, schema.TrainingRecord, log)
         crash_point(f"{seed}:{stage}:trained")

@@ -41,7 +41,7 @@ INPUTS = "inputs.json"  # what the results were computed from: data, model weigh
 CONFIG_HISTORY = "config_history.jsonl"  # one line per --force: what changed and what was kept
 ENVIRONMENT_HISTORY = "environment_history.jsonl"  # one line per start or resume of the run
 # Config fields whose change would make finished stages mean something else: --force never resumes over them.
-MEANING_FIELDS = ("order", "tasks", "reference", "lora", "train", "model.dtype")
+MEANING_FIELDS = ("order", "tasks", "reference", "lora", "train", "strategy", "model.dtype")
 MOVABLE_FIELDS = ("tasks.*.train", "tasks.*.test", "reference.path")  # data may move if its rows do not change
 
 
@@ -133,14 +133,21 @@ def _check_same_job(run_dir: Path, inputs: dict) -> None:
                         "another --out")
 
 
-def _check_config(run_dir: Path, config: ExperimentConfig, force: bool) -> list[str]:
+def config_changes(run_dir: Path, config: ExperimentConfig) -> list[str]:
+    """The fields in which `config` differs from the one the run folder was started with."""
     config_path = run_dir / "config.json"
     recorded = _read_record(config_path)
     try:  # read through today's schema, so that a field added since (with its default) is no difference
         recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
     except ConfigError:
         pass  # an older or hand-edited config: compare what is there
-    changed = config_differences(recorded, config.model_dump(mode="json"))
+    # Where a run is also logged (tracking) changes no result: a resume may add, change or drop it.
+    return [field for field in config_differences(recorded, config.model_dump(mode="json"))
+            if not _matches(field, ("tracking", "overrides.tracking"))]
+
+
+def _check_config(run_dir: Path, config: ExperimentConfig, force: bool) -> list[str]:
+    changed = config_changes(run_dir, config)
     if changed and not force:
         raise UserError(f"{run_dir}: the run was started with a different config (changed: {', '.join(changed)}); "
                         "use another --out for a new run, --overwrite to start again, or --force to continue")

@@ -59,6 +59,22 @@ class MonitorLog(Part):
     intervention: Intervention | None
 
 
+class ReplayLog(Part):
+    seed: int  # of the draw
+    rows: dict[str, NonNegativeInt]  # earlier task -> its training rows mixed into this stage
+
+
+class StrategyLog(Part):
+    """What a strategy against forgetting (strategies/) did in a stage; absent with strategy `none`."""
+
+    name: str
+    replay: ReplayLog | None = None
+    loss_seconds: NonNegativeFloat | None = None  # computing the added loss term (its forward part)
+    loss_seconds_per_step: NonNegativeFloat | None = None
+    fisher_rows: NonNegativeInt | None = None  # ewc: rows this stage's Fisher was estimated on
+    fisher_seconds: NonNegativeFloat | None = None
+
+
 class TrainingLog(Part):
     optimizer_steps: NonNegativeInt
     stopped_early: bool
@@ -71,6 +87,8 @@ class TrainingLog(Part):
     step_losses: list[float]
     learning_rates: list[float]
     monitor: MonitorLog | None = None  # only in a monitored run
+    extra_losses: list[float] | None = None  # a strategy's added loss term, per optimizer step
+    strategy: StrategyLog | None = None  # only with a strategy other than `none`
 
 
 class TrainingRecord(TrainingLog, Record):
@@ -281,6 +299,30 @@ class Summary(Record):
     mean_std: dict[str, MeanStd]
 
 
+# --- tracking.json: where the run is also logged (tracking.py) ------------------------------------------------
+
+class TrackingDestination(Part):
+    backend: str  # mlflow | tensorboard
+    uri: str  # MLflow: the tracking URI; TensorBoard: the folder holding the run's log folder
+    experiment: str | None  # MLflow, unless the run is a child (it goes into its parent's experiment)
+    parent: str | None  # the parent's run id (TensorBoard: its log folder)
+
+
+class TrackedRun(Part):
+    destination: TrackingDestination
+    run_id: str  # MLflow: the run id; TensorBoard: the run's log folder
+    where: str  # for people: the store and the run
+    logged: dict[str, list[NonNegativeInt]]  # seed -> the stages already logged
+    finished: bool  # the end metrics and artifacts are logged too
+
+
+class TrackingRecord(Record):
+    """tracking.json: the tracker runs this run folder is logged to, and what each already holds, so that a
+    resumed run or a second export continues the same tracker run and logs nothing twice."""
+
+    runs: list[TrackedRun]
+
+
 # The columns each CSV table must have (more may follow, e.g. the task columns of the accuracy matrix).
 TABLE_COLUMNS = {
     "accuracy_matrix": ("checkpoint",),
@@ -300,4 +342,5 @@ RECORDS: dict[str, type[Record]] = {
     "environment.json": Environment,
     "cl_metrics.json": ClMetricsRecord,
     "summary.json": Summary,
+    "tracking.json": TrackingRecord,
 }

@@ -11,6 +11,8 @@ read of it: each JSON file is a typed record of schema.py, checked when written 
       environment_history.jsonl   the same, one line per start or resume
       monitor.json           the live drift monitor's settings, when one is configured
       costs.json             seconds per phase, tokens, peak memory, the fast-path parts used
+      tracking.json          the MLflow/TensorBoard runs the folder is logged to and what each holds (tracking.py)
+      mlflow.db  mlartifacts/  tensorboard/   the trackers' default stores, when tracking is on
       seed-<s>/
         stage-<k>/           k = 0 is the base model, k = 1..T the checkpoint after the k-th task
           stage.json         index, checkpoint name, task trained, timings, training log (written last)
@@ -239,6 +241,9 @@ def stages_on_disk(run_dir: Path, seed: int) -> list[int]:
     return _numbered(seed_dir(run_dir, seed), "stage")
 
 
+TRACKER_STORES = ("mlartifacts", "tensorboard")  # the default stores of tracking.py inside a run folder
+
+
 def check_run_folder(run_dir: Path) -> list[str]:
     """Every file of a run folder read against its schema: one line per problem (none for a sound folder)."""
     from lorawatch.config import build_config
@@ -252,8 +257,8 @@ def check_run_folder(run_dir: Path) -> list[str]:
     problems = []
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         relative = path.relative_to(run_dir)
-        if "adapter" in relative.parts:
-            continue  # PEFT's own format
+        if "adapter" in relative.parts or relative.parts[0] in TRACKER_STORES:
+            continue  # PEFT's own format; a tracker's (copies of the run's files, event files)
         try:
             if path.name == "config.json":
                 build_config(read_json(path), source=str(path))

@@ -62,6 +62,11 @@ def use_gap_dropout(model: torch.nn.Module) -> int:
     return replaced
 
 
+def training_seed(run_seed: int, stage: int) -> int:
+    """The seed of a stage's shuffling and dropout (and of what a strategy draws for it)."""
+    return run_seed * 1000 + stage
+
+
 @dataclass(frozen=True)
 class TrainParams:
     learning_rate: float
@@ -84,8 +89,11 @@ class TrainingLog:
     step_losses: list[float] = field(default_factory=list)  # mean answer-token loss per optimizer step
     learning_rates: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    # With an added loss term (a strategy's, strategies/): its share of each optimizer step's objective.
+    extra_losses: list[float] | None = None
 
     def to_dict(self) -> dict:
+        extra = {} if self.extra_losses is None else {"extra_losses": self.extra_losses}
         return {
             "optimizer_steps": self.optimizer_steps,
             "stopped_early": self.stopped_early,
@@ -97,6 +105,7 @@ class TrainingLog:
             "last_loss": self.step_losses[-1] if self.step_losses else None,
             "step_losses": self.step_losses,
             "learning_rates": self.learning_rates,
+            **extra,
         }
 
 
@@ -114,6 +123,26 @@ def _collate(batch: Sequence[EncodedTrainExample], pad_id: int, device: str) -> 
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+# An added loss term: (model, inputs, predicts, logits) -> a sum over the micro-batch's answer tokens, on the footing
+# of the summed cross-entropy, so that the loss weighting treats it exactly as it treats the task loss. `predicts`
+# marks the positions that predict an answer token, `logits` are those positions' logits ([answer tokens, vocab]).
+ExtraLoss = Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def answer_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cross-entropy summed over a collated batch's answer tokens (`inputs` loses its labels), with the
+    positions that predict an answer token and their logits."""
+    labels = inputs.pop("labels")
+    # Logits only where an answer token is predicted: the vocabulary projection of the prompt
+    # positions (most of each row) would be computed and thrown away.
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != -100
+    logits = model(**inputs, logits_to_keep=predicts).logits  # [answer tokens, vocab]
+    loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]], reduction="sum")
+    return loss_sum, predicts, logits
+
+
 def _answer_token_count(batch: Sequence[EncodedTrainExample]) -> int:
     # Labels are shifted by one inside the loss, so the first label of a row is never predicted.
     return sum(sum(1 for label in e.labels[1:] if label != -100) for e in batch)
@@ -129,6 +158,7 @@ def train_stage(
     device: str,
     on_micro_batch: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, int, float], bool] | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> TrainingLog:
     """Train the model's trainable (LoRA) parameters on `examples` for `params.epochs` epochs.
 
@@ -139,8 +169,10 @@ def train_stage(
     short and long answers weigh the same whichever micro-batch they land in.
     `on_micro_batch(done, total)` reports progress in examples. `on_step(step, total_steps, loss)` runs after
     every optimizer step; when it returns True the stage ends there (the drift monitor's stop).
+    `extra_loss` (a strategy's added term) is weighted like the task loss; `step_losses` stay the task loss alone,
+    the term's share of each step goes to `extra_losses`.
     """
-    log = TrainingLog()
+    log = TrainingLog(extra_losses=None if extra_loss is None else [])
     start = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
@@ -169,28 +201,28 @@ def train_stage(
             if window_tokens == 0:
                 continue  # every answer was truncated away; nothing to learn from this window
             window_loss = 0.0  # what is logged: the mean answer-token loss, as weighted for the gradient
+            window_extra = 0.0
             for batch in window:
                 inputs = _collate(batch, pad_id, device)
-                labels = inputs.pop("labels")
-                # Logits only where an answer token is predicted: the vocabulary projection of the prompt
-                # positions (most of each row) would be computed and thrown away.
-                predicts = torch.zeros_like(labels, dtype=torch.bool)
-                predicts[:, :-1] = labels[:, 1:] != -100
-                logits = model(**inputs, logits_to_keep=predicts).logits  # [answer tokens, vocab]
-                loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]],
-                                                             reduction="sum")
+                loss_sum, predicts, logits = answer_loss(model, inputs)
                 batch_tokens = _answer_token_count(batch)
                 if params.loss_weighting == "tokens":
-                    loss = loss_sum / window_tokens
+                    scale = window_tokens
+                    loss = loss_sum / scale
                     window_loss += loss.item()
                 elif batch_tokens:
                     # The published loop: this micro-batch's mean, over the full accumulation count (also in a
                     # short last window); the logged value is the mean of the window's micro-batch means.
-                    loss = loss_sum / (batch_tokens * params.grad_accum)
+                    scale = batch_tokens * params.grad_accum
+                    loss = loss_sum / scale
                     window_loss += loss.item() * params.grad_accum / len(window)
                 else:
                     loss = None  # no answer token left in this micro-batch: no loss, as in a mean over nothing
                 if loss is not None:
+                    if extra_loss is not None:
+                        term = extra_loss(model, inputs, predicts, logits) / scale
+                        window_extra += term.item()
+                        loss = loss + term
                     loss.backward()
                 log.micro_batches += 1
                 log.total_tokens += int(inputs["attention_mask"].sum())
@@ -206,6 +238,8 @@ def train_stage(
             log.optimizer_steps += 1
             log.answer_tokens += window_tokens
             log.step_losses.append(round(window_loss, 6))
+            if log.extra_losses is not None:
+                log.extra_losses.append(round(window_extra, 6))
             if on_step is not None and on_step(log.optimizer_steps, total_steps, window_loss):
                 log.stopped_early = log.optimizer_steps < total_steps
                 break

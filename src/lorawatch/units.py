@@ -56,10 +56,19 @@ def environment(loaded: LoadedModel) -> dict:
 
 def crash_point(name: str) -> None:
     """Fault injection for the resume and concurrency tests: SIGKILL this process when LORAWATCH_CRASH_AT names
-    this point; sleep LORAWATCH_PAUSE_SECONDS there when LORAWATCH_PAUSE_AT names it."""
+    this point; sleep LORAWATCH_PAUSE_SECONDS there when LORAWATCH_PAUSE_AT names it (with LORAWATCH_PAUSE_FILE,
+    only the first process that gets there, writing its pid into that file)."""
     if os.environ.get("LORAWATCH_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("LORAWATCH_PAUSE_AT") == name:
+        marker = os.environ.get("LORAWATCH_PAUSE_FILE")
+        if marker:  # only the first process to get here pauses; it leaves its pid for the test to act on
+            try:
+                handle = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(handle, str(os.getpid()).encode())
+            os.close(handle)
         time.sleep(float(os.environ.get("LORAWATCH_PAUSE_SECONDS", "5")))
 
 
@@ -127,11 +136,11 @@ def save_adapter(model, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     # PEFT writes the target modules in set order, which changes with the interpreter's hash seed: sorted, the
-    # same adapter is the same bytes in every run.
-    config_path = tmp / "adapter_config.json"
-    config = store.read_json(config_path)
-    if isinstance(config.get("target_modules"), list):
-        store.write_json(config_path, {**config, "target_modules": sorted(config["target_modules"])})
+    # same adapter is the same bytes in every run. (Subfolders: the earlier tasks' adapters of strategy olora.)
+    for config_path in sorted(tmp.rglob("adapter_config.json")):
+        config = store.read_json(config_path)
+        if isinstance(config.get("target_modules"), list):
+            store.write_json(config_path, {**config, "target_modules": sorted(config["target_modules"])})
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 

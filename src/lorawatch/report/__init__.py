@@ -127,9 +127,12 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
                            "avg_accuracy": group.mean["avg_all"].iloc[k],
                            "avg_accuracy_std": group.std["avg_all"].iloc[k]})
     text("figure2.csv", pd.DataFrame(curves).to_csv(index=False, float_format="%.10g"))
+    finals = final_points(study)
+    text("figure3.csv", finals.to_csv(index=False, float_format="%.10g"))
 
     files += figures.figure1(study, points, corr, zone, out)
     files += figures.figure2(study, out)
+    files += figures.figure3(study, finals, out)
     stems = _model_stems(study)
     for model in study.models:
         files += figures.matrix_heatmap(study, model, out, f"model-{stems[model]}-matrix")
@@ -146,6 +149,15 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
                   + (interventions_markdown(taken) if taken else "No interventions.") + "\n")
     text("report.md", index)
     return Report(out, study, tables, corr_json, files)
+
+
+def final_points(study: Study) -> pd.DataFrame:
+    """Figure 3's points: every run's final average accuracy and final KL to base, per seed."""
+    rows = [{"model": g.model, "spec": g.spec, "order": g.order, "seed": s.seed, "run_dir": str(s.run_dir),
+             "final_avg_accuracy": s.steps["avg_all"].iloc[-1], "final_kl_to_base": s.steps["kl_mean"].iloc[-1]}
+            for g in study.groups for s in g.per_seed]
+    return pd.DataFrame(rows, columns=["model", "spec", "order", "seed", "run_dir", "final_avg_accuracy",
+                                       "final_kl_to_base"])
 
 
 def _index(study: Study, tables: list[ReportTable], corr: dict, zone: dict, stems: dict[str, str]) -> str:
@@ -170,7 +182,7 @@ def _index(study: Study, tables: list[ReportTable], corr: dict, zone: dict, stem
         lines += [f"## {table.title}", "", table.to_markdown(), table.note, "",
                   f"[CSV]({table.name}.csv) · [LaTeX]({table.name}.tex)", ""]
     lines += ["## Figure 1: KL to base against average accuracy", "", "![Figure 1](figure1.png)", "",
-              f"[SVG](figure1.svg) · [data](figure1.csv) · [correlation.json](correlation.json)", "",
+              "[SVG](figure1.svg) · [data](figure1.csv) · [correlation.json](correlation.json)", "",
               f"Every checkpoint after a training step ({corr['n']} points, seed means; base checkpoints, whose KL "
               "is 0 by definition, are left out).", "",
               r_line(corr, "All models pooled"),
@@ -185,7 +197,11 @@ def _index(study: Study, tables: list[ReportTable], corr: dict, zone: dict, stem
                      "`monitor.calibrate_from`.")
     lines += ["", f"Method: {zone['method']}", "",
               "## Figure 2: KL to base per step", "", "![Figure 2](figure2.png)", "",
-              "[SVG](figure2.svg) · [data](figure2.csv)", "", "## Per model", ""]
+              "[SVG](figure2.svg) · [data](figure2.csv)", "",
+              "## Figure 3: final accuracy against final drift", "", "![Figure 3](figure3.png)", "",
+              "[SVG](figure3.svg) · [data](figure3.csv)", "",
+              "One point per run and seed: what each model, setting or strategy learned against how far it moved "
+              "from its base model.", "", "## Per model", ""]
     for model in study.models:
         stem = stems[model]
         lines += [f"### {model}", "", f"![{model} accuracy matrix](model-{stem}-matrix.png)", "",

@@ -143,6 +143,34 @@ def figure2(study: Study, out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "figure2")
 
 
+
+def figure3(study: Study, finals: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Final average accuracy against final KL to base, one point per run and seed: where each model, setting or
+    strategy ends on the trade-off between what it learned and how far it moved from its base."""
+    fig = _new_figure(8.0, 5.0)
+    ax = fig.add_subplot()
+    colors = model_colors(study)
+    for model in study.models:
+        base = study.groups_of(model)[0].mean["avg_all"].iloc[0]
+        ax.axhline(base, color=colors[model], linestyle=":", linewidth=0.9, alpha=0.7, zorder=1)
+    for group in study.groups:
+        _, marker = _style(study, group.order)
+        pts = finals[(finals["model"] == group.model) & (finals["order"] == group.order)]
+        ax.scatter(pts["final_kl_to_base"], pts["final_avg_accuracy"], marker=marker, color=colors[group.model],
+                   s=48, alpha=0.9, edgecolors="white", linewidths=0.6, label=group.label, zorder=3)
+        mean_kl, mean_acc = pts["final_kl_to_base"].mean(), pts["final_avg_accuracy"].mean()
+        if len(pts) > 1:  # the seeds' mean, joined to each seed
+            for _, p in pts.iterrows():
+                ax.plot([mean_kl, p["final_kl_to_base"]], [mean_acc, p["final_avg_accuracy"]],
+                        color=colors[group.model], linewidth=0.6, alpha=0.5, zorder=2)
+    ax.set_xlabel("final KL to base on the reference set")
+    ax.set_ylabel("final average accuracy over all tasks")
+    ax.set_title("Figure 3: final accuracy against final drift, one point per run and seed\n"
+                 "dotted lines = each model's base accuracy; lines join a group's seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _save(fig, out_dir, "figure3")
+
 def matrix_heatmap(study: Study, model: str, out_dir: Path, stem: str | None = None) -> list[Path]:
     """The accuracy matrix (seed mean, ± std when there are several seeds), one panel per task order."""
     groups = study.groups_of(model)

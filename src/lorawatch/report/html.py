@@ -408,7 +408,9 @@ def write_report_html(report, out_file: Path) -> Path:
                  _file_svg(out / "figure1.svg", "Every checkpoint after a training step (seed means).") +
                  _correlation(report.correlation)),
                 ("figure2", "Figure 2: KL to base per step",
-                 _file_svg(out / "figure2.svg", "Original order solid, reversed dashed."))]
+                 _file_svg(out / "figure2.svg", "Original order solid, reversed dashed.")),
+                ("figure3", "Figure 3: final accuracy against final drift",
+                 _file_svg(out / "figure3.svg", "One point per run and seed."))]
     per_model = [p for p in report.files if p.suffix == ".svg" and p.name.startswith("model-")]
     sections.append(("models", "Per model: accuracy matrix and accuracy/KL per step",
                      f'<div class="figs">{"".join(_file_svg(p, p.stem, wide=False) for p in per_model)}</div>'))

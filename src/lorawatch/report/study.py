@@ -7,8 +7,10 @@ matrix, CL metrics and stability table are read with `tables.seed_tables` (which
 on the seed's own matrix), and seeds are aggregated with `metrics.mean_std_frames` (mean, sample std;
 a metric undefined in any seed stays undefined).
 
-Run folders with the same model spec and the same task order are one group: their seeds are merged (a seed
-may appear only once). All runs must cover the same set of tasks.
+Run folders with the same model spec, task order and settings are one group: their seeds are merged (a seed
+may appear only once). Runs of one model that differ in a setting (a study's grid axis: a learning rate, a
+dtype, a monitor) are groups of their own, named after what differs ("SmolLM2 [train.learning_rate=0.0001]").
+All runs must cover the same set of tasks.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Group:
 
     spec: str
     order: str                  # "original", "reversed", or "A → B → C"
+    settings: dict              # _protocol_fingerprint of its runs, flattened
     tasks: tuple[str, ...]      # training order
     config: ExperimentConfig    # of the first run folder
     run_dirs: list[Path] = field(default_factory=list)
@@ -109,24 +112,62 @@ def slug(text: str) -> str:
 
 
 def _protocol_fingerprint(config: ExperimentConfig) -> dict:
-    """The settings that must agree for seeds of two run folders to be merged (data paths may differ)."""
+    """The settings that must agree for seeds of two run folders to be merged (data paths and the evaluation's
+    fast-path switches, which are exact, may differ), flattened to dotted fields."""
     data = config.model_dump(mode="json")
-    return {
+    return _flatten({
+        "model": {"dtype": data["model"]["dtype"]},
         "lora": data["lora"],
         "train": data["train"],
-        "eval.max_new_tokens": data["eval"]["max_new_tokens"],
-        "tasks": [{k: v for k, v in t.items() if k not in ("train", "test")} for t in data["tasks"]],
+        "eval": {"max_new_tokens": data["eval"]["max_new_tokens"]},
+        "tasks": {t["name"]: {k: v for k, v in t.items() if k not in ("name", "train", "test")}
+                  for t in data["tasks"]},
         "reference": {k: v for k, v in data["reference"].items() if k != "path"},
-    }
+        "monitor": data["monitor"] or "none",
+        "strategy": data["strategy"],
+    })
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-                return _first_difference(a[key], b[key], f"{prefix}{key}.")
-            return f"{prefix}{key}"
-    return None
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _variant_labels(groups: list[Group]) -> dict[int, str]:
+    """For models with groups of different settings: each group's label, the fields that differ between them
+    (a strategy or a monitor as one part: `strategy=replay(count=3)`, `monitor=none`)."""
+    labels = {}
+    for spec in dict.fromkeys(g.spec for g in groups):
+        same = [g for g in groups if g.spec == spec]
+        fields = list(dict.fromkeys(f for g in same for f in g.settings))
+        varying = [f for f in fields if len({repr(g.settings.get(f)) for g in same}) > 1]
+        for g in same:
+            parts = {}
+            for f in varying:
+                section = f.split(".", 1)[0]
+                if section in ("strategy", "monitor"):
+                    parts[section] = f"{section}={_section_text(g.settings, section)}"
+                else:
+                    parts[f] = f"{f}={_short(g.settings.get(f))}"
+            if parts:
+                labels[id(g)] = ", ".join(parts.values())
+    return labels
+
+
+def _section_text(settings: dict, section: str) -> str:
+    """A strategy's or a monitor's settings in a few words: its name (or action), then what else it sets."""
+    values = {f.split(".", 1)[1]: v for f, v in settings.items() if f.startswith(f"{section}.") and v is not None}
+    head = values.pop("name", None) or values.pop("action", None) or "none"
+    return head + (f"({', '.join(f'{k}={_short(v)}' for k, v in values.items())})" if values else "")
+
+
+def _short(value) -> str:
+    return value if isinstance(value, str) else ("none" if value is None else repr(value))
 
 
 def _read_seed(run_dir: Path, seed: int, tasks: list[str]) -> SeedResult:
@@ -189,32 +230,31 @@ def load_study(run_dirs: Sequence[str | Path]) -> Study:
         elif frozenset(tasks) != task_set:
             raise UserError(f"{run_dir}: its tasks ({', '.join(sorted(tasks))}) differ from those of {first_dir} "
                             f"({', '.join(sorted(task_set))}); a report compares runs on the same tasks")
-        key = (config.model.spec, order_label(config))
+        settings = _protocol_fingerprint(config)
+        key = (config.model.spec, order_label(config), repr(sorted(settings.items())))
         group = groups.get(key)
         if group is None:
-            group = groups[key] = Group(spec=config.model.spec, order=key[1], tasks=tuple(tasks), config=config)
-        else:
-            other = group.run_dirs[0]
-            if tuple(tasks) != group.tasks:
-                raise UserError(f"{run_dir}: trains {' → '.join(tasks)} but {other} (same model and order "
-                                f"{key[1]!r}) trains {' → '.join(group.tasks)}")
-            difference = _first_difference(_protocol_fingerprint(config), _protocol_fingerprint(group.config))
-            if difference:
-                raise UserError(f"{run_dir}: field '{difference}' differs from {other} (same model and order); "
-                                "seeds of runs with different settings cannot be merged")
+            group = groups[key] = Group(spec=config.model.spec, order=key[1], settings=settings, tasks=tuple(tasks),
+                                        config=config)
+        elif tuple(tasks) != group.tasks:
+            raise UserError(f"{run_dir}: trains {' → '.join(tasks)} but {group.run_dirs[0]} (same model and order "
+                            f"{key[1]!r}) trains {' → '.join(group.tasks)}")
         for seed in config.seeds:
             clash = next((s.run_dir for s in group.per_seed if s.seed == seed), None)
             if clash is not None:
-                raise UserError(f"{run_dir}: seed {seed} of {config.model.spec} ({key[1]} order) is also in "
-                                f"{clash}; each seed may appear only once")
+                raise UserError(f"{run_dir}: seed {seed} of {config.model.spec} ({key[1]} order, same settings) is "
+                                f"also in {clash}; each seed may appear only once")
             group.per_seed.append(_read_seed(run_dir, seed, tasks))
         group.run_dirs.append(run_dir)
 
     ordered = list(groups.values())
     names = {g.spec: model_display_name(g.spec) for g in ordered}
+    variants = _variant_labels(ordered)
     for group in ordered:
         shared = [s for s, n in names.items() if n == names[group.spec]]
         group.model = names[group.spec] if len(shared) == 1 else group.spec
+        if id(group) in variants:
+            group.model += f" [{variants[id(group)]}]"
         group.mean, group.std = mean_std_frames([s.steps for s in group.per_seed], index_col="checkpoint")
         group.matrix_mean, group.matrix_std = mean_std_frames([s.matrix for s in group.per_seed],
                                                               index_col="checkpoint")
