@@ -88,6 +88,18 @@ def build_tiny_model(folder: Path, *, chat_template: bool = True, seed: int = 0,
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-model tests: a 32-wide model gains nothing from intra-op threads and
+    loses much to them on a busy 2-core machine (ten times slower there). Use it from an autouse fixture."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

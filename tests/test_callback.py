@@ -26,12 +26,8 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # A 32-wide model gains nothing from intra-op threads and loses much to them on a busy machine (10x here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

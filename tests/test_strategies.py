@@ -32,13 +32,8 @@ from lorawatch.training import TrainParams, _collate, answer_loss, train_stage
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model's matrices are too small for a thread pool to pay; on a shared 2-core machine its waiting
-    # threads made this file ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

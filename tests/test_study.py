@@ -216,3 +216,17 @@ def test_a_ray_study_logs_its_finished_units_to_tensorboard_as_children(ray_stud
         scores = json.loads((root / "ray" / "runs" / name / "seed-1" / "stage-1" / "scores.json").read_text())
         [point] = [e for e in events.Scalars("stage/accuracy/stance") if e.step == 1]
         assert point.value == pytest.approx(scores["stance"])
+
+
+def test_a_ray_address_nothing_answers_on_is_one_line(tiny_model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config_file(tmp_path, tiny_model_dir)
+    result = lorawatch("study", write_study(tmp_path), "--backend", "ray", "--address", f"127.0.0.1:{port}",
+                       "--out", tmp_path / "out", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --address 127.0.0.1:{port}: no Ray cluster "
+                                                              "answers there")

@@ -11,6 +11,7 @@ cache must be on a filesystem every worker sees, as they are on one machine.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,19 @@ def import_ray():
     except ImportError:
         raise UserError("--backend ray needs Ray: pip install 'lorawatch[ray]' (or use --backend local)") from None
     return ray
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT that nothing answers on is one line now: Ray itself would keep trying to connect for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # `auto`, ray:// and the like: Ray's own resolution
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({error.strerror or error}); start one "
+                        "with `ray start --head` on that machine, or leave --address out for an embedded Ray") \
+            from None
 
 
 def _unit_task(unit: Unit, study_dir: str, threads: int) -> dict:
@@ -63,7 +77,14 @@ def run_on_ray(study: Study, study_dir: Path, *, address: str | None, workers: i
     todo = pending_units(study, study_dir)
     if not todo:
         return
-    ray.init(**options)
+    if address is not None:
+        _check_reachable(address)
+    try:
+        ray.init(**options)
+    except ConnectionError as error:
+        raise UserError(f"--address {address}: cannot connect to a Ray cluster there ({error}); a cluster started "
+                        "with token authentication (the default of `ray start` since Ray 2.59) also needs "
+                        "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here") from None
     try:
         total = ray.cluster_resources()
         console.print(f"[bold]study[/bold] {study.name}: {len(todo)} units on {started} "

@@ -38,6 +38,13 @@ def model_colors(study: Study) -> dict[str, str]:
     return {m: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, m in enumerate(study.models)}
 
 
+def _base_accuracy_lines(ax, study: Study, colors: dict[str, str]) -> None:
+    """Each model's base average accuracy, dotted: what a checkpoint below it lost."""
+    for model in study.models:
+        base = study.groups_of(model)[0].mean["avg_all"].iloc[0]
+        ax.axhline(base, color=colors[model], linestyle=":", linewidth=0.9, alpha=0.7, zorder=1)
+
+
 def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -72,9 +79,7 @@ def figure1(study: Study, points: pd.DataFrame, corr: dict, zone: dict, out_dir:
     fig = _new_figure(8.0, 5.4)
     ax = fig.add_subplot()
     colors = model_colors(study)
-    for model in study.models:
-        base = study.groups_of(model)[0].mean["avg_all"].iloc[0]
-        ax.axhline(base, color=colors[model], linestyle=":", linewidth=0.9, alpha=0.7, zorder=1)
+    _base_accuracy_lines(ax, study, colors)
     for group in study.groups:
         linestyle, marker = _style(study, group.order)
         pts = points[(points["model"] == group.model) & (points["order"] == group.order)]
@@ -150,9 +155,7 @@ def figure3(study: Study, finals: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig = _new_figure(8.0, 5.0)
     ax = fig.add_subplot()
     colors = model_colors(study)
-    for model in study.models:
-        base = study.groups_of(model)[0].mean["avg_all"].iloc[0]
-        ax.axhline(base, color=colors[model], linestyle=":", linewidth=0.9, alpha=0.7, zorder=1)
+    _base_accuracy_lines(ax, study, colors)
     for group in study.groups:
         _, marker = _style(study, group.order)
         pts = finals[(finals["model"] == group.model) & (finals["order"] == group.order)]
