@@ -68,7 +68,11 @@ class StudyTracker:
         require(settings.backend)
         self.study_dir, self.settings = study_dir, resolve(settings, study_dir)
         record = study_dir / "tracking.json"
-        recorded = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, or damaged: a new parent run
+            recorded = {}
+        recorded = recorded if isinstance(recorded, dict) else {}
         same = recorded.get("settings") == self.settings.model_dump(mode="json")
         self.tracker = open_parent(self.settings, study_dir, study.name,
                                    {"study": study.spec.model_dump(mode="json", exclude={"tracking"}),

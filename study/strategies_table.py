@@ -1,0 +1,62 @@
+"""The table docs/strategies.md shows: every strategy of a strategies study, its seeds pooled.
+
+    .venv/bin/python study/strategies_table.py runs/demo-strategies
+
+Reads the study's unit folders (`<point>-seed<S>`) through `lorawatch.compare.compare_runs`, the same numbers
+`lorawatch compare` prints, and prints one Markdown row per grid point: final average accuracy, BWT and final KL to
+base as mean ± sample std over seeds (and each seed's value), then what a run cost (training, of which the added
+loss term or the monitor, evaluation, wall) as seed means.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from lorawatch import store
+from lorawatch.compare import compare_runs
+
+
+def _mean_sd(values: list[float]) -> str:
+    shown = ", ".join(f"{v:.3f}" for v in values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f} ({shown})"
+
+
+def _extra_loss_seconds(run_dir: Path, seed: int, stages: int) -> float:
+    total = 0.0
+    for stage in range(1, stages + 1):
+        log = json.loads((store.stage_dir(run_dir, seed, stage) / "training.json").read_text())
+        total += (log.get("strategy") or {}).get("loss_seconds", 0.0) + (log.get("strategy") or {}).get(
+            "fisher_seconds", 0.0)
+    return total
+
+
+def main(study_dir: Path) -> None:
+    # the study's units in grid order (DIR/study.json), those that finished
+    units = [Path(u["folder"]) for u in json.loads((study_dir / "study.json").read_text())["units"]]
+    folders = [p for p in units if (p / "summary").is_dir()]
+    runs = compare_runs(folders)["runs"]
+    points: dict[str, list[dict]] = {}
+    for run in runs:
+        points.setdefault(re.sub(r"-seed\d+$", "", Path(run["run_dir"]).name), []).append(run)
+    print("| strategy | seeds | final avg accuracy | BWT | final KL to base | training (s) | of which strategy or "
+          "monitor (s) | evaluation (s) | wall (s) | interventions |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    for point, group in points.items():
+        head = {key: [r["headline"][key] for r in group] for key in ("final_avg_accuracy", "bwt", "final_kl_to_base")}
+        compute = {key: statistics.mean(r["compute"][key] for r in group)
+                   for key in ("training_s", "monitor_s", "eval_s", "wall_s")}
+        extra = statistics.mean(_extra_loss_seconds(Path(r["run_dir"]), r["seeds"][0], len(r["tasks"]))
+                                for r in group) + compute["monitor_s"]
+        print(f"| {point} | {', '.join(str(r['seeds'][0]) for r in group)} | {_mean_sd(head['final_avg_accuracy'])} | "
+              f"{_mean_sd(head['bwt'])} | {_mean_sd(head['final_kl_to_base'])} | {compute['training_s']:.0f} | "
+              f"{extra:.0f} | {compute['eval_s']:.0f} | {compute['wall_s']:.0f} | "
+              f"{sum(len(r['interventions']) for r in group)} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo-strategies"))
