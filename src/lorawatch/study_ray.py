@@ -67,7 +67,9 @@ def run_on_ray(study: Study, study_dir: Path, *, address: str | None, workers: i
     options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False,
                "runtime_env": {"env_vars": env}}
     if address is None:
-        # An embedded Ray sized for `workers` units at once (default: as many as this machine's CPUs allow).
+        # An embedded Ray of its own ("local": never the cluster a `ray start` on this machine left running), sized
+        # for `workers` units at once (default: as many as this machine's CPUs allow).
+        options["address"] = "local"
         if workers is not None:
             options["num_cpus"] = workers * (resources.cpus or 1)
         started = "an embedded local Ray"
