@@ -38,6 +38,18 @@ def model_colors(study: Study) -> dict[str, str]:
     return {m: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, m in enumerate(study.models)}
 
 
+def _side_legend(fig: Figure, ax) -> None:
+    """The legend beside the axes; below them when its labels are long (a study's settings or strategies), where it
+    would otherwise squeeze the axes to nothing. The figure grows by the rows it adds."""
+    labels = ax.get_legend_handles_labels()[1]
+    if max((len(label) for label in labels), default=0) <= 48:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        return
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + 0.2 * len(labels))
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncols=1, frameon=False)
+
+
 def _base_accuracy_lines(ax, study: Study, colors: dict[str, str]) -> None:
     """Each model's base average accuracy, dotted: what a checkpoint below it lost."""
     for model in study.models:
@@ -119,7 +131,7 @@ def figure1(study: Study, points: pd.DataFrame, corr: dict, zone: dict, out_dir:
     ax.set_title("Figure 1: drift (KL to base) against accuracy, every checkpoint\n"
                  "numbers = step; dotted lines = each model's base accuracy", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    _side_legend(fig, ax)
     return _save(fig, out_dir, "figure1")
 
 
@@ -144,7 +156,7 @@ def figure2(study: Study, out_dir: Path) -> list[Path]:
     ax.set_ylabel("KL to base on the reference set (mean)")
     ax.set_title("Figure 2: drift per step — original order solid, reversed dashed", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    _side_legend(fig, ax)
     return _save(fig, out_dir, "figure2")
 
 
@@ -171,7 +183,7 @@ def figure3(study: Study, finals: pd.DataFrame, out_dir: Path) -> list[Path]:
     ax.set_title("Figure 3: final accuracy against final drift, one point per run and seed\n"
                  "dotted lines = each model's base accuracy; lines join a group's seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    _side_legend(fig, ax)
     return _save(fig, out_dir, "figure3")
 
 def matrix_heatmap(study: Study, model: str, out_dir: Path, stem: str | None = None) -> list[Path]:

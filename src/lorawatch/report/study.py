@@ -154,8 +154,10 @@ def _variant_labels(groups: list[Group]) -> dict[int, str]:
                     parts[section] = f"{section}={_section_text(g.settings, section)}"
                 else:
                     parts[f] = f"{f}={_short(g.settings.get(f))}"
+            # a strategy or monitor that is not there says nothing beside one that is: "[strategy=replay(...)]"
+            shown = [p for p in parts.values() if p not in ("strategy=none", "monitor=none")]
             if parts:
-                labels[id(g)] = ", ".join(parts.values())
+                labels[id(g)] = ", ".join(shown) or "none"
     return labels
 
 
