@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 
 from lorawatch import schema, store
 from lorawatch.checkpoint_eval import drift_rows, generate_by_task
-from lorawatch.config import MonitorSettings, _describe
+from lorawatch.config import MonitorSettings, describe_error
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.inputs import RunData, load_data
 from lorawatch.monitor import Intervention, MonitorParams, StageMonitor, calibrated_threshold
@@ -89,7 +89,7 @@ class DriftMonitorCallback(TrainerCallback):
                                        calibrate_from=None if calibrate_from is None else str(calibrate_from),
                                        patience=patience)
         except ValidationError as error:
-            raise ConfigError(_describe(error, "DriftMonitorCallback")) from None
+            raise ConfigError(describe_error(error, "DriftMonitorCallback")) from None
         if settings.calibrate_from is not None:  # as `lorawatch run` resolves it: the larger of the two
             threshold = max(threshold or 0.0, calibrated_threshold(settings.calibrate_from)[0])
         self.params = MonitorParams(every=every, action=action, threshold=threshold, relative=relative,

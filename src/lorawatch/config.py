@@ -284,7 +284,8 @@ class ExperimentConfig(_Strict):
 assert set(TASK_KINDS) == {"multiple_choice", "numeric"}
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def describe_error(error: ValidationError, source: str) -> str:
+    """A pydantic error as one line: the source, the first field that failed and why."""
     first = error.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "config"
     message = first["msg"].removeprefix("Value error, ")
@@ -301,7 +302,7 @@ def build_config(data: dict, source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+        raise ConfigError(describe_error(error, source)) from None
 
 
 def with_changes(config: ExperimentConfig, changes: dict, preset: str | None = None,
@@ -346,10 +347,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read a YAML or JSON config. Relative data paths are taken relative to the config file."""
-    path = Path(path)
-    problem = file_problem(path, "config file")
+def read_mapping_file(path: Path, what: str, expected: str) -> dict:
+    """A YAML (or, by its suffix, JSON) file whose top level is a mapping: a config or a study file. Any problem
+    is one ConfigError naming the file, and where in it; `expected` says what the mapping holds."""
+    problem = file_problem(path, what)
     if problem:
         raise ConfigError(f"{path}: {problem}")
     is_json = path.suffix.lower() == ".json"
@@ -368,7 +369,14 @@ def load_config(path: str | Path) -> ExperimentConfig:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not a valid YAML file ({problem}{where})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+        raise ConfigError(f"{path}: expected {expected}")
+    return data
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read a YAML or JSON config. Relative data paths are taken relative to the config file."""
+    path = Path(path)
+    data = read_mapping_file(path, "config file", "a mapping of config fields at the top level")
     base = path.resolve().parent
     for task in data.get("tasks") or []:
         if isinstance(task, dict):

@@ -19,7 +19,7 @@ from pathlib import Path
 from lorawatch import schema, store
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import ConfigError, UserError
-from lorawatch.units import DAMAGED
+from lorawatch.store import DAMAGED
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -234,6 +234,20 @@ def abandon_run_dir(run_dir: Path, plan: FolderPlan) -> None:
     command (only a folder this command created, holding nothing but the lock)."""
     if plan.created and run_dir.is_dir() and all(p.name == ".lock" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's lock (`run_lock`) now: it is being written."""
+    lock = run_dir / ".lock"
+    if not lock.is_file():
+        return False
+    with open(lock, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 @contextmanager

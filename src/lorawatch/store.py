@@ -47,6 +47,7 @@ from typing import Iterable, TypeVar
 
 import pandas as pd
 from pydantic import TypeAdapter, ValidationError
+from safetensors import SafetensorError
 
 from lorawatch.errors import UserError
 from lorawatch.schema import SCHEMA_VERSION, TABLE_COLUMNS, Record
@@ -115,6 +116,10 @@ def read_json(path: Path) -> object:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# What a damaged file raises when it is read back (JSON, rows, safetensors): it is then recomputed, never trusted.
+DAMAGED = (OSError, ValueError, TypeError, KeyError, SafetensorError)
 
 
 # --- typed records --------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ A unit is one point of the grid and one seed: its config is built by the same fu
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import os
@@ -40,12 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from lorawatch import store
-from lorawatch.config import MAX_SEED, ExperimentConfig, TrackingSettings, _UniqueKeyLoader, with_changes
-from lorawatch.errors import ConfigError, UserError, file_problem
+from lorawatch.config import (MAX_SEED, ExperimentConfig, TrackingSettings, describe_error, read_mapping_file,
+                              with_changes)
+from lorawatch.errors import ConfigError, UserError
+from lorawatch.runfolder import config_changes, is_locked
 
 STUDY_RECORD = "study.json"
 
@@ -136,28 +136,11 @@ class Study:
 def load_study_file(path: str | Path) -> Study:
     """Read STUDY.yaml and expand its grid into units; every unit's config is built (and so checked) here."""
     path = Path(path)
-    problem = file_problem(path, "study file")
-    if problem:
-        raise ConfigError(f"{path}: {problem}")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not a valid YAML file ({getattr(exc, 'problem', None) or exc}{where})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of study fields (preset or config, set, grid, seeds, ...)")
+    data = read_mapping_file(path, "study file", "a mapping of study fields (preset or config, set, grid, seeds, ...)")
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "study"
-        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{path}: field '{field}': {message}") from None
+        raise ConfigError(describe_error(error, str(path))) from None
     if spec.config is not None and spec.preset is not None:
         raise ConfigError(f"{path}: give 'preset' or 'config', not both")
     try:
@@ -263,20 +246,6 @@ def run_finished(run_dir: Path) -> bool:
     return (run_dir / "costs.json").is_file() and (run_dir / "summary").is_dir()
 
 
-def lock_held(run_dir: Path) -> bool:
-    """Whether a process holds the run folder's lock now (it is running the unit)."""
-    lock = run_dir / ".lock"
-    if not lock.is_file():
-        return False
-    with open(lock, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
-
-
 @dataclass
 class UnitState:
     name: str
@@ -304,7 +273,7 @@ def unit_state(study_dir: Path, name: str, folder: Path) -> UnitState:
     started, seconds = status.get("started"), status.get("seconds")
     if seconds is None and started and status.get("finished"):
         seconds = status["finished"] - started
-    if lock_held(folder):
+    if is_locked(folder):
         state = "running"
         seconds = (seconds or 0.0) + time.time() - started if started else None
     elif run_finished(folder) and status.get("state") != "running":
@@ -381,8 +350,6 @@ def run_unit(unit: Unit, study_dir: Path, *, console=None, tracking: TrackingSet
 def unit_finished(unit: Unit, study_dir: Path) -> bool:
     """Finished with the config the study gives it now: a unit whose study file changed since runs again (and
     `run` then says what changed)."""
-    from lorawatch.runfolder import config_changes
-
     folder = unit.folder(study_dir)
     try:
         return run_finished(folder) and not config_changes(folder, unit.config())
@@ -404,13 +371,16 @@ def run_local(study: Study, study_dir: Path, *, console, on_unit: Callable[[Unit
     import torch
 
     todo = pending_units(study, study_dir)
-    torch.set_num_threads(unit_threads(study.spec.resources, torch.get_num_threads()))
-    for index, unit in enumerate(todo, 1):
-        console.print(f"[bold]study[/bold] {study.name}: unit {index}/{len(todo)} {unit.name}")
-        try:
-            status = run_unit(unit, study_dir, console=console, tracking=tracking, tracking_parent=tracking_parent)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception:
-            status = read_status(study_dir, unit.name)
-        on_unit(unit, status)
+    threads = torch.get_num_threads()  # the caller's, given back afterwards (lorawatch.run_study runs in-process)
+    torch.set_num_threads(unit_threads(study.spec.resources, threads))
+    try:
+        for index, unit in enumerate(todo, 1):
+            console.print(f"[bold]study[/bold] {study.name}: unit {index}/{len(todo)} {unit.name}")
+            try:
+                status = run_unit(unit, study_dir, console=console, tracking=tracking,
+                                  tracking_parent=tracking_parent)
+            except Exception:  # recorded by run_unit (its traceback in the unit's log): the other units go on
+                status = read_status(study_dir, unit.name)
+            on_unit(unit, status)
+    finally:
+        torch.set_num_threads(threads)

@@ -20,17 +20,15 @@ from pathlib import Path
 
 import torch
 from peft import set_peft_model_state_dict
-from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from lorawatch import schema, store
+from lorawatch.store import DAMAGED
 from lorawatch.inputs import RunData
 from lorawatch.models import LoadedModel
 from lorawatch.stability import ExampleDrift, summarize
 from lorawatch.tasks.scoring import Prediction
 
-# What a damaged file raises when it is read back: it is then recomputed, never trusted.
-DAMAGED = (OSError, ValueError, TypeError, KeyError, SafetensorError)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_LOGPROBS = "base_reference_logprobs.safetensors"
 

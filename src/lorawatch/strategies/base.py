@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save
 
 from lorawatch import store
 from lorawatch.prompts import EncodedTrainExample
+from lorawatch.store import DAMAGED
 from lorawatch.training import ExtraLoss, training_seed
-from lorawatch.units import DAMAGED
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
