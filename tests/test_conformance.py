@@ -148,6 +148,7 @@ def test_evaluation_conforms_to_generate(family_dirs, family, dtype_name):
     fast, off = fast_path_for(model, dtype, FastPath())
     # the resolution itself: what is switched off where, and why
     assert fast.shared_prefix == (family in ("llama", "qwen3")), off
+    assert fast.pooled_decoding == fast.lookup == (family in ("llama", "qwen3")), off
     assert fast.merge_adapter == (dtype_name == "float32"), off
     assert fast.drafts and fast.drop_finished and fast.reference_from_generation
 
@@ -183,7 +184,8 @@ def test_fast_and_plain_runs_agree_and_record_their_parts(tmp_path, family_dirs)
         parts = {run: json.loads((tmp_path / run / "seed-3" / f"stage-{stage}" / "stage.json").read_text())["fast_path"]
                  for run in ("fast", "plain")}
         assert parts["plain"] == FastPath.plain().to_dict()
-        assert parts["fast"] == {**FastPath().to_dict(), "shared_prefix": False, "merge_adapter": False}
+        assert parts["fast"] == {**FastPath().to_dict(), "shared_prefix": False, "merge_adapter": False,
+                                 "pooled_decoding": False, "lookup": False}
         for task in ("stance", "sum", "reference"):
             rows = [[json.loads(line) for line in (tmp_path / run / "seed-3" / f"stage-{stage}" / "predictions" /
                                                    f"{task}.jsonl").read_text().splitlines()]

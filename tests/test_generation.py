@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorawatch.evaluation import (GenerationCounters, budget_batches, generate, merged_adapter,
+from lorawatch.evaluation import (FastPath, GenerationCounters, budget_batches, generate, merged_adapter,
                                   shared_prefix_length, stop_token_ids)
 from lorawatch.prompts import encode_prompt
 from lorawatch.stability import answer_logprobs
@@ -165,3 +165,75 @@ def test_duplicate_and_near_duplicate_prompts_in_one_batch(tiny_model_dir):
             assert {p.id: got[p.id].output_ids for p in group} == {p.id: expected[p.id] for p in group}
             torch.testing.assert_close(torch.stack([got[p.id].first_logprobs for p in group]),
                                        reference[:len(group)], atol=1e-4, rtol=1e-4)
+
+
+def test_pooled_decoding_resynchronises_edited_drafts_exactly(tiny_model_dir):
+    """Long outputs whose drafts were edited in the middle (a token changed, one inserted, one dropped), as a
+    trained checkpoint's outputs differ from the previous one's: the pooled decoder continues each row from the
+    draft pass's cache, looks its last tokens up in the draft after the edit, and checks what followed. Every
+    output stays transformers' own, with the pool refilled through tight budgets and with everything at once,
+    and with rows that have no draft in the same call."""
+    model, tokenizer = load(tiny_model_dir)
+    prompts = prompts_for(tokenizer)
+    expected = reference_one_at_a_time(model, tokenizer, prompts, 40)
+    edited = {}
+    for i, (k, v) in enumerate(expected.items()):
+        v, cut = list(v), 5 + i % 7
+        edited[k] = (v[:cut] + [(v[cut] + 1) % 50 + 3] + v[cut + 1:] if i % 3 == 0 else
+                     v[:cut] + [7] + v[cut:] if i % 3 == 1 else v[:cut] + v[cut + 1:])
+    one_undrafted = {k: v for k, v in edited.items() if k != prompts[0].id}  # prefilled into the same pool
+    for budget in (150, 600, 100000):
+        for lookup in (True, False):
+            got = generate(model, tokenizer, prompts, max_new_tokens=40, device="cpu", token_budget=budget,
+                           drafts=one_undrafted, fast=FastPath(lookup=lookup))
+            assert {k: v.output_ids for k, v in got.items()} == expected, (budget, lookup)
+    costs = {}
+    for lookup in (True, False):
+        costs[lookup] = GenerationCounters()
+        got = generate(model, tokenizer, prompts, max_new_tokens=40, device="cpu", token_budget=100000,
+                       drafts=edited, counters=costs[lookup], fast=FastPath(lookup=lookup))
+        assert {k: v.output_ids for k, v in got.items()} == expected
+    with_lookup, without = costs[True], costs[False]
+    assert with_lookup.accepted_lookup_tokens > 0 and without.lookup_tokens == 0
+    # each accepted lookup token is a decoding step not taken, and the batch finishes in far fewer passes
+    assert with_lookup.decode_steps + with_lookup.accepted_lookup_tokens == without.decode_steps
+    assert with_lookup.forward_passes * 2 < without.forward_passes
+    # continuing from the draft pass's cache: no row's prompt is computed twice (the old path recomputes
+    # prompt + accepted draft of every diverged row)
+    old = GenerationCounters()
+    generate(model, tokenizer, prompts, max_new_tokens=40, device="cpu", token_budget=100000, drafts=edited,
+             counters=old, fast=FastPath(pooled_decoding=False, lookup=False))
+    assert without.forward_tokens < old.forward_tokens
+
+
+def test_pool_compaction_keeps_every_row_exact(tiny_model_dir):
+    """Rows with holes in their columns (unconfirmed proposals, masked draft tails) are moved to the right end
+    of the cache and their empty columns dropped; the next step computes the same logits as before."""
+    model, tokenizer = load(tiny_model_dir)
+    prompts = prompts_for(tokenizer)[:4]
+    seqs = [list(p.input_ids) for p in prompts]
+    from lorawatch import decode_pool
+    from lorawatch.evaluation import _prefill  # the pass that builds every block the pool holds
+
+    def block():
+        _, cache, mask, last = _prefill(model, seqs, prompts, pad_id=tokenizer.pad_token_id, device="cpu", keep=1,
+                                        use_cache=True, counters=GenerationCounters(), share_prefix=True)
+        mask[0, -3:-1] = 0  # holes inside the first row's own columns
+        return decode_pool.Block([], cache, mask, last + 1)
+
+    def next_logits(b):
+        ids = torch.tensor([[5], [6], [7], [8]])
+        mask = torch.cat([b.mask, torch.ones((4, 1), dtype=torch.long)], dim=1)
+        return model(input_ids=ids, attention_mask=mask, position_ids=b.pos[:, None], cache=b.cache,
+                     use_cache=True).logits[:, -1]
+
+    loose, tight = block(), block()
+    wide = torch.cat([torch.zeros((4, 40), dtype=torch.long), tight.mask], dim=1)  # 40 columns nobody uses
+    for layer in tight.cache.layers:
+        layer.keys = decode_pool._pad_left(layer.keys, wide.shape[1])
+        layer.values = decode_pool._pad_left(layer.values, wide.shape[1])
+    tight.mask = wide
+    tight.compact()
+    assert tight.width == int(loose.mask.sum(1).max())
+    assert torch.equal(tight.mask.sum(1), loose.mask.sum(1))
+    torch.testing.assert_close(next_logits(tight), next_logits(loose), atol=1e-5, rtol=1e-5)

@@ -45,38 +45,60 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
     drift_path = folder / "reference_drift.jsonl"
     drift = read_unit(drift_path, [e.id for e in data.reference], ExampleDrift)
     logprobs = None
-    parts = [(t.name, t.test, encoded.test[t.name]) for t in data.tasks]
-    parts.append(("reference", data.reference, encoded.reference))
-    for name, examples, prompts in parts:
-        path = folder / "predictions" / f"{name}.jsonl"
-        rows = read_unit(path, [e.id for e in examples], Prediction)
+    options = dict(max_new_tokens=params.max_new_tokens, device=params.device, token_budget=params.token_budget,
+                   drafts=drafts, fast=params.fast, on_rows=progress.advance)
+
+    # The test sets not yet on disk, generated in one call: with pooled decoding, every task's diverged rows
+    # decode in one batch. Each task's predictions are then written as a unit of its own.
+    tasks = []
+    for task in data.tasks:
+        path = folder / "predictions" / f"{task.name}.jsonl"
+        rows = read_unit(path, [e.id for e in task.test], Prediction)
         if rows is None:
-            is_reference = name == "reference"
-            # The answer-position distribution falls out of the generation's first forward pass.
-            first = is_reference and drift is None and params.reference_position == "answer" and \
-                params.fast.reference_from_generation
-            phase = "reference_generation" if is_reference else "task_eval"
-            progress.phase(f"{label} · {'reference set' if is_reference else 'evaluate ' + name}")
-            with costs.phase(phase):
-                generated = generate_by_task(model, tokenizer, examples, prompts,
-                                             max_new_tokens=params.max_new_tokens, device=params.device,
-                                             token_budget=params.token_budget,
-                                             drafts=drafts, first_logprobs=first, fast=params.fast,
-                                             counters=costs.generation[phase], on_rows=progress.advance)
-            rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer,
-                          decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
-                    for e in examples]
-            if first:
-                # The drift goes to disk before the predictions: a crash in between then leaves nothing that
-                # would have to be recomputed by a different path (and so with different round-off).
-                logprobs = torch.stack([generated[e.id].first_logprobs for e in data.reference])
-                drift = drift_rows(data, logprobs, base_logprobs)
-                store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
-            store.write_rows(path, Prediction, (r.to_dict() for r in rows))
-            crash_point(f"{crash_prefix}:eval:{name}")
+            tasks.append((task, path))
         else:
             progress.advance(len(rows))
-        scores[name] = accuracy(rows)
+            scores[task.name] = accuracy(rows)
+    ids = [e.id for t, _ in tasks for e in t.test]
+    # tasks whose files give the same row ids are generated one by one: results are keyed by id
+    calls = [tasks] if len(set(ids)) == len(ids) else [[t] for t in tasks]
+    for call in filter(None, calls):
+        progress.phase(f"{label} · evaluate {', '.join(t.name for t, _ in call)}")
+        with costs.phase("task_eval"):
+            generated = generate(model, tokenizer, [p for t, _ in call for p in encoded.test[t.name]],
+                                 groups={e.id: t.name for t, _ in call for e in t.test},
+                                 counters=costs.generation["task_eval"], **options)
+        for task, path in call:
+            rows = [score(e.id, task.name, kinds[task.name], e.answer,
+                          decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
+                    for e in task.test]
+            store.write_rows(path, Prediction, (r.to_dict() for r in rows))
+            crash_point(f"{crash_prefix}:eval:{task.name}")
+            scores[task.name] = accuracy(rows)
+    scores = {t.name: scores[t.name] for t in data.tasks}
+
+    path = folder / "predictions" / "reference.jsonl"
+    rows = read_unit(path, [e.id for e in data.reference], Prediction)
+    if rows is None:
+        # The answer-position distribution falls out of the generation's first forward pass.
+        first = drift is None and params.reference_position == "answer" and params.fast.reference_from_generation
+        progress.phase(f"{label} · reference set")
+        with costs.phase("reference_generation"):
+            generated = generate_by_task(model, tokenizer, data.reference, encoded.reference, first_logprobs=first,
+                                         counters=costs.generation["reference_generation"], **options)
+        rows = [score(e.id, e.task, kinds[e.task], e.answer, decode_text(tokenizer, generated[e.id].output_ids),
+                      generated[e.id].output_ids) for e in data.reference]
+        if first:
+            # The drift goes to disk before the predictions: a crash in between then leaves nothing that
+            # would have to be recomputed by a different path (and so with different round-off).
+            logprobs = torch.stack([generated[e.id].first_logprobs for e in data.reference])
+            drift = drift_rows(data, logprobs, base_logprobs)
+            store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
+        store.write_rows(path, Prediction, (r.to_dict() for r in rows))
+        crash_point(f"{crash_prefix}:eval:reference")
+    else:
+        progress.advance(len(rows))
+    scores["reference"] = accuracy(rows)
 
     if drift is None:
         with costs.phase("reference_distribution"):
@@ -94,14 +116,9 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
 
 def generate_by_task(model, tokenizer, examples: Sequence[Example], prompts: Sequence[EncodedPrompt],
                      **options) -> dict[str, Generated]:
-    """`generate`, one call per task: a task's rows share their prompts' long prefix (see evaluation.py)."""
-    groups: dict[str | None, list[EncodedPrompt]] = {}
-    for example, prompt in zip(examples, prompts):
-        groups.setdefault(example.task, []).append(prompt)
-    generated: dict[str, Generated] = {}
-    for group in groups.values():
-        generated.update(generate(model, tokenizer, group, **options))
-    return generated
+    """`generate` with the rows grouped by task: a task's rows share their prompts' long prefix (see
+    evaluation.py)."""
+    return generate(model, tokenizer, prompts, groups={p.id: e.task for e, p in zip(examples, prompts)}, **options)
 
 
 def drift_rows(data: RunData, logprobs: torch.Tensor, base_logprobs: torch.Tensor | None) -> list[ExampleDrift]:

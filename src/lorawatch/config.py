@@ -126,12 +126,17 @@ class EvalSettings(_Strict):
     drop_finished: bool = Field(True, description="finished rows leave the decoding batch")
     reference_from_generation: bool = Field(True, description="read the reference drift from the generation's "
                                                               "first pass instead of a pass of its own")
+    pooled_decoding: bool = Field(True, description="decode every unfinished row in one batch refilled as rows "
+                                                    "finish, continuing from the draft pass's cache "
+                                                    "(full-attention models only)")
+    lookup: bool = Field(True, description="propose continuations found in a row's old output and prompt and "
+                                           "check them in the decoding step (with pooled_decoding)")
     reuse_base_stage: bool = Field(True, description="cache the base evaluation across runs, orders and seeds")
 
 
 # Every fast-path switch of EvalSettings: `--plain` turns them all off.
 PLAIN_SWITCHES = ("drafts", "merge_adapter", "shared_prefix", "drop_finished", "reference_from_generation",
-                  "reuse_base_stage")
+                  "pooled_decoding", "lookup", "reuse_base_stage")
 
 
 class MonitorSettings(_Strict):

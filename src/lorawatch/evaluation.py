@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from lorawatch import decode_pool
 from lorawatch.prompts import EncodedPrompt
 
 # End-of-turn markers of the chat formats in use; generation also stops at them.
@@ -43,7 +44,7 @@ DEFAULT_TOKEN_BUDGET = 8192
 # Rows x kept positions x vocabulary of the logits of one draft-checking pass (float32: 4 bytes each).
 LOGITS_BUDGET = 48_000_000
 # Bumped whenever a change here changes what generation computes: cached base-stage results record it.
-GENERATION_RULES_VERSION = 2
+GENERATION_RULES_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class FastPath:
     drafts: bool = True  # the previous checkpoint's outputs are checked in one pass
     merge_adapter: bool = True  # LoRA folded into the weights while evaluating
     reference_from_generation: bool = True  # reference drift read from the generation's first pass
+    pooled_decoding: bool = True  # one refilled decoding batch for all unfinished rows, from the draft pass's cache
+    lookup: bool = True  # proposals looked up in a row's old output and prompt, checked in the decoding step
 
     @classmethod
     def plain(cls) -> "FastPath":
@@ -82,6 +85,13 @@ def fast_path_for(model: torch.nn.Module, dtype: torch.dtype, requested: FastPat
             # split as [prefix][padding][row]: only full attention makes a shared prefix exact.
             kinds = ", ".join(sorted(layer_types - {"full_attention"})) or "sliding window"
             off["shared_prefix"] = f"not exact with {kinds} layers"
+    if requested.pooled_decoding and (getattr(config, "sliding_window", None) or layer_types - {"full_attention"}):
+        # Rows are merged into one cache, shifted and masked column by column: only plain full-attention layers
+        # can be (a window drops old columns, a recurrent state has none).
+        kinds = ", ".join(sorted(layer_types - {"full_attention"})) or "sliding window"
+        off["pooled_decoding"] = f"not exact with {kinds} layers"
+    if requested.lookup and (not requested.pooled_decoding or "pooled_decoding" in off):
+        off["lookup"] = "needs pooled_decoding"
     if requested.merge_adapter and dtype not in (torch.float32, torch.float64):
         # W + s*B*A rounded to bf16/fp16 loses the small updates of a short stage: another model is evaluated.
         off["merge_adapter"] = f"folding the adapter into {str(dtype).removeprefix('torch.')} weights rounds it away"
@@ -156,6 +166,8 @@ class GenerationCounters:
     accepted_draft_tokens: int = 0
     forward_tokens: int = 0  # every position run through the model, padding included
     forward_passes: int = 0
+    lookup_tokens: int = 0  # tokens proposed by lookup (pooled decoding) and checked in a decoding step
+    accepted_lookup_tokens: int = 0
 
     def add(self, other: "GenerationCounters") -> None:
         for name, value in asdict(other).items():
@@ -193,12 +205,14 @@ def generate(
     counters: GenerationCounters | None = None,
     on_rows: Callable[[int], None] | None = None,
     fast: FastPath = FastPath(),
+    groups: Mapping[str, str | None] | None = None,
 ) -> dict[str, Generated]:
     """Greedy continuation of every prompt (at most `max_new_tokens`, ending at a stop token), by prompt id.
 
     `drafts` maps prompt ids to guessed continuations (see the module docstring), used when `fast.drafts`;
-    `first_logprobs` also returns each prompt's next-token log-probabilities. `fast.merge_adapter` is the
-    caller's business (`merged_adapter`).
+    `first_logprobs` also returns each prompt's next-token log-probabilities. `groups` maps prompt ids to a
+    group (their task): prompts are batched within their group, where they share a long prefix, and only
+    pooled decoding mixes groups. `fast.merge_adapter` is the caller's business (`merged_adapter`).
     """
     model.eval()
     fast = fast_path_for(model, model.dtype, fast)[0]  # whatever is asked, never a shortcut inexact here
@@ -207,6 +221,8 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = [_Row(p) for p in prompts]
+    if len({p.id for p in prompts}) < len(prompts):
+        raise ValueError("generate: prompt ids must be unique (results are keyed by them)")
     counters.rows += len(rows)
     counters.prompt_tokens += sum(len(p.input_ids) for p in prompts)
 
@@ -220,37 +236,58 @@ def generate(
         if row.done and on_rows:
             on_rows(1)
 
-    drafted = [r for r in rows if fast.drafts and drafts and drafts.get(r.prompt.id)]
-    if drafted:
-        _check_drafts(model, drafted, drafts, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
-                      device=device, vocab=vocab, token_budget=token_budget, keep_first=first_logprobs,
-                      counters=counters, finish=finish, share_prefix=fast.shared_prefix)
-    pending = [r for r in rows if not r.done]
-    if pending:
-        _decode(model, pending, max_new_tokens=max_new_tokens, pad_id=pad_id, device=device,
-                token_budget=token_budget, keep_first=first_logprobs, counters=counters, finish=finish,
-                share_prefix=fast.shared_prefix, drop_finished=fast.drop_finished)
+    by_group: dict[str | None, list[_Row]] = {}
+    for row in rows:
+        by_group.setdefault((groups or {}).get(row.prompt.id), []).append(row)
+    options = dict(max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, token_budget=token_budget,
+                   keep_first=first_logprobs, counters=counters, finish=finish, share_prefix=fast.shared_prefix)
+    use_drafts = fast.drafts and bool(drafts)
+    if fast.pooled_decoding:
+        _generate_pooled(model, list(by_group.values()), drafts if use_drafts else {}, vocab=vocab,
+                         lookup=fast.lookup, stops=stops, **options)
+    else:
+        for group in by_group.values():
+            drafted = [r for r in group if use_drafts and drafts.get(r.prompt.id)]
+            guesses = _guesses(drafted, drafts, max_new_tokens, stops) if drafted else []
+            for _ in _check_drafts(model, drafted, guesses, vocab=vocab, use_cache=False, **options):
+                pass
+            pending = [r for r in group if not r.done]
+            if pending:
+                _decode(model, pending, drop_finished=fast.drop_finished, **options)
     counters.generated_tokens += sum(len(r.out) for r in rows)
     return {r.prompt.id: Generated(tuple(r.out), r.first_logprobs) for r in rows}
 
 
-def _check_drafts(model, rows: list[_Row], drafts: Mapping[str, Sequence[int]], *, max_new_tokens: int,
-                  stops: set[int], pad_id: int, device: str, vocab: int, token_budget: int, keep_first: bool,
-                  counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool) -> None:
-    """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with."""
+def _guesses(rows: list[_Row], drafts: Mapping[str, Sequence[int]], max_new_tokens: int,
+             stops: set[int]) -> list[list[int]]:
+    """Each row's draft as far as it can be used: at most `max_new_tokens`, up to its first stop token."""
     guesses = []
     for row in rows:
         draft = list(drafts[row.prompt.id])[:max_new_tokens]
         cut = next((i for i, t in enumerate(draft) if t in stops), None)
         guesses.append(draft if cut is None else draft[:cut + 1])
+    return guesses
+
+
+def _check_drafts(model, rows: list[_Row], guesses: list[list[int]], *, max_new_tokens: int, pad_id: int,
+                  device: str, vocab: int, token_budget: int, keep_first: bool, counters: GenerationCounters,
+                  finish: Callable[[_Row], None], share_prefix: bool,
+                  use_cache: bool) -> Iterator[tuple[list[int], DynamicCache | None, torch.Tensor, torch.Tensor]]:
+    """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with, plus
+    greedy's next token. Yields each batch as (row indices, cache, mask, position id of each row's next
+    token), the mask switched off over the draft tokens greedy decoding did not confirm."""
+    if not rows:
+        return
     lengths = [len(r.prompt.input_ids) + len(g) for r, g in zip(rows, guesses)]
     longest_draft = max(len(g) for g in guesses)
     for batch in budget_batches(lengths, token_budget, row_cost=lambda _: (longest_draft + 1) * vocab,
                                 cost_budget=LOGITS_BUDGET):
         seqs = [list(rows[i].prompt.input_ids) + guesses[i] for i in batch]
         keep = max(len(guesses[i]) for i in batch) + 1
-        logits, _, _, _ = _prefill(model, seqs, [rows[i].prompt for i in batch], pad_id=pad_id, device=device,
-                                   keep=keep, use_cache=False, counters=counters, share_prefix=share_prefix)
+        logits, cache, mask, _ = _prefill(model, seqs, [rows[i].prompt for i in batch], pad_id=pad_id,
+                                          device=device, keep=keep, use_cache=use_cache, counters=counters,
+                                          share_prefix=share_prefix)
+        positions = []
         for b, i in enumerate(batch):
             row, draft = rows[i], guesses[i]
             start = keep - 1 - len(draft)  # the prompt's last position within the kept logits
@@ -263,8 +300,12 @@ def _check_drafts(model, rows: list[_Row], drafts: Mapping[str, Sequence[int]], 
             row.out = draft[:agree] + [greedy[agree]]
             counters.draft_tokens += len(draft)
             counters.accepted_draft_tokens += agree
+            if agree < len(draft):
+                mask[b, mask.shape[1] - (len(draft) - agree):] = 0
+            positions.append(len(row.prompt.input_ids) + agree)
             finish(row)
         del logits
+        yield batch, cache, mask, torch.tensor(positions, device=mask.device)
 
 
 def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
@@ -306,6 +347,112 @@ def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device
             counters.forward_tokens += len(active)
             counters.decode_steps += len(active)
         del cache
+
+
+def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Sequence[int]], *, stops: set[int],
+                     max_new_tokens: int, pad_id: int, device: str, token_budget: int, keep_first: bool,
+                     counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool, vocab: int,
+                     lookup: bool) -> None:
+    """Every unfinished row in one decoding batch (decode_pool.py): rows whose drafts diverged join it with the
+    draft pass's cache, rows without drafts are prefilled when there is room, and the batch is refilled as
+    rows finish. Drafts are checked and prompts prefilled group by group; the batch's rows x (width + tokens
+    still to come) stay within the token budget."""
+    drafted = [[r for r in group if drafts.get(r.prompt.id)] for group in groups]
+    guesses = [_guesses(rows, drafts, max_new_tokens, stops) for rows in drafted]
+    old_outputs = {id(row): guess for rows, gs in zip(drafted, guesses) for row, guess in zip(rows, gs)}
+    # rows without a draft, group after group, by length within a group (prefill batches share prefixes)
+    waiting = [r for group in groups for r in sorted(group, key=lambda r: len(r.prompt.input_ids))
+               if id(r) not in old_outputs]
+
+    def pool_row(row: _Row) -> decode_pool.PoolRow:
+        return decode_pool.PoolRow(row, [old_outputs.get(id(row), []), list(row.prompt.input_ids)])
+
+    def unfinished(batch_rows: list[_Row], cache, mask, pos) -> decode_pool.Block | None:
+        block = decode_pool.Block([pool_row(r) for r in batch_rows], cache, mask, pos)
+        keep = [i for i, r in enumerate(batch_rows) if not r.done]
+        if not keep:
+            return None
+        if not decode_pool.poolable(cache):
+            raise RuntimeError("pooled decoding needs a full-attention cache (see evaluation.fast_path_for)")
+        if len(keep) < len(block):
+            block.select(keep)
+        return block
+
+    checks = ((rows, batch) for rows, gs in zip(drafted, guesses) if rows
+              for batch in _check_drafts(model, rows, gs, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                         device=device, vocab=vocab, token_budget=token_budget, keep_first=keep_first,
+                                         counters=counters, finish=finish, share_prefix=share_prefix, use_cache=True))
+    parked: list[decode_pool.Block] = []
+    pool: decode_pool.Block | None = None
+    fixed = decode_pool.fixed_cost_positions(device)
+    stats = decode_pool.PoolCounters()
+
+    def fits(rows: int, width: int, to_come: int) -> bool:
+        return rows * (width + to_come) <= token_budget
+
+    while True:
+        while True:  # admit rows while there is room
+            size, width = (len(pool), pool.width) if pool else (0, 0)
+            to_come = max((max_new_tokens - len(r.row.out) for r in pool.rows), default=0) if pool else 0
+            if parked:
+                block = parked[0]
+                take = len(block)
+                while take > 0 and not fits(size + take, max(width, block.width), max_new_tokens):
+                    take -= 1
+                take = max(take, 0 if size else 1)
+                if not take:
+                    break
+                pool = decode_pool.merge(pool, block.split(take) if take < len(block) else parked.pop(0))
+                continue
+            checked = next(checks, None)
+            if checked is not None:
+                rows, (batch, cache, mask, pos) = checked
+                block = unfinished([rows[i] for i in batch], cache, mask, pos)
+                if block is not None:
+                    parked.append(block)
+                continue
+            if waiting:
+                take = 0
+                while take < len(waiting) and fits(size + take + 1, max(width, max(
+                        len(r.prompt.input_ids) for r in waiting[:take + 1])), max(to_come, max_new_tokens)):
+                    take += 1
+                take = max(take, 0 if size else 1)
+                if not take:
+                    break
+                batch_rows, waiting = waiting[:take], waiting[take:]
+                logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) for r in batch_rows],
+                                                     [r.prompt for r in batch_rows], pad_id=pad_id, device=device,
+                                                     keep=1, use_cache=True, counters=counters,
+                                                     share_prefix=share_prefix)
+                counters.decode_steps += len(batch_rows)
+                for row, token, row_logits in zip(batch_rows, logits[:, -1].argmax(-1).tolist(), logits[:, -1]):
+                    if keep_first:
+                        row.first_logprobs = torch.log_softmax(row_logits.float(), dim=-1).cpu()
+                    row.out = [token]
+                    finish(row)
+                block = unfinished(batch_rows, cache, mask, last + 1)
+                if block is not None:
+                    pool = decode_pool.merge(pool, block)
+                continue
+            break
+        if pool is None or not len(pool):
+            break
+        decode_pool.step(model, pool, lookup=lookup, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id, fixed=fixed, logits_budget=LOGITS_BUDGET,
+                         vocab=vocab, counters=stats)
+        counters.decode_steps += len(pool)
+        for r in pool.rows:
+            finish(r.row)
+        keep = [i for i, r in enumerate(pool.rows) if not r.row.done]
+        if not keep:
+            pool = None
+            continue
+        if len(keep) < len(pool):
+            pool.select(keep)
+        pool.compact()
+    counters.forward_passes += stats.steps
+    counters.forward_tokens += stats.positions
+    counters.lookup_tokens += stats.lookup_tokens
+    counters.accepted_lookup_tokens += stats.accepted_lookup_tokens
 
 
 # Rows of a batch that start with the same tokens (the chat template, the task's instruction and its fixed

@@ -170,6 +170,8 @@ class GenerationCounts(Part):
     accepted_draft_tokens: NonNegativeInt
     forward_tokens: NonNegativeInt
     forward_passes: NonNegativeInt
+    lookup_tokens: NonNegativeInt = 0  # absent before pooled decoding
+    accepted_lookup_tokens: NonNegativeInt = 0
 
 
 class FastPathRecord(Part):
