@@ -44,7 +44,7 @@ DEFAULT_TOKEN_BUDGET = 8192
 # Rows x kept positions x vocabulary of the logits of one draft-checking pass (float32: 4 bytes each).
 LOGITS_BUDGET = 48_000_000
 # Bumped whenever a change here changes what generation computes: cached base-stage results record it.
-GENERATION_RULES_VERSION = 3
+GENERATION_RULES_VERSION = 2
 
 
 @dataclass(frozen=True)
