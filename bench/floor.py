@@ -3,6 +3,8 @@
     python bench/floor.py                # W1 and the W0 study; reads bench/results/<workload>.json
     python bench/floor.py W1 --repeat 3
 
+bench/run.py computes the same floor in its own invocation (floor_for), right after the fast run it uses.
+
 Whatever an implementation does, every checkpoint must read every test and reference prompt once under its
 own weights (a LoRA update changes every layer, so no prompt's hidden states carry over between checkpoints;
 only a task's common prefix is shared within a checkpoint), and the adapter must be trained on every training
@@ -67,6 +69,31 @@ def prompt_pass(name: str, repeat: int) -> dict:
             "tasks": len(run_data.tasks)}
 
 
+def floor_for(name: str, measured: dict, env: dict, repeat: int = 2) -> dict:
+    """The floor of workload `name`, with the training, start and load seconds of `measured` (a bench/run.py
+    result): every checkpoint's prompt pass timed here, in this process."""
+    saved = os.environ.get("LORAWATCH_DATA")
+    os.environ["LORAWATCH_DATA"] = env["LORAWATCH_DATA"]
+    try:
+        pass_ = prompt_pass(name, repeat)
+    finally:
+        if saved is None:
+            os.environ.pop("LORAWATCH_DATA", None)
+        else:
+            os.environ["LORAWATCH_DATA"] = saved
+    phases = measured["phase_s"]
+    fixed = phases["process_start"] + phases["model_load"] + phases["training"] - phases.get("monitor", 0.0)
+    checkpoints = checkpoint_evaluations(name, pass_["tasks"])
+    prompts = checkpoints * pass_["seconds"]
+    allowed = REFERENCE[name]["wall_s"] / TARGET_SPEEDUP[name]
+    return {"workload": name, "checkpoints": checkpoints, "prompt_pass_s": round(pass_["seconds"], 2),
+            "prompt_tokens": pass_["prompt_tokens"], "positions_after_prefix_sharing": pass_["positions"],
+            "prompt_positions_per_s": round(pass_["positions"] / pass_["seconds"], 1),
+            "all_prompt_passes_s": round(prompts, 1), "training_s": round(phases["training"], 1),
+            "start_and_load_s": round(phases["process_start"] + phases["model_load"], 1),
+            "floor_s": round(fixed + prompts, 1), "target_s": round(allowed, 1), "lorawatch_s": measured["wall_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workloads", nargs="*", default=["W1", "W0-study"], choices=sorted(TARGET_SPEEDUP))
@@ -78,26 +105,13 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lorawatch-floor-") as tmp:
-        os.environ.update(prepare_data(args.source, Path(tmp) / "data"))
+        env = prepare_data(args.source, Path(tmp) / "data")
         rows = []
         for name in args.workloads:
             measured_path = args.results / f"{name}.json"
             if not measured_path.is_file():
                 sys.exit(f"bench/floor.py: {measured_path} is missing; run `python bench/run.py {name}` first")
-            measured = json.loads(measured_path.read_text())
-            phases = measured["phase_s"]
-            fixed = phases["process_start"] + phases["model_load"] + phases["training"] - phases.get("monitor", 0.0)
-            pass_ = prompt_pass(name, args.repeat)
-            checkpoints = checkpoint_evaluations(name, pass_["tasks"])
-            prompts = checkpoints * pass_["seconds"]
-            allowed = REFERENCE[name]["wall_s"] / TARGET_SPEEDUP[name]
-            rows.append({"workload": name, "checkpoints": checkpoints, "prompt_pass_s": round(pass_["seconds"], 2),
-                         "prompt_tokens": pass_["prompt_tokens"], "positions_after_prefix_sharing": pass_["positions"],
-                         "prompt_positions_per_s": round(pass_["positions"] / pass_["seconds"], 1),
-                         "all_prompt_passes_s": round(prompts, 1), "training_s": round(phases["training"], 1),
-                         "start_and_load_s": round(phases["process_start"] + phases["model_load"], 1),
-                         "floor_s": round(fixed + prompts, 1), "target_s": round(allowed, 1),
-                         "lorawatch_s": measured["wall_s"]})
+            rows.append(floor_for(name, json.loads(measured_path.read_text()), env, args.repeat))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "workloads": rows}, indent=1) + "\n")
     print(f"{'workload':10} {'ckpts':>5} {'prompt pass':>11} {'positions':>9} {'pos/s':>6} {'all passes':>10} "

@@ -1,8 +1,15 @@
 """lorawatch benchmark: the protocol's cost on the real TRACE data, phase by phase.
 
-    python bench/run.py                 # W0, W1 and the W0 study; prints a table, writes bench/results/*.json
+    python bench/run.py W1 W0-study     # the issue-17 run: fast path, plain baseline, floor, training loop
     python bench/run.py W0 --guard      # W0, then the faithfulness guard against a one-row-at-a-time path
     python bench/run.py W0 --dtypes float32,bfloat16   # both dtypes in one invocation, on one machine
+
+For every workload with a target (W1, W0-study) the same invocation also measures, on the same machine:
+    plain     the straightforward path (`--plain`: no drafts, unmerged adapter, no shared prefixes, no pooled
+              decoding, a separate reference pass, batches of at most 4 rows), W1 only (--baseline-for)
+    floor     every checkpoint's prompt pass (bench/floor.py) plus the fast run's training, start and load
+    training  lorawatch's stage against a plain PEFT loop on the same rows in this process (bench/train_loop.py)
+and prints fast/plain and fast/floor.
 
 Workloads (SmolLM2-135M-Instruct, fp32, the 48-row reference set, seed 33 unless stated):
     W0        first 16 train / 20 test rows per task, 64 new tokens
@@ -47,7 +54,7 @@ WORKLOADS = {
 }
 PHASES = ("model_load", "training", "task_eval", "reference_generation", "reference_distribution", "tables")
 COUNTERS = ("rows", "prompt_tokens", "generated_tokens", "decode_steps", "draft_tokens", "accepted_draft_tokens",
-            "forward_tokens", "forward_passes")
+            "forward_tokens", "forward_passes", "lookup_tokens", "accepted_lookup_tokens")
 
 
 def lorawatch(*args: str, env: dict) -> None:
@@ -67,9 +74,13 @@ def prepare_data(source: Path | None, root: Path) -> dict:
     return env
 
 
+# The straightforward path the fast one is measured against: every fast-path switch off, batches of 4 rows.
+PLAIN = ["--plain", "--set", "eval.batch_rows=4"]
+
+
 def run_workload(name: str, env: dict, work: Path, extra: list[str], dtype: str = "float32") -> dict:
     spec = WORKLOADS[name]
-    tag = name if dtype == "float32" else f"{name}-{dtype}"
+    tag = (name if dtype == "float32" else f"{name}-{dtype}") + ("-plain" if "--plain" in extra else "")
     env = dict(env, LORAWATCH_BASE_STAGE_CACHE=str(work / f"{tag}-base-cache"))
     shutil.rmtree(env["LORAWATCH_BASE_STAGE_CACHE"], ignore_errors=True)
     phases = {p: 0.0 for p in (*PHASES, "monitor", "report", "process_start")}
@@ -134,7 +145,8 @@ def machine() -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    head = ["phase (s)"] + [r["workload"] + ("" if r["dtype"] == "float32" else f" {r['dtype']}") for r in results]
+    head = ["phase (s)"] + [r["workload"] + ("" if r["dtype"] == "float32" else f" {r['dtype']}") +
+                            ("" if r["fast_path"] else " plain") for r in results]
     rows = [[p] + [f"{r['phase_s'].get(p, 0):.1f}" for r in results]
             for p in ("process_start", *PHASES, "monitor", "report")]
     rows.append(["wall"] + [f"{r['wall_s']:.1f}" for r in results])
@@ -146,7 +158,15 @@ def print_table(results: list[dict]) -> None:
     rows.append(["decode steps computed"] + [str(r["decode_steps_computed"]) for r in results])
     rows.append(["draft positions checked"] + [str(r["draft_positions_checked"]) for r in results])
     rows.append(["generated tok/s"] + [str(r["generated_tokens_per_s"]) for r in results])
+    rows.append(["lookup tokens accepted"] + [str(sum(c.get("accepted_lookup_tokens", 0)
+                                                       for c in r["generation"].values())) for r in results])
     rows.append(["peak RSS (GB)"] + [f"{r['peak_rss_gb']:.2f}" for r in results])
+    rows.append(["plain baseline (s)"] + [f"{r['plain_s']:.1f}" if r.get("plain_s") else "—" for r in results])
+    rows.append(["fast / plain"] + [f"1/{r['plain_s'] / r['wall_s']:.2f}" if r.get("plain_s") else "—"
+                                    for r in results])
+    rows.append(["floor (s)"] + [f"{r['floor']['floor_s']:.1f}" if r.get("floor") else "—" for r in results])
+    rows.append(["fast / floor"] + [f"{r['wall_s'] / r['floor']['floor_s']:.2f}" if r.get("floor") else "—"
+                                    for r in results])
     widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
         print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -165,15 +185,20 @@ def main() -> None:
                         help="comma-separated model dtypes, each workload run in each (e.g. float32,bfloat16: "
                              "the ratio measured in one invocation, on one machine)")
     parser.add_argument("--plain", action="store_true",
-                        help="turn the fast path's drafts, merged adapter and base-stage reuse off (for comparison)")
+                        help="run only the plain path (every fast-path switch off, batches of 4 rows)")
+    parser.add_argument("--baseline-for", default="W1",
+                        help="comma-separated workloads that also run the plain baseline (default W1; '' for none)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor and the training-loop comparison")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="lorawatch-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = prepare_data(args.source, work / "data")
-    extra = ["--plain"] if args.plain else []
+    extra = PLAIN if args.plain else []
+    baselines = {w for w in args.baseline_for.split(",") if w}
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
+    training = None
     for name in args.workloads:
         for dtype in args.dtypes.split(","):
             print(f"bench: {name} {dtype} ...", file=sys.stderr, flush=True)
@@ -183,12 +208,31 @@ def main() -> None:
             if args.guard and name == "W0":
                 from guard import check_run  # bench/guard.py
                 result["guard"] = check_run(Path(result["runs"][0]["run_dir"]))
+            if not args.plain and name in baselines:
+                print(f"bench: {name} {dtype} plain baseline ...", file=sys.stderr, flush=True)
+                plain = run_workload(name, env, work, PLAIN, dtype)
+                result["plain_s"] = plain["wall_s"]
+                result["plain"] = plain
+            if not args.plain and not args.no_floor and name in TARGET_SPEEDUP and dtype == "float32":
+                from floor import floor_for  # bench/floor.py
+                from train_loop import compare as compare_training  # bench/train_loop.py
+                print(f"bench: {name} floor ...", file=sys.stderr, flush=True)
+                result["floor"] = floor_for(name, result, env)
+                if training is None:
+                    print("bench: training against a plain PEFT loop ...", file=sys.stderr, flush=True)
+                    training = compare_training("W1", repeat=2, profile=False)
+                    training.pop("profiles")
+                result["training_vs_plain_loop"] = training
             suffix = ("" if dtype == "float32" else f"-{dtype}") + ("-plain" if args.plain else "")
             (args.out / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
             results.append(result)
             versus = f" ({result['speedup']:.1f}x the published implementation)" if result["speedup"] else ""
             print(f"bench: {name} {dtype} {result['wall_s']:.1f} s{versus}", file=sys.stderr, flush=True)
     print_table(results)
+    if training is not None:
+        print(f"training, {training['rows']} rows of W1's first task in one process: lorawatch "
+              f"{training['best_s']['lorawatch']:.1f} s, a plain PEFT loop {training['best_s']['plain']:.1f} s "
+              f"({training['lorawatch_over_plain']:.3f}x)")
 
 
 if __name__ == "__main__":

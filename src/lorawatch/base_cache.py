@@ -37,6 +37,7 @@ def base_stage_key(loaded: LoadedModel, weights: str, data: RunData, encoded: En
     payload = json.dumps({"model": [info.spec, info.path, info.dtype, info.device, info.num_parameters, weights],
                           "versions": versions, "tasks": tasks, "reference": reference,
                           "max_new_tokens": params.max_new_tokens, "token_budget": params.token_budget,
+                          **({"batch_rows": params.batch_rows} if params.batch_rows else {}),
                           "position": params.reference_position, "fast_path": params.fast.to_dict()},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

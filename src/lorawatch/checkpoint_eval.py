@@ -26,6 +26,7 @@ from lorawatch.tasks.base import Example
 class EvalParams:
     max_new_tokens: int
     token_budget: int
+    batch_rows: int | None  # rows per batch at most, besides the token budget
     device: str
     reference_position: str  # "answer" | "published"
     fast: FastPath  # the evaluation shortcuts in use, already resolved for the model and dtype
@@ -46,7 +47,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
     drift = read_unit(drift_path, [e.id for e in data.reference], ExampleDrift)
     logprobs = None
     options = dict(max_new_tokens=params.max_new_tokens, device=params.device, token_budget=params.token_budget,
-                   drafts=drafts, fast=params.fast, on_rows=progress.advance)
+                   batch_rows=params.batch_rows, drafts=drafts, fast=params.fast, on_rows=progress.advance)
 
     # The test sets not yet on disk, generated in one call: with pooled decoding, every task's diverged rows
     # decode in one batch. Each task's predictions are then written as a unit of its own.
@@ -105,7 +106,8 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
             if logprobs is None:
                 progress.phase(f"{label} · reference drift")
                 logprobs = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id,
-                                           token_budget=params.token_budget, device=params.device,
+                                           token_budget=params.token_budget, batch_rows=params.batch_rows,
+                                           device=params.device,
                                            position=params.reference_position)[1]
             drift = drift_rows(data, logprobs, base_logprobs)
             store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))

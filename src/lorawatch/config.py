@@ -117,6 +117,8 @@ class EvalSettings(_Strict):
     max_new_tokens: int = Field(256, gt=0)
     # Rows x padded length per generation batch; batches hold prompts of similar length.
     token_budget: int = Field(8192, ge=64)
+    # Rows per generation batch at most, besides the token budget (the published implementation: 4).
+    batch_rows: int | None = Field(None, gt=0)
     # The fast path's switches (evaluation.FastPath, docs/performance.md). A switch that is not exact for the
     # model's architecture or dtype is turned off there whatever it says here; the run records what was used.
     drafts: bool = Field(True, description="check the previous checkpoint's outputs as drafts in one pass")

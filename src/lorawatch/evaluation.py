@@ -133,17 +133,18 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def budget_batches(lengths: Sequence[int], token_budget: int, row_cost: Callable[[int], int] | None = None,
-                   cost_budget: int | None = None) -> list[list[int]]:
+                   cost_budget: int | None = None, max_rows: int | None = None) -> list[list[int]]:
     """Indices grouped into batches of similar length whose rows x longest length fit the token budget.
 
-    `row_cost(longest)` and `cost_budget` add a second limit (the logits of a draft-checking pass).
+    `row_cost(longest)` and `cost_budget` add a second limit (the logits of a draft-checking pass), `max_rows`
+    a third (a fixed batch size, as the published implementation's 4).
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         rows = len(current) + 1
-        fits = rows * lengths[i] <= token_budget
+        fits = rows * lengths[i] <= token_budget and (max_rows is None or rows <= max_rows)
         if fits and row_cost is not None and cost_budget is not None:
             fits = rows * row_cost(lengths[i]) <= cost_budget
         if current and not fits:
@@ -200,6 +201,7 @@ def generate(
     max_new_tokens: int,
     device: str,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
+    batch_rows: int | None = None,
     drafts: Mapping[str, Sequence[int]] | None = None,
     first_logprobs: bool = False,
     counters: GenerationCounters | None = None,
@@ -210,7 +212,8 @@ def generate(
     """Greedy continuation of every prompt (at most `max_new_tokens`, ending at a stop token), by prompt id.
 
     `drafts` maps prompt ids to guessed continuations (see the module docstring), used when `fast.drafts`;
-    `first_logprobs` also returns each prompt's next-token log-probabilities. `groups` maps prompt ids to a
+    `first_logprobs` also returns each prompt's next-token log-probabilities; `batch_rows` caps the rows of
+    any batch (besides the token budget). `groups` maps prompt ids to a
     group (their task): prompts are batched within their group, where they share a long prefix, and only
     pooled decoding mixes groups. `fast.merge_adapter` is the caller's business (`merged_adapter`).
     """
@@ -240,7 +243,7 @@ def generate(
     for row in rows:
         by_group.setdefault((groups or {}).get(row.prompt.id), []).append(row)
     options = dict(max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, token_budget=token_budget,
-                   keep_first=first_logprobs, counters=counters, finish=finish, share_prefix=fast.shared_prefix)
+                   batch_rows=batch_rows, keep_first=first_logprobs, counters=counters, finish=finish, share_prefix=fast.shared_prefix)
     use_drafts = fast.drafts and bool(drafts)
     if fast.pooled_decoding:
         _generate_pooled(model, list(by_group.values()), drafts if use_drafts else {}, vocab=vocab,
@@ -270,7 +273,7 @@ def _guesses(rows: list[_Row], drafts: Mapping[str, Sequence[int]], max_new_toke
 
 
 def _check_drafts(model, rows: list[_Row], guesses: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                  device: str, vocab: int, token_budget: int, keep_first: bool, counters: GenerationCounters,
+                  device: str, vocab: int, token_budget: int, batch_rows: int | None, keep_first: bool, counters: GenerationCounters,
                   finish: Callable[[_Row], None], share_prefix: bool,
                   use_cache: bool) -> Iterator[tuple[list[int], DynamicCache | None, torch.Tensor, torch.Tensor]]:
     """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with, plus
@@ -281,7 +284,7 @@ def _check_drafts(model, rows: list[_Row], guesses: list[list[int]], *, max_new_
     lengths = [len(r.prompt.input_ids) + len(g) for r, g in zip(rows, guesses)]
     longest_draft = max(len(g) for g in guesses)
     for batch in budget_batches(lengths, token_budget, row_cost=lambda _: (longest_draft + 1) * vocab,
-                                cost_budget=LOGITS_BUDGET):
+                                cost_budget=LOGITS_BUDGET, max_rows=batch_rows):
         seqs = [list(rows[i].prompt.input_ids) + guesses[i] for i in batch]
         keep = max(len(guesses[i]) for i in batch) + 1
         logits, cache, mask, _ = _prefill(model, seqs, [rows[i].prompt for i in batch], pad_id=pad_id,
@@ -309,12 +312,12 @@ def _check_drafts(model, rows: list[_Row], guesses: list[list[int]], *, max_new_
 
 
 def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
-            keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool,
+            batch_rows: int | None, keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool,
             drop_finished: bool) -> None:
     """Incremental greedy decoding. With `drop_finished` a row leaves the batch (and its cache) once it is
     finished; without it, it is carried along until the whole batch is done and its tokens are ignored."""
     lengths = [len(r.prompt.input_ids) + max_new_tokens for r in rows]  # the longest a row's cache can grow
-    for batch in budget_batches(lengths, token_budget):
+    for batch in budget_batches(lengths, token_budget, max_rows=batch_rows):
         active = [rows[i] for i in batch]
         logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) + r.out for r in active],
                                              [r.prompt for r in active], pad_id=pad_id, device=device, keep=1,
@@ -350,9 +353,9 @@ def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device
 
 
 def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Sequence[int]], *, stops: set[int],
-                     max_new_tokens: int, pad_id: int, device: str, token_budget: int, keep_first: bool,
-                     counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool, vocab: int,
-                     lookup: bool) -> None:
+                     max_new_tokens: int, pad_id: int, device: str, token_budget: int, batch_rows: int | None,
+                     keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None],
+                     share_prefix: bool, vocab: int, lookup: bool) -> None:
     """Every unfinished row in one decoding batch (decode_pool.py): rows whose drafts diverged join it with the
     draft pass's cache, rows without drafts are prefilled when there is room, and the batch is refilled as
     rows finish. Drafts are checked and prompts prefilled group by group; the batch's rows x (width + tokens
@@ -380,7 +383,8 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
 
     checks = ((rows, batch) for rows, gs in zip(drafted, guesses) if rows
               for batch in _check_drafts(model, rows, gs, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                                         device=device, vocab=vocab, token_budget=token_budget, keep_first=keep_first,
+                                         device=device, vocab=vocab, token_budget=token_budget,
+                                         batch_rows=batch_rows, keep_first=keep_first,
                                          counters=counters, finish=finish, share_prefix=share_prefix, use_cache=True))
     parked: list[decode_pool.Block] = []
     pool: decode_pool.Block | None = None
@@ -388,7 +392,7 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
     stats = decode_pool.PoolCounters()
 
     def fits(rows: int, width: int, to_come: int) -> bool:
-        return rows * (width + to_come) <= token_budget
+        return rows * (width + to_come) <= token_budget and (batch_rows is None or rows <= batch_rows)
 
     while True:
         while True:  # admit rows while there is room
@@ -419,18 +423,18 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
                 take = max(take, 0 if size else 1)
                 if not take:
                     break
-                batch_rows, waiting = waiting[:take], waiting[take:]
-                logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) for r in batch_rows],
-                                                     [r.prompt for r in batch_rows], pad_id=pad_id, device=device,
+                joining, waiting = waiting[:take], waiting[take:]
+                logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) for r in joining],
+                                                     [r.prompt for r in joining], pad_id=pad_id, device=device,
                                                      keep=1, use_cache=True, counters=counters,
                                                      share_prefix=share_prefix)
-                counters.decode_steps += len(batch_rows)
-                for row, token, row_logits in zip(batch_rows, logits[:, -1].argmax(-1).tolist(), logits[:, -1]):
+                counters.decode_steps += len(joining)
+                for row, token, row_logits in zip(joining, logits[:, -1].argmax(-1).tolist(), logits[:, -1]):
                     if keep_first:
                         row.first_logprobs = torch.log_softmax(row_logits.float(), dim=-1).cpu()
                     row.out = [token]
                     finish(row)
-                block = unfinished(batch_rows, cache, mask, last + 1)
+                block = unfinished(joining, cache, mask, last + 1)
                 if block is not None:
                     pool = decode_pool.merge(pool, block)
                 continue

@@ -203,7 +203,7 @@ class Recipe:
             self.console.print(f"lorawatch: fast path: {part} off for this model ({why})")
         self.costs.notes["fast_path"] = {"used": fast.to_dict(), "switched_off": switched_off}
         self.eval_params = EvalParams(max_new_tokens=config.eval.max_new_tokens, token_budget=config.eval.token_budget,
-                                      device=info.device, reference_position=config.reference.position, fast=fast)
+                                      batch_rows=config.eval.batch_rows, device=info.device, reference_position=config.reference.position, fast=fast)
         self.strategy = build_strategy(config.strategy, {t.name: self.encoded.train[t.name] for t in data.tasks},
                                        pad_id=self.loaded.tokenizer.pad_token_id, device=info.device)
 
@@ -369,7 +369,8 @@ class Recipe:
             was_training = model.training
             first = generate_by_task(model, loaded.tokenizer, data.reference, self.encoded.reference,
                                      max_new_tokens=1, device=self.eval_params.device,
-                                     token_budget=self.eval_params.token_budget, first_logprobs=True,
+                                     token_budget=self.eval_params.token_budget,
+                                     batch_rows=self.eval_params.batch_rows, first_logprobs=True,
                                      fast=self.eval_params.fast)
             model.train(was_training)
             logprobs = torch.stack([first[e.id].first_logprobs for e in data.reference])

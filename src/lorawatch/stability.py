@@ -42,7 +42,8 @@ def published_position_logprobs(model: torch.nn.Module, prompts: Sequence[Encode
 
 @torch.no_grad()
 def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *, pad_id: int, device: str,
-                    token_budget: int = DEFAULT_TOKEN_BUDGET, position: str = "answer") -> tuple[list[str], torch.Tensor]:
+                    token_budget: int = DEFAULT_TOKEN_BUDGET, position: str = "answer",
+                    batch_rows: int | None = None) -> tuple[list[str], torch.Tensor]:
     """Log-probabilities (float32, [rows, vocab]) of the next token after each prompt, in input order.
 
     position="published" reproduces the published implementation's reading instead (see above).
@@ -51,7 +52,7 @@ def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *,
         return published_position_logprobs(model, prompts, pad_id=pad_id, device=device)
     model.eval()
     rows: dict[str, torch.Tensor] = {}
-    for batch in budget_batches([len(p.input_ids) for p in prompts], token_budget):
+    for batch in budget_batches([len(p.input_ids) for p in prompts], token_budget, max_rows=batch_rows):
         chunk = [prompts[i] for i in batch]
         ids, mask = left_pad(chunk, pad_id, device)
         # logits_to_keep=1: only the last position's logits are projected onto the vocabulary.
