@@ -52,7 +52,7 @@ WORKLOADS = {
     # stage pays one measurement per 5 steps (its last step), twice the default's steady-state rate.
     "monitor": {"runs": [("original", "33")], "train": 80, "test": 5, "new": 8, "args": ["--monitor", "warn"]},
 }
-PHASES = ("model_load", "training", "task_eval", "reference_generation", "reference_distribution", "tables")
+PHASES = ("model_load", "training", "evaluation", "reference_distribution", "tables")
 COUNTERS = ("rows", "prompt_tokens", "generated_tokens", "decode_steps", "draft_tokens", "accepted_draft_tokens",
             "forward_tokens", "forward_passes", "lookup_tokens", "accepted_lookup_tokens")
 
@@ -114,7 +114,7 @@ def run_workload(name: str, env: dict, work: Path, extra: list[str], dtype: str 
     wall = time.perf_counter() - started
     monitor_s = phases.get("monitor", 0.0)
     generated = sum(c["generated_tokens"] for c in counters.values())
-    generation_seconds = phases["task_eval"] + phases["reference_generation"]
+    generation_seconds = phases["evaluation"]
     result = {
         "workload": name, "dtype": dtype, "rows": {"train": spec["train"], "test": spec["test"], "reference": 48},
         "max_new_tokens": spec["new"], "wall_s": round(wall, 2),

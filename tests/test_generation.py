@@ -125,6 +125,26 @@ def test_budget_batches_respect_both_limits():
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 64
     assert [len(b) for b in budget_batches([10] * 10, 1000, row_cost=lambda _: 30, cost_budget=90)] == [3, 3, 3, 1]
+    assert [len(b) for b in budget_batches([10] * 10, 1000, max_rows=4)] == [4, 4, 2]
+
+
+def test_batches_of_a_fixed_size_give_the_same_outputs(tiny_model_dir):
+    """`batch_rows` (the plain baseline's batches of 4) caps every batch, pooled or not; outputs stay greedy's."""
+    model, tokenizer = load(tiny_model_dir)
+    prompts = prompts_for(tokenizer)
+    add_stop_token(model, tokenizer, prompts, 10)
+    expected = reference_one_at_a_time(model, tokenizer, prompts, 10)
+    partial = {k: list(v[:3]) for k, v in expected.items()}
+    rows_per_pass = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows_per_pass.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    for fast in (FastPath(), FastPath.plain()):
+        rows_per_pass.clear()
+        got = generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", batch_rows=3, drafts=partial,
+                       fast=fast)
+        assert {k: v.output_ids for k, v in got.items()} == expected
+        assert max(rows_per_pass) == 3
+    hook.remove()
 
 
 def test_rows_share_their_common_prefix(tiny_model_dir):

@@ -130,14 +130,14 @@ def test_training_lowers_the_loss_on_answer_tokens(tiny_model_dir):
 def test_costs_are_recorded(tiny_run):
     run_dir, _, _ = tiny_run
     costs = store.read_json(run_dir / "costs.json")
-    assert {"model_load", "training", "task_eval", "reference_generation", "tables"} <= set(costs["phase_seconds"])
-    task_eval = costs["generation"]["task_eval"]
-    # 2 seeds x 2 stages x 2 tasks x 4 rows, and the base stage unless an earlier test's run cached it
+    assert {"model_load", "training", "evaluation", "tables"} <= set(costs["phase_seconds"])
+    evaluation = costs["generation"]["evaluation"]
+    # 2 seeds x 2 stages x (2 tasks x 4 + 4 reference) rows, and the base stage unless an earlier test's run cached it
     base_reused = store.read_json(store.stage_dir(run_dir, 1, 0) / "stage.json")["reused_from_cache"]
-    assert task_eval["rows"] == 4 * 8 + (0 if base_reused else 8) and task_eval["generated_tokens"] > 0
-    # every generated token is accounted for, and decoding never ran past a row's end
-    assert task_eval["decode_steps"] + task_eval["accepted_draft_tokens"] + task_eval["rows"] >= \
-        task_eval["generated_tokens"]
+    assert evaluation["rows"] == 12 * 4 + (0 if base_reused else 12) and evaluation["generated_tokens"] > 0
+    # every generated token is accounted for: a decoding step, an accepted draft or lookup token
+    assert evaluation["decode_steps"] + evaluation["accepted_draft_tokens"] + evaluation["accepted_lookup_tokens"] \
+        == evaluation["generated_tokens"]
     assert costs["peak_rss_bytes"] > 10_000_000 and costs["base_stage_key"]
 
 
@@ -173,7 +173,7 @@ def test_fast_path_is_faithful_to_the_plain_one(tiny_run, tiny_model_dir):
         _, m_fast = read_matrix_csv(store.seed_dir(fast, seed) / "accuracy_matrix.csv")
         assert abs(m_plain - m_fast).max() <= 1 / 4 + 1e-9  # at most one example of 4 per cell
     assert same / total >= 0.98
-    fast_costs = store.read_json(fast / "costs.json")["generation"]["task_eval"]
+    fast_costs = store.read_json(fast / "costs.json")["generation"]["evaluation"]
     assert fast_costs["accepted_draft_tokens"] > 0
 
 
@@ -242,3 +242,23 @@ def test_two_runs_started_together_compute_the_base_stage_once(tmp_path, tiny_mo
     for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "reference_drift.jsonl"):
         assert (store.stage_dir(tmp_path / "a", 1, 0) / name).read_bytes() == \
             (store.stage_dir(tmp_path / "b", 1, 0) / name).read_bytes()
+
+
+def test_tasks_whose_files_share_row_ids(tiny_model_dir, tmp_path):
+    """A checkpoint's tasks are generated in one call, keyed by row id; when two tasks' files give the same ids
+    (nothing forbids it across files), each task is generated on its own, with the same predictions."""
+    write_task_files(tmp_path / "data")
+    for name in ("mc_test.json", "num_test.json"):
+        rows = json.loads((tmp_path / "data" / name).read_text())
+        (tmp_path / "data" / name).write_text(json.dumps([dict(r, id=f"q{i}") for i, r in enumerate(rows)]))
+    config = tiny_config(tiny_model_dir, tmp_path / "data", seeds=(1,))
+    run_dir = run_experiment(config, tmp_path / "same-ids")
+    write_task_files(tmp_path / "plain-data")
+    plain_dir = run_experiment(tiny_config(tiny_model_dir, tmp_path / "plain-data", seeds=(1,)), tmp_path / "own-ids")
+    for stage in range(3):
+        for task in ("stance", "sum"):
+            same = store.read_jsonl(store.stage_dir(run_dir, 1, stage) / "predictions" / f"{task}.jsonl")
+            own = store.read_jsonl(store.stage_dir(plain_dir, 1, stage) / "predictions" / f"{task}.jsonl")
+            assert [r["id"] for r in same] == [f"q{i}" for i in range(4)]
+            assert [r["output_ids"] for r in same] == [r["output_ids"] for r in own]
+            assert [r["gold"] for r in same] == [r["gold"] for r in own]

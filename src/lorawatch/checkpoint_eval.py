@@ -49,57 +49,49 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
     options = dict(max_new_tokens=params.max_new_tokens, device=params.device, token_budget=params.token_budget,
                    batch_rows=params.batch_rows, drafts=drafts, fast=params.fast, on_rows=progress.advance)
 
-    # The test sets not yet on disk, generated in one call: with pooled decoding, every task's diverged rows
-    # decode in one batch. Each task's predictions are then written as a unit of its own.
-    tasks = []
-    for task in data.tasks:
-        path = folder / "predictions" / f"{task.name}.jsonl"
-        rows = read_unit(path, [e.id for e in task.test], Prediction)
-        if rows is None:
-            tasks.append((task, path))
-        else:
-            progress.advance(len(rows))
-            scores[task.name] = accuracy(rows)
-    ids = [e.id for t, _ in tasks for e in t.test]
-    # tasks whose files give the same row ids are generated one by one: results are keyed by id
-    calls = [tasks] if len(set(ids)) == len(ids) else [[t] for t in tasks]
-    for call in filter(None, calls):
-        progress.phase(f"{label} · evaluate {', '.join(t.name for t, _ in call)}")
-        with costs.phase("task_eval"):
-            generated = generate(model, tokenizer, [p for t, _ in call for p in encoded.test[t.name]],
-                                 groups={e.id: t.name for t, _ in call for e in t.test},
-                                 counters=costs.generation["task_eval"], **options)
-        for task, path in call:
-            rows = [score(e.id, task.name, kinds[task.name], e.answer,
-                          decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
-                    for e in task.test]
-            store.write_rows(path, Prediction, (r.to_dict() for r in rows))
-            crash_point(f"{crash_prefix}:eval:{task.name}")
-            scores[task.name] = accuracy(rows)
-    scores = {t.name: scores[t.name] for t in data.tasks}
-
-    path = folder / "predictions" / "reference.jsonl"
-    rows = read_unit(path, [e.id for e in data.reference], Prediction)
-    if rows is None:
-        # The answer-position distribution falls out of the generation's first forward pass.
-        first = drift is None and params.reference_position == "answer" and params.fast.reference_from_generation
-        progress.phase(f"{label} · reference set")
-        with costs.phase("reference_generation"):
-            generated = generate_by_task(model, tokenizer, data.reference, encoded.reference, first_logprobs=first,
-                                         counters=costs.generation["reference_generation"], **options)
-        rows = [score(e.id, e.task, kinds[e.task], e.answer, decode_text(tokenizer, generated[e.id].output_ids),
-                      generated[e.id].output_ids) for e in data.reference]
-        if first:
-            # The drift goes to disk before the predictions: a crash in between then leaves nothing that
-            # would have to be recomputed by a different path (and so with different round-off).
-            logprobs = torch.stack([generated[e.id].first_logprobs for e in data.reference])
-            drift = drift_rows(data, logprobs, base_logprobs)
-            store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
-        store.write_rows(path, Prediction, (r.to_dict() for r in rows))
-        crash_point(f"{crash_prefix}:eval:reference")
+    # The test sets and the reference set are generated in one call: with pooled decoding, every diverged row
+    # of the checkpoint decodes in one batch. Each part is then written as a unit of its own; when a crash left
+    # only some of them, all are generated again in the same call, so that every row is computed in the batch
+    # it would have had without the crash (batches change float round-off). Parts whose files give the same
+    # row ids are generated one by one instead: results are keyed by id.
+    parts = [(t.name, t.test, encoded.test[t.name]) for t in data.tasks]
+    parts.append(("reference", data.reference, encoded.reference))
+    on_disk = {name: read_unit(folder / "predictions" / f"{name}.jsonl", [e.id for e in examples], Prediction)
+               for name, examples, _ in parts}
+    ids = [e.id for _, examples, _ in parts for e in examples]
+    if len(set(ids)) == len(ids) and any(rows is None for rows in on_disk.values()):
+        calls, on_disk = [parts], {}
     else:
-        progress.advance(len(rows))
-    scores["reference"] = accuracy(rows)
+        calls = [[part] for part in parts if on_disk[part[0]] is None]
+    for name, rows in on_disk.items():
+        if rows is not None:
+            progress.advance(len(rows))
+            scores[name] = accuracy(rows)
+    # The reference set's answer-position distribution falls out of the generation's first forward pass.
+    first = drift is None and params.reference_position == "answer" and params.fast.reference_from_generation
+    for call in calls:
+        names = [name for name, _, _ in call]
+        progress.phase(f"{label} · evaluate {', '.join(n if n != 'reference' else 'reference set' for n in names)}")
+        with costs.phase("evaluation"):
+            generated = generate(model, tokenizer, [p for _, _, prompts in call for p in prompts],
+                                 groups={e.id: e.task or name for name, examples, _ in call for e in examples},
+                                 first_logprobs=[e.id for e in data.reference] if first and "reference" in names
+                                 else False,
+                                 counters=costs.generation["evaluation"], **options)
+        for name, examples, _ in call:
+            rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer,
+                          decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
+                    for e in examples]
+            if name == "reference" and first:
+                # The drift goes to disk before the predictions: a crash in between then leaves nothing that
+                # would have to be recomputed by a different path (and so with different round-off).
+                logprobs = torch.stack([generated[e.id].first_logprobs for e in examples])
+                drift = drift_rows(data, logprobs, base_logprobs)
+                store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
+            store.write_rows(folder / "predictions" / f"{name}.jsonl", Prediction, (r.to_dict() for r in rows))
+            crash_point(f"{crash_prefix}:eval:{name}")
+            scores[name] = accuracy(rows)
+    scores = {name: scores[name] for name, _, _ in parts}
 
     if drift is None:
         with costs.phase("reference_distribution"):

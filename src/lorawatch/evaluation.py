@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
@@ -162,7 +162,9 @@ class GenerationCounters:
     rows: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0  # each row up to and including its own stop token: the decoding work needed
-    decode_steps: int = 0  # row-steps computed by incremental decoding (the first token of a prefill included)
+    # row-steps computed by incremental decoding (the first token of a prefill, or the token after a checked draft,
+    # included): generated tokens = decode steps + accepted draft tokens + accepted lookup tokens
+    decode_steps: int = 0
     draft_tokens: int = 0  # draft tokens checked in a single pass
     accepted_draft_tokens: int = 0
     forward_tokens: int = 0  # every position run through the model, padding included
@@ -187,6 +189,7 @@ class Generated:
 @dataclass
 class _Row:
     prompt: EncodedPrompt
+    want_first: bool = False  # keep the next-token distribution after the prompt
     out: list[int] = field(default_factory=list)
     first_logprobs: torch.Tensor | None = None
     done: bool = False
@@ -203,7 +206,7 @@ def generate(
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     batch_rows: int | None = None,
     drafts: Mapping[str, Sequence[int]] | None = None,
-    first_logprobs: bool = False,
+    first_logprobs: bool | Collection[str] = False,
     counters: GenerationCounters | None = None,
     on_rows: Callable[[int], None] | None = None,
     fast: FastPath = FastPath(),
@@ -212,9 +215,9 @@ def generate(
     """Greedy continuation of every prompt (at most `max_new_tokens`, ending at a stop token), by prompt id.
 
     `drafts` maps prompt ids to guessed continuations (see the module docstring), used when `fast.drafts`;
-    `first_logprobs` also returns each prompt's next-token log-probabilities; `batch_rows` caps the rows of
-    any batch (besides the token budget). `groups` maps prompt ids to a
-    group (their task): prompts are batched within their group, where they share a long prefix, and only
+    `first_logprobs` also returns the next-token log-probabilities after each prompt (or after those whose ids
+    it lists); `batch_rows` caps the rows of any batch (besides the token budget). `groups` maps prompt ids to
+    a group (their task): prompts are batched within their group, where they share a long prefix, and only
     pooled decoding mixes groups. `fast.merge_adapter` is the caller's business (`merged_adapter`).
     """
     model.eval()
@@ -223,7 +226,8 @@ def generate(
     stops = set(stop_token_ids(tokenizer, model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = model.get_output_embeddings().weight.shape[0]
-    rows = [_Row(p) for p in prompts]
+    want_first = {p.id for p in prompts} if first_logprobs is True else set(first_logprobs or ())
+    rows = [_Row(p, want_first=p.id in want_first) for p in prompts]
     if len({p.id for p in prompts}) < len(prompts):
         raise ValueError("generate: prompt ids must be unique (results are keyed by them)")
     counters.rows += len(rows)
@@ -243,7 +247,7 @@ def generate(
     for row in rows:
         by_group.setdefault((groups or {}).get(row.prompt.id), []).append(row)
     options = dict(max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, token_budget=token_budget,
-                   batch_rows=batch_rows, keep_first=first_logprobs, counters=counters, finish=finish, share_prefix=fast.shared_prefix)
+                   batch_rows=batch_rows, counters=counters, finish=finish, share_prefix=fast.shared_prefix)
     use_drafts = fast.drafts and bool(drafts)
     if fast.pooled_decoding:
         _generate_pooled(model, list(by_group.values()), drafts if use_drafts else {}, vocab=vocab,
@@ -273,7 +277,7 @@ def _guesses(rows: list[_Row], drafts: Mapping[str, Sequence[int]], max_new_toke
 
 
 def _check_drafts(model, rows: list[_Row], guesses: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                  device: str, vocab: int, token_budget: int, batch_rows: int | None, keep_first: bool, counters: GenerationCounters,
+                  device: str, vocab: int, token_budget: int, batch_rows: int | None, counters: GenerationCounters,
                   finish: Callable[[_Row], None], share_prefix: bool,
                   use_cache: bool) -> Iterator[tuple[list[int], DynamicCache | None, torch.Tensor, torch.Tensor]]:
     """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with, plus
@@ -295,7 +299,7 @@ def _check_drafts(model, rows: list[_Row], guesses: list[list[int]], *, max_new_
             row, draft = rows[i], guesses[i]
             start = keep - 1 - len(draft)  # the prompt's last position within the kept logits
             greedy = logits[b, start:].argmax(-1).tolist()  # greedy[j]: the token after prompt + draft[:j]
-            if keep_first:
+            if row.want_first:
                 row.first_logprobs = torch.log_softmax(logits[b, start].float(), dim=-1).cpu()
             agree = 0
             while agree < len(draft) and greedy[agree] == draft[agree]:
@@ -307,12 +311,13 @@ def _check_drafts(model, rows: list[_Row], guesses: list[list[int]], *, max_new_
                 mask[b, mask.shape[1] - (len(draft) - agree):] = 0
             positions.append(len(row.prompt.input_ids) + agree)
             finish(row)
+            counters.decode_steps += len(row.out) > agree  # greedy's own token after the draft, where kept
         del logits
         yield batch, cache, mask, torch.tensor(positions, device=mask.device)
 
 
 def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
-            batch_rows: int | None, keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool,
+            batch_rows: int | None, counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool,
             drop_finished: bool) -> None:
     """Incremental greedy decoding. With `drop_finished` a row leaves the batch (and its cache) once it is
     finished; without it, it is carried along until the whole batch is done and its tokens are ignored."""
@@ -329,7 +334,7 @@ def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device
             for row, token, row_logits in zip(active, tokens.tolist(), logits):
                 if row.done:
                     continue  # carried along (drop_finished off): its tokens are not its own any more
-                if keep_first and row.first_logprobs is None and not row.out:
+                if row.want_first and row.first_logprobs is None and not row.out:
                     row.first_logprobs = torch.log_softmax(row_logits.float(), dim=-1).cpu()
                 row.out.append(token)
                 finish(row)
@@ -354,7 +359,7 @@ def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device
 
 def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Sequence[int]], *, stops: set[int],
                      max_new_tokens: int, pad_id: int, device: str, token_budget: int, batch_rows: int | None,
-                     keep_first: bool, counters: GenerationCounters, finish: Callable[[_Row], None],
+                     counters: GenerationCounters, finish: Callable[[_Row], None],
                      share_prefix: bool, vocab: int, lookup: bool) -> None:
     """Every unfinished row in one decoding batch (decode_pool.py): rows whose drafts diverged join it with the
     draft pass's cache, rows without drafts are prefilled when there is room, and the batch is refilled as
@@ -384,7 +389,7 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
     checks = ((rows, batch) for rows, gs in zip(drafted, guesses) if rows
               for batch in _check_drafts(model, rows, gs, max_new_tokens=max_new_tokens, pad_id=pad_id,
                                          device=device, vocab=vocab, token_budget=token_budget,
-                                         batch_rows=batch_rows, keep_first=keep_first,
+                                         batch_rows=batch_rows,
                                          counters=counters, finish=finish, share_prefix=share_prefix, use_cache=True))
     parked: list[decode_pool.Block] = []
     pool: decode_pool.Block | None = None
@@ -430,7 +435,7 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
                                                      share_prefix=share_prefix)
                 counters.decode_steps += len(joining)
                 for row, token, row_logits in zip(joining, logits[:, -1].argmax(-1).tolist(), logits[:, -1]):
-                    if keep_first:
+                    if row.want_first:
                         row.first_logprobs = torch.log_softmax(row_logits.float(), dim=-1).cpu()
                     row.out = [token]
                     finish(row)
