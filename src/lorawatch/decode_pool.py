@@ -25,11 +25,14 @@ attention), which keep the per-batch decoding of evaluation._decode.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+if TYPE_CHECKING:
+    from lorawatch.evaluation import _Row
 
 # n-gram sizes looked up, longest first: a 3-gram match is specific; a 2-gram match still predicts well in
 # the repetitive text of reasoning outputs and in answers copied from the prompt.
@@ -50,7 +53,7 @@ def fixed_cost_positions(device: str) -> int:
 @dataclass
 class PoolRow:
     """A row in (or waiting for) the pool: the evaluation row, what it may repeat, and its proposals' record."""
-    row: object  # evaluation._Row
+    row: _Row
     sources: list[Sequence[int]]  # where proposals are looked up: the old output first, then the prompt
     proposed: int = 0
     accepted: int = 0
@@ -68,14 +71,15 @@ class PoolRow:
         if self._index is None:
             self._index = [_ngram_index(s) for s in self.sources]
         text = list(self.row.prompt.input_ids) + self.row.out
-        here = len(self.row.out)
         for n in LOOKUP_NGRAMS:
             key = tuple(text[-n:])
-            for source, index in zip(self.sources, self._index):
+            for k, (source, index) in enumerate(zip(self.sources, self._index)):
                 starts = index.get(key)
                 if not starts:
                     continue
-                # the occurrence nearest the row's own position: an edited output realigns with its old self
+                # in the old output, the occurrence nearest the row's own position (an edited output realigns
+                # with its old self); in the prompt, the latest
+                here = len(self.row.out) if k == 0 else len(source)
                 start = min(starts, key=lambda s: (abs(s + n - here), s))
                 follow = list(source[start + n:start + n + limit])
                 cut = next((i for i, t in enumerate(follow) if t in stops), None)
