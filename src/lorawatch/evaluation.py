@@ -369,8 +369,8 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
     guesses = [_guesses(rows, drafts, max_new_tokens, stops) for rows in drafted]
     old_outputs = {id(row): guess for rows, gs in zip(drafted, guesses) for row, guess in zip(rows, gs)}
     # rows without a draft, group after group, by length within a group (prefill batches share prefixes)
-    waiting = [r for group in groups for r in sorted(group, key=lambda r: len(r.prompt.input_ids))
-               if id(r) not in old_outputs]
+    waiting = [(g, r) for g, group in enumerate(groups)
+               for r in sorted(group, key=lambda r: len(r.prompt.input_ids)) if id(r) not in old_outputs]
 
     def pool_row(row: _Row) -> decode_pool.PoolRow:
         return decode_pool.PoolRow(row, [old_outputs.get(id(row), []), list(row.prompt.input_ids)])
@@ -396,17 +396,16 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
     fixed = decode_pool.fixed_cost_positions(device)
     stats = decode_pool.PoolCounters()
 
-    def fits(rows: int, width: int, to_come: int) -> bool:
-        return rows * (width + to_come) <= token_budget and (batch_rows is None or rows <= batch_rows)
+    def fits(rows: int, width: int) -> bool:  # with room for every row to reach max_new_tokens
+        return rows * (width + max_new_tokens) <= token_budget and (batch_rows is None or rows <= batch_rows)
 
     while True:
         while True:  # admit rows while there is room
             size, width = (len(pool), pool.width) if pool else (0, 0)
-            to_come = max((max_new_tokens - len(r.row.out) for r in pool.rows), default=0) if pool else 0
             if parked:
                 block = parked[0]
                 take = len(block)
-                while take > 0 and not fits(size + take, max(width, block.width), max_new_tokens):
+                while take > 0 and not fits(size + take, max(width, block.width)):
                     take -= 1
                 take = max(take, 0 if size else 1)
                 if not take:
@@ -422,13 +421,14 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
                 continue
             if waiting:
                 take = 0
-                while take < len(waiting) and fits(size + take + 1, max(width, max(
-                        len(r.prompt.input_ids) for r in waiting[:take + 1])), max(to_come, max_new_tokens)):
+                # a prefill batch stays within one group: its rows share their long prefix
+                while take < len(waiting) and waiting[take][0] == waiting[0][0] and \
+                        fits(size + take + 1, max(width, len(waiting[take][1].prompt.input_ids))):
                     take += 1
                 take = max(take, 0 if size else 1)
                 if not take:
                     break
-                joining, waiting = waiting[:take], waiting[take:]
+                joining, waiting = [r for _, r in waiting[:take]], waiting[take:]
                 logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) for r in joining],
                                                      [r.prompt for r in joining], pad_id=pad_id, device=device,
                                                      keep=1, use_cache=True, counters=counters,
