@@ -257,3 +257,20 @@ def test_pool_compaction_keeps_every_row_exact(tiny_model_dir):
     assert tight.width == int(loose.mask.sum(1).max())
     assert torch.equal(tight.mask.sum(1), loose.mask.sum(1))
     torch.testing.assert_close(next_logits(tight), next_logits(loose), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prefill_batch_stays_within_its_group(tiny_model_dir):
+    """Rows of one group (task) share a long prefix: a pooled call over two groups computes exactly the positions
+    of one call per group (a prefill batch spanning both would share only what the groups have in common)."""
+    model, tokenizer = load(tiny_model_dir)
+    preambles = ["Please show your choice in the answer field with only the choice letter. Text follows:\n\n",
+                 "Solve the arithmetic problem and give only the number at the end of your answer:\n\n"]
+    prompts = [encode_prompt(tokenizer, f"g{g}-{i}", preambles[g] + m, 512)
+               for g in range(2) for i, m in enumerate(MESSAGES)]
+    groups = {p.id: p.id.split("-")[0] for p in prompts}
+    together, apart = GenerationCounters(), GenerationCounters()
+    generate(model, tokenizer, prompts, max_new_tokens=1, device="cpu", counters=together, groups=groups)
+    for g in ("g0", "g1"):
+        generate(model, tokenizer, [p for p in prompts if groups[p.id] == g], max_new_tokens=1, device="cpu",
+                 counters=apart)
+    assert together.forward_tokens == apart.forward_tokens
