@@ -29,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import REFERENCE, SHARED_DATA, TARGET_SPEEDUP, WORKLOADS, prepare_data  # noqa: E402
+from run import REFERENCE, SHARED_DATA, TARGET_SPEEDUP, WORKLOADS, prepare_data, workload_inputs  # noqa: E402
 
 
 def checkpoint_evaluations(name: str, tasks: int) -> int:
@@ -39,21 +39,10 @@ def checkpoint_evaluations(name: str, tasks: int) -> int:
 
 
 def prompt_pass(name: str, repeat: int) -> dict:
-    from lorawatch.config import build_config
     from lorawatch.evaluation import GenerationCounters, generate
-    from lorawatch.models import load_model
-    from lorawatch.presets import preset
-    from lorawatch.protocol import encode, generate_by_task, load_data
+    from lorawatch.protocol import generate_by_task
 
-    spec = WORKLOADS[name]
-    data = preset("paper-qwen").model_dump(mode="json")
-    data["model"].update(spec="smollm2-135m-instruct", dtype="float32", device="cpu")
-    for task in data["tasks"]:
-        task.update(max_train_rows=spec["train"], max_test_rows=spec["test"])
-    config = build_config(data, source="bench/floor.py")
-    run_data = load_data(config)
-    loaded = load_model(config.model.spec, device="cpu", dtype="float32")
-    encoded = encode(run_data, loaded.tokenizer, config.train.max_length)
+    config, run_data, loaded, encoded = workload_inputs(name, "bench/floor.py")
     budget = config.eval.token_budget
     times = []
     for _ in range(repeat):

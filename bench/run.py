@@ -57,6 +57,25 @@ COUNTERS = ("rows", "prompt_tokens", "generated_tokens", "decode_steps", "draft_
             "forward_tokens", "forward_passes", "lookup_tokens", "accepted_lookup_tokens")
 
 
+def workload_inputs(name: str, source: str):
+    """A workload's config (paper-qwen with SmolLM2 in fp32 at its row limits), data, model and token ids, loaded
+    in this process (bench/floor.py and bench/train_loop.py time pieces of the protocol with them)."""
+    from lorawatch.config import build_config
+    from lorawatch.inputs import encode, load_data
+    from lorawatch.models import load_model
+    from lorawatch.presets import preset
+
+    spec = WORKLOADS[name]
+    data = preset("paper-qwen").model_dump(mode="json")
+    data["model"].update(spec="smollm2-135m-instruct", dtype="float32", device="cpu")
+    for task in data["tasks"]:
+        task.update(max_train_rows=spec["train"], max_test_rows=spec["test"])
+    config = build_config(data, source=source)
+    run_data = load_data(config)
+    loaded = load_model(config.model.spec, device="cpu", dtype="float32")
+    return config, run_data, loaded, encode(run_data, loaded.tokenizer, config.train.max_length)
+
+
 def lorawatch(*args: str, env: dict) -> None:
     cmd = [sys.executable, "-m", "lorawatch", *args]
     result = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -27,25 +27,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import SHARED_DATA, WORKLOADS, prepare_data  # noqa: E402
+from run import SHARED_DATA, WORKLOADS, prepare_data, workload_inputs  # noqa: E402
 
 
 def stage_rows(name: str):
     """The model, tokenizer, training parameters and the first task's encoded training rows of a workload."""
-    from lorawatch.config import build_config
-    from lorawatch.inputs import encode, load_data
-    from lorawatch.models import load_model
-    from lorawatch.presets import preset
-
-    spec = WORKLOADS[name]
-    data = preset("paper-qwen").model_dump(mode="json")
-    data["model"].update(spec="smollm2-135m-instruct", dtype="float32", device="cpu")
-    for task in data["tasks"]:
-        task.update(max_train_rows=spec["train"], max_test_rows=spec["test"])
-    config = build_config(data, source="bench/train_loop.py")
-    run_data = load_data(config)
-    loaded = load_model(config.model.spec, device="cpu", dtype="float32")
-    encoded = encode(run_data, loaded.tokenizer, config.train.max_length)
+    config, run_data, loaded, encoded = workload_inputs(name, "bench/train_loop.py")
     return config, loaded, encoded.train[run_data.tasks[0].name]
 
 
