@@ -389,8 +389,8 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
     checks = ((rows, batch) for rows, gs in zip(drafted, guesses) if rows
               for batch in _check_drafts(model, rows, gs, max_new_tokens=max_new_tokens, pad_id=pad_id,
                                          device=device, vocab=vocab, token_budget=token_budget,
-                                         batch_rows=batch_rows,
-                                         counters=counters, finish=finish, share_prefix=share_prefix, use_cache=True))
+                                         batch_rows=batch_rows, counters=counters, finish=finish,
+                                         share_prefix=share_prefix, use_cache=True))
     parked: list[decode_pool.Block] = []
     pool: decode_pool.Block | None = None
     fixed = decode_pool.fixed_cost_positions(device)
@@ -446,8 +446,8 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
             break
         if pool is None or not len(pool):
             break
-        decode_pool.step(model, pool, lookup=lookup, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id, fixed=fixed, logits_budget=LOGITS_BUDGET,
-                         vocab=vocab, counters=stats)
+        decode_pool.step(model, pool, lookup=lookup, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
+                         fixed=fixed, logits_budget=LOGITS_BUDGET, vocab=vocab, counters=stats)
         counters.decode_steps += len(pool)
         for r in pool.rows:
             finish(r.row)

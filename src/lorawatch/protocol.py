@@ -203,7 +203,8 @@ class Recipe:
             self.console.print(f"lorawatch: fast path: {part} off for this model ({why})")
         self.costs.notes["fast_path"] = {"used": fast.to_dict(), "switched_off": switched_off}
         self.eval_params = EvalParams(max_new_tokens=config.eval.max_new_tokens, token_budget=config.eval.token_budget,
-                                      batch_rows=config.eval.batch_rows, device=info.device, reference_position=config.reference.position, fast=fast)
+                                      batch_rows=config.eval.batch_rows, device=info.device,
+                                      reference_position=config.reference.position, fast=fast)
         self.strategy = build_strategy(config.strategy, {t.name: self.encoded.train[t.name] for t in data.tasks},
                                        pad_id=self.loaded.tokenizer.pad_token_id, device=info.device)
 
