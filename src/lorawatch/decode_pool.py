@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 if TYPE_CHECKING:
-    from lorawatch.evaluation import _Row
+    from lorawatch.evaluation import GenerationCounters, _Row
 
 # n-gram sizes looked up, longest first: a 3-gram match is specific; a 2-gram match still predicts well in
 # the repetitive text of reasoning outputs and in answers copied from the prompt.
@@ -195,14 +195,6 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
 
 
-@dataclass
-class PoolCounters:
-    steps: int = 0
-    lookup_tokens: int = 0
-    accepted_lookup_tokens: int = 0
-    positions: int = 0
-
-
 def window_for(rows: Sequence[PoolRow], proposals: Sequence[list[int]], fixed: int, limit: int) -> int:
     """The window (tokens fed per row) that maximises expected tokens gained per position computed: every row
     gains its own token; a proposal's tokens count at the row's acceptance rate, decaying along the proposal."""
@@ -220,7 +212,7 @@ def window_for(rows: Sequence[PoolRow], proposals: Sequence[list[int]], fixed: i
 
 
 def step(model, pool: Block, *, lookup: bool, max_new_tokens: int, stops: set[int], pad_id: int, fixed: int,
-         logits_budget: int, vocab: int, counters: PoolCounters) -> None:
+         logits_budget: int, vocab: int, counters: GenerationCounters) -> None:
     """One forward pass: every row feeds its last token and, with `lookup`, proposed continuations; each row's
     output grows by the proposed tokens greedy decoding confirms plus greedy's own next token. A proposal
     never reaches past a stop token or the row's last allowed token, so every confirmed token is kept."""
@@ -241,8 +233,9 @@ def step(model, pool: Block, *, lookup: bool, max_new_tokens: int, stops: set[in
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=pool.cache, use_cache=True,
                    logits_to_keep=window).logits
     greedy = logits.argmax(-1).tolist()
-    counters.steps += 1
-    counters.positions += ids.numel()
+    counters.forward_passes += 1
+    counters.forward_tokens += ids.numel()
+    counters.decode_steps += len(pool)  # one greedy token per row; confirmed proposals are lookup tokens
     kept = fed.clone()
     for i, (row, feed) in enumerate(zip(pool.rows, feeds)):
         proposal = feed[1:]

@@ -394,7 +394,6 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
     parked: list[decode_pool.Block] = []
     pool: decode_pool.Block | None = None
     fixed = decode_pool.fixed_cost_positions(device)
-    stats = decode_pool.PoolCounters()
 
     def fits(rows: int, width: int) -> bool:  # with room for every row to reach max_new_tokens
         return rows * (width + max_new_tokens) <= token_budget and (batch_rows is None or rows <= batch_rows)
@@ -447,8 +446,7 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
         if pool is None or not len(pool):
             break
         decode_pool.step(model, pool, lookup=lookup, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
-                         fixed=fixed, logits_budget=LOGITS_BUDGET, vocab=vocab, counters=stats)
-        counters.decode_steps += len(pool)
+                         fixed=fixed, logits_budget=LOGITS_BUDGET, vocab=vocab, counters=counters)
         for r in pool.rows:
             finish(r.row)
         keep = [i for i, r in enumerate(pool.rows) if not r.row.done]
@@ -458,10 +456,6 @@ def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Seque
         if len(keep) < len(pool):
             pool.select(keep)
         pool.compact()
-    counters.forward_passes += stats.steps
-    counters.forward_tokens += stats.positions
-    counters.lookup_tokens += stats.lookup_tokens
-    counters.accepted_lookup_tokens += stats.accepted_lookup_tokens
 
 
 # Rows of a batch that start with the same tokens (the chat template, the task's instruction and its fixed
