@@ -39,7 +39,8 @@ def checkpoint_evaluations(name: str, tasks: int) -> int:
 
 
 def prompt_pass(name: str, repeat: int) -> dict:
-    from lorawatch.evaluation import GenerationCounters, generate
+    from lorawatch.evaluation import generate
+    from lorawatch.passes import GenerationCounters
     from lorawatch.protocol import generate_by_task
 
     config, run_data, loaded, encoded = workload_inputs(name, "bench/floor.py")

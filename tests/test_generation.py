@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorawatch.evaluation import (FastPath, GenerationCounters, budget_batches, generate, merged_adapter,
-                                  shared_prefix_length, stop_token_ids)
+from lorawatch.evaluation import FastPath, generate, merged_adapter, stop_token_ids
+from lorawatch.passes import GenerationCounters, budget_batches, prefill, shared_prefix_length
 from lorawatch.prompts import encode_prompt
 from lorawatch.stability import answer_logprobs
 
@@ -233,11 +233,10 @@ def test_pool_compaction_keeps_every_row_exact(tiny_model_dir):
     prompts = prompts_for(tokenizer)[:4]
     seqs = [list(p.input_ids) for p in prompts]
     from lorawatch import decode_pool
-    from lorawatch.evaluation import _prefill  # the pass that builds every block the pool holds
 
     def block():
-        _, cache, mask, last = _prefill(model, seqs, prompts, pad_id=tokenizer.pad_token_id, device="cpu", keep=1,
-                                        use_cache=True, counters=GenerationCounters(), share_prefix=True)
+        _, cache, mask, last = prefill(model, seqs, prompts, pad_id=tokenizer.pad_token_id, device="cpu", keep=1,
+                                       use_cache=True, counters=GenerationCounters(), share_prefix=True)
         mask[0, -3:-1] = 0  # holes inside the first row's own columns
         return decode_pool.Block([], cache, mask, last + 1)
 

@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorawatch.evaluation import left_pad
+from lorawatch.passes import left_pad
 from lorawatch.prompts import PLAIN_PROMPT, encode_prompt, encode_train_example, render_answer, render_prompt
 from lorawatch.stability import answer_logprobs, per_example_drift, summarize
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
-from lorawatch.evaluation import GenerationCounters
+from lorawatch.passes import GenerationCounters
 
 
 def peak_rss_bytes() -> int:

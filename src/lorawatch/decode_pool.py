@@ -10,7 +10,7 @@ row's own count of real tokens, so a row computes what it would compute alone, u
 - A row whose draft diverged keeps the draft pass's cache up to the divergence and joins the pool with the
   token greedy decoding chose there; nothing of its prompt is computed twice.
 - A row without a draft is prefilled when the pool has room for it (rows of one task share their common
-  prefix, see evaluation._prefill) and joins with its first token.
+  prefix, see passes.prefill) and joins with its first token.
 - Before each step, a row looks the last few tokens it has (prompt + output) up in its old output (the
   draft) and in its prompt; where they occur, the tokens that followed are proposed and checked in the same
   pass: the longest prefix greedy decoding agrees with is kept, plus greedy's own next token. A step then
@@ -25,14 +25,13 @@ attention), which keep the per-batch decoding of evaluation._decode.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-if TYPE_CHECKING:
-    from lorawatch.evaluation import GenerationCounters, _Row
+from lorawatch import passes
 
 # n-gram sizes looked up, longest first: a 3-gram match is specific; a 2-gram match still predicts well in
 # the repetitive text of reasoning outputs and in answers copied from the prompt.
@@ -53,7 +52,7 @@ def fixed_cost_positions(device: str) -> int:
 @dataclass
 class PoolRow:
     """A row in (or waiting for) the pool: the evaluation row, what it may repeat, and its proposals' record."""
-    row: _Row
+    row: passes.Row
     sources: list[Sequence[int]]  # where proposals are looked up: the old output first, then the prompt
     proposed: int = 0
     accepted: int = 0
@@ -212,7 +211,7 @@ def window_for(rows: Sequence[PoolRow], proposals: Sequence[list[int]], fixed: i
 
 
 def step(model, pool: Block, *, lookup: bool, max_new_tokens: int, stops: set[int], pad_id: int, fixed: int,
-         logits_budget: int, vocab: int, counters: GenerationCounters) -> None:
+         logits_budget: int, vocab: int, counters: passes.GenerationCounters) -> None:
     """One forward pass: every row feeds its last token and, with `lookup`, proposed continuations; each row's
     output grows by the proposed tokens greedy decoding confirms plus greedy's own next token. A proposal
     never reaches past a stop token or the row's last allowed token, so every confirmed token is kept."""
@@ -250,3 +249,104 @@ def step(model, pool: Block, *, lookup: bool, max_new_tokens: int, stops: set[in
         kept[i, agree + 1:] = 0  # the unconfirmed proposals' columns: never attended again
     pool.mask = torch.cat([pool.mask, kept], dim=1)
     pool.pos = pool.pos + kept.sum(1)
+
+
+def generate(model, groups: list[list[passes.Row]], drafts: Mapping[str, Sequence[int]], *, stops: set[int],
+             max_new_tokens: int, pad_id: int, device: str, token_budget: int, batch_rows: int | None,
+             counters: passes.GenerationCounters, finish: Callable[[passes.Row], None],
+             share_prefix: bool, vocab: int, lookup: bool) -> None:
+    """evaluation.generate's pooled decoding (see the module docstring): every unfinished row in one decoding
+    batch; rows whose drafts diverged join it with the draft pass's cache, rows without drafts are prefilled
+    when there is room, and the batch is refilled as rows finish. Drafts are checked and prompts prefilled
+    group by group; the batch's rows x (width + tokens still to come) stay within the token budget."""
+    drafted = [[r for r in group if drafts.get(r.prompt.id)] for group in groups]
+    guesses = [passes.usable_drafts(rows, drafts, max_new_tokens, stops) for rows in drafted]
+    old_outputs = {id(row): guess for rows, gs in zip(drafted, guesses) for row, guess in zip(rows, gs)}
+    # rows without a draft, group after group, by length within a group (prefill batches share prefixes)
+    waiting = [(g, r) for g, group in enumerate(groups)
+               for r in sorted(group, key=lambda r: len(r.prompt.input_ids)) if id(r) not in old_outputs]
+
+    def pool_row(row: passes.Row) -> PoolRow:
+        return PoolRow(row, [old_outputs.get(id(row), []), list(row.prompt.input_ids)])
+
+    def unfinished(batch_rows: list[passes.Row], cache, mask, pos) -> Block | None:
+        block = Block([pool_row(r) for r in batch_rows], cache, mask, pos)
+        keep = [i for i, r in enumerate(batch_rows) if not r.done]
+        if not keep:
+            return None
+        if not poolable(cache):
+            raise RuntimeError("pooled decoding needs a full-attention cache (see evaluation.fast_path_for)")
+        if len(keep) < len(block):
+            block.select(keep)
+        return block
+
+    checks = ((rows, batch) for rows, gs in zip(drafted, guesses) if rows
+              for batch in passes.check_drafts(model, rows, gs, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                               device=device, vocab=vocab, token_budget=token_budget,
+                                               batch_rows=batch_rows, counters=counters, finish=finish,
+                                               share_prefix=share_prefix, use_cache=True))
+    parked: list[Block] = []
+    pool: Block | None = None
+    fixed = fixed_cost_positions(device)
+
+    def fits(rows: int, width: int) -> bool:  # with room for every row to reach max_new_tokens
+        return rows * (width + max_new_tokens) <= token_budget and (batch_rows is None or rows <= batch_rows)
+
+    while True:
+        while True:  # admit rows while there is room
+            size, width = (len(pool), pool.width) if pool else (0, 0)
+            if parked:
+                block = parked[0]
+                take = len(block)
+                while take > 0 and not fits(size + take, max(width, block.width)):
+                    take -= 1
+                take = max(take, 0 if size else 1)
+                if not take:
+                    break
+                pool = merge(pool, block.split(take) if take < len(block) else parked.pop(0))
+                continue
+            checked = next(checks, None)
+            if checked is not None:
+                rows, (batch, cache, mask, pos) = checked
+                block = unfinished([rows[i] for i in batch], cache, mask, pos)
+                if block is not None:
+                    parked.append(block)
+                continue
+            if waiting:
+                take = 0
+                # a prefill batch stays within one group: its rows share their long prefix
+                while take < len(waiting) and waiting[take][0] == waiting[0][0] and \
+                        fits(size + take + 1, max(width, len(waiting[take][1].prompt.input_ids))):
+                    take += 1
+                take = max(take, 0 if size else 1)
+                if not take:
+                    break
+                joining, waiting = [r for _, r in waiting[:take]], waiting[take:]
+                logits, cache, mask, last = passes.prefill(model, [list(r.prompt.input_ids) for r in joining],
+                                                     [r.prompt for r in joining], pad_id=pad_id, device=device,
+                                                     keep=1, use_cache=True, counters=counters,
+                                                     share_prefix=share_prefix)
+                counters.decode_steps += len(joining)
+                for row, token, row_logits in zip(joining, logits[:, -1].argmax(-1).tolist(), logits[:, -1]):
+                    if row.want_first:
+                        row.first_logprobs = torch.log_softmax(row_logits.float(), dim=-1).cpu()
+                    row.out = [token]
+                    finish(row)
+                block = unfinished(joining, cache, mask, last + 1)
+                if block is not None:
+                    pool = merge(pool, block)
+                continue
+            break
+        if pool is None or not len(pool):
+            break
+        step(model, pool, lookup=lookup, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
+                         fixed=fixed, logits_budget=passes.LOGITS_BUDGET, vocab=vocab, counters=counters)
+        for r in pool.rows:
+            finish(r.row)
+        keep = [i for i, r in enumerate(pool.rows) if not r.row.done]
+        if not keep:
+            pool = None
+            continue
+        if len(keep) < len(pool):
+            pool.select(keep)
+        pool.compact()

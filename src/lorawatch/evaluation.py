@@ -26,23 +26,20 @@ straightforward path the fast one is checked against.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lorawatch import decode_pool
+from lorawatch.passes import (DEFAULT_TOKEN_BUDGET, GenerationCounters, Row, budget_batches, check_drafts, prefill,
+                              usable_drafts)
 from lorawatch.prompts import EncodedPrompt
 
 # End-of-turn markers of the chat formats in use; generation also stops at them.
 CHAT_END_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
-# Rows x padded width of one batch. Bigger batches make decoding steps cheaper per row; the key/value cache
-# of a SmolLM2 batch at this budget stays under ~0.5 GB.
-DEFAULT_TOKEN_BUDGET = 8192
-# Rows x kept positions x vocabulary of the logits of one draft-checking pass (float32: 4 bytes each).
-LOGITS_BUDGET = 48_000_000
 # Bumped whenever a change here changes what generation computes: cached base-stage results record it.
 GENERATION_RULES_VERSION = 2
 
@@ -113,86 +110,10 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -
     return sorted(ids)
 
 
-def left_pad(prompts: Sequence[EncodedPrompt], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _left_pad([p.input_ids for p in prompts], pad_id, device)
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's own first token: padding does not shift a row."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def budget_batches(lengths: Sequence[int], token_budget: int, row_cost: Callable[[int], int] | None = None,
-                   cost_budget: int | None = None, max_rows: int | None = None) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose rows x longest length fit the token budget.
-
-    `row_cost(longest)` and `cost_budget` add a second limit (the logits of a draft-checking pass), `max_rows`
-    a third (a fixed batch size, as the published implementation's 4).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        rows = len(current) + 1
-        fits = rows * lengths[i] <= token_budget and (max_rows is None or rows <= max_rows)
-        if fits and row_cost is not None and cost_budget is not None:
-            fits = rows * row_cost(lengths[i]) <= cost_budget
-        if current and not fits:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-@dataclass
-class GenerationCounters:
-    """What a generation call cost, in tokens; the benchmark reports these."""
-    rows: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0  # each row up to and including its own stop token: the decoding work needed
-    # row-steps computed by incremental decoding (the first token of a prefill, or the token after a checked draft,
-    # included): generated tokens = decode steps + accepted draft tokens + accepted lookup tokens
-    decode_steps: int = 0
-    draft_tokens: int = 0  # draft tokens checked in a single pass
-    accepted_draft_tokens: int = 0
-    forward_tokens: int = 0  # every position run through the model, padding included
-    forward_passes: int = 0
-    lookup_tokens: int = 0  # tokens proposed by lookup (pooled decoding) and checked in a decoding step
-    accepted_lookup_tokens: int = 0
-
-    def add(self, other: "GenerationCounters") -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
 @dataclass(frozen=True)
 class Generated:
     output_ids: tuple[int, ...]  # generated tokens, ending with the stop token when the row stopped at one
     first_logprobs: torch.Tensor | None = None  # float32 [vocab]: the next-token distribution after the prompt
-
-
-@dataclass
-class _Row:
-    prompt: EncodedPrompt
-    want_first: bool = False  # keep the next-token distribution after the prompt
-    out: list[int] = field(default_factory=list)
-    first_logprobs: torch.Tensor | None = None
-    done: bool = False
 
 
 @torch.no_grad()
@@ -227,13 +148,13 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = model.get_output_embeddings().weight.shape[0]
     want_first = {p.id for p in prompts} if first_logprobs is True else set(first_logprobs or ())
-    rows = [_Row(p, want_first=p.id in want_first) for p in prompts]
+    rows = [Row(p, want_first=p.id in want_first) for p in prompts]
     if len({p.id for p in prompts}) < len(prompts):
         raise ValueError("generate: prompt ids must be unique (results are keyed by them)")
     counters.rows += len(rows)
     counters.prompt_tokens += sum(len(p.input_ids) for p in prompts)
 
-    def finish(row: _Row) -> None:
+    def finish(row: Row) -> None:
         for i, token in enumerate(row.out):
             if token in stops:
                 row.out = row.out[:i + 1]
@@ -243,20 +164,20 @@ def generate(
         if row.done and on_rows:
             on_rows(1)
 
-    by_group: dict[str | None, list[_Row]] = {}
+    by_group: dict[str | None, list[Row]] = {}
     for row in rows:
         by_group.setdefault((groups or {}).get(row.prompt.id), []).append(row)
     options = dict(max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, token_budget=token_budget,
                    batch_rows=batch_rows, counters=counters, finish=finish, share_prefix=fast.shared_prefix)
     use_drafts = fast.drafts and bool(drafts)
     if fast.pooled_decoding:
-        _generate_pooled(model, list(by_group.values()), drafts if use_drafts else {}, vocab=vocab,
+        decode_pool.generate(model, list(by_group.values()), drafts if use_drafts else {}, vocab=vocab,
                          lookup=fast.lookup, stops=stops, **options)
     else:
         for group in by_group.values():
             drafted = [r for r in group if use_drafts and drafts.get(r.prompt.id)]
-            guesses = _guesses(drafted, drafts, max_new_tokens, stops) if drafted else []
-            for _ in _check_drafts(model, drafted, guesses, vocab=vocab, use_cache=False, **options):
+            guesses = usable_drafts(drafted, drafts, max_new_tokens, stops) if drafted else []
+            for _ in check_drafts(model, drafted, guesses, vocab=vocab, use_cache=False, **options):
                 pass
             pending = [r for r in group if not r.done]
             if pending:
@@ -265,66 +186,15 @@ def generate(
     return {r.prompt.id: Generated(tuple(r.out), r.first_logprobs) for r in rows}
 
 
-def _guesses(rows: list[_Row], drafts: Mapping[str, Sequence[int]], max_new_tokens: int,
-             stops: set[int]) -> list[list[int]]:
-    """Each row's draft as far as it can be used: at most `max_new_tokens`, up to its first stop token."""
-    guesses = []
-    for row in rows:
-        draft = list(drafts[row.prompt.id])[:max_new_tokens]
-        cut = next((i for i, t in enumerate(draft) if t in stops), None)
-        guesses.append(draft if cut is None else draft[:cut + 1])
-    return guesses
-
-
-def _check_drafts(model, rows: list[_Row], guesses: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                  device: str, vocab: int, token_budget: int, batch_rows: int | None, counters: GenerationCounters,
-                  finish: Callable[[_Row], None], share_prefix: bool,
-                  use_cache: bool) -> Iterator[tuple[list[int], DynamicCache | None, torch.Tensor, torch.Tensor]]:
-    """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with, plus
-    greedy's next token. Yields each batch as (row indices, cache, mask, position id of each row's next
-    token), the mask switched off over the draft tokens greedy decoding did not confirm."""
-    if not rows:
-        return
-    lengths = [len(r.prompt.input_ids) + len(g) for r, g in zip(rows, guesses)]
-    longest_draft = max(len(g) for g in guesses)
-    for batch in budget_batches(lengths, token_budget, row_cost=lambda _: (longest_draft + 1) * vocab,
-                                cost_budget=LOGITS_BUDGET, max_rows=batch_rows):
-        seqs = [list(rows[i].prompt.input_ids) + guesses[i] for i in batch]
-        keep = max(len(guesses[i]) for i in batch) + 1
-        logits, cache, mask, _ = _prefill(model, seqs, [rows[i].prompt for i in batch], pad_id=pad_id,
-                                          device=device, keep=keep, use_cache=use_cache, counters=counters,
-                                          share_prefix=share_prefix)
-        positions = []
-        for b, i in enumerate(batch):
-            row, draft = rows[i], guesses[i]
-            start = keep - 1 - len(draft)  # the prompt's last position within the kept logits
-            greedy = logits[b, start:].argmax(-1).tolist()  # greedy[j]: the token after prompt + draft[:j]
-            if row.want_first:
-                row.first_logprobs = torch.log_softmax(logits[b, start].float(), dim=-1).cpu()
-            agree = 0
-            while agree < len(draft) and greedy[agree] == draft[agree]:
-                agree += 1
-            row.out = draft[:agree] + [greedy[agree]]
-            counters.draft_tokens += len(draft)
-            counters.accepted_draft_tokens += agree
-            if agree < len(draft):
-                mask[b, mask.shape[1] - (len(draft) - agree):] = 0
-            positions.append(len(row.prompt.input_ids) + agree)
-            finish(row)
-            counters.decode_steps += len(row.out) > agree  # greedy's own token after the draft, where kept
-        del logits
-        yield batch, cache, mask, torch.tensor(positions, device=mask.device)
-
-
-def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
-            batch_rows: int | None, counters: GenerationCounters, finish: Callable[[_Row], None], share_prefix: bool,
+def _decode(model, rows: list[Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
+            batch_rows: int | None, counters: GenerationCounters, finish: Callable[[Row], None], share_prefix: bool,
             drop_finished: bool) -> None:
     """Incremental greedy decoding. With `drop_finished` a row leaves the batch (and its cache) once it is
     finished; without it, it is carried along until the whole batch is done and its tokens are ignored."""
     lengths = [len(r.prompt.input_ids) + max_new_tokens for r in rows]  # the longest a row's cache can grow
     for batch in budget_batches(lengths, token_budget, max_rows=batch_rows):
         active = [rows[i] for i in batch]
-        logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) + r.out for r in active],
+        logits, cache, mask, last = prefill(model, [list(r.prompt.input_ids) + r.out for r in active],
                                              [r.prompt for r in active], pad_id=pad_id, device=device, keep=1,
                                              use_cache=True, counters=counters, share_prefix=share_prefix)
         logits = logits[:, -1]
@@ -355,152 +225,6 @@ def _decode(model, rows: list[_Row], *, max_new_tokens: int, pad_id: int, device
             counters.forward_tokens += len(active)
             counters.decode_steps += len(active)
         del cache
-
-
-def _generate_pooled(model, groups: list[list[_Row]], drafts: Mapping[str, Sequence[int]], *, stops: set[int],
-                     max_new_tokens: int, pad_id: int, device: str, token_budget: int, batch_rows: int | None,
-                     counters: GenerationCounters, finish: Callable[[_Row], None],
-                     share_prefix: bool, vocab: int, lookup: bool) -> None:
-    """Every unfinished row in one decoding batch (decode_pool.py): rows whose drafts diverged join it with the
-    draft pass's cache, rows without drafts are prefilled when there is room, and the batch is refilled as
-    rows finish. Drafts are checked and prompts prefilled group by group; the batch's rows x (width + tokens
-    still to come) stay within the token budget."""
-    drafted = [[r for r in group if drafts.get(r.prompt.id)] for group in groups]
-    guesses = [_guesses(rows, drafts, max_new_tokens, stops) for rows in drafted]
-    old_outputs = {id(row): guess for rows, gs in zip(drafted, guesses) for row, guess in zip(rows, gs)}
-    # rows without a draft, group after group, by length within a group (prefill batches share prefixes)
-    waiting = [(g, r) for g, group in enumerate(groups)
-               for r in sorted(group, key=lambda r: len(r.prompt.input_ids)) if id(r) not in old_outputs]
-
-    def pool_row(row: _Row) -> decode_pool.PoolRow:
-        return decode_pool.PoolRow(row, [old_outputs.get(id(row), []), list(row.prompt.input_ids)])
-
-    def unfinished(batch_rows: list[_Row], cache, mask, pos) -> decode_pool.Block | None:
-        block = decode_pool.Block([pool_row(r) for r in batch_rows], cache, mask, pos)
-        keep = [i for i, r in enumerate(batch_rows) if not r.done]
-        if not keep:
-            return None
-        if not decode_pool.poolable(cache):
-            raise RuntimeError("pooled decoding needs a full-attention cache (see evaluation.fast_path_for)")
-        if len(keep) < len(block):
-            block.select(keep)
-        return block
-
-    checks = ((rows, batch) for rows, gs in zip(drafted, guesses) if rows
-              for batch in _check_drafts(model, rows, gs, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                                         device=device, vocab=vocab, token_budget=token_budget,
-                                         batch_rows=batch_rows, counters=counters, finish=finish,
-                                         share_prefix=share_prefix, use_cache=True))
-    parked: list[decode_pool.Block] = []
-    pool: decode_pool.Block | None = None
-    fixed = decode_pool.fixed_cost_positions(device)
-
-    def fits(rows: int, width: int) -> bool:  # with room for every row to reach max_new_tokens
-        return rows * (width + max_new_tokens) <= token_budget and (batch_rows is None or rows <= batch_rows)
-
-    while True:
-        while True:  # admit rows while there is room
-            size, width = (len(pool), pool.width) if pool else (0, 0)
-            if parked:
-                block = parked[0]
-                take = len(block)
-                while take > 0 and not fits(size + take, max(width, block.width)):
-                    take -= 1
-                take = max(take, 0 if size else 1)
-                if not take:
-                    break
-                pool = decode_pool.merge(pool, block.split(take) if take < len(block) else parked.pop(0))
-                continue
-            checked = next(checks, None)
-            if checked is not None:
-                rows, (batch, cache, mask, pos) = checked
-                block = unfinished([rows[i] for i in batch], cache, mask, pos)
-                if block is not None:
-                    parked.append(block)
-                continue
-            if waiting:
-                take = 0
-                # a prefill batch stays within one group: its rows share their long prefix
-                while take < len(waiting) and waiting[take][0] == waiting[0][0] and \
-                        fits(size + take + 1, max(width, len(waiting[take][1].prompt.input_ids))):
-                    take += 1
-                take = max(take, 0 if size else 1)
-                if not take:
-                    break
-                joining, waiting = [r for _, r in waiting[:take]], waiting[take:]
-                logits, cache, mask, last = _prefill(model, [list(r.prompt.input_ids) for r in joining],
-                                                     [r.prompt for r in joining], pad_id=pad_id, device=device,
-                                                     keep=1, use_cache=True, counters=counters,
-                                                     share_prefix=share_prefix)
-                counters.decode_steps += len(joining)
-                for row, token, row_logits in zip(joining, logits[:, -1].argmax(-1).tolist(), logits[:, -1]):
-                    if row.want_first:
-                        row.first_logprobs = torch.log_softmax(row_logits.float(), dim=-1).cpu()
-                    row.out = [token]
-                    finish(row)
-                block = unfinished(joining, cache, mask, last + 1)
-                if block is not None:
-                    pool = decode_pool.merge(pool, block)
-                continue
-            break
-        if pool is None or not len(pool):
-            break
-        decode_pool.step(model, pool, lookup=lookup, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
-                         fixed=fixed, logits_budget=LOGITS_BUDGET, vocab=vocab, counters=counters)
-        for r in pool.rows:
-            finish(r.row)
-        keep = [i for i, r in enumerate(pool.rows) if not r.row.done]
-        if not keep:
-            pool = None
-            continue
-        if len(keep) < len(pool):
-            pool.select(keep)
-        pool.compact()
-
-
-# Rows of a batch that start with the same tokens (the chat template, the task's instruction and its fixed
-# preamble: half of a TRACE prompt) share one computation of that prefix.
-MIN_SHARED_PREFIX = 8
-
-
-def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Tokens every row starts with, leaving each row at least one token of its own.
-
-    Called on the prompts alone (never prompt + draft): a row's own part then always holds its last prompt
-    token, where its first generated token and reference distribution are read, even when rows repeat a
-    whole prompt."""
-    limit = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in seqs):
-        n += 1
-    return n if n >= MIN_SHARED_PREFIX and len(seqs) > 1 else 0
-
-
-def _prefill(model, seqs: Sequence[Sequence[int]], prompts: Sequence[EncodedPrompt], *, pad_id: int, device: str,
-             keep: int, use_cache: bool, counters: GenerationCounters,
-             share_prefix: bool) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, torch.Tensor]:
-    """One pass over a batch of rows (each a prompt and what follows it): (logits of the last `keep` positions,
-    cache, attention mask, each row's last position id). With `share_prefix`, a prefix common to all prompts
-    is computed once and its cache copied to every row; the rows' own tokens follow it, padded on their
-    left: [prefix][pad][row]."""
-    shared = shared_prefix_length([p.input_ids for p in prompts]) if share_prefix else 0
-    cache = DynamicCache(config=model.config) if use_cache or shared else None
-    if shared:
-        prefix = torch.tensor([list(seqs[0][:shared])], dtype=torch.long, device=device)
-        model(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache, use_cache=True,
-              logits_to_keep=1)
-        cache.batch_repeat_interleave(len(seqs))
-        counters.forward_passes += 1
-        counters.forward_tokens += shared
-    ids, own_mask = _left_pad([s[shared:] for s in seqs], pad_id, device)
-    mask = torch.cat([own_mask.new_ones((len(seqs), shared)), own_mask], dim=1)
-    positions = position_ids(mask)[:, shared:]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                   use_cache=cache is not None, logits_to_keep=keep).logits
-    counters.forward_passes += 1
-    counters.forward_tokens += ids.numel()
-    return logits, cache, mask, positions[:, -1]
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lorawatch.evaluation import DEFAULT_TOKEN_BUDGET, budget_batches, left_pad, position_ids
+from lorawatch.passes import DEFAULT_TOKEN_BUDGET, budget_batches, left_pad, position_ids
 from lorawatch.prompts import EncodedPrompt
 
 STAT_NAMES = ("kl", "entropy", "margin")
