@@ -150,7 +150,7 @@ def test_evaluation_conforms_to_generate(family_dirs, family, dtype_name):
     assert fast.shared_prefix == (family in ("llama", "qwen3")), off
     assert fast.pooled_decoding == fast.lookup == (family in ("llama", "qwen3")), off
     assert fast.merge_adapter == (dtype_name == "float32"), off
-    assert fast.drafts and fast.drop_finished and fast.reference_from_generation
+    assert fast.drafts and fast.drop_finished and fast.reference_from_generation and fast.cache_in_place
 
     with merged_adapter(model) if fast.merge_adapter else torch.no_grad():
         got = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, device="cpu", drafts=drafts,

@@ -236,7 +236,8 @@ def test_pool_compaction_keeps_every_row_exact(tiny_model_dir):
 
     def block():
         _, cache, mask, last = prefill(model, seqs, prompts, pad_id=tokenizer.pad_token_id, device="cpu", keep=1,
-                                       use_cache=True, counters=GenerationCounters(), share_prefix=True)
+                                       use_cache=True, counters=GenerationCounters(), share_prefix=True,
+                                       in_place=True)
         mask[0, -3:-1] = 0  # holes inside the first row's own columns
         return decode_pool.Block([], cache, mask, last + 1)
 
@@ -273,3 +274,39 @@ def test_a_prefill_batch_stays_within_its_group(tiny_model_dir):
         generate(model, tokenizer, [p for p in prompts if groups[p.id] == g], max_new_tokens=1, device="cpu",
                  counters=apart)
     assert together.forward_tokens == apart.forward_tokens
+
+
+def test_a_cache_growing_in_place_changes_no_bit(tiny_model_dir):
+    """The in-place cache (passes.GrowingLayer) gives the very logits of transformers' DynamicLayer, through the
+    pool's merges, row selections, trims and compactions and through per-batch decoding, and a copied block
+    never writes into its original's buffer."""
+    from lorawatch.passes import GrowingLayer, new_cache
+
+    model, tokenizer = load(tiny_model_dir)
+    prompts = prompts_for(tokenizer)
+    expected = reference_one_at_a_time(model, tokenizer, prompts, 40)
+    drafts = {k: v[:4] + (9,) + v[5:] for k, v in list(expected.items())[1:]}  # one row undrafted, the rest diverge
+    for pooled in (True, False):
+        runs = {}
+        for in_place in (True, False):
+            runs[in_place] = generate(model, tokenizer, prompts, max_new_tokens=40, device="cpu", token_budget=300,
+                                      drafts=drafts, first_logprobs=True,
+                                      fast=FastPath(cache_in_place=in_place, pooled_decoding=pooled, lookup=pooled))
+        for k in expected:
+            assert runs[True][k].output_ids == runs[False][k].output_ids == expected[k]
+            assert torch.equal(runs[True][k].first_logprobs, runs[False][k].first_logprobs)
+
+    cache = new_cache(model, in_place=True)
+    assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    layer = cache.layers[0]
+    keys = torch.randn(2, 1, 3, 4)
+    layer.update(keys, keys)
+    buffer = layer._key_room
+    layer.update(keys[:, :, :1] + 1, keys[:, :, :1] + 1)
+    assert layer._key_room is buffer and layer.keys.shape[2] == 4  # written into the room, not copied
+    layer.keys, layer.values = layer.keys[:, :, :2], layer.values[:, :, :2]  # trimmed from the end: same buffer
+    copy = layer.detached()
+    copy.update(keys[:, :, :1] * 0, keys[:, :, :1] * 0)
+    layer.update(keys[:, :, :1] + 5, keys[:, :, :1] + 5)
+    assert layer._key_room is buffer and torch.equal(layer.keys[:, :, 2], keys[:, :, 0] + 5)
+    assert torch.equal(copy.keys[:, :, :2], keys[:, :, :2]) and torch.equal(copy.keys[:, :, 2], keys[:, :, 0] * 0)

@@ -133,12 +133,14 @@ class EvalSettings(_Strict):
                                                     "(full-attention models only)")
     lookup: bool = Field(True, description="propose continuations found in a row's old output and prompt and "
                                            "check them in the decoding step (with pooled_decoding)")
+    cache_in_place: bool = Field(True, description="grow the key/value cache in place instead of copying it at "
+                                                   "every decoding step")
     reuse_base_stage: bool = Field(True, description="cache the base evaluation across runs, orders and seeds")
 
 
 # Every fast-path switch of EvalSettings: `--plain` turns them all off.
 PLAIN_SWITCHES = ("drafts", "merge_adapter", "shared_prefix", "drop_finished", "reference_from_generation",
-                  "pooled_decoding", "lookup", "reuse_base_stage")
+                  "pooled_decoding", "lookup", "cache_in_place", "reuse_base_stage")
 
 
 class MonitorSettings(_Strict):

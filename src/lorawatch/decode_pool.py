@@ -159,6 +159,9 @@ def _copy_cache(cache: DynamicCache) -> DynamicCache:
     copy.__dict__.update(cache.__dict__)
     copy.layers = []
     for layer in cache.layers:
+        if isinstance(layer, passes.GrowingLayer):
+            copy.layers.append(layer.detached())
+            continue
         new = DynamicLayer()
         new.__dict__.update(layer.__dict__)
         copy.layers.append(new)
@@ -167,7 +170,7 @@ def _copy_cache(cache: DynamicCache) -> DynamicCache:
 
 def poolable(cache: DynamicCache) -> bool:
     """Whether every layer of `cache` is plain full attention (a DynamicLayer, no window, no recurrent state)."""
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(type(layer) in (DynamicLayer, passes.GrowingLayer) for layer in cache.layers)
 
 
 def merge(into: Block | None, block: Block) -> Block:
@@ -254,7 +257,7 @@ def step(model, pool: Block, *, lookup: bool, max_new_tokens: int, stops: set[in
 def generate(model, groups: list[list[passes.Row]], drafts: Mapping[str, Sequence[int]], *, stops: set[int],
              max_new_tokens: int, pad_id: int, device: str, token_budget: int, batch_rows: int | None,
              counters: passes.GenerationCounters, finish: Callable[[passes.Row], None],
-             share_prefix: bool, vocab: int, lookup: bool) -> None:
+             share_prefix: bool, in_place: bool, vocab: int, lookup: bool) -> None:
     """evaluation.generate's pooled decoding (see the module docstring): every unfinished row in one decoding
     batch; rows whose drafts diverged join it with the draft pass's cache, rows without drafts are prefilled
     when there is room, and the batch is refilled as rows finish. Drafts are checked and prompts prefilled
@@ -284,7 +287,7 @@ def generate(model, groups: list[list[passes.Row]], drafts: Mapping[str, Sequenc
               for batch in passes.check_drafts(model, rows, gs, max_new_tokens=max_new_tokens, pad_id=pad_id,
                                                device=device, vocab=vocab, token_budget=token_budget,
                                                batch_rows=batch_rows, counters=counters, finish=finish,
-                                               share_prefix=share_prefix, use_cache=True))
+                                               share_prefix=share_prefix, in_place=in_place, use_cache=True))
     parked: list[Block] = []
     pool: Block | None = None
     fixed = fixed_cost_positions(device)
@@ -325,7 +328,7 @@ def generate(model, groups: list[list[passes.Row]], drafts: Mapping[str, Sequenc
                 logits, cache, mask, last = passes.prefill(model, [list(r.prompt.input_ids) for r in joining],
                                                      [r.prompt for r in joining], pad_id=pad_id, device=device,
                                                      keep=1, use_cache=True, counters=counters,
-                                                     share_prefix=share_prefix)
+                                                     share_prefix=share_prefix, in_place=in_place)
                 counters.decode_steps += len(joining)
                 for row, token, row_logits in zip(joining, logits[:, -1].argmax(-1).tolist(), logits[:, -1]):
                     if row.want_first:

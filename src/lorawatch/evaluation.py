@@ -56,6 +56,7 @@ class FastPath:
     reference_from_generation: bool = True  # reference drift read from the generation's first pass
     pooled_decoding: bool = True  # one refilled decoding batch for all unfinished rows, from the draft pass's cache
     lookup: bool = True  # proposals looked up in a row's old output and prompt, checked in the decoding step
+    cache_in_place: bool = True  # the key/value cache grows in place instead of being copied at every step
 
     @classmethod
     def plain(cls) -> "FastPath":
@@ -168,11 +169,12 @@ def generate(
     for row in rows:
         by_group.setdefault((groups or {}).get(row.prompt.id), []).append(row)
     options = dict(max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, token_budget=token_budget,
-                   batch_rows=batch_rows, counters=counters, finish=finish, share_prefix=fast.shared_prefix)
+                   batch_rows=batch_rows, counters=counters, finish=finish, share_prefix=fast.shared_prefix,
+                   in_place=fast.cache_in_place)
     use_drafts = fast.drafts and bool(drafts)
     if fast.pooled_decoding:
         decode_pool.generate(model, list(by_group.values()), drafts if use_drafts else {}, vocab=vocab,
-                         lookup=fast.lookup, stops=stops, **options)
+                             lookup=fast.lookup, stops=stops, **options)
     else:
         for group in by_group.values():
             drafted = [r for r in group if use_drafts and drafts.get(r.prompt.id)]
@@ -188,15 +190,16 @@ def generate(
 
 def _decode(model, rows: list[Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
             batch_rows: int | None, counters: GenerationCounters, finish: Callable[[Row], None], share_prefix: bool,
-            drop_finished: bool) -> None:
+            in_place: bool, drop_finished: bool) -> None:
     """Incremental greedy decoding. With `drop_finished` a row leaves the batch (and its cache) once it is
     finished; without it, it is carried along until the whole batch is done and its tokens are ignored."""
     lengths = [len(r.prompt.input_ids) + max_new_tokens for r in rows]  # the longest a row's cache can grow
     for batch in budget_batches(lengths, token_budget, max_rows=batch_rows):
         active = [rows[i] for i in batch]
         logits, cache, mask, last = prefill(model, [list(r.prompt.input_ids) + r.out for r in active],
-                                             [r.prompt for r in active], pad_id=pad_id, device=device, keep=1,
-                                             use_cache=True, counters=counters, share_prefix=share_prefix)
+                                            [r.prompt for r in active], pad_id=pad_id, device=device, keep=1,
+                                            use_cache=True, counters=counters, share_prefix=share_prefix,
+                                            in_place=in_place)
         logits = logits[:, -1]
         counters.decode_steps += len(active)
         while True:

@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from lorawatch.prompts import EncodedPrompt
 
@@ -96,6 +97,55 @@ def budget_batches(lengths: Sequence[int], token_budget: int, row_cost: Callable
     return batches
 
 
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer that grows in place: keys and values are views into a buffer with room for
+    `ROOM` more positions, so a decoding step writes its new column instead of copying the whole cache into a
+    new tensor as DynamicLayer's torch.cat does (a quarter of a CPU decoding step at the pool's cache sizes).
+    The attention reads the same numbers through a strided view: results are bit for bit those of DynamicLayer
+    (tests/test_generation.py). Whoever replaces `keys`/`values` with a tensor of their own (row selection,
+    merging, compaction) just makes the next update start a new buffer; a view cut from the end of the
+    current one (a trimmed width) keeps it."""
+
+    ROOM = 64
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self._key_room = _append(self.keys, getattr(self, "_key_room", None), key_states, self.ROOM)
+        self.values, self._value_room = _append(self.values, getattr(self, "_value_room", None), value_states,
+                                                self.ROOM)
+        return self.keys, self.values
+
+    def detached(self) -> "GrowingLayer":
+        """The same keys and values in a layer with no claim on this one's buffer (writing into a shared
+        buffer would overwrite the other layer's next columns)."""
+        copy = GrowingLayer()
+        copy.__dict__.update({k: v for k, v in self.__dict__.items() if not k.endswith("_room")})
+        return copy
+
+
+def _append(held: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor,
+            extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`held` with `new` appended along the positions, written into `room` when `held` is the start of it."""
+    n = held.shape[-2] if held.numel() else 0
+    own = (room is not None and n > 0 and held.data_ptr() == room.data_ptr() and held.stride() == room.stride()
+           and held.shape[:2] == room.shape[:2] and n + new.shape[-2] <= room.shape[-2])
+    if not own:
+        room = new.new_empty((*new.shape[:2], n + new.shape[-2] + extra, new.shape[-1]))
+        if n:
+            room[..., :n, :] = held
+    room[..., n:n + new.shape[-2], :] = new
+    return room[..., :n + new.shape[-2], :], room
+
+
+def new_cache(model, in_place: bool) -> DynamicCache:
+    """An empty cache for `model`; with `in_place`, its plain full-attention layers grow in place."""
+    cache = DynamicCache(config=model.config)
+    if in_place:
+        cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 # Rows of a batch that start with the same tokens (the chat template, the task's instruction and its fixed
 # preamble: half of a TRACE prompt) share one computation of that prefix.
 MIN_SHARED_PREFIX = 8
@@ -116,14 +166,14 @@ def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def prefill(model, seqs: Sequence[Sequence[int]], prompts: Sequence[EncodedPrompt], *, pad_id: int, device: str,
-             keep: int, use_cache: bool, counters: GenerationCounters,
-             share_prefix: bool) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, torch.Tensor]:
+            keep: int, use_cache: bool, counters: GenerationCounters, share_prefix: bool,
+            in_place: bool) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, torch.Tensor]:
     """One pass over a batch of rows (each a prompt and what follows it): (logits of the last `keep` positions,
     cache, attention mask, each row's last position id). With `share_prefix`, a prefix common to all prompts
     is computed once and its cache copied to every row; the rows' own tokens follow it, padded on their
     left: [prefix][pad][row]."""
     shared = shared_prefix_length([p.input_ids for p in prompts]) if share_prefix else 0
-    cache = DynamicCache(config=model.config) if use_cache or shared else None
+    cache = new_cache(model, in_place) if use_cache or shared else None
     if shared:
         prefix = torch.tensor([list(seqs[0][:shared])], dtype=torch.long, device=device)
         model(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache, use_cache=True,
@@ -154,7 +204,7 @@ def usable_drafts(rows: list[Row], drafts: Mapping[str, Sequence[int]], max_new_
 
 def check_drafts(model, rows: list[Row], guesses: list[list[int]], *, max_new_tokens: int, pad_id: int,
                   device: str, vocab: int, token_budget: int, batch_rows: int | None, counters: GenerationCounters,
-                  finish: Callable[[Row], None], share_prefix: bool,
+                  finish: Callable[[Row], None], share_prefix: bool, in_place: bool,
                   use_cache: bool) -> Iterator[tuple[list[int], DynamicCache | None, torch.Tensor, torch.Tensor]]:
     """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with, plus
     greedy's next token. Yields each batch as (row indices, cache, mask, position id of each row's next
@@ -168,8 +218,8 @@ def check_drafts(model, rows: list[Row], guesses: list[list[int]], *, max_new_to
         seqs = [list(rows[i].prompt.input_ids) + guesses[i] for i in batch]
         keep = max(len(guesses[i]) for i in batch) + 1
         logits, cache, mask, _ = prefill(model, seqs, [rows[i].prompt for i in batch], pad_id=pad_id,
-                                          device=device, keep=keep, use_cache=use_cache, counters=counters,
-                                          share_prefix=share_prefix)
+                                         device=device, keep=keep, use_cache=use_cache, counters=counters,
+                                         share_prefix=share_prefix, in_place=in_place)
         positions = []
         for b, i in enumerate(batch):
             row, draft = rows[i], guesses[i]
