@@ -5,7 +5,8 @@
 Reads the study's unit folders (`<point>-seed<S>`) through `lorawatch.compare.compare_runs`, the same numbers
 `lorawatch compare` prints, and prints one Markdown row per grid point: final average accuracy, BWT and final KL to
 base as mean ± sample std over seeds (and each seed's value), then what a run cost (training, of which the added
-loss term or the monitor, evaluation, wall) as seed means.
+loss term or the monitor, evaluation, and their sum), seed means summed from the stage records, so that a unit
+resumed after an interruption counts every session's stages.
 """
 
 from __future__ import annotations
@@ -44,17 +45,17 @@ def main(study_dir: Path) -> None:
     for run in runs:
         points.setdefault(re.sub(r"-seed\d+$", "", Path(run["run_dir"]).name), []).append(run)
     print("| strategy | seeds | final avg accuracy | BWT | final KL to base | training (s) | of which strategy or "
-          "monitor (s) | evaluation (s) | wall (s) | interventions |")
+          "monitor (s) | evaluation (s) | training + evaluation (s) | interventions |")
     print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
     for point, group in points.items():
         head = {key: [r["headline"][key] for r in group] for key in ("final_avg_accuracy", "bwt", "final_kl_to_base")}
         compute = {key: statistics.mean(r["compute"][key] for r in group)
-                   for key in ("training_s", "monitor_s", "eval_s", "wall_s")}
+                   for key in ("training_s", "monitor_s", "eval_s")}
         extra = statistics.mean(_extra_loss_seconds(Path(r["run_dir"]), r["seeds"][0], len(r["tasks"]))
                                 for r in group) + compute["monitor_s"]
         print(f"| {point} | {', '.join(str(r['seeds'][0]) for r in group)} | {_mean_sd(head['final_avg_accuracy'])} | "
               f"{_mean_sd(head['bwt'])} | {_mean_sd(head['final_kl_to_base'])} | {compute['training_s']:.0f} | "
-              f"{extra:.0f} | {compute['eval_s']:.0f} | {compute['wall_s']:.0f} | "
+              f"{extra:.0f} | {compute['eval_s']:.0f} | {compute['training_s'] + compute['eval_s']:.0f} | "
               f"{sum(len(r['interventions']) for r in group)} |")
 
 

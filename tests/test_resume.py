@@ -52,6 +52,15 @@ def test_finished_units_are_not_redone(setup):
     assert lorawatch("run", config, "--out", out, "--seeds", "1").returncode == 0
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
+    # compare counts the stages of both sessions (costs.json holds only the last one's) and shows no wall time
+    from lorawatch.compare import compare_runs
+    stages = [json.loads((store.stage_dir(out, 1, k) / "stage.json").read_text()) for k in range(3)]
+    compute = compare_runs([out, setup[2]])["runs"][0]["compute"]
+    assert compute["resumed"] is True and "wall_s" not in compute
+    assert compute["training_s"] == pytest.approx(sum(s["training"]["seconds"] for s in stages[1:]))
+    assert compute["eval_s"] == pytest.approx(sum(s["eval_seconds"] for s in stages))
+    assert compute["training_s"] > json.loads((out / "costs.json").read_text())["phase_seconds"].get("training", 0)
+
 
 def test_second_writer_is_refused_with_the_holder_named(setup):
     root, config, reference = setup

@@ -32,22 +32,27 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
 
 
 def _compute(results: RunResults) -> dict:
-    steps = 0
+    """Steps and seconds of a run. Training, monitor and evaluation seconds are summed from the stage records,
+    written once per stage, so a resumed run counts the stages of every session; costs.json holds only its
+    last session's, whose wall time is therefore shown only for a run that was never resumed."""
+    steps, training, monitor, evaluation = 0, 0.0, 0.0, 0.0
     for seed in results.seeds:
-        for stage in range(1, len(results.tasks) + 1):
-            training = results.stage(seed, stage).training
-            steps += training.optimizer_steps if training else 0
-    out = {"optimizer_steps": steps}
+        for stage in range(0, len(results.tasks) + 1):
+            record = results.stage(seed, stage)
+            evaluation += record.eval_seconds or 0.0
+            if record.training is not None:
+                steps += record.training.optimizer_steps
+                training += record.training.seconds
+                strategy = record.training.strategy
+                training += (strategy.fisher_seconds or 0.0) if strategy else 0.0  # EWC's, after the stage's steps
+                monitor += record.training.monitor.seconds if record.training.monitor else 0.0
+    out = {"optimizer_steps": steps, "training_s": training, "monitor_s": monitor, "eval_s": evaluation,
+           "monitor_overhead": monitor / (training - monitor) if training > monitor > 0 else 0.0}
     costs = results.costs()
     if costs is not None:
-        phase = costs.phase_seconds
-        training, monitor = phase.get("training", 0.0), phase.get("monitor", 0.0)
-        # runs before pooled decoding timed the test sets (task_eval) and the reference set apart
-        evaluation = sum(phase.get(k, 0.0) for k in ("evaluation", "task_eval", "reference_generation",
-                                                     "reference_distribution"))
-        out.update({"wall_s": costs.wall_seconds, "training_s": training, "monitor_s": monitor,
-                    "monitor_overhead": monitor / (training - monitor) if training > monitor > 0 else 0.0,
-                    "eval_s": evaluation, "resumed": costs.resumed})
+        out["resumed"] = costs.resumed
+        if not costs.resumed:
+            out["wall_s"] = costs.wall_seconds
     return out
 
 
