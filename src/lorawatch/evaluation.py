@@ -16,8 +16,12 @@ step of a batch, so the generation here spends as little as it can on incrementa
   of a TRACE prompt) compute that prefix once; its cache is copied to every row.
 - The distribution after the last prompt token (the reference set's answer position) comes out of the same
   forward pass, so the reference drift needs no second pass.
+- Every row still unfinished after its draft, of any task, is decoded in one batch refilled as rows finish,
+  continuing from the draft pass's cache and checking tokens looked up in its old output (decode_pool.py).
+- The key/value cache grows in place instead of being copied at every decoding step (passes.GrowingLayer).
 
-Each of these shortcuts is a `FastPath` switch. `fast_path_for` turns off the ones that are not exact for a
+The passes themselves (padding, batching, shared prefixes, draft checking) are in passes.py; this module
+chooses among them. Each of these shortcuts is a `FastPath` switch. `fast_path_for` turns off the ones that are not exact for a
 model's architecture or dtype (tests/test_conformance.py checks the rest against transformers' `generate`
 for every family the presets name, in fp32 and bf16), and `FastPath.plain()` turns them all off: the
 straightforward path the fast one is checked against.

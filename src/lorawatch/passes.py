@@ -21,6 +21,7 @@ DEFAULT_TOKEN_BUDGET = 8192
 # Rows x kept positions x vocabulary of the logits of one draft-checking pass (float32: 4 bytes each).
 LOGITS_BUDGET = 48_000_000
 
+
 @dataclass
 class GenerationCounters:
     """What a generation call cost, in tokens; the benchmark reports these."""
@@ -47,6 +48,7 @@ class GenerationCounters:
 
 @dataclass
 class Row:
+    """A prompt being generated for: its output so far, and whether it is finished."""
     prompt: EncodedPrompt
     want_first: bool = False  # keep the next-token distribution after the prompt
     out: list[int] = field(default_factory=list)
