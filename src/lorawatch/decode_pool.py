@@ -169,7 +169,8 @@ def _copy_cache(cache: DynamicCache) -> DynamicCache:
 
 
 def poolable(cache: DynamicCache) -> bool:
-    """Whether every layer of `cache` is plain full attention (a DynamicLayer, no window, no recurrent state)."""
+    """Whether every layer of `cache` is plain full attention (a DynamicLayer or the in-place GrowingLayer: no
+    window, no recurrent state)."""
     return all(type(layer) in (DynamicLayer, passes.GrowingLayer) for layer in cache.layers)
 
 
@@ -326,9 +327,9 @@ def generate(model, groups: list[list[passes.Row]], drafts: Mapping[str, Sequenc
                     break
                 joining, waiting = [r for _, r in waiting[:take]], waiting[take:]
                 logits, cache, mask, last = passes.prefill(model, [list(r.prompt.input_ids) for r in joining],
-                                                     [r.prompt for r in joining], pad_id=pad_id, device=device,
-                                                     keep=1, use_cache=True, counters=counters,
-                                                     share_prefix=share_prefix, in_place=in_place)
+                                                           [r.prompt for r in joining], pad_id=pad_id,
+                                                           device=device, keep=1, use_cache=True, counters=counters,
+                                                           share_prefix=share_prefix, in_place=in_place)
                 counters.decode_steps += len(joining)
                 for row, token, row_logits in zip(joining, logits[:, -1].argmax(-1).tolist(), logits[:, -1]):
                     if row.want_first:
@@ -342,8 +343,8 @@ def generate(model, groups: list[list[passes.Row]], drafts: Mapping[str, Sequenc
             break
         if pool is None or not len(pool):
             break
-        step(model, pool, lookup=lookup, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
-                         fixed=fixed, logits_budget=passes.LOGITS_BUDGET, vocab=vocab, counters=counters)
+        step(model, pool, lookup=lookup, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id, fixed=fixed,
+             logits_budget=passes.LOGITS_BUDGET, vocab=vocab, counters=counters)
         for r in pool.rows:
             finish(r.row)
         keep = [i for i, r in enumerate(pool.rows) if not r.row.done]

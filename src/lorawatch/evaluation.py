@@ -21,10 +21,10 @@ step of a batch, so the generation here spends as little as it can on incrementa
 - The key/value cache grows in place instead of being copied at every decoding step (passes.GrowingLayer).
 
 The passes themselves (padding, batching, shared prefixes, draft checking) are in passes.py; this module
-chooses among them. Each of these shortcuts is a `FastPath` switch. `fast_path_for` turns off the ones that are not exact for a
-model's architecture or dtype (tests/test_conformance.py checks the rest against transformers' `generate`
-for every family the presets name, in fp32 and bf16), and `FastPath.plain()` turns them all off: the
-straightforward path the fast one is checked against.
+chooses among them. Each of these shortcuts is a `FastPath` switch. `fast_path_for` turns off the ones that
+are not exact for a model's architecture or dtype (tests/test_conformance.py checks the rest against
+transformers' `generate` for every family the presets name, in fp32 and bf16), and `FastPath.plain()` turns
+them all off: the straightforward path the fast one is checked against.
 """
 
 from __future__ import annotations
