@@ -113,10 +113,25 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self._key_room = _append(self.keys, getattr(self, "_key_room", None), key_states, self.ROOM)
-        self.values, self._value_room = _append(self.values, getattr(self, "_value_room", None), value_states,
-                                                self.ROOM)
+        self.keys = self._append(self.keys, "_key_room", key_states)
+        self.values = self._append(self.values, "_value_room", value_states)
         return self.keys, self.values
+
+    def _append(self, held: torch.Tensor, room_name: str, new: torch.Tensor) -> torch.Tensor:
+        """`held` with `new` appended along the positions: written into the buffer when `held` is the start of
+        it, else into a new buffer, the old one let go first (so that peak memory stays what torch.cat needs)."""
+        room = getattr(self, room_name, None)
+        setattr(self, room_name, None)
+        n, add = (held.shape[-2] if held.numel() else 0), new.shape[-2]
+        if not (room is not None and n > 0 and held.data_ptr() == room.data_ptr() and held.stride() == room.stride()
+                and held.shape[:2] == room.shape[:2] and n + add <= room.shape[-2]):
+            room = None  # the last reference to a buffer `held` is no view of
+            room = new.new_empty((*new.shape[:2], n + add + self.ROOM, new.shape[-1]))
+            if n:
+                room[..., :n, :] = held
+        room[..., n:n + add, :] = new
+        setattr(self, room_name, room)
+        return room[..., :n + add, :]
 
     def detached(self) -> "GrowingLayer":
         """The same keys and values in a layer with no claim on this one's buffer (writing into a shared
@@ -124,20 +139,6 @@ class GrowingLayer(DynamicLayer):
         copy = GrowingLayer()
         copy.__dict__.update({k: v for k, v in self.__dict__.items() if not k.endswith("_room")})
         return copy
-
-
-def _append(held: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor,
-            extra: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`held` with `new` appended along the positions, written into `room` when `held` is the start of it."""
-    n = held.shape[-2] if held.numel() else 0
-    own = (room is not None and n > 0 and held.data_ptr() == room.data_ptr() and held.stride() == room.stride()
-           and held.shape[:2] == room.shape[:2] and n + new.shape[-2] <= room.shape[-2])
-    if not own:
-        room = new.new_empty((*new.shape[:2], n + new.shape[-2] + extra, new.shape[-1]))
-        if n:
-            room[..., :n, :] = held
-    room[..., n:n + new.shape[-2], :] = new
-    return room[..., :n + new.shape[-2], :], room
 
 
 def new_cache(model, in_place: bool) -> DynamicCache:
