@@ -310,3 +310,6 @@ def test_a_cache_growing_in_place_changes_no_bit(tiny_model_dir):
     layer.update(keys[:, :, :1] + 5, keys[:, :, :1] + 5)
     assert layer._key_room is buffer and torch.equal(layer.keys[:, :, 2], keys[:, :, 0] + 5)
     assert torch.equal(copy.keys[:, :, :2], keys[:, :, :2]) and torch.equal(copy.keys[:, :, 2], keys[:, :, 0] * 0)
+    # keys replaced by a tensor of their own (a merge, a row selection): the old buffer is let go at once
+    layer.keys = torch.cat([layer.keys, layer.keys])
+    assert layer._key_room is None and layer._value_room is not None  # values untouched keep theirs

@@ -110,6 +110,16 @@ class GrowingLayer(DynamicLayer):
 
     ROOM = 64
 
+    def __setattr__(self, name: str, value) -> None:
+        # keys/values replaced by a tensor of their own (row selection, merge, compaction, a split-off copy):
+        # the buffer behind the old ones is let go at once, not kept alive beside the new tensor until the next
+        # update (a parked block would hold both)
+        if name in ("keys", "values"):
+            room = self.__dict__.get(f"_{name[:-1]}_room")
+            if room is not None and (not isinstance(value, torch.Tensor) or value.data_ptr() != room.data_ptr()):
+                self.__dict__[f"_{name[:-1]}_room"] = None
+        super().__setattr__(name, value)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
