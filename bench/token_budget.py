@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from run import SHARED_DATA, WORKLOADS, machine, workload_inputs  # noqa: E402
 
 
 def one(workload: str, budget: int) -> dict:
+    from lorawatch.costs import peak_rss_bytes
     from lorawatch.evaluation import generate
     from lorawatch.passes import GenerationCounters
 
@@ -41,7 +41,7 @@ def one(workload: str, budget: int) -> dict:
     seconds = time.perf_counter() - start
     return {"budget": budget, "seconds": round(seconds, 1), "forward_passes": counters.forward_passes,
             "decode_steps": counters.decode_steps, "generated_tokens": counters.generated_tokens,
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_rss_gb": round(peak_rss_bytes() / 2**30, 2),
             "outputs": {key: list(value.output_ids) for key, value in out.items()}}
 
 
