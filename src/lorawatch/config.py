@@ -173,6 +173,20 @@ class TrackingSettings(_Strict):
     experiment: str | None = Field(None, description="MLflow experiment name (default: the run's or study's name)")
 
 
+class StatisticsSettings(_Strict):
+    """How lorawatch decides whether a difference is real (significance.py): the verdict of every trained
+    checkpoint, the intervals of accuracies and metrics, and what a test size can detect."""
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of a verdict, for the whole family of "
+                                                       "tasks compared at once")
+    correction: Literal["holm", "none"] = Field("holm", description="adjustment of the tasks' p-values for testing "
+                                                                    "them together")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of every interval")
+    resamples: int = Field(2000, ge=100, description="bootstrap resamples")
+    power: float = Field(0.8, gt=0, lt=1, description="power at which the detectable drop is stated")
+    seed: int = Field(0, ge=0, description="seed of the bootstrap's generator: the same predictions always give "
+                                           "the same intervals")
+
+
 # The settings each mitigation strategy takes (strategies/), with their defaults; `none` is the plain protocol.
 # A setting of another strategy is refused rather than ignored: it would suggest an effect the run does not have.
 STRATEGY_FIELDS: dict[str, dict[str, object]] = {
@@ -240,6 +254,7 @@ class ExperimentConfig(_Strict):
     monitor: MonitorSettings | None = None
     tracking: TrackingSettings | None = None
     strategy: StrategySettings = StrategySettings()
+    statistics: StatisticsSettings = StatisticsSettings()
     # Strict: YAML's `yes`/`true` are not seeds. Bounded: the training seed is seed * 1000 + stage.
     seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [33], min_length=1)
     # Provenance: the preset a config came from and what the command line changed in it.

@@ -211,7 +211,7 @@ class AdapterRecipe(Recipe):
                               + " ".join(f"{n} {v:.2f}" for n, v in scores.items())
                               + f" · KL to base {stats['kl_mean']:.4f}")
         with self.costs.phase("tables"):
-            tables.write_seed_tables(self.run_dir, seed)
+            tables.write_seed_tables(self.run_dir, seed, self.config.statistics)
 
     def stage_label(self, seed: int, stage: int) -> str:
         return f"adapter {stage}/{len(self.adapters)}"

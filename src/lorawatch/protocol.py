@@ -291,7 +291,7 @@ class Recipe:
                     self.tracker.stage(seed, stage)
             del model
         with self.costs.phase("tables"):
-            tables.write_seed_tables(self.run_dir, seed)
+            tables.write_seed_tables(self.run_dir, seed, self.config.statistics)
 
     def train(self, model, seed: int, stage: int) -> dict:
         """Train stage `stage`'s task into the adapter and save it, or read back a stage trained before."""

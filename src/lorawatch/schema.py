@@ -6,7 +6,9 @@ inputs.json); the CSV tables follow their seed's cl_metrics.json and the summary
 the resolved config, checked by the config schema itself (`config.ExperimentConfig`).
 
 Version 0 is a folder written before records were versioned (no `schema_version` key): it reads the same,
-since version 1 only added the key. A record from a newer lorawatch is refused with a line saying so, never
+since version 1 only added the key. Version 2 added seed-S/statistics.json and the seed intervals of summary.json
+(`ci_low`, `ci_high`); a version-1 folder has neither, and its statistics are computed from its predictions when
+they are asked for (verdicts.load_seed_statistics). A record from a newer lorawatch is refused with a line saying so, never
 mistaken for a damaged file (which a run would recompute).
 
 Bump SCHEMA_VERSION when a record changes meaning or shape, and teach `store.read_record` to read the old one.
@@ -14,9 +16,11 @@ Bump SCHEMA_VERSION when a record changes meaning or shape, and teach `store.rea
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt
+from typing import Annotated, Literal
 
-SCHEMA_VERSION = 1
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
+
+SCHEMA_VERSION = 2
 
 
 class Part(BaseModel):
@@ -291,6 +295,8 @@ class ClMetricsRecord(Record):
 class MeanStd(Part):
     mean: float | None
     std: float | None
+    ci_low: float | None = None  # Student t interval of the mean over seeds; None for one seed (and before v2)
+    ci_high: float | None = None
 
 
 class Summary(Record):
@@ -299,6 +305,110 @@ class Summary(Record):
     seeds: list[int]
     per_seed: dict[str, dict[str, float | int | None]]
     mean_std: dict[str, MeanStd]
+
+
+# --- seed-S/statistics.json: is a difference real? (significance.py, verdicts.py) ---------------------------
+
+Probability = Annotated[float, Field(ge=0, le=1)]
+Difference = Annotated[float, Field(ge=-1, le=1)]
+
+
+class StatisticsParams(Part):
+    """The settings the record was computed with (config.StatisticsSettings)."""
+
+    alpha: float = Field(gt=0, lt=1)
+    correction: Literal["holm", "none"]
+    confidence: float = Field(gt=0, lt=1)
+    resamples: PositiveInt
+    power: float = Field(gt=0, lt=1)
+    seed: NonNegativeInt
+
+
+class AccuracyInterval(Part):
+    """One cell of the accuracy matrix with its Wilson interval."""
+
+    checkpoint: str
+    task: str
+    n: PositiveInt
+    correct: NonNegativeInt
+    accuracy: Probability
+    low: Probability
+    high: Probability
+
+
+class TaskComparison(Part):
+    """Two checkpoints on the same rows of one task: flips, exact McNemar, paired bootstrap, verdict."""
+
+    task: str
+    n: PositiveInt
+    accuracy_before: Probability
+    accuracy_after: Probability
+    difference: Difference
+    ci_low: Difference  # paired bootstrap interval of the difference
+    ci_high: Difference
+    improved: NonNegativeInt  # wrong -> right
+    regressed: NonNegativeInt  # right -> wrong: the negative flips
+    negative_flip_rate: Probability
+    p_value: Probability
+    p_adjusted: Probability  # over the comparison's tasks (settings.correction)
+    verdict: Literal["regressed", "improved", "no detectable change"]
+
+
+class Comparison(Part):
+    """A checkpoint against an earlier one of the same seed, on every task."""
+
+    stage: NonNegativeInt
+    checkpoint: str
+    against: Literal["previous", "base", "stage"]
+    against_stage: NonNegativeInt
+    against_checkpoint: str
+    tasks: list[TaskComparison]
+
+    def regressed(self) -> list[TaskComparison]:
+        return [t for t in self.tasks if t.verdict == "regressed"]
+
+
+class Interval(Part):
+    """A number with its bootstrap interval over test rows."""
+
+    metric: str
+    value: float
+    low: float
+    high: float
+
+
+class MetricInterval(Interval):
+    """A checkpoint's continual-learning metric with its interval."""
+
+    checkpoint: str
+
+
+class DetectableDrop(Part):
+    """The smallest drop a task's test size can show (significance.detectable_drop)."""
+
+    task: str
+    n: PositiveInt
+    alpha: float = Field(gt=0, lt=1)  # per test, after the correction's strictest step
+    min_flips: PositiveInt | None  # negative flips, with no positive one, needed for significance
+    floor: Probability | None  # min_flips / n: no smaller drop can be significant
+    drop_at_power: Probability | None  # the true drop detected with `power` (best case)
+    power: float = Field(gt=0, lt=1)
+
+
+class StatisticsRecord(Record):
+    """seed-S/statistics.json: Wilson intervals of every accuracy, bootstrap intervals of the CL metrics, every
+    trained checkpoint against the previous one and the base with a verdict per task, and what each task's test
+    size can detect."""
+
+    settings: StatisticsParams
+    accuracy: list[AccuracyInterval]
+    metrics: list[MetricInterval]
+    headline: list[Interval]  # the run's: final average accuracy, BWT, FWT, learning accuracy, mean gain
+    comparisons: list[Comparison]
+    detectable: list[DetectableDrop]
+
+    def comparison(self, stage: int, against: str) -> Comparison | None:
+        return next((c for c in self.comparisons if c.stage == stage and c.against == against), None)
 
 
 # --- tracking.json: where the run is also logged (tracking.py) ------------------------------------------------
@@ -344,5 +454,6 @@ RECORDS: dict[str, type[Record]] = {
     "environment.json": Environment,
     "cl_metrics.json": ClMetricsRecord,
     "summary.json": Summary,
+    "statistics.json": StatisticsRecord,
     "tracking.json": TrackingRecord,
 }

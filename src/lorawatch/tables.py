@@ -15,8 +15,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from lorawatch import schema, store
-from lorawatch.config import ExperimentConfig, build_config
+from lorawatch import schema, significance, store, verdicts
+from lorawatch.config import ExperimentConfig, StatisticsSettings, build_config
 from lorawatch.errors import UserError
 from lorawatch.metrics import (ClMetrics, compute_cl_metrics, compute_unordered_metrics, mean_std_frames,
                                write_matrix_csv)
@@ -65,7 +65,8 @@ def seed_metrics(matrix: pd.DataFrame) -> ClMetrics:
     return compute_unordered_metrics(values, tasks, list(matrix["checkpoint"]))
 
 
-def write_seed_tables(run_dir: Path, seed: int) -> None:
+def write_seed_tables(run_dir: Path, seed: int, settings: StatisticsSettings) -> None:
+    """The seed's CSV tables and cl_metrics.json, and its intervals and verdicts (statistics.json)."""
     matrix, _, stability = seed_tables(run_dir, seed)
     folder = store.seed_dir(run_dir, seed)
     tasks = list(matrix.columns[1:])
@@ -77,6 +78,7 @@ def write_seed_tables(run_dir: Path, seed: int) -> None:
     store.write_record(folder / "cl_metrics.json", schema.ClMetricsRecord, metrics.to_dict())
     store.write_csv(folder / "cl_metrics.csv", metrics.to_frame())
     store.write_csv(folder / "stability.csv", stability)
+    verdicts.write_seed_statistics(run_dir, seed, settings)
 
 
 def write_summary(run_dir: Path) -> None:
@@ -98,8 +100,11 @@ def write_summary(run_dir: Path) -> None:
     for key in keys:
         values = np.array([np.nan if s[key] is None else s[key] for s in summaries], dtype=float)
         defined = values[~np.isnan(values)]
+        interval = significance.seed_interval(defined, config.statistics.confidence)
         aggregate[key] = {"mean": float(defined.mean()) if len(defined) else None,
-                          "std": float(defined.std(ddof=1)) if len(defined) > 1 else (0.0 if len(defined) else None)}
+                          "std": float(defined.std(ddof=1)) if len(defined) > 1 else (0.0 if len(defined) else None),
+                          "ci_low": None if interval is None else interval[0],
+                          "ci_high": None if interval is None else interval[1]}
     store.write_record(out / "summary.json", schema.Summary,
                        {"seeds": config.seeds, "per_seed": dict(zip(map(str, config.seeds), summaries)),
                         "mean_std": aggregate})
