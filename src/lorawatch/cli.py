@@ -1,4 +1,4 @@
-"""The `lorawatch` command line: run, evaluate, metrics, show, check, report, compare, track, data."""
+"""The `lorawatch` command line: run, evaluate, metrics, show, check, gate, report, compare, track, data."""
 
 from __future__ import annotations
 
@@ -296,6 +296,50 @@ def compare(
             print(write_comparison(result, out)[0])
     except UserError as error:
         _fail(str(error))
+
+
+@app.command()
+def gate(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (`run` or `evaluate`) or a study folder")],
+    stage: Annotated[str, typer.Option(help="the checkpoint to gate: a stage number or `last`")] = "last",
+    against: Annotated[str, typer.Option(help="what it is compared with: `previous`, `base` or a stage number")
+                       ] = "previous",
+    alpha: Annotated[Optional[float], typer.Option(help="significance level of a regression, for all tasks together "
+                                                        "(default: the run's statistics.alpha, 0.05)")] = None,
+    max_nfr: Annotated[Optional[float], typer.Option("--max-nfr", help="fail when a task's negative flip rate (rows "
+                                                                       "right before and wrong after, over all "
+                                                                       "rows) is above this")] = None,
+    max_kl: Annotated[Optional[float], typer.Option("--max-kl", help="fail when the checkpoint's KL to base on the "
+                                                                     "reference set is above this")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False,
+) -> None:
+    """May this checkpoint ship? Exit 0 when no task regressed and every limit holds, 2 when a task regressed or a
+    limit is exceeded (one line per reason), 1 on an error. Every seed of the run (every unit of a study) is gated.
+    """
+    from lorawatch.gate import gate as gate_run, parse_stage
+
+    try:
+        if alpha is not None and not 0 < alpha < 1:
+            raise UserError(f"--alpha: expected a level between 0 and 1, got {alpha:g}")
+        if max_nfr is not None and not 0 <= max_nfr <= 1:
+            raise UserError(f"--max-nfr: expected a rate between 0 and 1, got {max_nfr:g}")
+        if max_kl is not None and not max_kl >= 0:
+            raise UserError(f"--max-kl: expected a KL of 0 or more, got {max_kl:g}")
+        result = gate_run(run_dir, stage=parse_stage(stage, "--stage", ("last",)),
+                          against=parse_stage(against, "--against", ("previous", "base")), alpha=alpha,
+                          max_nfr=max_nfr, max_kl=max_kl)
+    except UserError as error:
+        sys.stderr.write(f"error: {' '.join(str(error).split())}\n")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for line in result.lines:
+            print(line)
+        for reason in result.reasons:
+            print(f"reason: {reason}")
+        print("gate: passed" if result.passed else f"gate: failed ({len(result.reasons)} reason(s))")
+    raise typer.Exit(0 if result.passed else 2)
 
 
 @app.command()

@@ -15,7 +15,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from lorawatch import schema, significance, store, verdicts
+from lorawatch import schema, significance, store, verdict_view, verdicts
 from lorawatch.config import ExperimentConfig, StatisticsSettings, build_config
 from lorawatch.errors import UserError
 from lorawatch.metrics import (ClMetrics, compute_cl_metrics, compute_unordered_metrics, mean_std_frames,
@@ -168,6 +168,10 @@ class RunResults:
         path = store.stage_dir(self.path, seed, stage) / "predictions" / f"{task}.jsonl"
         return pd.DataFrame([r.to_dict() for r in store.load_rows(path, Prediction)])
 
+    def statistics(self, seed: int) -> schema.StatisticsRecord:
+        """The seed's intervals and verdicts (computed from its predictions for a folder older than them)."""
+        return verdicts.load_seed_statistics(self.path, seed, self.config.statistics)
+
     def reference_drift(self, seed: int, stage: int) -> pd.DataFrame:
         path = store.stage_dir(self.path, seed, stage) / "reference_drift.jsonl"
         return pd.DataFrame([r.to_dict() for r in store.load_rows(path, ExampleDrift)])
@@ -201,30 +205,85 @@ def _rich_table(title: str, mean: pd.DataFrame, std: pd.DataFrame | None, column
     return table
 
 
+def _interval_table(title: str, frame: pd.DataFrame, columns: list[str], headers: list[str],
+                    interval) -> Table:
+    """One seed's table, each cell with its interval: `interval(checkpoint, column)` -> an Interval or None."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("checkpoint")
+    for header in headers:
+        table.add_column(header, justify="right")
+    for _, row in frame.iterrows():
+        cells = []
+        for column in columns:
+            found = interval(row["checkpoint"], column)
+            cells.append(_cell(row[column], None) if found is None else
+                         verdict_view.with_interval(row[column], found.low, found.high))
+        table.add_row(str(row["checkpoint"]), *cells)
+    return table
+
+
+HEADLINE = (("final_avg_accuracy", "final avg accuracy"), ("bwt", "BWT"), ("fwt", "FWT"),
+            ("learning_accuracy", "LA"), ("mean_gain", "mean gain"), ("final_kl_to_base", "final KL to base"))
+METRIC_HEADERS = {"op": "OP", "bwt": "BWT", "fwt": "FWT", "avg_all": "avg (all tasks)", "gain": "gain",
+                  "delta_vs_base": "vs base"}
+
+
 def print_results(results: RunResults, console: Console) -> None:
     multi = len(results.seeds) > 1
     suffix = f" (mean ± std over seeds {', '.join(map(str, results.seeds))})" if multi else \
         f" (seed {results.seeds[0]})"
+    records = {seed: results.statistics(seed) for seed in results.seeds}
+    first = records[results.seeds[0]]
+    level = f"{first.settings.confidence:.0%}"
 
     def pair(name: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         getter = getattr(results, name)
         return getter(None, "mean"), getter(None, "std") if multi else None
 
     matrix, matrix_std = pair("accuracy_matrix")
-    console.print(_rich_table("Accuracy matrix: rows are checkpoints, columns are tasks" + suffix, matrix,
-                              matrix_std, results.tasks))
     metrics, metrics_std = pair("cl_metrics")
-    console.print(_rich_table("Continual-learning metrics" + suffix, metrics, metrics_std,
-                              ["op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base"],
-                              ["OP", "BWT", "FWT", "avg (all tasks)", "gain", "vs base"]))
+    title = "Accuracy matrix: rows are checkpoints, columns are tasks"
+    if multi:
+        console.print(_rich_table(title + suffix, matrix, matrix_std, results.tasks))
+        console.print(_rich_table("Continual-learning metrics" + suffix, metrics, metrics_std,
+                                  list(METRIC_HEADERS), list(METRIC_HEADERS.values())))
+    else:
+        console.print(_interval_table(f"{title}{suffix}, [{level} Wilson interval]", matrix, results.tasks,
+                                      results.tasks, lambda c, t: verdict_view.accuracy_of(first, c, t)))
+        console.print(_interval_table(f"Continual-learning metrics{suffix}, [{level} bootstrap interval over test "
+                                      "rows]", metrics, list(METRIC_HEADERS), list(METRIC_HEADERS.values()),
+                                      lambda c, m: verdict_view.interval_of(first, c, m)))
     stability, stability_std = pair("stability")
     console.print(_rich_table("Stability on the reference set" + suffix, stability, stability_std,
                               ["kl_mean", "kl_p95", "entropy_mean_delta", "margin_mean_delta", "reference_accuracy"],
                               ["KL to base", "KL p95", "Δ entropy", "Δ margin", "reference acc"]))
-    summary = results.summary()["mean_std"]
-    parts = [f"{label} {_cell(summary[key]['mean'], summary[key]['std'] if multi else None)}"
-             for key, label in (("final_avg_accuracy", "final avg accuracy"), ("bwt", "BWT"), ("fwt", "FWT"),
-                                ("learning_accuracy", "LA"), ("mean_gain", "mean gain"),
-                                ("final_kl_to_base", "final KL to base")) if key in summary]
-    console.print("Summary: " + " · ".join(parts))
+    console.print(verdict_view.verdict_table(records))
+    regressions = verdict_view.regression_lines(records)
+    console.print("Regressions: " + ("; ".join(regressions) if regressions else
+                                     "none detected (no task of any trained checkpoint is worse than the previous "
+                                     "checkpoint or the base beyond chance)"))
+    console.print("What the test sizes can show: " + "; ".join(verdict_view.detectable_lines(first)))
+    console.print("Summary: " + " · ".join(headline_parts(results, records)))
     console.print(f"Run folder: {results.path}")
+
+
+def headline_parts(results: RunResults, records: dict[int, schema.StatisticsRecord]) -> list[str]:
+    """The headline numbers with their intervals: over test rows for one seed, over seeds for several."""
+    summary = results.summary()["mean_std"]
+    multi = len(results.seeds) > 1
+    parts = []
+    for key, label in HEADLINE:
+        if key not in summary:
+            continue
+        stat = summary[key]
+        if multi:
+            text = _cell(stat["mean"], stat["std"])
+            if stat.get("ci_low") is not None:
+                text += (f" ({verdict_view.number(stat['ci_low'], 2)} to {verdict_view.number(stat['ci_high'], 2)} "
+                         f"over {len(results.seeds)} seeds)")
+        else:
+            found = verdict_view.interval_of(records[results.seeds[0]], None, key)
+            text = _cell(stat["mean"], None) if found is None else \
+                verdict_view.with_interval(stat["mean"], found.low, found.high)
+        parts.append(f"{label} {text}")
+    return parts
