@@ -62,7 +62,8 @@ class Paired:
 def wilson_interval(correct: int, n: int, confidence: float) -> tuple[float, float]:
     """Wilson score interval of `correct` out of `n`; it stays inside [0, 1] and is sound at 0 and n."""
     low, high = proportion_confint(correct, n, alpha=1 - confidence, method="wilson")
-    return float(low), float(high)
+    # exactly 0 (1) when nothing (everything) is right; the formula's round-off would put the bound past it
+    return 0.0 if correct == 0 else float(low), 1.0 if correct == n else float(high)
 
 
 def mcnemar_p(improved: int, regressed: int) -> float:

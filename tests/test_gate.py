@@ -1,0 +1,188 @@
+"""`lorawatch gate` through the command line, and the verdicts it rests on, on run folders built to regress or not:
+real files in the run folder's layout, read back by the same code as a real run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import lorawatch
+from lorawatch import schema, store
+from lorawatch.config import build_config
+from lorawatch.runfolder import RUN_MARKER
+from lorawatch.tables import write_seed_tables, write_summary
+
+TASKS = ["stance", "science"]
+ROWS = 40
+
+
+def outcomes(right: int, flip_down: int = 0, flip_up: int = 0, before: int | None = None) -> list[bool]:
+    """40 rows; `right` of them right. Built from `before` right rows by flipping the first `flip_down` right ones
+    to wrong and the first `flip_up` wrong ones to right (so the pairing with the earlier checkpoint is known)."""
+    if before is None:
+        return [i < right for i in range(ROWS)]
+    rows = [i < before for i in range(ROWS)]
+    for i in range(flip_down):
+        rows[i] = False
+    for i in range(flip_up):
+        rows[before + i] = True
+    assert sum(rows) == right
+    return rows
+
+
+def write_run(folder: Path, stages: list[dict[str, list[bool]]], kl: list[float], seeds=(1,)) -> Path:
+    """A finished `lorawatch run` folder: stage k's predictions per task, KL to base per stage."""
+    config = build_config({"name": folder.name, "seeds": list(seeds),
+                           "tasks": [{"name": t, "kind": "multiple_choice", "train": f"/nonexistent/{t}.json",
+                                      "test": f"/nonexistent/{t}-test.json"} for t in TASKS],
+                           "reference": {"path": "/nonexistent/reference.json"}})
+    folder.mkdir(parents=True)
+    (folder / RUN_MARKER).write_text("")
+    store.write_json(folder / "config.json", config.model_dump(mode="json"))
+    for seed in seeds:
+        for k, rows in enumerate(stages):
+            d = store.stage_dir(folder, seed, k)
+            for task, correct in rows.items():
+                store.write_jsonl(d / "predictions" / f"{task}.jsonl", [
+                    {"id": f"{task}-{i}", "task": task, "raw_output": "A", "prediction": "A", "gold": "A" if c else "B",
+                     "correct": c, "output_ids": None} for i, c in enumerate(correct)])
+            store.write_record(d / "scores.json", schema.Scores,
+                               {**{t: sum(c) / len(c) for t, c in rows.items()}, "reference": 0.5})
+            stats = {f"{name}_{p}": (kl[k] if name == "kl" else 1.0) for name in ("kl", "entropy", "margin")
+                     for p in ("mean", "p10", "p95")}
+            store.write_record(d / "reference_stats.json", schema.ReferenceStats,
+                               {**stats, **{f"{key}_delta": value - (0.0 if key.startswith("kl") else 1.0)
+                                            for key, value in stats.items()}})
+            store.write_record(d / "stage.json", schema.StageRecord,
+                               {"stage": k, "checkpoint": "base" if k == 0 else TASKS[k - 1],
+                                "task": None if k == 0 else TASKS[k - 1]})
+        write_seed_tables(folder, seed, config.statistics)
+    write_summary(folder)
+    return folder
+
+
+BASE = {"stance": outcomes(12), "science": outcomes(20)}
+STAGE1 = {"stance": outcomes(24, flip_up=12, before=12), "science": outcomes(20)}
+
+
+@pytest.fixture(scope="module")
+def regressed_run(tmp_path_factory) -> Path:
+    """Stage 2 (science) loses 16 of stance's 24 right rows and gains none: a regression no test size hides."""
+    stage2 = {"stance": outcomes(8, flip_down=16, before=24), "science": outcomes(25, flip_up=5, before=20)}
+    return write_run(tmp_path_factory.mktemp("gate") / "regressed", [BASE, STAGE1, stage2], [0.0, 0.2, 0.9])
+
+
+@pytest.fixture(scope="module")
+def healthy_run(tmp_path_factory) -> Path:
+    """Stage 2 flips 3 of stance's rows each way: noise, not a regression."""
+    stage2 = {"stance": [*outcomes(24, flip_down=3, flip_up=3, before=24)], "science": outcomes(23, flip_up=3,
+                                                                                                before=20)}
+    return write_run(tmp_path_factory.mktemp("gate") / "healthy", [BASE, STAGE1, stage2], [0.0, 0.2, 0.3])
+
+
+def test_gate_fails_a_run_built_to_regress_and_says_why(regressed_run):
+    result = lorawatch("gate", regressed_run)
+    assert result.returncode == 2, result.stderr
+    reasons = [line for line in result.stdout.splitlines() if line.startswith("reason: ")]
+    assert len(reasons) == 1 and "stance regressed" in reasons[0] and "0.600 → 0.200" in reasons[0]
+    assert "↓16 ↑0" in reasons[0] and "stage 2 (science) against stage 1 (stance)" in reasons[0]
+    assert result.stdout.strip().splitlines()[-1] == "gate: failed (1 reason(s))"
+    as_json = json.loads(lorawatch("gate", regressed_run, "--json").stdout)
+    assert as_json["passed"] is False
+    stance = as_json["checks"][0]["comparison"]["tasks"][0]
+    assert (stance["task"], stance["regressed"], stance["improved"], stance["verdict"]) == ("stance", 16, 0,
+                                                                                           "regressed")
+    assert stance["negative_flip_rate"] == pytest.approx(16 / 40)
+
+
+def test_gate_passes_a_run_that_does_not_regress(healthy_run):
+    result = lorawatch("gate", healthy_run)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reason:" not in result.stdout and result.stdout.strip().endswith("gate: passed")
+    # against the base, stance is still up (0.30 -> 0.60): nothing regressed there either
+    assert lorawatch("gate", healthy_run, "--against", "base").returncode == 0
+
+
+def test_gate_limits_on_flips_and_drift(healthy_run):
+    result = lorawatch("gate", healthy_run, "--max-nfr", "0.05", "--max-kl", "0.25")
+    assert result.returncode == 2
+    reasons = [line for line in result.stdout.splitlines() if line.startswith("reason: ")]
+    assert any("stance negative flip rate 0.075 (3 of 40 rows right → wrong) > --max-nfr 0.05" in r for r in reasons)
+    assert any("KL to base on the reference set 0.3000 > --max-kl 0.25" in r for r in reasons)
+    assert lorawatch("gate", healthy_run, "--max-nfr", "0.1", "--max-kl", "0.5").returncode == 0
+
+
+def test_gate_names_any_two_stages_and_any_alpha(regressed_run):
+    # stage 2 against stage 1 by number is the default comparison
+    assert lorawatch("gate", regressed_run, "--stage", "2", "--against", "1").returncode == 2
+    # stage 1 against the base: stance went up, nothing regressed
+    assert lorawatch("gate", regressed_run, "--stage", "1", "--against", "base").returncode == 0
+    # p for 16 flips one way is 3e-5: only an absurdly small alpha lets it through
+    assert lorawatch("gate", regressed_run, "--alpha", "1e-6").returncode == 0
+
+
+def test_gate_errors_exit_1_with_one_line(regressed_run, tmp_path):
+    for args, fragment in [((tmp_path / "nowhere",), "no such folder"),
+                           ((regressed_run, "--against", "7"), "no finished stage 7"),
+                           ((regressed_run, "--stage", "0"), "no previous checkpoint"),
+                           ((regressed_run, "--stage", "two"), "--stage: expected last or a stage number"),
+                           ((regressed_run, "--alpha", "2"), "--alpha: expected a level between 0 and 1"),
+                           ((tmp_path,), "neither a lorawatch run folder nor a study folder")]:
+        result = lorawatch("gate", *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+def test_gate_covers_every_unit_of_a_study(regressed_run, healthy_run, tmp_path):
+    study = tmp_path / "study"
+    (study / "runs").mkdir(parents=True)
+    (study / "study.json").write_text("{}")
+    for run in (regressed_run, healthy_run):
+        shutil.copytree(run, study / "runs" / run.name)
+    result = lorawatch("gate", study)
+    assert result.returncode == 2
+    assert [line.split()[0] for line in result.stdout.splitlines()[:2]] == ["pass", "FAIL"]  # healthy, regressed
+
+
+def test_statistics_record_holds_intervals_verdicts_and_detectable_drops(regressed_run):
+    record = store.read_record(store.seed_dir(regressed_run, 1) / "statistics.json", schema.StatisticsRecord)
+    assert record.schema_version == schema.SCHEMA_VERSION == 2
+    cell = next(a for a in record.accuracy if a.checkpoint == "science" and a.task == "stance")
+    assert (cell.n, cell.correct, cell.accuracy) == (40, 8, 0.2) and cell.low < 0.2 < cell.high
+    previous = record.comparison(2, "previous")
+    assert [t.verdict for t in previous.tasks] == ["regressed", "no detectable change"]  # science: 5 up, p 0.0625
+    base = record.comparison(2, "base")
+    assert base.against_checkpoint == "base" and base.tasks[0].difference == pytest.approx(-0.1)
+    assert {m.metric for m in record.headline} >= {"final_avg_accuracy", "bwt"}
+    bwt = next(m for m in record.headline if m.metric == "bwt")
+    assert bwt.value == pytest.approx(-0.4) and bwt.low <= -0.4 <= bwt.high
+    assert [(d.task, d.n, d.min_flips) for d in record.detectable] == [("stance", 40, 7), ("science", 40, 7)]
+    summary = store.read_record(store.summary_dir(regressed_run) / "summary.json", schema.Summary)
+    assert summary.mean_std["final_avg_accuracy"].ci_low is None  # one seed: no interval over seeds
+
+
+def test_show_prints_intervals_and_the_verdicts(regressed_run):
+    result = lorawatch("show", regressed_run, env={"COLUMNS": "160"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "0.200 [0.10, 0.35]" in out  # stance after science: 8 of 40, Wilson
+    assert "REGRESSED" in out and "Regressions: seed 1: science regressed on stance against the previous checkpoint" \
+        in " ".join(out.split())
+    assert "40 rows cannot show a drop smaller than 0.175" in " ".join(out.split())
+
+
+def test_a_folder_from_before_statistics_still_shows_and_gates(tmp_path):
+    """tests/data/run-v0 predates statistics.json: its statistics are computed from its predictions, and the
+    folder is left as it was."""
+    run = tmp_path / "run-v0"
+    shutil.copytree(Path(__file__).parent / "data" / "run-v0", run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert lorawatch("show", run).returncode == 0
+    result = lorawatch("gate", run, "--against", "base")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert lorawatch("check", run).returncode == 0
