@@ -196,7 +196,7 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-RESULT_FILES = ["accuracy_matrix.csv", "cl_metrics.json", "stability.csv"]
+RESULT_FILES = ["accuracy_matrix.csv", "cl_metrics.json", "stability.csv", "statistics.json"]
 STAGE_FILES = ["scores.json", "reference_stats.json", "reference_drift.jsonl", "predictions/stance.jsonl",
                "predictions/sum.jsonl", "predictions/reference.jsonl", "adapter/adapter_model.safetensors"]
 

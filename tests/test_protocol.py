@@ -44,7 +44,7 @@ def test_run_folder_contents(tiny_run):
                                                           "output_ids"}
             assert (folder / "adapter" / "adapter_model.safetensors").is_file() == (stage > 0)
             assert (folder / "adapter" / "adapter_config.json").is_file() == (stage > 0)
-        for name in ("accuracy_matrix.csv", "cl_metrics.json", "cl_metrics.csv", "stability.csv"):
+        for name in ("accuracy_matrix.csv", "cl_metrics.json", "cl_metrics.csv", "stability.csv", "statistics.json"):
             assert (store.seed_dir(run_dir, seed) / name).is_file()
     for name in ("accuracy_matrix_mean.csv", "accuracy_matrix_std.csv", "cl_metrics_mean.csv", "stability_std.csv",
                  "summary.json"):
@@ -67,6 +67,22 @@ def test_numbers_are_consistent(tiny_run):
         expected = compute_cl_metrics(matrix, tasks).to_dict()
         recorded = store.read_record(store.seed_dir(run_dir, seed) / "cl_metrics.json", schema.ClMetricsRecord)
         assert recorded.body() == expected and recorded.schema_version == schema.SCHEMA_VERSION
+        # the statistics record agrees with the matrix and the CL metrics it gives intervals to
+        statistics = store.read_record(store.seed_dir(run_dir, seed) / "statistics.json", schema.StatisticsRecord)
+        labels = ["base", *tasks]
+        for cell in statistics.accuracy:
+            assert cell.accuracy == matrix[labels.index(cell.checkpoint), tasks.index(cell.task)]
+            assert cell.low <= cell.accuracy <= cell.high and cell.n == 4
+        for interval in statistics.metrics:
+            row = next(r for r in expected["per_checkpoint"] if r["checkpoint"] == interval.checkpoint)
+            assert interval.value == pytest.approx(row[interval.metric], abs=1e-12)
+        assert {(c.stage, c.against) for c in statistics.comparisons} == {(1, "previous"), (1, "base"),
+                                                                          (2, "previous"), (2, "base")}
+        for comparison in statistics.comparisons:
+            for t in comparison.tasks:
+                i = tasks.index(t.task)
+                assert t.accuracy_before == matrix[comparison.against_stage, i]
+                assert t.accuracy_after == matrix[comparison.stage, i]
         stability = results.stability(seed)
         assert stability["kl_mean"].iloc[0] == 0.0
         assert (stability["kl_mean"].iloc[1:] > 0).all()
