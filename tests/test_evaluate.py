@@ -34,7 +34,7 @@ def test_adapters_of_a_run_give_back_the_run(trained, tmp_path):
     out = evaluate_adapters(config, adapters, tmp_path / "evaluated", trained_on=["stance", "sum"], seed=3)
 
     assert store.check_run_folder(out) == []
-    for table in ("accuracy_matrix.csv", "cl_metrics.csv", "stability.csv"):
+    for table in ("accuracy_matrix.csv", "cl_metrics.csv", "stability.csv", "statistics.json"):
         assert (out / "seed-3" / table).read_bytes() == (run_dir / "seed-3" / table).read_bytes(), table
     for k in (0, 1, 2):
         for name in ("reference_drift.jsonl", "predictions/stance.jsonl", "predictions/sum.jsonl",
@@ -93,6 +93,15 @@ def test_a_trainer_output_folder_is_evaluated_in_step_order(tiny_model_dir, tmp_
           for k in range(4)]
     assert kl[0] == 0 and all(v > 0 for v in kl[1:])
     assert lorawatch("check", run).returncode == 0
+    # docs/statistics.md's CI gate: the newest checkpoint against the one before it, on the same rows
+    gated = lorawatch("gate", run, "--stage", "3", "--against", "2", "--json")
+    assert gated.returncode in (0, 2), gated.stderr
+    verdict = json.loads(gated.stdout)
+    comparison = verdict["checks"][0]["comparison"]
+    assert (comparison["checkpoint"], comparison["against_checkpoint"]) == ("trainer/checkpoint-12",
+                                                                            "trainer/checkpoint-8")
+    assert gated.returncode == (2 if verdict["reasons"] else 0) and [t["task"] for t in comparison["tasks"]] == \
+        ["stance", "sum"]
     # the paper's tables need the training order: one line, not a wrong table
     assert_one_line_error(lorawatch("report", run, "--out", tmp_path / "report"), "--trained-on")
     assert_one_line_error(lorawatch("run", path, "--out", run), "lorawatch evaluate")
