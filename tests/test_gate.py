@@ -10,58 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import lorawatch
+from helpers import outcomes, write_run
 from lorawatch import schema, store
-from lorawatch.config import build_config
-from lorawatch.runfolder import RUN_MARKER
-from lorawatch.tables import write_seed_tables, write_summary
-
-TASKS = ["stance", "science"]
-ROWS = 40
-
-
-def outcomes(right: int, flip_down: int = 0, flip_up: int = 0, before: int | None = None) -> list[bool]:
-    """40 rows; `right` of them right. Built from `before` right rows by flipping the first `flip_down` right ones
-    to wrong and the first `flip_up` wrong ones to right (so the pairing with the earlier checkpoint is known)."""
-    if before is None:
-        return [i < right for i in range(ROWS)]
-    rows = [i < before for i in range(ROWS)]
-    for i in range(flip_down):
-        rows[i] = False
-    for i in range(flip_up):
-        rows[before + i] = True
-    assert sum(rows) == right
-    return rows
-
-
-def write_run(folder: Path, stages: list[dict[str, list[bool]]], kl: list[float], seeds=(1,)) -> Path:
-    """A finished `lorawatch run` folder: stage k's predictions per task, KL to base per stage."""
-    config = build_config({"name": folder.name, "seeds": list(seeds),
-                           "tasks": [{"name": t, "kind": "multiple_choice", "train": f"/nonexistent/{t}.json",
-                                      "test": f"/nonexistent/{t}-test.json"} for t in TASKS],
-                           "reference": {"path": "/nonexistent/reference.json"}})
-    folder.mkdir(parents=True)
-    (folder / RUN_MARKER).write_text("")
-    store.write_json(folder / "config.json", config.model_dump(mode="json"))
-    for seed in seeds:
-        for k, rows in enumerate(stages):
-            d = store.stage_dir(folder, seed, k)
-            for task, correct in rows.items():
-                store.write_jsonl(d / "predictions" / f"{task}.jsonl", [
-                    {"id": f"{task}-{i}", "task": task, "raw_output": "A", "prediction": "A", "gold": "A" if c else "B",
-                     "correct": c, "output_ids": None} for i, c in enumerate(correct)])
-            store.write_record(d / "scores.json", schema.Scores,
-                               {**{t: sum(c) / len(c) for t, c in rows.items()}, "reference": 0.5})
-            stats = {f"{name}_{p}": (kl[k] if name == "kl" else 1.0) for name in ("kl", "entropy", "margin")
-                     for p in ("mean", "p10", "p95")}
-            store.write_record(d / "reference_stats.json", schema.ReferenceStats,
-                               {**stats, **{f"{key}_delta": value - (0.0 if key.startswith("kl") else 1.0)
-                                            for key, value in stats.items()}})
-            store.write_record(d / "stage.json", schema.StageRecord,
-                               {"stage": k, "checkpoint": "base" if k == 0 else TASKS[k - 1],
-                                "task": None if k == 0 else TASKS[k - 1]})
-        write_seed_tables(folder, seed, config.statistics)
-    write_summary(folder)
-    return folder
 
 
 BASE = {"stance": outcomes(12), "science": outcomes(20)}

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import reference_kl
 from lorawatch import store
 from lorawatch.config import build_config
 from lorawatch.errors import UserError
@@ -66,6 +67,9 @@ def make_run(folder: Path, spec: str, tasks: list[str], order, stages_by_seed: d
             store.write_json(d / "reference_stats.json", {**stats, **{f"{k2}_delta": v - base[k2]
                                                                        for k2, v in stats.items()}})
             store.write_json(d / "scores.json", {**stage["acc"], "reference": 0.5})
+            store.write_jsonl(d / "reference_drift.jsonl", [  # per reference row, averaging to the stage's KL
+                {"id": f"ref-{i}", "task": tasks[0], "kl": kl, "entropy": stage["entropy"], "margin": stage["margin"],
+                 "top1_token": 0} for i, kl in enumerate(reference_kl(stage["kl"]))])
             for task, accuracy in stage["acc"].items():  # 1000 rows: a published 3-decimal accuracy exactly
                 right = round(accuracy * PREDICTION_ROWS)
                 store.write_jsonl(d / "predictions" / f"{task}.jsonl", [

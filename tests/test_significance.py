@@ -76,6 +76,14 @@ def test_metric_intervals_resample_rows_within_a_task_and_keep_the_pairing():
     assert got["gain"] == pytest.approx((gain.low, gain.high), abs=1e-12)
 
 
+def test_mean_interval_is_scipys_bootstrap_of_the_mean():
+    kl = np.random.default_rng(5).gamma(0.5, 0.4, size=48)
+    expected = stats.bootstrap((kl,), np.mean, n_resamples=SETTINGS.resamples, confidence_level=0.95,
+                               method="percentile", rng=np.random.default_rng(SETTINGS.seed)).confidence_interval
+    assert significance.mean_interval(kl, SETTINGS) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert significance.mean_interval(np.zeros(48), SETTINGS) == (0.0, 0.0)  # the base checkpoint's KL
+
+
 def test_holm_matches_the_step_down_by_hand():
     p = [0.01, 0.04, 0.03, 0.20]
     # sorted 0.01, 0.03, 0.04, 0.20 times 4, 3, 2, 1 -> 0.04, 0.09, 0.08 -> cumulative max 0.09, 0.20

@@ -403,7 +403,8 @@ class StatisticsRecord(Record):
     settings: StatisticsParams
     accuracy: list[AccuracyInterval]
     metrics: list[MetricInterval]
-    headline: list[Interval]  # the run's: final average accuracy, BWT, FWT, learning accuracy, mean gain
+    headline: list[Interval]  # the run's: final average accuracy, BWT, FWT, LA, mean gain, final KL to base
+    drift: list[MetricInterval]  # each checkpoint's mean KL to base, with its interval over the reference rows
     comparisons: list[Comparison]
     detectable: list[DetectableDrop]
 

@@ -8,6 +8,7 @@ an accuracy is the discordant rows only, right -> wrong (negative flips) against
                         `paired=True`, percentile interval); the interval of the accuracy difference
     negative flip rate  right -> wrong rows over all rows (MUSCLE's NFR)
     Wilson interval     one accuracy on its own (statsmodels' `proportion_confint`)
+    mean interval       a mean over rows, e.g. KL to base over the reference set (percentile bootstrap)
     Holm                the tasks of one comparison form a family; their p-values are adjusted together
     detectable drop     the smallest drop a test size can show at all, and with the asked power
 
@@ -80,6 +81,16 @@ def paired_interval(before: np.ndarray, after: np.ndarray, settings: StatisticsS
         return 0.0, 0.0
     result = stats.bootstrap((before, after), _difference_of_means, paired=True, vectorized=True,
                              confidence_level=settings.confidence, n_resamples=settings.resamples,
+                             method="percentile", rng=np.random.default_rng(settings.seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def mean_interval(values: np.ndarray, settings: StatisticsSettings) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean (e.g. KL to base over the reference rows)."""
+    x = np.asarray(values, dtype=float)
+    if np.ptp(x) == 0:  # every resample gives the same mean
+        return float(x[0]), float(x[0])
+    result = stats.bootstrap((x,), np.mean, confidence_level=settings.confidence, n_resamples=settings.resamples,
                              method="percentile", rng=np.random.default_rng(settings.seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 

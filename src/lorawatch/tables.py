@@ -254,9 +254,16 @@ def print_results(results: RunResults, console: Console) -> None:
                                       "rows]", metrics, list(METRIC_HEADERS), list(METRIC_HEADERS.values()),
                                       lambda c, m: verdict_view.interval_of(first, c, m)))
     stability, stability_std = pair("stability")
-    console.print(_rich_table("Stability on the reference set" + suffix, stability, stability_std,
-                              ["kl_mean", "kl_p95", "entropy_mean_delta", "margin_mean_delta", "reference_accuracy"],
-                              ["KL to base", "KL p95", "Δ entropy", "Δ margin", "reference acc"]))
+    columns = ["kl_mean", "kl_p95", "entropy_mean_delta", "margin_mean_delta", "reference_accuracy"]
+    headers = ["KL to base", "KL p95", "Δ entropy", "Δ margin", "reference acc"]
+    if multi:
+        console.print(_rich_table("Stability on the reference set" + suffix, stability, stability_std, columns,
+                                  headers))
+    else:
+        drift = {row.checkpoint: row for row in first.drift}
+        console.print(_interval_table(f"Stability on the reference set{suffix}, KL to base [{level} bootstrap "
+                                      "interval over reference rows]", stability, columns, headers,
+                                      lambda c, m: drift.get(c) if m == "kl_mean" else None))
     console.print(verdict_view.verdict_table(records))
     regressions = verdict_view.regression_lines(records)
     console.print("Regressions: " + ("; ".join(regressions) if regressions else
@@ -271,6 +278,7 @@ def headline_parts(results: RunResults, records: dict[int, schema.StatisticsReco
     """The headline numbers with their intervals: over test rows for one seed, over seeds for several."""
     summary = results.summary()["mean_std"]
     multi = len(results.seeds) > 1
+    first = records[results.seeds[0]]
     parts = []
     for key, label in HEADLINE:
         if key not in summary:
@@ -278,11 +286,14 @@ def headline_parts(results: RunResults, records: dict[int, schema.StatisticsReco
         stat = summary[key]
         if multi:
             text = _cell(stat["mean"], stat["std"])
-            if stat.get("ci_low") is not None:
-                text += (f" ({verdict_view.number(stat['ci_low'], 2)} to {verdict_view.number(stat['ci_high'], 2)} "
-                         f"over {len(results.seeds)} seeds)")
+            # from the per-seed values, so that a summary written before the intervals gets one too
+            interval = significance.seed_interval([results.summary()["per_seed"][str(seed)][key]
+                                                   for seed in results.seeds], first.settings.confidence)
+            if interval is not None:
+                text += (f" [{verdict_view.number(interval[0], 2)}, {verdict_view.number(interval[1], 2)}] over "
+                         f"{len(results.seeds)} seeds")
         else:
-            found = verdict_view.interval_of(records[results.seeds[0]], None, key)
+            found = verdict_view.interval_of(first, None, key)
             text = _cell(stat["mean"], None) if found is None else \
                 verdict_view.with_interval(stat["mean"], found.low, found.high)
         parts.append(f"{label} {text}")

@@ -131,15 +131,19 @@ def regression_lines(records: dict[int, schema.StatisticsRecord]) -> list[str]:
 
 
 def detectable_lines(record: schema.StatisticsRecord) -> list[str]:
-    """What each task's test size can show, as a person reads it."""
+    """What each task's test size can show, as a person reads it (tasks of the same size share a line)."""
     settings = record.settings
     correction = f", Holm over {len(record.detectable)} tasks" if settings.correction == "holm" else ""
-    lines = []
+    by_size: dict[int, list[schema.DetectableDrop]] = {}
     for d in record.detectable:
+        by_size.setdefault(d.n, []).append(d)
+    lines = []
+    for n, group in by_size.items():
+        d, names = group[0], ", ".join(g.task for g in group)
         if d.min_flips is None:
-            lines.append(f"{d.task}: {d.n} rows cannot show any drop at α {settings.alpha:g}{correction}")
+            lines.append(f"{names}: {n} rows cannot show any drop at α {settings.alpha:g}{correction}")
             continue
-        line = (f"{d.task}: {d.n} rows cannot show a drop smaller than {number(d.floor)} ({d.min_flips} right→wrong "
+        line = (f"{names}: {n} rows cannot show a drop smaller than {number(d.floor)} ({d.min_flips} right→wrong "
                 f"and none wrong→right) at α {settings.alpha:g}{correction}")
         if d.drop_at_power is not None:
             line += f"; {d.power:.0%} power needs a true drop of {number(d.drop_at_power)} even if no row improves"

@@ -7,6 +7,7 @@ same rows (significance.py holds the statistics). For each seed this writes seed
     metrics      OP, BWT, FWT, average accuracy, gain, vs base per checkpoint, and the run's headline numbers,
                  each with a bootstrap interval over test rows (rows resampled within each task, the same
                  resample for every checkpoint)
+    drift        each checkpoint's mean KL to base with a bootstrap interval over the reference rows
     comparisons  every trained checkpoint against the previous one and against the base: per task the flips,
                  exact McNemar p (adjusted over the tasks), paired bootstrap interval and a verdict
     detectable   the smallest drop each task's test size can show
@@ -25,6 +26,7 @@ from lorawatch import schema, significance, store
 from lorawatch.config import StatisticsSettings
 from lorawatch.errors import UserError
 from lorawatch.metrics import compute_cl_metrics, compute_unordered_metrics
+from lorawatch.stability import ExampleDrift
 from lorawatch.tasks.scoring import Prediction
 
 STATISTICS = "statistics.json"
@@ -42,6 +44,7 @@ class SeedOutcomes:
     ordered: bool  # stage k was trained on tasks[k-1]: the metrics that need the order are defined
     ids: dict[str, list[str]]
     correct: dict[str, np.ndarray]  # task -> (checkpoints, rows) of bool
+    kl: np.ndarray  # (checkpoints, reference rows): KL to base per reference row
 
     def stage_index(self, stage: int | str) -> int:
         """A stage number, or `last`."""
@@ -89,8 +92,16 @@ def seed_outcomes(run_dir: Path, seed: int) -> SeedOutcomes:
         if not ids[task]:
             raise UserError(f"{folder0 / 'predictions' / f'{task}.jsonl'}: no rows")
         correct[task] = np.array(rows, dtype=bool)
+    drift = [store.load_rows(store.stage_dir(run_dir, seed, k) / "reference_drift.jsonl", ExampleDrift)
+             for k in stages]
+    reference_ids = [row.id for row in drift[0]]
+    for k, rows in zip(stages, drift):
+        if [row.id for row in rows] != reference_ids:
+            raise UserError(f"{store.stage_dir(run_dir, seed, k) / 'reference_drift.jsonl'}: its rows are not the "
+                            "base model's reference rows")
+    kl = np.array([[row.kl for row in rows] for rows in drift], dtype=float)
     return SeedOutcomes(seed, [r.checkpoint for r in records], tasks, ordered and len(stages) == len(tasks) + 1,
-                        ids, correct)
+                        ids, correct, kl)
 
 
 def compare_stages(outcomes: SeedOutcomes, stage: int, against: int, kind: str,
@@ -146,6 +157,13 @@ def seed_statistics(outcomes: SeedOutcomes, settings: StatisticsSettings) -> sch
                    for (checkpoint, metric), (low, high) in defined if checkpoint is not None]
     headline = [schema.Interval(metric=metric, value=point[None, metric], low=low, high=high)
                 for (checkpoint, metric), (low, high) in defined if checkpoint is None]
+    drift = []
+    for k, checkpoint in enumerate(outcomes.checkpoints):
+        low, high = significance.mean_interval(outcomes.kl[k], settings)
+        drift.append(schema.MetricInterval(checkpoint=checkpoint, metric="kl_mean", value=float(outcomes.kl[k].mean()),
+                                           low=low, high=high))
+    headline.append(schema.Interval(metric="final_kl_to_base", value=drift[-1].value, low=drift[-1].low,
+                                    high=drift[-1].high))
     comparisons = []
     for k in range(1, len(outcomes.checkpoints)):
         comparisons.append(compare_stages(outcomes, k, k - 1, "previous", settings))
@@ -157,7 +175,7 @@ def seed_statistics(outcomes: SeedOutcomes, settings: StatisticsSettings) -> sch
         detectable.append(schema.DetectableDrop(task=task, n=d.n, alpha=d.alpha, min_flips=d.min_flips,
                                                 floor=d.floor, drop_at_power=d.drop_at_power, power=d.power))
     return schema.StatisticsRecord(settings=schema.StatisticsParams(**settings.model_dump()), accuracy=accuracy,
-                                   metrics=metric_rows, headline=headline, comparisons=comparisons, detectable=detectable)
+                                   metrics=metric_rows, headline=headline, drift=drift, comparisons=comparisons, detectable=detectable)
 
 
 def write_seed_statistics(run_dir: Path, seed: int, settings: StatisticsSettings) -> schema.StatisticsRecord:
