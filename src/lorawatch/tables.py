@@ -297,4 +297,19 @@ def headline_parts(results: RunResults, records: dict[int, schema.StatisticsReco
             text = _cell(stat["mean"], None) if found is None else \
                 verdict_view.with_interval(stat["mean"], found.low, found.high)
         parts.append(f"{label} {text}")
+        if key == "final_avg_accuracy":
+            parts.append(_vs_base_part(results, records))
     return parts
+
+
+def _vs_base_part(results: RunResults, records: dict[int, schema.StatisticsRecord]) -> str:
+    """The final average accuracy minus the base model's: below zero is the paper's failure zone."""
+    found = [verdict_view.interval_of(records[seed], None, "final_avg_vs_base") for seed in results.seeds]
+    if any(f is None for f in found):
+        return "final avg vs base —"
+    if len(found) == 1:
+        return f"final avg vs base {verdict_view.with_interval(found[0].value, found[0].low, found[0].high, sign=True)}"
+    values = [f.value for f in found]
+    interval = significance.seed_interval(values, records[results.seeds[0]].settings.confidence)
+    return (f"final avg vs base {verdict_view.signed(float(np.mean(values)))} ± {np.std(values, ddof=1):.3f} "
+            f"[{verdict_view.signed(interval[0], 2)}, {verdict_view.signed(interval[1], 2)}] over {len(values)} seeds")

@@ -135,6 +135,8 @@ def _metrics_of(outcomes: SeedOutcomes):
             result = compute_unordered_metrics(R, outcomes.tasks, outcomes.checkpoints)
         values = {(row.checkpoint, m): getattr(row, m) for row in result.per_checkpoint for m in CHECKPOINT_METRICS}
         values.update({(None, m): result.summary[m] for m in HEADLINE_METRICS})
+        # the paper's failure zone: did the final checkpoint's average over all tasks fall below the base model's?
+        values[None, "final_avg_vs_base"] = result.per_checkpoint[-1].avg_all - result.per_checkpoint[0].avg_all
         return values
     return metrics
 
