@@ -105,6 +105,8 @@ def test_statistics_record_holds_intervals_verdicts_and_detectable_drops(regress
     assert (cell.n, cell.correct, cell.accuracy) == (40, 8, 0.2) and cell.low < 0.2 < cell.high
     previous = record.comparison(2, "previous")
     assert [t.verdict for t in previous.tasks] == ["regressed", "no detectable change"]  # science: 5 up, p 0.0625
+    assert previous.kl_after - previous.kl_before == pytest.approx(0.7)  # KL 0.2 -> 0.9 on every reference row
+    assert previous.kl_ci_low <= 0.7 <= previous.kl_ci_high
     base = record.comparison(2, "base")
     assert base.against_checkpoint == "base" and base.tasks[0].difference == pytest.approx(-0.1)
     assert {m.metric for m in record.headline} >= {"final_avg_accuracy", "bwt"}

@@ -363,6 +363,11 @@ class Comparison(Part):
     against_stage: NonNegativeInt
     against_checkpoint: str
     tasks: list[TaskComparison]
+    # mean KL to base on the reference set, before and after, and the paired bootstrap interval of its change
+    kl_before: float | None = None
+    kl_after: float | None = None
+    kl_ci_low: float | None = None
+    kl_ci_high: float | None = None
 
     def regressed(self) -> list[TaskComparison]:
         return [t for t in self.tasks if t.verdict == "regressed"]

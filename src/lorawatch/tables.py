@@ -269,6 +269,10 @@ def print_results(results: RunResults, console: Console) -> None:
     console.print("Regressions: " + ("; ".join(regressions) if regressions else
                                      "none detected (no task of any trained checkpoint is worse than the previous "
                                      "checkpoint or the base beyond chance)"))
+    drift = verdict_view.drift_change_lines(records)
+    if drift:
+        console.print(f"KL to base after each checkpoint (its change from the previous one, [{level} paired "
+                      "bootstrap interval over reference rows]): " + "; ".join(drift))
     console.print("What the test sizes can show: " + "; ".join(verdict_view.detectable_lines(first)))
     console.print("Summary: " + " · ".join(headline_parts(results, records)))
     console.print(f"Run folder: {results.path}")

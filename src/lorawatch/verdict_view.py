@@ -130,6 +130,19 @@ def regression_lines(records: dict[int, schema.StatisticsRecord]) -> list[str]:
     return lines
 
 
+def drift_change_lines(records: dict[int, schema.StatisticsRecord]) -> list[str]:
+    """Per seed, how each checkpoint's KL to base moved from the previous one, with its paired interval over the
+    reference rows."""
+    lines = []
+    for seed, record in records.items():
+        parts = [f"{c.checkpoint} {number(c.kl_after)} "
+                 f"({with_interval(c.kl_after - c.kl_before, c.kl_ci_low, c.kl_ci_high, sign=True)})"
+                 for c in record.comparisons if c.against == "previous" and c.kl_before is not None]
+        if parts:
+            lines.append((f"seed {seed}: " if len(records) > 1 else "") + ", ".join(parts))
+    return lines
+
+
 def detectable_lines(record: schema.StatisticsRecord) -> list[str]:
     """What each task's test size can show, as a person reads it (tasks of the same size share a line)."""
     settings = record.settings

@@ -110,9 +110,12 @@ def compare_stages(outcomes: SeedOutcomes, stage: int, against: int, kind: str,
     adjusted together (settings.correction) and each gets a verdict at settings.alpha."""
     results = [significance.paired(outcomes.correct[t][against], outcomes.correct[t][stage], settings)
                for t in outcomes.tasks]
+    kl_low, kl_high = significance.paired_interval(outcomes.kl[against], outcomes.kl[stage], settings)
     return schema.Comparison(stage=stage, checkpoint=outcomes.checkpoints[stage], against=kind,
                              against_stage=against, against_checkpoint=outcomes.checkpoints[against],
-                             tasks=task_comparisons(outcomes.tasks, results, settings))
+                             tasks=task_comparisons(outcomes.tasks, results, settings),
+                             kl_before=float(outcomes.kl[against].mean()), kl_after=float(outcomes.kl[stage].mean()),
+                             kl_ci_low=kl_low, kl_ci_high=kl_high)
 
 
 def task_comparisons(tasks: list[str], results: list[significance.Paired],
