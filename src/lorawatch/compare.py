@@ -1,8 +1,11 @@
 """Runs side by side (`lorawatch compare RUN...`): typically the same seed with and without a drift monitor.
 
 For each run: the accuracy matrix, OP/BWT/FWT, final KL to base, the compute spent (training, of which the
-monitor, evaluation, wall) and the interventions taken. Written as compare.md / compare.json with the live
-drift figure when --out is given.
+monitor, evaluation, wall) and the interventions taken. Then whether a difference is real: the first run is the
+baseline, and every other run's final checkpoints are compared with its own on the same test rows, seed by seed
+on the seeds both have (run_comparison.py: flips, exact McNemar, paired bootstrap intervals of each task's
+accuracy, of the final average accuracy and of the final KL to base, means over seeds). Written as compare.md /
+compare.json with the live drift figure when --out is given.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from lorawatch import store
+from lorawatch import run_comparison, store
 from lorawatch.errors import UserError
 from lorawatch.monitoring_view import interventions, interventions_markdown
 from lorawatch.report import figures, final_points, load_study
@@ -56,13 +59,26 @@ def _compute(results: RunResults) -> dict:
     return out
 
 
+def _refuse_repeats(paths: list[Path]) -> None:
+    """The same folder twice would compare a run with itself: every difference 0, every verdict "no change"."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in seen:
+            raise UserError(f"{path}: given twice (also as {seen[resolved]}); compare needs different run folders")
+        seen[resolved] = path
+
+
 def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
     if len(run_dirs) < 2:
         raise UserError("compare needs at least two run folders")
     paths = [Path(p) for p in run_dirs]
+    _refuse_repeats(paths)
     runs = []
+    loaded = []
     for label, path in zip(_labels(paths), paths):
         results = load_run(path)
+        loaded.append(results)
         summary = results.summary()["mean_std"]
         settings = results.monitor_settings()
         monitor = None if settings is None else settings.body()
@@ -80,7 +96,21 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
     if len(tasks) > 1:
         raise UserError("compare: the runs trained different task sequences: "
                         + "; ".join(f"{r['label']}: {' → '.join(r['tasks'])}" for r in runs))
-    return {"runs": runs}
+    return {"runs": runs, "paired": _paired(runs, loaded)}
+
+
+def _paired(runs: list[dict], loaded: list[RunResults]) -> list[run_comparison.RunComparison]:
+    """Every run after the first against the first, on the seeds both have, with the first run's settings."""
+    baseline, settings = runs[0], loaded[0].config.statistics
+    out = []
+    for run in runs[1:]:
+        common = [s for s in baseline["seeds"] if s in run["seeds"]]
+        folders = {s: (Path(baseline["run_dir"]), Path(run["run_dir"])) for s in common}
+        out.append(run_comparison.compare_runs_paired(
+            baseline["label"], run["label"], folders, settings,
+            baseline_only=[s for s in baseline["seeds"] if s not in common],
+            run_only=[s for s in run["seeds"] if s not in common]))
+    return out
 
 
 def _monitor_text(monitor: dict | None) -> str:
@@ -140,7 +170,25 @@ def comparison_markdown(result: dict) -> str:
     taken = [dict(e, run=r["label"]) for r in runs for e in r["interventions"]]
     lines += ["", "## Interventions", ""]
     lines.append(interventions_markdown(taken) if taken else "None.")
+    lines += _paired_markdown(result.get("paired", []))
     return "\n".join(lines) + "\n"
+
+
+def _paired_markdown(paired: list[run_comparison.RunComparison]) -> list[str]:
+    if not paired:
+        return []
+    s = paired[0].settings
+    correction = "Holm over the tasks" if s.correction == "holm" else "unadjusted"
+    lines = ["", f"## Is it real? Each run against {paired[0].baseline}", "",
+             f"The final checkpoints of both runs on the same test rows (matched by example id), seed by seed on the "
+             f"seeds both have. Δ = run − baseline with its {s.confidence:.0%} paired bootstrap interval (the final "
+             "average accuracy resamples test rows within each task, the final KL to base the reference rows; "
+             "the same resample for both runs); flips ↓ right→wrong, ↑ wrong→right; NFR the negative flip rate; "
+             f"exact McNemar p ({correction}); verdict at α {s.alpha:g}. Means over seeds with a Student t "
+             "interval.", ""]
+    for c in paired:
+        lines += [f"### {c.run} against {c.baseline}", "", run_comparison.markdown(c), ""]
+    return lines
 
 
 def write_comparison(result: dict, out: str | Path) -> list[Path]:
@@ -163,7 +211,8 @@ def write_comparison(result: dict, out: str | Path) -> list[Path]:
         figure += figures.figure3(study, final_points(study), out)
         text += "![final accuracy against final KL](figure3.png)\n\nOne point per run and seed.\n"
     store.atomic_write_text(files[0], text)
-    store.atomic_write_text(files[1], json.dumps(result, indent=2, default=float) + "\n")
+    as_json = {**result, "paired": [c.model_dump(mode="json") for c in result.get("paired", [])]}
+    store.atomic_write_text(files[1], json.dumps(as_json, indent=2, default=float) + "\n")
     return files + figure
 
 
@@ -186,3 +235,9 @@ def print_comparison(result: dict, console: Console) -> None:
         for e in r["interventions"]:
             console.print(f"{r['label']}: seed {e['seed']} stage {e['stage']} ({e['task']}): KL {e['kl']:.4f} > "
                           f"{e['threshold']:.4f} at step {e['step']} → {e['action']}, kept step {e['kept_step']}")
+    for c in result.get("paired", []):
+        for table in run_comparison.rich_tables(c):
+            console.print(table)
+        console.print(f"{c.run} against {c.baseline}:")
+        for line in run_comparison.summary_lines(c):
+            console.print(f"  {line}")
