@@ -24,7 +24,8 @@ MAX_SEED = 2**32 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No infinities or NaNs: an infinite weight or rate makes training numerically impossible.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(_Strict):

@@ -48,7 +48,7 @@ from lorawatch.stability import summarize
 from lorawatch.tasks.scoring import SCORING_RULES_VERSION
 from lorawatch.tracking import RunLogger, require as require_tracker
 from lorawatch.strategies import build_strategy
-from lorawatch.training import TrainParams, train_stage, use_gap_dropout
+from lorawatch.training import TrainingDiverged, TrainParams, train_stage, use_gap_dropout
 
 __all__ = ["Recipe", "encode", "generate_by_task", "load_data", "lora_config", "resolve_monitor", "run_experiment",
            "run_lock", "run_recipe"]
@@ -317,10 +317,14 @@ class Recipe:
 
         watch = None if self.monitor is None else self.stage_monitor(model, seed, stage)
         with self.costs.phase("training"):
-            log = train_stage(model, plan.rows, self.train_params, seed=plan.seed,
-                              pad_id=self.loaded.tokenizer.pad_token_id, device=self.eval_params.device,
-                              on_micro_batch=on_micro_batch, on_step=None if watch is None else watch.on_step,
-                              extra_loss=plan.extra_loss).to_dict()
+            try:
+                log = train_stage(model, plan.rows, self.train_params, seed=plan.seed,
+                                  pad_id=self.loaded.tokenizer.pad_token_id, device=self.eval_params.device,
+                                  on_micro_batch=on_micro_batch, on_step=None if watch is None else watch.on_step,
+                                  extra_loss=plan.extra_loss).to_dict()
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"seed {seed}, stage {stage} ({task.name}): {exc}; finished stages are kept, "
+                                       "this one is not recorded") from None
             if watch is not None:
                 log["monitor"] = self.finish_monitor(watch, log, folder, seed, stage)
             strategy_log = self.strategy.finish(model, plan, log["optimizer_steps"], folder)

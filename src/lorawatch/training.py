@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lorawatch.errors import UserError
 from lorawatch.prompts import EncodedTrainExample
 
 
@@ -60,6 +61,10 @@ def use_gap_dropout(model: torch.nn.Module) -> int:
                     dropouts[name] = GapDropout(dropout.p)
                     replaced += 1
     return replaced
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient: the settings make training numerically impossible."""
 
 
 def training_seed(run_seed: int, stage: int) -> int:
@@ -230,7 +235,18 @@ def train_stage(
                 if on_micro_batch:
                     on_micro_batch(done, total)
             if params.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            # A non-finite loss or gradient would be stepped into the adapter and every later number: stop here,
+            # before the step, so that nothing of the stage is saved as finished.
+            if not (math.isfinite(window_loss) and math.isfinite(window_extra) and torch.isfinite(grad_norm)):
+                what = "the loss" if not math.isfinite(window_loss) else (
+                    "the strategy's added loss" if not math.isfinite(window_extra) else "the gradient norm")
+                raise TrainingDiverged(f"training diverged at optimizer step {log.optimizer_steps + 1} of "
+                                       f"{total_steps}: {what} is not finite (loss {window_loss:.4g}, gradient "
+                                       f"norm {float(grad_norm):.4g}); lower train.learning_rate or the strategy's "
+                                       "weight")
             log.learning_rates.append(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()
