@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import reference_kl
+from helpers import outcomes, reference_kl, write_run
 from lorawatch import store
 from lorawatch.config import build_config
 from lorawatch.errors import UserError
@@ -373,3 +373,56 @@ def test_below_base_ignores_float_noise(tmp_path):
     assert step1["avg_accuracy"] != 0.275 and step1["avg_accuracy"] == pytest.approx(0.275)  # the noise is there
     assert not step1["below_base"]
     assert points[points["step"] == 2].iloc[0]["below_base"]
+
+
+# --- is it real? verdicts per group and settings against their baseline -----------------------------------------
+
+
+def test_report_compares_each_setting_with_its_baseline_on_the_same_rows(tmp_path):
+    """Three groups of one model and order: a KL anchor that loses 16 of stance's 24 right rows, the plain protocol
+    and another learning rate with the plain protocol's predictions. The baseline is the plain group (strategy
+    `none`, no monitor), though the anchor is given first."""
+    from scipy import stats
+
+    base = {"stance": outcomes(12), "science": outcomes(20)}
+    stage1 = {"stance": outcomes(24, flip_up=12, before=12), "science": outcomes(20)}
+    final = {"stance": outcomes(24), "science": outcomes(25, flip_up=5, before=20)}
+    worse = {"stance": outcomes(8, flip_down=16, before=24), "science": final["science"]}
+    anchor = write_run(tmp_path / "anchor", [base, stage1, worse],
+                       {1: [0, 0.2, 0.9], 2: [0, 0.2, 0.8], 3: [0, 0.2, 0.7]}, seeds=(1, 2, 3),
+                       strategy={"name": "kl_anchor"})
+    plain = write_run(tmp_path / "plain", [base, stage1, final], [0.0, 0.2, 0.5], seeds=(1, 2))
+    slower = write_run(tmp_path / "slower", [base, stage1, final], [0.0, 0.2, 0.5], seeds=(1, 2),
+                       train={"learning_rate": 1e-5})
+    report = write_report([anchor, plain, slower], tmp_path / "report")
+    names = {g.run_dirs[0].name: g.model for g in report.study.groups}
+    assert names["anchor"] == "smollm2-135m-instruct [train.learning_rate=5e-05, strategy=kl_anchor(weight=1.0)]"
+    assert [(b.run_dirs[0].name, g.run_dirs[0].name) for b, g, _ in report.paired] == [("plain", "anchor"),
+                                                                                      ("plain", "slower")]
+    md = (tmp_path / "report" / "report.md").read_text()
+    verdicts = md[md.index("## Is it real?"):md.index("## Settings against a baseline")]
+    assert f"### {names['anchor']} · original" in verdicts
+    assert "| 3 | science | stance | −0.400 [−0.55, −0.25] | ↓16 ↑0 | 6.1e-05 | REGRESSED |" in verdicts
+    assert "- seed 3: science regressed on stance against the previous checkpoint: 0.600 → 0.200" in verdicts
+    assert "40 rows cannot show a drop smaller than 0.175" in verdicts
+    settings = md[md.index("## Settings against a baseline"):]
+    assert f"### {names['anchor']} against {names['plain']} · original" in settings
+    assert "| 1 | stance | 40 | 0.600 | 0.200 | 0.400 | −0.400 [−0.55, −0.25] | ↓16 ↑0 | 6.1e-05 | REGRESSED |" \
+        in settings
+    assert f"- seed 3 only in {names['anchor']}: not compared" in settings
+    assert "[paired.csv](paired.csv)" in settings
+
+    paired = pd.read_csv(tmp_path / "report" / "paired.csv")
+    mine = paired[paired["run"] == names["anchor"]]
+    assert set(mine["baseline"]) == {names["plain"]} and set(mine["seed"].dropna()) == {1, 2}
+    stance = mine[(mine["seed"] == 1) & (mine["task"] == "stance")].iloc[0]
+    assert (stance["n"], stance["regressed"], stance["improved"], stance["verdict"]) == (40, 16, 0, "regressed")
+    assert stance["p_value"] == pytest.approx(stats.binomtest(0, 16, 0.5).pvalue)
+    assert (stance["baseline_value"], stance["run_value"], stance["difference"]) == pytest.approx((0.6, 0.2, -0.4))
+    kl = mine[(mine["seed"] == 2) & (mine["measure"] == "final_kl_to_base")].iloc[0]
+    assert (kl["n"], kl["baseline_value"], kl["run_value"]) == (20, pytest.approx(0.5), pytest.approx(0.8))
+    assert kl["ci_low"] < 0.3 < kl["ci_high"]
+    mean = mine[mine["seed"].isna() & (mine["measure"] == "final_avg_accuracy")].iloc[0]
+    assert (mean["difference"], mean["interval"]) == (pytest.approx(-0.2), "t over 2 seeds")
+    same = paired[paired["run"] == names["slower"]]
+    assert set(same["difference"]) == {0.0} and set(same["verdict"].dropna()) == {"no detectable change"}

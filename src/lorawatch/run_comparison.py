@@ -61,7 +61,7 @@ class SeedComparison(Part):
     checkpoint: str
     tasks: list[schema.TaskComparison]  # accuracy_before: the baseline's, accuracy_after: the run's
     final_avg_accuracy: PairedNumber
-    final_kl_to_base: PairedNumber | None  # None when a folder keeps no per-row drift (kl_note says which)
+    final_kl_to_base: PairedNumber | None  # None when no reference row has a finite KL in both (kl_note says so)
     kl_note: str | None = None
 
 
@@ -157,9 +157,7 @@ def _kl_difference(baseline_dir: Path, run_dir: Path, seed: int, stages: tuple[i
     """Final KL to base of both runs, as the mean over reference rows matched by id, and its paired interval."""
     ours = store.stage_dir(baseline_dir, seed, stages[0]) / "reference_drift.jsonl"
     theirs = store.stage_dir(run_dir, seed, stages[1]) / "reference_drift.jsonl"
-    missing = [p for p in (ours, theirs) if not p.is_file()]
-    if missing:  # written by every run; a folder assembled by hand may lack it, which costs only this number
-        return None, f"{missing[0]}: missing, so the final KL to base is not compared"
+    # both exist (seed_outcomes read every stage's); matched by id, since the runs may keep their rows in other orders
     base_kl = {d.id: d.kl for d in store.load_rows(ours, ExampleDrift)}
     run_kl = {d.id: d.kl for d in store.load_rows(theirs, ExampleDrift)}
     if set(base_kl) != set(run_kl):

@@ -10,6 +10,9 @@ Writes into the output folder:
     table4.md/.csv/.tex          OP, BWT, FWT per checkpoint
     table5.md/.csv/.tex          Δ entropy, Δ margin, KL to base per checkpoint
     table6.md/.csv/.tex          final average accuracy and final KL to base, per model and task order
+    paired.csv                   every group that differs in a setting against its baseline group, on the same
+                                 rows (report/real.py; report.md's "Is it real?" sections show it and each
+                                 group's verdicts per seed)
     figure1.png/.svg, figure1.csv   KL to base vs average accuracy, every checkpoint; correlation; failure zone
     correlation.json             Pearson and Spearman r and p, the failure-zone threshold and how it was fitted
     figure2.png/.svg, figure2.csv   KL to base per step, per model and order
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +37,7 @@ import pandas as pd
 from lorawatch import store
 from lorawatch.errors import UserError
 from lorawatch.monitoring_view import interventions, interventions_markdown
+from lorawatch.report import real
 from lorawatch.report.paper_tables import ReportTable, build_tables
 from lorawatch.report.statistics import (
     FAILURE_ZONE_METHOD,
@@ -42,7 +46,8 @@ from lorawatch.report.statistics import (
     fit_failure_threshold,
     kl_accuracy_points,
 )
-from lorawatch.report.study import Study, load_study, model_display_name, slug
+from lorawatch.report.study import Group, Study, load_study, model_display_name, slug
+from lorawatch.run_comparison import RunComparison
 
 __all__ = ["FAILURE_ZONE_METHOD", "Report", "ReportTable", "Study", "build_tables", "correlation", "correlations",
            "fit_failure_threshold", "kl_accuracy_points", "load_study", "model_display_name", "write_report"]
@@ -55,6 +60,8 @@ class Report:
     tables: list[ReportTable]
     correlation: dict       # the content of correlation.json
     files: list[Path]
+    # every group that differs in a setting against its baseline group: (baseline, group, their comparison)
+    paired: list[tuple[Group, Group, RunComparison]] = field(default_factory=list)
 
 
 def _clean(value):
@@ -139,6 +146,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
         files += figures.accuracy_and_kl(study, model, out, f"model-{stems[model]}-steps")
 
     index = _index(study, tables, corr, zone, stems)
+    paired = real.setting_comparisons(study)
+    text(real.PAIRED_CSV, real.paired_frame(paired).to_csv(index=False, float_format="%.10g"))
+    index += "\n" + real.verdicts_section(study) + "\n" + real.settings_section(paired)
     run_folders = [(Path(d).name, Path(d)) for g in study.groups for d in g.run_dirs]
     monitored = figures.monitor_figure(run_folders, out)
     if monitored:
@@ -148,7 +158,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
                   "training, per run and seed (dashed: the stage's threshold; ×: above it).\n\n"
                   + (interventions_markdown(taken) if taken else "No interventions.") + "\n")
     text("report.md", index)
-    return Report(out, study, tables, corr_json, files)
+    return Report(out, study, tables, corr_json, files, paired)
 
 
 def final_points(study: Study) -> pd.DataFrame:

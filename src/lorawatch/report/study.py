@@ -10,7 +10,8 @@ a metric undefined in any seed stays undefined).
 Run folders with the same model spec, task order and settings are one group: their seeds are merged (a seed
 may appear only once). Runs of one model that differ in a setting (a study's grid axis: a learning rate, a
 dtype, a monitor) are groups of their own, named after what differs ("SmolLM2 [train.learning_rate=0.0001]").
-All runs must cover the same set of tasks.
+All runs must cover the same set of tasks. Within a (model, task order), `setting_pairs` sets each such group
+against a baseline group for the report's paired comparisons.
 """
 
 from __future__ import annotations
@@ -264,3 +265,24 @@ def load_study(run_dirs: Sequence[str | Path]) -> Study:
     first = {m: i for i, m in reversed(list(enumerate(g.model for g in ordered)))}
     ordered.sort(key=lambda g: (first[g.model], ORDER_RANK.get(g.order, 2)))
     return Study(ordered, task_set or frozenset())
+
+
+# --- settings against a baseline ----------------------------------------------------------------------------
+
+
+def is_plain(group: Group) -> bool:
+    """Strategy `none` and no monitor: the plain protocol, what a strategy or a monitor is measured against."""
+    return group.settings.get("strategy.name") == "none" and group.settings.get("monitor") == "none"
+
+
+def setting_pairs(study: Study) -> list[tuple[Group, Group]]:
+    """(baseline, group) for every other group of a model and task order that has groups differing in a setting.
+    The baseline is the first plain group (is_plain), else the first group in the study's order."""
+    pairs = []
+    for key in dict.fromkeys((g.spec, g.order) for g in study.groups):
+        same = [g for g in study.groups if (g.spec, g.order) == key]
+        if len(same) < 2:
+            continue
+        baseline = next((g for g in same if is_plain(g)), same[0])
+        pairs += [(baseline, g) for g in same if g is not baseline]
+    return pairs
