@@ -230,3 +230,58 @@ def test_a_ray_address_nothing_answers_on_is_one_line(tiny_model_dir, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: --address 127.0.0.1:{port}: no Ray cluster "
                                                               "answers there")
+
+
+def test_a_unit_that_fails_on_a_folder_of_an_earlier_config_fails_the_study_and_keeps_the_report(tiny_model_dir,
+                                                                                                tmp_path):
+    """The study file is edited under a finished unit: the unit's run then fails (its folder holds the old config).
+    The study exits 1, `study status` shows the unit failed with its error, and the report is not rewritten from
+    the old folder; once the folder is deleted, the unit runs anew and the report is written from it."""
+    config_file(tmp_path, tiny_model_dir)
+    env = {"LORAWATCH_BASE_STAGE_CACHE": str(tmp_path / "cache"), "COLUMNS": "1000"}  # no wrapped lines
+    out, unit = tmp_path / "out", "a-seed1"
+
+    def study(learning_rate):
+        return write_study(tmp_path, grid={"lr": {"a": {"train.learning_rate": learning_rate}}})
+
+    assert lorawatch("study", study(0.005), "--out", out, env=env).returncode == 0
+    report = {path.name: path.read_bytes() for path in (out / "report").glob("*.*")}
+    assert "report.md" in report and "table5.csv" in report
+
+    # planned only: the finished folder is not this unit's any more
+    assert lorawatch("study", study(0.01), "--out", out, "--plan").returncode == 0
+    status = lorawatch("study", "status", out, env=env)
+    [row] = [line for line in status.stdout.splitlines() if f" {unit} " in line]
+    assert status.returncode == 1 and "1 outdated" in status.stdout and "done" not in status.stdout
+    assert [cell.strip() for cell in row.strip("│ ").split("│")][:2] == [unit, "outdated"]
+    assert "run folder made with another config (changed: overrides.train.learning_rate, train.learning_rate)" in row
+
+    result = lorawatch("study", study(0.01), "--out", out, env=env)
+    assert result.returncode == 1, result.stderr
+    stderr = result.stderr
+    assert f"unit {unit} failed: {out / 'runs' / unit}: made with another config than the study now gives unit " \
+           f"{unit} (changed: overrides.train.learning_rate, train.learning_rate); delete that folder" in stderr
+    assert "1 of 1 units did not finish; the report waits for them" in stderr
+    assert f"{out / 'report' / 'report.md'} is from an earlier run of the study and was not rewritten" in stderr
+    assert "Traceback" not in result.stderr and str(out / "report" / "report.md") not in result.stdout
+    assert {path.name: path.read_bytes() for path in (out / "report").glob("*.*")} == report
+    status = lorawatch("study", "status", out, env=env)
+    [row] = [line for line in status.stdout.splitlines() if f" {unit} " in line]
+    assert status.returncode == 1 and "1 failed" in status.stdout and "done" not in status.stdout
+    assert [cell.strip() for cell in row.strip("│ ").split("│")][:2] == [unit, "failed"]
+    assert "made with another config than the study now gives unit" in row
+    recorded = json.loads((out / "status" / f"{unit}.json").read_text())
+    assert recorded["state"] == "failed" and recorded["attempts"] == 2
+
+    # the advice works: without the old folder the unit runs with the new config, and the report is written from it
+    import shutil
+
+    shutil.rmtree(out / "runs" / unit)
+    again = lorawatch("study", study(0.01), "--out", out, env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == str(out / "report" / "report.md")
+    assert json.loads((out / "runs" / unit / "config.json").read_text())["train"]["learning_rate"] == 0.01
+    assert (out / "report" / "table5.csv").read_bytes() != report["table5.csv"]
+    status = lorawatch("study", "status", out)
+    assert status.returncode == 0 and "1 done" in status.stdout
+

@@ -37,9 +37,12 @@ def run_study(study_file: Path, out: Path | None, *, backend: str, address: str 
                   f"{len(todo)} to run ({backend}); folder {study_dir}")
     parent = None if tracking is None else StudyTracker(study, study_dir, tracking)
     report = _unit_reporter(study, len(todo), console)
+    failed_now: dict[str, str] = {}  # the units that failed in this invocation, with their errors
 
     def on_unit(unit: Unit, status: dict) -> None:
         report(unit, status)
+        if status.get("state") != "done":
+            failed_now[unit.name] = status.get("error") or "no error recorded"
         if parent is not None and status.get("state") == "done":
             parent.unit(unit)
 
@@ -52,7 +55,8 @@ def run_study(study_file: Path, out: Path | None, *, backend: str, address: str 
         run_local(study, study_dir, console=console, on_unit=on_unit,
                   tracking=None if parent is None else parent.settings,
                   tracking_parent=None if parent is None else parent.tracker.run_id)
-    code = _finish(study, study_dir, study_file, report_dir or study_dir / "report", as_html, console, parent)
+    code = _finish(study, study_dir, study_file, report_dir or study_dir / "report", as_html, console, parent,
+                   failed_now)
     if parent is not None:
         console.print(f"study {study.name}: logged to {parent.tracker.where}")
     return code
@@ -117,17 +121,30 @@ def _unit_reporter(study: Study, count: int, console: Console):
 
 
 def _finish(study: Study, study_dir: Path, study_file: Path, report_dir: Path, as_html: bool,
-            console: Console, parent: StudyTracker | None) -> int:
+            console: Console, parent: StudyTracker | None, failed_now: dict[str, str]) -> int:
+    """The report, over every unit, once every unit is finished with the config the study gives it; else which
+    units are not (a unit that failed in this invocation never counts as finished, whatever its folder holds)
+    and exit code 1, the report left as it was."""
     from lorawatch.report import write_report
 
+    units = {unit.name: unit for unit in study.units}
     states = study_states(study_dir)
-    failed = [s for s in states if s.state != "done"]
+    failed = []
+    for state in states:
+        if state.name in failed_now:
+            state.state, state.error = "failed", failed_now[state.name]
+        elif state.state == "done" and not unit_finished(units[state.name], study_dir):
+            state.state, state.error = "outdated", "run folder made with another config than the study gives the unit"
+        if state.state != "done":
+            failed.append(state)
     for state in failed:
         console.print(f"study {study.name}: unit {state.name} {state.state}"
                       + (f": {state.error}" if state.error else ""))
     if failed:
+        stale = (f"; {report_dir / 'report.md'} is from an earlier run of the study and was not rewritten"
+                 if (report_dir / "report.md").exists() else "")
         console.print(f"study {study.name}: {len(failed)} of {len(states)} units did not finish; the report waits "
-                      f"for them: run `lorawatch study {study_file} --out {study_dir}` again to retry")
+                      f"for them{stale}: run `lorawatch study {study_file} --out {study_dir}` again to retry")
         if parent is not None:
             parent.finish(study, None, done=False)
         return 1
@@ -143,19 +160,20 @@ def _finish(study: Study, study_dir: Path, study_file: Path, report_dir: Path, a
 
 
 def print_status(study_dir: Path, console: Console) -> int:
-    """The units' table; exit code 1 when a unit failed."""
+    """The units' table; exit code 1 when a unit failed or its run folder is of another config (outdated)."""
     states = study_states(study_dir)
     table = Table(title=f"study {study_dir}", title_justify="left")
     for column in ("unit", "state", "stages", "time", "attempts", "error"):
         table.add_column(column, justify="right" if column in ("stages", "time", "attempts") else "left")
-    styles = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "waiting": "dim"}
+    styles = {"done": "green", "running": "cyan", "failed": "red", "outdated": "magenta", "interrupted": "yellow",
+              "waiting": "dim"}
     for s in states:
         table.add_row(s.name, f"[{styles[s.state]}]{s.state}[/]", "-" if s.stages is None else "%d/%d" % s.stages,
                       _duration(s.seconds), str(s.attempts or "-"), s.error or "")
     console.print(table)
     counts = {state: sum(s.state == state for s in states) for state in styles}
     console.print(" · ".join(f"{n} {state}" for state, n in counts.items() if n))
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or counts["outdated"] else 0
 
 
 def _duration(seconds: float | None) -> str:
