@@ -176,6 +176,13 @@ def test_a_unit_whose_run_folder_is_locked_is_running(tiny_model_dir, tmp_path):
     ({"config": "config.json", "grid": {"train.learning_rate": [0.1, -1]}}, "unit learning_rate=-1-seed33"),
     ({"config": "config.json", "grid": {"a": {"x y": {}, "x-y": {"order": "reversed"}}}}, "named 'x-y-seed33'"),
     ({"config": "config.json", "seeds": [1, 1]}, "seeds must be distinct"),
+    # fields the study sets in every unit itself: refused, not silently replaced
+    ({"config": "config.json", "grid": {"seeds": [[1], [2]]}}, "grid axis 'seeds': the study gives each unit one "
+                                                                "seed itself"),
+    ({"config": "config.json", "grid": {"m": {"a": {"seeds": [2]}}}}, "grid point 'm.a' sets 'seeds': the study"),
+    ({"config": "config.json", "set": {"seeds": [1, 2]}}, "field 'set.seeds': the study gives each unit one seed"),
+    ({"config": "config.json", "grid": {"tracking.backend": ["mlflow", "tensorboard"]}},
+     "grid axis 'tracking.backend': the study logs its units where its 'tracking:' (or --track) says"),
 ])
 def test_bad_study_files_are_one_line_errors(tiny_model_dir, tmp_path, study, fragment):
     config_file(tmp_path, tiny_model_dir)
@@ -285,3 +292,17 @@ def test_a_unit_that_fails_on_a_folder_of_an_earlier_config_fails_the_study_and_
     status = lorawatch("study", "status", out)
     assert status.returncode == 0 and "1 done" in status.stdout
 
+
+def test_a_grid_axis_over_seeds_is_refused_before_anything_runs(tiny_model_dir, tmp_path):
+    """Each unit's seed is the study's to give: an axis over seeds would make units of one seed that the report
+    refuses only after they ran. The study file is refused, naming the axis and the study's `seeds:` list."""
+    config_file(tmp_path, tiny_model_dir)
+    study_file = write_study(tmp_path, grid={"order": ["original"], "seeds": [1, 2]})
+    result = lorawatch("study", study_file, "--out", tmp_path / "out")
+    assert_one_line_error(result, f"{study_file}: grid axis 'seeds': the study gives each unit one seed itself",
+                          "list the seeds there instead, e.g. seeds: [1, 2]")
+    assert not (tmp_path / "out").exists()
+    # the way the error points to: the seeds as the study's list, one unit per seed
+    study_file = write_study(tmp_path, grid={"order": ["original"]}, seeds=[1, 2])
+    assert [(u.name, u.config().seeds) for u in load_study_file(study_file).units] == \
+        [("original-seed1", [1]), ("original-seed2", [2])]

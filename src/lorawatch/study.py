@@ -152,17 +152,41 @@ def load_study_file(path: str | Path) -> Study:
     return Study(spec.name or path.stem, spec, units, path)
 
 
+# Config fields the study sets in every unit itself: a value for one in `set` or the grid would be replaced
+# without a word (two units of one seed, refused by the report only after they ran), so it is refused up front.
+STUDY_FIELDS = {
+    "seeds": "the study gives each unit one seed itself (every grid point runs once per seed of the study's "
+             "'seeds:' list, default: the base config's); list the seeds there instead, e.g. seeds: [1, 2]",
+    "tracking": "the study logs its units where its 'tracking:' (or --track) says, one parent run for them all; "
+                "give it there instead",
+}
+
+
+def _study_field(key: str) -> str | None:
+    """Why a dotted config field cannot be given in `set` or the grid; None when it can."""
+    return STUDY_FIELDS.get(str(key).split(".", 1)[0])
+
+
 def expand(spec: StudySpec, base: Path) -> list[Unit]:
     """The grid's units: every combination of the axes' points (first axis slowest), then every seed."""
+    for key in spec.set:
+        if _study_field(key):
+            raise ConfigError(f"field 'set.{key}': {_study_field(key)}")
     axes = []
     for axis, points in spec.grid.items():
         if isinstance(points, list):
+            if _study_field(axis):
+                raise ConfigError(f"grid axis '{axis}': {_study_field(axis)}")
             if not points:
                 raise ConfigError(f"grid axis '{axis}' has no values")
             axes.append([(_label(axis, value), {axis: value}) for value in points])
         else:
             if not points:
                 raise ConfigError(f"grid axis '{axis}' has no points")
+            for name, changes in points.items():
+                for key in changes:
+                    if _study_field(key):
+                        raise ConfigError(f"grid point '{axis}.{name}' sets '{key}': {_study_field(key)}")
             axes.append([(_slug(name), dict(changes)) for name, changes in points.items()])
     units, seen = [], set()
     for combination in itertools.product(*axes):
