@@ -9,6 +9,7 @@ in LORAWATCH_SCREENSHOT_RUN when set (e.g. runs/demo), else of the tiny run made
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -16,16 +17,17 @@ import shutil
 import time
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 from conftest import tiny_config, write_task_files
 
-from lorawatch import store
+from lorawatch import store, verdict_view, verdicts
 from lorawatch.config import build_config
 from lorawatch.report import write_report
 from lorawatch.report.html import write_report_html, write_run_html
-from lorawatch.report.html_examples import flipped_examples, load_prompts, word_diff
-from lorawatch.tables import load_run
+from lorawatch.report.html_examples import browser_link, flipped_examples, load_prompts, word_diff
+from lorawatch.tables import load_run, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_V0 = Path(__file__).resolve().parent / "data" / "run-v0"
@@ -52,6 +54,14 @@ def plant_flips(run_dir: Path, seeds) -> None:
                     row["raw_output"] = (f"The answer is ({row['gold']})." if row["correct"] else
                                          f"Maybe the answer is (Z), {HOSTILE if i == 2 else 'not sure'}\x1a")
                 store.write_jsonl(path, rows)
+        restate(run_dir, seed)
+
+
+def restate(run_dir: Path, seed: int) -> None:
+    """The seed's statistics.json again, from the predictions as they are now (a folder from before it has none:
+    its statistics are computed when read)."""
+    if (store.seed_dir(run_dir, seed) / verdicts.STATISTICS).is_file():
+        verdicts.write_seed_statistics(run_dir, seed, load_run_config(run_dir).statistics)
 
 
 def expected_flips(seeds) -> set[tuple]:
@@ -234,6 +244,161 @@ def test_page_weight(pages):
     assert sizes["run"] < 200_000 and sizes["v0"] < 200_000 and sizes["big"] < 1_500_000
 
 
+# --- "Is it real?": the verdicts, their intervals, and flip counts that open the browser ---------------------------
+
+
+def regressing_copy(folder: Path, rows: int = 40) -> Path:
+    """The old run (seeds 1 and 2) with `rows` planted test rows per task: at stage 1 seed 1 loses 20 stance rows
+    (regressed against the previous checkpoint and the base, and still against the base at stage 2), seed 2 only 3
+    (no detectable change); at stage 2 both gain 30 sum rows (improved)."""
+    v0_copy(folder)
+    for seed, lost in ((1, 20), (2, 3)):
+        for k in range(3):
+            right = {"stance": [k == 0 or i >= lost for i in range(rows)],
+                     "sum": [k == 2 and i < 30 for i in range(rows)]}
+            for task, outcomes in right.items():
+                store.write_jsonl(store.stage_dir(folder, seed, k) / "predictions" / f"{task}.jsonl",
+                                  [{"id": f"{task}/test/{i}", "task": task, "gold": "A", "correct": r,
+                                    "prediction": "A" if r else "B", "output_ids": None,
+                                    "raw_output": f"Row {i}: {'A' if r else 'B'}."} for i, r in enumerate(outcomes)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def regressing(tmp_path_factory) -> tuple[Path, Path]:
+    folder = regressing_copy(tmp_path_factory.mktemp("html-regress") / "run")
+    return folder, write_run_html(folder, folder.parent / "run.html")
+
+
+def verdict_table(text: str, prefix: str = "", seed: int = 1) -> list[dict]:
+    """A seed's rows in the page's "Is it real?" table: each cell's text, the row's classes, the flip links."""
+    section = text[text.index(f'<section id="{prefix}verdicts">'):]
+    section = section[:section.index("</section>")]
+    table = re.search(rf'<table class="verdicts" data-seed="{seed}">(.*?)</table>', section, re.S).group(1)
+    rows = []
+    for attributes, row in re.findall(r"<tr([^>]*)>(.*?)</tr>", table.split("<tbody>")[1], re.S):
+        cells = re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)
+        rows.append({"classes": re.findall(r'class="([^"]*)"', attributes)[0].split() if attributes else [],
+                     "cells": [html.unescape(re.sub(r"<[^>]+>", "", c)) for c in cells], "html": row,
+                     "links": [html.unescape(h) for h in re.findall(r'href="([^"]*)"', row)]})
+    return rows
+
+
+def selection(link: str) -> tuple[str, dict]:
+    """A flip link's target: the browser's section and what it selects."""
+    section, query = link[1:].split("?")
+    return section, {k: v[0] for k, v in parse_qs(query).items()}
+
+
+def test_is_it_real_section_shows_every_comparison(pages, tiny_run):
+    text, parsed = parse(pages["run"])
+    assert "verdicts" in parsed.ids and '<a href="#verdicts">Is it real?</a>' in text
+    record = load_run(tiny_run).statistics(1)
+    expected = verdict_view.verdict_rows({1: record})
+    rows = verdict_table(text)
+    assert [(r["cells"][0], r["cells"][1]) for r in rows] == \
+        [("after stance", "stance"), ("after stance", "sum"), ("after sum", "stance"), ("after sum", "sum")]
+    for row, want in zip(rows, expected):
+        assert row["cells"][2:6] == verdict_view.comparison_cells(want["previous"])
+        assert row["cells"][6:] == verdict_view.comparison_cells(want["base"])
+        # and by hand from the planted patterns: 4 rows, never more than 2 discordant ones, so p = 1 and no verdict
+        pattern = PATTERNS[want["task"]]
+        for before, cells in ((want["stage"] - 1, row["cells"][2:6]), (0, row["cells"][6:])):
+            after = want["stage"]
+            lost = sum(pattern[before][i] > pattern[after][i] for i in range(4))
+            gained = sum(pattern[before][i] < pattern[after][i] for i in range(4))
+            assert cells[0].startswith(verdict_view.signed((gained - lost) / 4) + " [")
+            assert cells[1:] == [f"↓{lost} ↑{gained}", "1", "–"]
+    assert "No regression detected" in text and 'class="alert"' not in text
+    for line in verdict_view.detectable_lines(record):  # 4 rows can show nothing at all
+        assert html.escape(line) in text and "cannot show any drop" in line
+
+
+def test_intervals_of_one_seed_are_shown(pages, tiny_run):
+    text = pages["run"].read_text(encoding="utf-8")
+    record = load_run(tiny_run).statistics(1)
+    heatmap = text[text.index('<table class="heatmap">'):text.index('id="metrics"')]
+    assert "[0.15, 0.85]" in heatmap  # Wilson, 2 right of 4 (stance at the base), by hand
+    cells = re.findall(r'<td class="heat"[^>]*>(.*?)</td>', heatmap)
+    assert len(cells) == 6 and all('<span class="ci">[' in c for c in cells)
+    assert "Wilson interval" in heatmap
+    metrics = text[text.index('id="metrics"'):text.index('id="verdicts"')]
+    found = verdict_view.interval_of(record, "base", "avg_all")
+    assert f"[{verdict_view.number(found.low, 2)}, {verdict_view.number(found.high, 2)}]" in metrics
+    overview = text[text.index('id="overview"'):text.index('id="matrix"')]
+    bwt = verdict_view.interval_of(record, None, "bwt")
+    assert f'<small class="ci">[{verdict_view.number(bwt.low, 2)}, {verdict_view.number(bwt.high, 2)}]</small>' \
+        in overview and "bootstrap interval over test rows" in overview
+    vs_base = verdict_view.interval_of(record, None, "final_avg_vs_base")
+    assert (f'Final avg vs base</span><div class="v">{verdict_view.signed(vs_base.value)}</div><small class="ci">'
+            f'[{verdict_view.signed(vs_base.low, 2)}, {verdict_view.signed(vs_base.high, 2)}]</small>') in overview
+    drift = text[text.index('id="drift"'):text.index('id="monitor"')]
+    kl = {row.checkpoint: row for row in record.drift}["sum"]
+    assert f"[{verdict_view.number(kl.low, 4)}, {verdict_view.number(kl.high, 4)}]" in drift
+    lines = verdict_view.drift_change_lines({1: record})
+    assert lines and all(f"<li>{html.escape(line)}</li>" in drift for line in lines)
+
+
+def test_several_seeds_show_the_interval_over_seeds(pages):
+    text = pages["v0"].read_text(encoding="utf-8")
+    overview = text[text.index('id="overview"'):text.index('id="matrix"')]
+    assert "± " in overview and "t interval of the mean over the 2 seeds" in overview
+    summary = load_run(pages["v0_dir"]).summary()["per_seed"]
+    values = [summary[s]["final_avg_accuracy"] for s in ("1", "2")]
+    mean, half = sum(values) / 2, 12.706 * abs(values[0] - values[1]) / 2  # t(0.975, 1 df) · sd / √2
+    assert f"[{verdict_view.number(mean - half, 2)}, {verdict_view.number(mean + half, 2)}]" in overview
+    assert "<h3>Seed 1</h3>" in text and "<h3>Seed 2</h3>" in text  # a verdict table per seed
+
+
+def test_a_regression_is_marked(regressing):
+    folder, page = regressing
+    text = page.read_text(encoding="utf-8")
+    seed1, seed2 = verdict_table(text, seed=1), verdict_table(text, seed=2)
+    stance1, sum1, stance2, sum2 = seed1
+    # seed 1, stage 1, stance: 20 of 40 rows lost, none gained: exact p = 2 · 0.5^20, Holm over 2 tasks doubles it
+    assert "regressed" in stance1["classes"] and stance1["cells"][1] == "stance"
+    for cells in (stance1["cells"][2:6], stance1["cells"][6:]):
+        assert cells[0].startswith("−0.500 [") and cells[1:] == ["↓20 ↑0", "3.8e-06", "REGRESSED"]
+    assert stance1["html"].count('class="verdict v-regressed"') == 2
+    # stage 2 changes nothing on stance (against the previous checkpoint) but is still worse than the base
+    assert stance2["cells"][5] == "–" and stance2["cells"][9] == "REGRESSED" and "regressed" in stance2["classes"]
+    # 30 gained: p = 2 · 0.5^30, the smaller of the family's two, so Holm doubles it
+    assert sum2["cells"][2:6][1:] == ["↓0 ↑30", verdict_view.p_text(4 * 0.5 ** 30), "improved"]
+    assert 'class="verdict v-improved"' in sum2["html"] and "regressed" not in sum1["classes"]
+    # seed 2 lost 3 rows: p = 2 · 0.5^3 = 0.25, Holm 0.5: no detectable change, nothing marked
+    assert seed2[0]["cells"][2:6][1:] == ["↓3 ↑0", "0.500", "–"] and "regressed" not in seed2[0]["classes"]
+    records = {seed: load_run(folder).statistics(seed) for seed in (1, 2)}
+    lines = verdict_view.regression_lines(records)
+    alert = re.search(r'<div class="alert">(.*?)</div>', text, re.S).group(1)
+    assert len(lines) == 3 and "Regressions (3)" in alert
+    assert [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", alert)] == lines
+    assert "No regression detected" not in text
+    # 40 rows, α 0.05 over 2 tasks: 7 negative flips (2 · 0.5^7 < 0.025 < 2 · 0.5^6) are the fewest that count
+    detectable = verdict_view.detectable_lines(records[1])
+    assert all(html.escape(line) in text for line in detectable) and "0.175 (7 right→wrong" in " ".join(detectable)
+
+
+def test_flip_counts_link_to_those_examples(pages):
+    text = pages["run"].read_text(encoding="utf-8")
+    (blob,) = blobs(text).values()
+    rows = verdict_table(text)
+    # stance after stage 2: 1 → 2 lost row 2 and gained row 1; 0 → 2 lost rows 0 and 2 and gained 1 and 3
+    assert rows[2]["links"] == [f"#examples?seed=1&a={a}&b=2&task=stance&dir={d}" for a in (1, 0) for d in (0, 1)]
+    assert rows[1]["links"] == ["#examples?seed=1&a=0&b=1&task=sum&dir=1"] * 2  # a count of 0 has no link
+    assert browser_link("", 1, 0, 2, "stance", "lost") == rows[2]["links"][2]
+    for row in rows:
+        counts = re.findall(r'<a class="xb-link[^"]*"[^>]*>[↓↑](\d+)</a>', row["html"])
+        for link, count in zip(row["links"], counts, strict=True):
+            section, want = selection(link)
+            assert section == "examples" and want["seed"] == "1"
+            flips = [f for f in flips_in(blob) if (f[1], f[2], f[3]) == (int(want["a"]), int(want["b"]), want["task"])
+                     and f[5] == ("gained" if want["dir"] == "1" else "lost")]
+            assert len(flips) == int(count), link  # the browser holds exactly the rows the count says
+    study = pages["study"].read_text(encoding="utf-8")
+    run2 = [link for row in verdict_table(study, "run2-", seed=2) for link in row["links"]]
+    assert run2 and all(link.startswith("#run2-examples?seed=2&") for link in run2)
+
+
 # --- in a real browser -------------------------------------------------------------------------------------------
 
 WIDTHS = {"desktop": (1280, 900), "narrow": (390, 844)}
@@ -394,6 +559,71 @@ def test_study_page_in_browser(browser, pages, width):
     assert root.is_displayed() and count_line(root) == len(expected_flips([1, 2]))
     choose(driver, root, "dir", "wrong → right (gained)")
     assert {c["dir"] for c in shown(root)} == {"gained"}
+    assert_clean(driver)
+
+
+def card_ids(root) -> set[str]:
+    return set(root.parent.execute_script(
+        "return Array.from(arguments[0].querySelectorAll('.xb-card .xb-meta'), m => m.textContent.split(' · ')[0])",
+        root))
+
+
+def test_a_flip_link_opens_the_browser_on_those_examples(browser, pages):
+    from selenium.webdriver.common.by import By
+
+    driver = open_page(browser, pages["run"], "desktop")
+    root = driver.find_element(By.CSS_SELECTOR, ".xb")
+    choose(driver, root, "task", "sum")  # whatever the browser showed, the link sets every filter
+    choose(driver, root, "dir", "wrong → right (gained)")
+    link = driver.find_element(By.CSS_SELECTOR, '#verdicts a[href="#examples?seed=1&a=0&b=2&task=stance&dir=0"]')
+    assert link.text == "↓2"
+    link.click()
+    pair = next(i for i, p in enumerate(blobs(pages["run"].read_text(encoding="utf-8"))["xb-data"]["pairs"])
+                if (p["a"], p["b"]) == (0, 2))
+    assert {(c["task"], c["dir"], c["pair"], c["seed"]) for c in shown(root)} == {("stance", "lost", str(pair), "1")}
+    assert card_ids(root) == {"stance/test/0", "stance/test/2"} and count_line(root) == 2
+    values = driver.execute_script("return Array.from(arguments[0].querySelectorAll('select'), s => s.value)", root)
+    assert values == ["0", str(pair), "0"]  # task, pair, direction: the filters say what is shown
+    top = driver.execute_script("return arguments[0].getBoundingClientRect().top", root)
+    assert -2 < top < 60, top  # scrolled to the browser
+    # the other direction, then the first link again although the page's address already names it
+    driver.find_element(By.CSS_SELECTOR, '#verdicts a[href="#examples?seed=1&a=0&b=2&task=stance&dir=1"]').click()
+    assert card_ids(root) == {"stance/test/1", "stance/test/3"}
+    choose(driver, root, "task", "all tasks")
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.find_element(By.CSS_SELECTOR, '#verdicts a[href="#examples?seed=1&a=0&b=2&task=stance&dir=1"]').click()
+    assert card_ids(root) == {"stance/test/1", "stance/test/3"}
+    assert_clean(driver)
+
+
+def test_a_flip_link_as_an_address_and_in_a_study(browser, pages):
+    from selenium.webdriver.common.by import By
+
+    driver = open_page(browser, pages["run"], "desktop")
+    driver.get("about:blank")
+    driver.get(pages["run"].resolve().as_uri() + "#examples?seed=1&a=1&b=2&task=stance&dir=1")  # pasted, opened
+    root = driver.find_element(By.CSS_SELECTOR, ".xb")
+    assert card_ids(root) == {"stance/test/1"} and shown(root)[0]["dir"] == "gained"
+    assert_clean(driver)
+
+    driver = open_page(browser, pages["study"], "desktop")
+    run = driver.find_element(By.ID, "run2")
+    run.find_element(By.CSS_SELECTOR, "summary").click()
+    links = run.find_elements(By.CSS_SELECTOR, '#run2-verdicts table[data-seed="2"] a.xb-link')
+    assert links
+    for link in (links[0], links[-1]):
+        section, want = selection(link.get_dom_attribute("href"))
+        assert section == "run2-examples"
+        count = int(link.text[1:])
+        link.click()
+        root = run.find_element(By.CSS_SELECTOR, ".xb")
+        cards = shown(root)
+        assert len(cards) == count_line(root) == count and {c["seed"] for c in cards} == {"2"}
+        assert {c["task"] for c in cards} == {want["task"]}
+        assert {c["dir"] for c in cards} == {"gained" if want["dir"] == "1" else "lost"}
+    # the other run's browser is left as it was
+    other = driver.find_element(By.CSS_SELECTOR, "#run1 .xb")
+    assert driver.execute_script("return arguments[0].querySelector('select[name=task]').value", other) == ""
     assert_clean(driver)
 
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
 from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
-from lorawatch import schema, store
+from lorawatch import schema, store, verdict_view, verdicts
 from lorawatch.config import TrackingSettings, build_config, load_config, with_changes
 from lorawatch.errors import UserError
 from lorawatch.protocol import run_experiment
+from lorawatch.tables import load_run_config
 from lorawatch.tracking import RECORD, RunLogger, export_run, export_settings, open_parent, resolve
 
 mlflow = pytest.importorskip("mlflow")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 tensor_util = pytest.importorskip("tensorboard.util.tensor_util")
 
+RUN_V0 = Path(__file__).resolve().parent / "data" / "run-v0"
 MLFLOW = TrackingSettings(backend="mlflow")
 TENSORBOARD = TrackingSettings(backend="tensorboard")
 STATS = {"kl_to_base": "kl_mean", "entropy": "entropy_mean", "margin": "margin_mean",
@@ -263,3 +266,93 @@ def test_lorawatch_track_on_the_command_line(runs, tmp_path):
         export_run(tmp_path / "nowhere", MLFLOW)
     with pytest.raises(UserError, match="expected mlflow or tensorboard"):
         export_settings(folder, "wandb")
+
+
+def _plant_regression(run_dir, rows=40):
+    """Every stage's predictions replaced by `rows` rows per task: stage 1 loses 20 stance rows (a regression
+    against the previous checkpoint and the base), stage 2 gains 30 sum rows; statistics.json written again."""
+    for k in range(3):
+        right = {"stance": [k == 0 or i >= 20 for i in range(rows)], "sum": [k == 2 and i < 30 for i in range(rows)]}
+        for task, outcomes in right.items():
+            store.write_jsonl(store.stage_dir(run_dir, 1, k) / "predictions" / f"{task}.jsonl",
+                              [{"id": f"{task}/test/{i}", "task": task, "gold": "A", "correct": r,
+                                "prediction": "A" if r else "B", "output_ids": None, "raw_output": "A" if r else "B"}
+                               for i, r in enumerate(outcomes)])
+    return verdicts.write_seed_statistics(run_dir, 1, load_run_config(run_dir).statistics)
+
+
+def _expected_statistics(record):
+    """(key, step, value) of every tracked statistic, straight from the record."""
+    expected = [(f"summary/{h.metric}_{end}", 0, getattr(h, end.removeprefix("ci_")))
+                for h in record.headline for end in ("ci_low", "ci_high")]
+    for c in record.comparisons:
+        base = f"verdict/vs_{c.against}/"
+        expected += [(f"{base}regressed_tasks", c.stage, len(c.regressed())),
+                     (f"{base}max_negative_flip_rate", c.stage, max(t.negative_flip_rate for t in c.tasks))]
+        expected += [(f"{base}{t.task}/{field}", c.stage, getattr(t, field)) for t in c.tasks
+                     for field in ("p_adjusted", "difference", "ci_low", "ci_high")]
+        expected += [(f"{base}kl_change", c.stage, c.kl_after - c.kl_before),
+                     (f"{base}kl_change_ci_low", c.stage, c.kl_ci_low),
+                     (f"{base}kl_change_ci_high", c.stage, c.kl_ci_high)]
+    expected += [("summary/final_avg_vs_base", 0, verdict_view.interval_of(record, None, "final_avg_vs_base").value)]
+    steps = {name: k for k, name in enumerate(["base", "stance", "sum"])}
+    expected += [(f"stage/accuracy_ci_{end}/{a.task}", steps[a.checkpoint], getattr(a, end))
+                 for a in record.accuracy for end in ("low", "high")]
+    return expected
+
+
+def test_the_verdicts_and_intervals_are_tracked_once(runs, tmp_path):
+    _, tracked, plain = runs
+    # live: the seed's statistics arrive with the run's end, one point per step
+    [entry] = _recorded(tracked)
+    client = _client(tracked)
+    record = store.read_record(store.seed_dir(tracked, 1) / verdicts.STATISTICS, schema.StatisticsRecord)
+    for key, step, value in _expected_statistics(record):
+        history = _history(client, entry.run_id, key)
+        assert dict(history)[step] == pytest.approx(value, abs=1e-12), key
+        assert len({s for s, _ in history}) == len(history), f"{key} logged twice"
+    assert [s for s, _ in _history(client, entry.run_id, "verdict/vs_base/regressed_tasks")] == [1, 2]
+
+    # exported after the fact, a folder with a regression: the same keys, to MLflow and to TensorBoard
+    folder = tmp_path / "regressed"
+    shutil.copytree(plain, folder)
+    record = _plant_regression(folder)
+    export_run(folder, MLFLOW)
+    [entry] = _recorded(folder)
+    client = _client(folder)
+    assert _history(client, entry.run_id, "verdict/vs_previous/regressed_tasks") == [(1, 1.0), (2, 0.0)]
+    assert _history(client, entry.run_id, "verdict/vs_base/regressed_tasks") == [(1, 1.0), (2, 1.0)]
+    assert _history(client, entry.run_id, "verdict/vs_previous/max_negative_flip_rate") == [(1, 0.5), (2, 0.0)]
+    assert _history(client, entry.run_id, "verdict/vs_previous/sum/p_adjusted")[1] == (2, pytest.approx(4 * 0.5 ** 30))
+    for key, step, value in _expected_statistics(record):
+        assert dict(_history(client, entry.run_id, key))[step] == pytest.approx(value, abs=1e-12), key
+    assert export_run(folder, MLFLOW).endswith("(logged before)")  # again: nothing is logged twice
+    assert len(_history(client, entry.run_id, "verdict/vs_base/regressed_tasks")) == 2
+
+    export_run(folder, TENSORBOARD)
+    _, scalars = _scalars(folder / "tensorboard" / "tiny")
+    for key, step, value in _expected_statistics(record):  # (float32 in the event files)
+        assert dict(scalars[key])[step] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert scalars["verdict/vs_base/regressed_tasks"] == [(1, 1.0), (2, 1.0)]
+
+
+def test_several_seeds_track_each_seed_and_the_interval_over_seeds(tmp_path):
+    """The committed version-0 folder (two seeds, no statistics.json: computed when exported)."""
+    folder = tmp_path / "run-v0"
+    shutil.copytree(RUN_V0, folder)
+    export_run(folder, MLFLOW)
+    [entry] = _recorded(folder)
+    metrics = _client(folder).get_run(entry.run_id).data.metrics
+    summary = store.read_record(store.summary_dir(folder) / "summary.json", schema.Summary)
+    values = [summary.per_seed[s]["final_avg_accuracy"] for s in ("1", "2")]
+    mean, half = sum(values) / 2, 12.7062047 * abs(values[0] - values[1]) / 2  # t(0.975, 1 df) · sd / √2
+    assert metrics["summary/final_avg_accuracy_ci_low"] == pytest.approx(mean - half)
+    assert metrics["summary/final_avg_accuracy_ci_high"] == pytest.approx(mean + half)
+    assert summary.mean_std["final_avg_accuracy"].ci_low is None  # a summary from before the intervals
+    for seed in (1, 2):
+        record = verdicts.load_seed_statistics(folder, seed, load_run_config(folder).statistics)
+        bwt = next(h for h in record.headline if h.metric == "bwt")
+        assert metrics[f"seed{seed}/summary/bwt_ci_low"] == bwt.low
+        assert metrics[f"seed{seed}/verdict/vs_base/regressed_tasks"] == len(record.comparison(2, "base").regressed())
+        assert f"seed{seed}/verdict/vs_previous/stance/p_adjusted" in metrics
+    assert not (store.seed_dir(folder, 1) / verdicts.STATISTICS).exists()  # exporting writes nothing in the folder

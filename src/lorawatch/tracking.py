@@ -19,10 +19,11 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
-from lorawatch import schema, store
+from lorawatch import schema, significance, store, verdicts
 from lorawatch.config import ExperimentConfig, TrackingSettings
 from lorawatch.errors import UserError
 
@@ -241,6 +242,7 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         config = load_run_config(self.run_dir)
         self.seeds, self.tasks = list(config.seeds), [t.name for t in config.ordered_tasks()]
+        self.statistics = config.statistics  # the settings the seeds' verdicts are read (or computed) with
         name = name or config.name
         home = self.run_dir if home is None else Path(home)
         key = destination(settings, home, name, parent)
@@ -311,6 +313,7 @@ class RunLogger:
         the tracker run as FINISHED."""
         if self.tracker is None:
             return
+        summary = store.load_record(store.summary_dir(self.run_dir) / "summary.json", schema.Summary)
         for seed in self.seeds:
             self.stage(seed, len(self.tasks))
             metrics = store.load_record(store.seed_dir(self.run_dir, seed) / "cl_metrics.json",
@@ -318,18 +321,38 @@ class RunLogger:
             for step, row in enumerate(metrics.per_checkpoint):
                 self.tracker.log_metrics({f"{self._prefix(seed)}cl/{k}": v for k, v in row.model_dump().items()
                                           if isinstance(v, float)}, step)
-        summary = store.load_record(store.summary_dir(self.run_dir) / "summary.json", schema.Summary)
+            self._log_statistics(seed, [row.checkpoint for row in metrics.per_checkpoint],
+                                 set(summary.per_seed.get(str(seed), {})))
         for seed, values in summary.per_seed.items():
             self.tracker.log_metrics(_numbers(values, f"{self._prefix(int(seed))}summary/"), 0)
         if len(self.seeds) > 1:
-            self.tracker.log_metrics({**_numbers({k: v.mean for k, v in summary.mean_std.items()}, "summary/"),
-                                      **_numbers({f"{k}_std": v.std for k, v in summary.mean_std.items()},
-                                                 "summary/")}, 0)
+            self.tracker.log_metrics(_numbers(self._over_seeds(summary), "summary/"), 0)
         for path, folder in self._artifacts():
             self.tracker.log_artifact(path, folder)
         self.entry["finished"] = True
         self._save()
         self.tracker.close("FINISHED")
+
+    def _over_seeds(self, summary: schema.Summary) -> dict[str, float | None]:
+        """Each headline number's mean, std and t interval over seeds. The interval is computed from the per-seed
+        values, as the terminal and the page do, so that a summary written before it had intervals gets one."""
+        values: dict[str, float | None] = {}
+        for key, stat in summary.mean_std.items():
+            interval = significance.seed_interval([summary.per_seed[str(s)].get(key) for s in self.seeds
+                                                   if str(s) in summary.per_seed], self.statistics.confidence)
+            low, high = interval or (None, None)
+            values.update({key: stat.mean, f"{key}_std": stat.std, f"{key}_ci_low": low, f"{key}_ci_high": high})
+        return values
+
+    def _log_statistics(self, seed: int, checkpoints: list[str], in_summary: set[str]) -> None:
+        """The seed's verdicts and intervals. Logged here, with the run's end, and not per stage: they exist once
+        the seed has finished (statistics.json is written with its tables), and a finished tracker run logs
+        nothing again, so each is logged once."""
+        record = verdicts.load_seed_statistics(self.run_dir, seed, self.statistics)
+        prefix = self._prefix(seed)
+        for step, values in sorted(statistics_metrics(record, checkpoints, in_summary).items()):
+            self.tracker.log_metrics({prefix + key: value for key, value in values.items() if value is not None},
+                                     step)
 
     def _artifacts(self) -> list[tuple[Path, str]]:
         found = [(self.run_dir / "config.json", ""), (self.run_dir / "report.html", "")]
@@ -350,6 +373,59 @@ def _stat_name(key: str) -> str:
     margin_mean_delta -> margin_delta."""
     stat, which, *delta = key.split("_")
     return "_".join([{"kl": "kl_to_base"}.get(stat, stat), *([] if which == "mean" else [which]), *delta])
+
+
+def statistics_metrics(record: schema.StatisticsRecord, checkpoints: list[str],
+                       in_summary: Collection[str] = ()) -> dict[int, dict[str, float | None]]:
+    """A seed's statistics record as tracked metrics, by step (the checkpoint's stage, as stage/ and cl/ use):
+
+        verdict/vs_previous/regressed_tasks      tasks the checkpoint is worse on than the previous one (and
+        verdict/vs_previous/improved_tasks       better on); vs_base/ the same against the base model
+        verdict/vs_previous/max_negative_flip_rate
+        verdict/vs_previous/<task>/{p_adjusted,difference,ci_low,ci_high,negative_flip_rate}
+        verdict/vs_previous/kl_change{,_ci_low,_ci_high}   KL to base's change with its paired interval
+        stage/accuracy_ci_low/<task>, stage/accuracy_ci_high/<task>     Wilson interval of stage/accuracy/<task>
+        stage/kl_to_base_ci_low, stage/kl_to_base_ci_high               bootstrap interval of stage/kl_to_base
+        cl/<metric>_ci_low, cl/<metric>_ci_high                         bootstrap interval of cl/<metric>
+        summary/<metric>_ci_low, summary/<metric>_ci_high (step 0)      of the headline numbers
+        summary/<metric> (step 0)        a headline number summary.json does not hold (`in_summary`: those it
+                                         does, logged from there), e.g. final_avg_vs_base
+    """
+    step_of = {name: k for k, name in reversed(list(enumerate(checkpoints)))}  # the first stage of a name
+    by_step: dict[int, dict[str, float | None]] = {}
+    for c in record.comparisons:
+        by_step.setdefault(c.stage, {}).update(_comparison_metrics(c))
+    intervals = [(a.checkpoint, {f"stage/accuracy_ci_low/{a.task}": a.low, f"stage/accuracy_ci_high/{a.task}": a.high})
+                 for a in record.accuracy]
+    intervals += [(m.checkpoint, {f"cl/{m.metric}_ci_low": m.low, f"cl/{m.metric}_ci_high": m.high})
+                  for m in record.metrics]
+    intervals += [(d.checkpoint, {"stage/kl_to_base_ci_low": d.low, "stage/kl_to_base_ci_high": d.high})
+                  for d in record.drift]
+    for checkpoint, values in intervals:
+        if checkpoint in step_of:
+            by_step.setdefault(step_of[checkpoint], {}).update(values)
+    headline = by_step.setdefault(0, {})
+    for h in record.headline:
+        headline.update({f"summary/{h.metric}_ci_low": h.low, f"summary/{h.metric}_ci_high": h.high})
+        if h.metric not in in_summary:
+            headline[f"summary/{h.metric}"] = h.value
+    return by_step
+
+
+def _comparison_metrics(c: schema.Comparison) -> dict[str, float | None]:
+    """One comparison's counts, worst negative flip rate, per-task test and interval, and KL change."""
+    base = f"verdict/vs_{c.against}/"
+    values: dict[str, float | None] = {
+        f"{base}regressed_tasks": float(len(c.regressed())),
+        f"{base}improved_tasks": float(sum(t.verdict == "improved" for t in c.tasks)),
+        f"{base}max_negative_flip_rate": max((t.negative_flip_rate for t in c.tasks), default=0.0)}
+    for t in c.tasks:
+        values.update({f"{base}{t.task}/{field}": getattr(t, field)
+                       for field in ("p_adjusted", "difference", "ci_low", "ci_high", "negative_flip_rate")})
+    if c.kl_before is not None and c.kl_after is not None:  # a comparison from before KL changes has none
+        values.update({f"{base}kl_change": c.kl_after - c.kl_before, f"{base}kl_change_ci_low": c.kl_ci_low,
+                       f"{base}kl_change_ci_high": c.kl_ci_high})
+    return values
 
 
 def _numbers(values: dict, prefix: str) -> dict[str, float]:

@@ -24,9 +24,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lorawatch import store
+from lorawatch import schema, significance, store, verdict_view
 from lorawatch.monitoring_view import interventions, monitor_series
 from lorawatch.report.html_examples import BROWSER_CSS, BROWSER_JS, browser_section, finished_stages
+from lorawatch.report.html_verdicts import VERDICT_CSS, verdicts_section
 from lorawatch.tables import RunResults, load_run
 
 esc = html.escape
@@ -53,11 +54,13 @@ h2{font-size:1.2rem;margin:.2em 0 .6em} h3{font-size:1.05rem;margin:1em 0 .5em}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));gap:10px}
 .card{border:1px solid var(--line);border-radius:8px;padding:10px 12px;background:#fbfcfe}
 .card .v{font-size:1.35rem;font-weight:600;font-variant-numeric:tabular-nums} .card .k{font-weight:600}
-.card small{display:block;color:var(--mute)} .scroll{overflow-x:auto;max-width:100%}
+.card small{display:block;color:var(--mute)} .card .ci{color:var(--fg);font-variant-numeric:tabular-nums}
+.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:.9rem;margin:4px 0}
 th,td{border-bottom:1px solid var(--line);padding:4px 8px;vertical-align:top}
 th{text-align:left;background:#f0f2f6} tr.block td{border-top:2px solid #aab}
 td.heat{text-align:center;min-width:80px;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.heat .ci{display:block;font-size:.78rem;opacity:.9}
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:12px;align-items:start}
 svg{display:block;width:100%;height:auto} figure{margin:8px 0} figcaption{color:var(--mute);font-size:.88rem}
 .wide{overflow-x:auto} .wide svg{min-width:540px} details{margin:6px 0} summary{cursor:pointer;font-weight:600}
@@ -67,7 +70,7 @@ details.run{background:#fff;border:1px solid var(--line);border-radius:8px;paddi
 details.run>summary{font-size:1.1rem}
 details.run section{border:0;padding:0 0 8px;border-top:1px solid var(--line);border-radius:0}
 @media (max-width:600px){main{padding:4px 8px 32px} section{padding:10px} header.top{padding:12px}}
-""" + BROWSER_CSS
+""" + BROWSER_CSS + VERDICT_CSS
 
 
 # --- small builders ----------------------------------------------------------------------------------------------
@@ -139,19 +142,73 @@ def _file_svg(path: Path, caption: str, wide: bool = True) -> str:
 # --- a run's sections ------------------------------------------------------------------------------------------------
 
 
-def _headline(results: RunResults) -> str:
+Records = dict[int, schema.StatisticsRecord]  # seed -> its intervals and verdicts (RunResults.statistics)
+
+
+def _bracket(low: float | None, high: float | None, digits: int = 2, sign: bool = False) -> str:
+    """`[0.31, 0.69]` (a difference: `[−0.05, +0.25]`), as the terminal writes an interval; "" when there is none."""
+    if low is None or high is None:
+        return ""
+    show = verdict_view.signed if sign else verdict_view.number
+    return f"[{show(low, digits)}, {show(high, digits)}]"
+
+
+def _headline_interval(results: RunResults, records: Records, key: str) -> str:
+    """One seed: the bootstrap interval over test rows; several: the t interval of the mean over seeds (as the
+    terminal's summary line)."""
+    if len(results.seeds) > 1:
+        # from the per-seed values, as the terminal does: a summary written before the intervals gets one too
+        per_seed = results.summary()["per_seed"]
+        interval = significance.seed_interval([per_seed[str(seed)].get(key) for seed in results.seeds],
+                                              next(iter(records.values())).settings.confidence)
+        return "" if interval is None else _bracket(*interval)
+    found = verdict_view.interval_of(records[results.seeds[0]], None, key)
+    return "" if found is None else _bracket(found.low, found.high)
+
+
+def _card(label: str, value: str, interval: str, hint: str) -> str:
+    return (f'<div class="card"><span class="k">{esc(label)}</span><div class="v">{esc(value)}</div>'
+            + (f'<small class="ci">{esc(interval)}</small>' if interval else "") + f"<small>{esc(hint)}</small></div>")
+
+
+def _vs_base_card(results: RunResults, records: Records) -> str:
+    """The final average accuracy minus the base model's (below 0: the paper's failure zone), from the records'
+    headline, as the terminal's summary line; "" for a record without it."""
+    found = [verdict_view.interval_of(records[seed], None, "final_avg_vs_base") for seed in results.seeds]
+    if not found or any(f is None for f in found):
+        return ""
+    hint = "final avg accuracy minus the base model's: < 0 is the failure zone"
+    if len(found) == 1:
+        return _card("Final avg vs base", verdict_view.signed(found[0].value),
+                     _bracket(found[0].low, found[0].high, sign=True), hint)
+    values = np.array([f.value for f in found])
+    interval = significance.seed_interval(list(values), next(iter(records.values())).settings.confidence)
+    return _card("Final avg vs base", f"{verdict_view.signed(float(values.mean()))} ± {values.std(ddof=1):.3f}",
+                 "" if interval is None else _bracket(*interval, sign=True), hint)
+
+
+def _headline(results: RunResults, records: Records) -> str:
     stats, multi = results.summary()["mean_std"], len(results.seeds) > 1
-    cards = "".join(f'<div class="card"><span class="k">{esc(label)}</span><div class="v">'
-                    f'{esc(_mean_std(stats[key]["mean"], stats[key]["std"], multi))}</div>'
-                    f'<small>{esc(hint)}</small></div>'
-                    for key, label, hint in HEADLINE if key in stats)
+    level = f"{next(iter(records.values())).settings.confidence:.0%}"
+    cards = []
+    for key, label, hint in HEADLINE:
+        if key not in stats:
+            continue
+        cards.append(_card(label, _mean_std(stats[key]["mean"], stats[key]["std"], multi),
+                           _headline_interval(results, records, key), hint))
+        if key == "final_avg_accuracy":
+            cards.append(_vs_base_card(results, records))
     seeds = f"mean ± std over seeds {', '.join(map(str, results.seeds))}" if multi else f"seed {results.seeds[0]}"
-    return f'<div class="cards">{cards}</div><p class="note">{esc(seeds)}.</p>'
+    brackets = (f"{level} t interval of the mean over the {len(results.seeds)} seeds" if multi else
+                f"{level} bootstrap interval over test rows")
+    return f'<div class="cards">{"".join(cards)}</div><p class="note">{esc(seeds)}; in brackets: {brackets}.</p>'
 
 
-def _heatmap(results: RunResults) -> str:
-    """The accuracy matrix as a table coloured like the report's heatmap (viridis, 0..1): crisp at any width."""
+def _heatmap(results: RunResults, records: Records) -> str:
+    """The accuracy matrix as a table coloured like the report's heatmap (viridis, 0..1): crisp at any width.
+    One seed: each cell with its Wilson interval (several seeds: mean ± std, the spread that matters there)."""
     multi = len(results.seeds) > 1
+    record = None if multi else records[results.seeds[0]]
     mean = results.accuracy_matrix()
     std = results.accuracy_matrix(stat="std") if multi else None
     tasks = [c for c in mean.columns if c != "checkpoint"]
@@ -164,34 +221,65 @@ def _heatmap(results: RunResults) -> str:
             color = "#ccc" if not math.isfinite(value) else matplotlib.colors.to_hex(cmap(min(max(value, 0.0), 1.0)))
             ink = "#fff" if math.isfinite(value) and value < 0.6 else "#000"
             weight = ";font-weight:700" if i > 0 and row["checkpoint"] == task else ""  # the task just learned
-            text = _mean_std(value, None if std is None else float(std.loc[i, task]), multi)
-            cells.append(f'<td class="heat" style="background:{color};color:{ink}{weight}">{esc(text)}</td>')
+            text = esc(_mean_std(value, None if std is None else float(std.loc[i, task]), multi))
+            found = None if record is None else verdict_view.accuracy_of(record, row["checkpoint"], task)
+            title = ""
+            if found is not None:
+                text += f'<span class="ci">{esc(_bracket(found.low, found.high))}</span>'
+                title = f' title="{found.correct}/{found.n} right"'
+            cells.append(f'<td class="heat" style="background:{color};color:{ink}{weight}"{title}>{text}</td>')
         label = "base" if i == 0 else f"after {row['checkpoint']}"
         rows.append(f"<tr><th>{esc(label)}</th>{''.join(cells)}</tr>")
     head = "".join(f"<th>{esc(t)}</th>" for t in tasks)
     return (f'<div class="scroll"><table class="heatmap"><thead><tr><th>checkpoint \\ task</th>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div><p class="note">Rows are checkpoints, columns tasks in '
-            "training order; bold: the task just learned; colour: accuracy from 0 (dark) to 1 (yellow).</p>")
+            "training order; bold: the task just learned; colour: accuracy from 0 (dark) to 1 (yellow)"
+            + ("; mean ± std over seeds." if multi else
+               f"; in brackets: {record.settings.confidence:.0%} Wilson interval over the task's test rows.") + "</p>")
 
 
-def _metrics(results: RunResults) -> str:
+def _metric_cell(value, record: schema.StatisticsRecord, checkpoint: str, metric: str) -> str:
+    found = verdict_view.interval_of(record, checkpoint, metric)
+    return _number(value) if found is None else verdict_view.with_interval(value, found.low, found.high)
+
+
+def _metrics(results: RunResults, records: Records) -> str:
+    """Mean ± std over seeds, or one seed's metrics each with its bootstrap interval over test rows."""
     multi = len(results.seeds) > 1
     mean, std = results.cl_metrics(), results.cl_metrics(stat="std") if multi else None
     columns = ["op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base"]
-    rows = [[r["checkpoint"]] + [_mean_std(r[c], None if std is None else std.loc[i, c], multi) for c in columns]
-            for i, r in mean.iterrows()]
-    return _table(["checkpoint", "OP", "BWT", "FWT", "avg (all tasks)", "gain", "vs base"], rows)
+    if multi:
+        rows = [[r["checkpoint"]] + [_mean_std(r[c], std.loc[i, c], multi) for c in columns]
+                for i, r in mean.iterrows()]
+        note = "mean ± std over seeds"
+    else:
+        record = records[results.seeds[0]]
+        rows = [[r["checkpoint"]] + [_metric_cell(r[c], record, r["checkpoint"], c) for c in columns]
+                for _, r in mean.iterrows()]
+        note = (f"in brackets: {record.settings.confidence:.0%} bootstrap interval over test rows (resampled within "
+                "each task, the same rows for every checkpoint)")
+    return (_table(["checkpoint", "OP", "BWT", "FWT", "avg (all tasks)", "gain", "vs base"], rows) +
+            f'<p class="note">{esc(note)}.</p>')
 
 
-def _drift(results: RunResults) -> str:
+def _drift(results: RunResults, records: Records) -> str:
     multi = len(results.seeds) > 1
     mean, std = results.stability(), results.stability(stat="std") if multi else None
     columns = [("kl_mean", "KL to base"), ("kl_p95", "KL p95"), ("entropy_mean", "entropy"),
                ("entropy_mean_delta", "Δ entropy"), ("margin_mean", "margin"), ("margin_mean_delta", "Δ margin"),
                ("reference_accuracy", "reference acc")]
     columns = [(c, h) for c, h in columns if c in mean.columns]
-    rows = [[r["checkpoint"]] + [_mean_std(r[c], None if std is None else std.loc[i, c], multi) for c, _ in columns]
-            for i, r in mean.iterrows()]
+    # one seed: KL to base with its bootstrap interval over the reference rows, as the terminal shows it
+    kl = {} if multi else {row.checkpoint: row for row in records[results.seeds[0]].drift}
+
+    def cell(i: int, row, column: str) -> str:
+        found = kl.get(row["checkpoint"]) if column == "kl_mean" else None
+        if found is not None:
+            # four digits: a KL to base is often below 0.01, where two would read [0.00, 0.00]
+            return f"{_number(row[column], 4)} {_bracket(found.low, found.high, 4)}"
+        return _mean_std(row[column], None if std is None else std.loc[i, column], multi)
+
+    rows = [[r["checkpoint"]] + [cell(i, r, c) for c, _ in columns] for i, r in mean.iterrows()]
     panels = []
     per_seed = {s: results.stability(s) for s in results.seeds}
     labels = ["base"] + list(mean["checkpoint"])[1:]
@@ -215,7 +303,20 @@ def _drift(results: RunResults) -> str:
             f'<div class="figs">{"".join(f"<figure>{p}</figure>" for p in panels)}</div><p class="note">On the '
             "reference set, at each row's answer position: KL(checkpoint ‖ base) of the next-token distribution, its "
             "entropy and the top-1 minus top-2 log-probability" + (" (thin lines: each seed)." if multi else ".")
-            + "</p>")
+            + (f" KL to base in brackets: its {records[results.seeds[0]].settings.confidence:.0%} bootstrap interval "
+               "over the reference rows." if kl else "") + "</p>" + _drift_changes(records))
+
+
+def _drift_changes(records: Records) -> str:
+    """How KL to base moved at each checkpoint, with its paired interval over the reference rows (the terminal's
+    line, verdict_view.drift_change_lines); nothing for records without it."""
+    lines = verdict_view.drift_change_lines(records)
+    if not lines:
+        return ""
+    level = f"{next(iter(records.values())).settings.confidence:.0%}"
+    items = "".join(f"<li>{esc(line)}</li>" for line in lines)
+    return (f"<p>KL to base after each checkpoint (in parentheses its change from the previous checkpoint, "
+            f"[{level} paired bootstrap interval over the reference rows]):</p><ul>{items}</ul>")
 
 
 def _monitor(results: RunResults) -> str | None:
@@ -314,10 +415,13 @@ def run_sections(results: RunResults, prefix: str = "", heading: str = "h2") -> 
     """A run's sections and the (anchor, title) of each, for the navigation; `prefix` keeps anchors unique
     when several runs share a page."""
     monitor = _monitor(results)
-    parts = [("overview", "Headline", "Headline numbers", _headline(results)),
-             ("matrix", "Accuracy matrix", "Accuracy matrix", _heatmap(results)),
-             ("metrics", "OP/BWT/FWT", "Continual-learning metrics per checkpoint", _metrics(results)),
-             ("drift", "KL, entropy, margin", "Drift on the reference set per stage", _drift(results)),
+    records = {seed: results.statistics(seed) for seed in results.seeds}  # read once, shown in four sections
+    parts = [("overview", "Headline", "Headline numbers", _headline(results, records)),
+             ("matrix", "Accuracy matrix", "Accuracy matrix", _heatmap(results, records)),
+             ("metrics", "OP/BWT/FWT", "Continual-learning metrics per checkpoint", _metrics(results, records)),
+             ("verdicts", "Is it real?", "Is it real? Each checkpoint against the previous one and the base",
+              verdicts_section(records, prefix, heading)),
+             ("drift", "KL, entropy, margin", "Drift on the reference set per stage", _drift(results, records)),
              ("monitor", "Live drift", "Live drift monitoring", monitor),
              ("examples", "Examples", None, browser_section(results, prefix, heading)),
              ("costs", "Costs", "Costs of the run", _costs(results)),

@@ -18,6 +18,7 @@ import math
 import re
 import warnings
 from pathlib import Path
+from urllib.parse import quote
 
 from lorawatch import schema, store
 from lorawatch.errors import UserError
@@ -162,6 +163,17 @@ def browser_data(results: RunResults) -> dict:
             "pairs": [{"a": a, "b": b, "before": f"stage {a} ({names[a]})", "after": f"stage {b} ({names[b]})",
                        "label": f"{a} {names[a]} → {b} {names[b]}"} for a, b in pairs],
             "rows": rows, "ref": ref, "prompts": used, "refPrompts": used_ref, "promptNote": prompt_note}
+
+
+def browser_link(prefix: str, seed: int, before: int, after: int, task: str, direction: str) -> str:
+    """The in-page href that opens the example browser of the run under `prefix` on one seed's flips of `task`
+    between stages `before` and `after` in one direction (lost: right -> wrong, gained: wrong -> right).
+
+    Stages and the task travel by value, not as the blob's indices: the link does not depend on how
+    browser_data orders its pairs. A fragment that names no element scrolls nowhere by itself, so BROWSER_JS
+    reads it (on a click, on load and on hashchange): the same link works from the page and pasted as a URL."""
+    query = f"seed={seed}&a={before}&b={after}&task={quote(task, safe='')}&dir={int(direction == 'gained')}"
+    return f"#{prefix}examples?{query}"
 
 
 def blob_script(data: dict, element_id: str) -> str:
@@ -318,10 +330,40 @@ BROWSER_JS = r"""
       showMore();
       references();
     }
+    function select(want) {  // a browser_link's selection: every filter set to it, whatever it showed before
+      var pair = data.pairs.findIndex(function (p) { return p.a === want.a && p.b === want.b; }),
+          task = data.tasks.indexOf(want.task);
+      if (f.seed) f.seed.value = String(want.seed);
+      f.pair.value = pair < 0 ? "" : String(pair);
+      f.task.value = task < 0 ? "" : String(task);
+      f.dir.value = want.dir;
+      update();
+    }
     Object.keys(f).forEach(function (n) { if (f[n]) f[n].addEventListener("change", update); });
     more.addEventListener("click", showMore);
+    root.addEventListener("xb-select", function (e) { select(e.detail); });
     update();
   }
+  // A flip link (html_examples.browser_link): #<prefix>examples?seed=S&a=A&b=B&task=T&dir=0|1
+  function follow(hash) {
+    var m = /^#([^?]*examples)\?(.*)$/.exec(hash || "");
+    var section = m && document.getElementById(decodeURIComponent(m[1]));
+    var root = section && section.querySelector(".xb");
+    if (!root) return false;
+    var q = new URLSearchParams(m[2]);
+    for (var p = section.parentElement; p; p = p.parentElement) if (p.tagName === "DETAILS") p.open = true;
+    root.dispatchEvent(new CustomEvent("xb-select", {detail: {seed: Number(q.get("seed")), a: Number(q.get("a")),
+      b: Number(q.get("b")), task: q.get("task"), dir: q.get("dir") === "1" ? "1" : "0"}}));
+    root.scrollIntoView({block: "start"});
+    return true;
+  }
   Array.prototype.forEach.call(document.querySelectorAll(".xb"), init);
+  // on the click itself too: following the link the page already shows changes no hash, so no hashchange
+  document.addEventListener("click", function (e) {
+    var a = e.target.closest ? e.target.closest("a.xb-link") : null;
+    if (a) follow(a.getAttribute("href"));
+  });
+  window.addEventListener("hashchange", function () { follow(location.hash); });
+  follow(location.hash);
 })();
 """
