@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -264,3 +266,58 @@ def test_a_folder_in_the_way_and_a_zero_timeout_are_one_line_errors(served_copy,
         fetch_dataset("trace-500", dest, str(served_copy), log=lambda _: None)
     with pytest.raises(UserError, match=r"^--timeout must be a positive number of seconds, got 0$"):
         fetch_dataset("trace-500", tmp_path / "other", str(served_copy), log=lambda _: None, timeout=0)
+
+
+@pytest.mark.parametrize("kind", ["named pipe", "folder", "device"])
+def test_a_source_file_that_is_not_a_regular_file_is_refused_not_blocked_on(served_copy, tmp_path, kind):
+    """A named pipe in a local --source would block the read for ever (nothing writes to it), a device would be
+    read without end: each is refused by name before it is opened for reading, and the files before it are kept."""
+    bad = "NumGLUE-cm/train.json"  # the files before it in the manifest are fetched first
+    path = served_copy / bad
+    path.unlink()
+    if kind == "named pipe":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    dest = tmp_path / "dest"
+    result = lorawatch("data", "fetch", "trace-500", "--source", served_copy, "--dest", dest)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    what = "a folder" if kind == "folder" else "not a regular file (a named pipe, socket or device)"
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: {bad}: {path} in the source folder is {what}; expected the dataset's file"
+    assert_nothing_wrong_left(dest, bad)
+    paths = [entry.path for entry in MANIFEST.files]
+    assert relative_files(dest) == set(paths[:paths.index(bad)])  # the files before it, verified
+
+
+def test_sigterm_during_a_fetch_is_one_line_and_keeps_the_verified_files(server, tmp_path):
+    """SIGTERM (a scheduler's preemption, `kill`) while a download hangs: exit code 143 and one line, as `run`
+    gives it, no traceback; the files fetched before stay verified and a second fetch finishes the rest."""
+    stalled = "NumGLUE-cm/eval.json"
+    server.behaviours[stalled] = "stall"
+    dest = tmp_path / "dest"
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-m", "lorawatch", "data", "fetch", "trace-500", "--source",
+                                server.url, "--dest", str(dest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    try:
+        deadline = time.time() + 60
+        while f"/{stalled}" not in server.requests and time.time() < deadline:
+            time.sleep(0.05)
+        assert f"/{stalled}" in server.requests, "the fetch never asked for the stalled file"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill() if process.poll() is None else None
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == ("terminated (SIGTERM): verified files are kept; run the same command "
+                                               "again to finish")
+    assert "Traceback" not in stderr
+    assert_nothing_wrong_left(dest, stalled)
+    paths = [entry.path for entry in MANIFEST.files]
+    assert relative_files(dest) == set(paths[:paths.index(stalled)])  # the files before it, verified
+    server.behaviours.clear()
+    again = lorawatch("data", "fetch", "trace-500", "--source", server.url, "--dest", dest)
+    assert again.returncode == 0 and installed("trace-500", dest), again.stderr

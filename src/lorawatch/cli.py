@@ -437,6 +437,9 @@ def data_fetch(
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: verified files are kept; run the same command again to finish\n")
         raise typer.Exit(130)
+    except Terminated:  # SIGTERM (a scheduler's preemption, `kill`): as Ctrl-C, with the code `run` gives it
+        sys.stderr.write("terminated (SIGTERM): verified files are kept; run the same command again to finish\n")
+        raise typer.Exit(143)
     print(folder)
 
 

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import socket
+import stat
 import tempfile
 import time
 import urllib.error
@@ -188,13 +189,7 @@ class _Source:
     def open(self, entry: DatasetFile) -> BinaryIO:
         """Open one file for reading; every failure is a UserError naming the file."""
         if self.folder is not None:
-            path = self.folder / entry.path
-            try:
-                return open(path, "rb")
-            except FileNotFoundError:
-                raise UserError(f"{entry.path}: not found in the source folder {self.folder}") from None
-            except OSError as exc:
-                raise UserError(f"{entry.path}: cannot read {path} ({exc.strerror or exc})") from None
+            return self._open_local(entry)
         url = self.location(entry)
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         try:
@@ -208,6 +203,35 @@ class _Source:
             raise UserError(f"{entry.path}: cannot download {url}: {_reason(exc.reason)}") from None
         except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
             raise UserError(f"{entry.path}: cannot download {url}: {_reason(exc)}") from None
+
+    def _open_local(self, entry: DatasetFile) -> BinaryIO:
+        """A regular file of the source folder. Anything else is refused before it is read: a named pipe would
+        block the read until something writes to it, a device would be read without end. Opened without
+        blocking and checked again on the open file, so that nothing swapped in after the check blocks either."""
+        path = self.folder / entry.path
+
+        def refused(mode: int) -> UserError | None:
+            if stat.S_ISREG(mode):
+                return None
+            what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a named pipe, socket or device)"
+            return UserError(f"{entry.path}: {path} in the source folder is {what}; expected the dataset's file")
+
+        try:
+            error = refused(path.stat().st_mode)
+            if error is not None:
+                raise error
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise UserError(f"{entry.path}: not found in the source folder {self.folder}") from None
+        except OSError as exc:
+            raise UserError(f"{entry.path}: cannot read {path} ({exc.strerror or exc})") from None
+        error = refused(os.fstat(fd).st_mode)
+        if error is not None:
+            os.close(fd)
+            raise error
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
 
 def _reason(exc: object) -> str:
