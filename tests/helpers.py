@@ -59,6 +59,9 @@ def write_run(folder: Path, stages: list[dict[str, list[bool]]] | dict[int, list
                 store.write_jsonl(d / "predictions" / f"{task}.jsonl", [
                     {"id": f"{task}-{i}", "task": task, "raw_output": "A", "prediction": "A", "gold": "A" if c else "B",
                      "correct": c, "output_ids": None} for i, c in enumerate(correct)])
+            store.write_jsonl(d / "predictions" / "reference.jsonl", [
+                {"id": i, "task": tasks[0], "raw_output": "A", "prediction": "A", "gold": "A", "correct": True,
+                 "output_ids": None} for i in ids])
             store.write_jsonl(d / "reference_drift.jsonl", [
                 {"id": i, "task": tasks[0], "kl": value, "entropy": 1.0, "margin": 1.0, "top1_token": 0}
                 for i, value in zip(ids, reference_kl(seed_kl[k], len(ids)))])

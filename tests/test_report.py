@@ -67,6 +67,9 @@ def make_run(folder: Path, spec: str, tasks: list[str], order, stages_by_seed: d
             store.write_json(d / "reference_stats.json", {**stats, **{f"{k2}_delta": v - base[k2]
                                                                        for k2, v in stats.items()}})
             store.write_json(d / "scores.json", {**stage["acc"], "reference": 0.5})
+            store.write_jsonl(d / "predictions" / "reference.jsonl", [
+                {"id": f"ref-{i}", "task": tasks[0], "raw_output": "A", "prediction": "A", "gold": "A", "correct": True,
+                 "output_ids": None} for i in range(len(reference_kl(stage["kl"])))])
             store.write_jsonl(d / "reference_drift.jsonl", [  # per reference row, averaging to the stage's KL
                 {"id": f"ref-{i}", "task": tasks[0], "kl": kl, "entropy": stage["entropy"], "margin": stage["margin"],
                  "top1_token": 0} for i, kl in enumerate(reference_kl(stage["kl"]))])

@@ -39,3 +39,44 @@ def test_a_run_built_to_diverge_stops_at_the_step_and_records_nothing_of_the_sta
     assert not (stage1 / "stage.json").exists() and not (stage1 / "training.json").exists()
     assert not (store.summary_dir(run) / "summary.json").exists()
     assert json.loads((run / "config.json").read_text())["train"]["learning_rate"] == 1e30
+
+
+@pytest.fixture()
+def built_run(tmp_path):
+    from helpers import outcomes, write_run
+    stage = {"stance": outcomes(12), "science": outcomes(20)}
+    return write_run(tmp_path / "run", [stage, stage, stage], [0.0, 0.1, 0.2])
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (True, "field 'stance'"), ("0.5", "field 'stance'"), (1.5, "less than or equal to 1"),
+])
+def test_check_and_show_refuse_records_that_do_not_fit_the_schema(built_run, value, fragment):
+    path = store.stage_dir(built_run, 1, 1) / "scores.json"
+    scores = json.loads(path.read_text())
+    scores["stance"] = value
+    path.write_text(json.dumps(scores))
+    result = lorawatch("check", built_run)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert any(str(path) in line and fragment in line for line in result.stdout.splitlines()), result.stdout
+    # the builder saves no adapters: check names them too, but show and report do not need them
+    assert_one_line_error(lorawatch("report", built_run, "--out", built_run.parent / "report"), str(path), fragment)
+
+
+def test_check_finds_the_files_a_finished_stage_needs(built_run):
+    missing = store.stage_dir(built_run, 1, 1) / "predictions" / "science.jsonl"
+    missing.unlink()
+    result = lorawatch("check", built_run)
+    assert result.returncode == 1
+    assert f"{missing}: missing; the stage is marked finished (stage.json) without it" in result.stdout
+    assert_one_line_error(lorawatch("show", built_run, "--html"), str(missing), "missing")
+
+
+def test_check_on_a_record_from_a_newer_lorawatch_is_one_line(built_run):
+    path = store.stage_dir(built_run, 1, 0) / "reference_stats.json"
+    record = json.loads(path.read_text())
+    record["schema_version"] = 99
+    path.write_text(json.dumps(record))
+    result = lorawatch("check", built_run)
+    assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
+    assert f"{path}: written by a newer lorawatch (record version 99" in result.stdout

@@ -24,9 +24,10 @@ SCHEMA_VERSION = 2
 
 
 class Part(BaseModel):
-    """A piece of a record: every field named, nothing unknown."""
+    """A piece of a record: every field named, nothing unknown, no NaN or infinity. Read back strictly
+    (store.read_record): a number must be a JSON number, not `true` or a string."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Record(Part):
@@ -117,8 +118,8 @@ class StageRecord(Record):
 class Scores(Record):
     """scores.json: accuracy on each task and on the reference set ("reference"), by name."""
 
-    model_config = ConfigDict(extra="allow")
-    __pydantic_extra__: dict[str, float]
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    __pydantic_extra__: dict[str, Annotated[float, Field(ge=0, le=1)]]
 
     def accuracy(self) -> dict[str, float]:
         return dict(self.__pydantic_extra__)

@@ -9,10 +9,11 @@ inside the prompt for every row shorter than the longest; see the README.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
+from pydantic import AllowInfNan, Strict, StrictInt, StrictStr
 
 from lorawatch.passes import DEFAULT_TOKEN_BUDGET, budget_batches, left_pad, position_ids
 from lorawatch.prompts import EncodedPrompt
@@ -64,14 +65,19 @@ def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *,
     return ids_in_order, torch.stack([rows[i] for i in ids_in_order])
 
 
+# A JSON number (an int too), never a bool, a string, NaN or infinity.
+FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
+
+
 @dataclass(frozen=True)
 class ExampleDrift:
-    id: str
-    task: str | None
-    kl: float
-    entropy: float
-    margin: float
-    top1_token: int
+    # Strict, finite types: a row read back with a string or a NaN where a number belongs is damage.
+    id: StrictStr
+    task: StrictStr | None
+    kl: FiniteFloat
+    entropy: FiniteFloat
+    margin: FiniteFloat
+    top1_token: StrictInt
 
     def to_dict(self) -> dict:
         return {"id": self.id, "task": self.task, "kl": self.kl, "entropy": self.entropy, "margin": self.margin,

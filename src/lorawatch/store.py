@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Iterable, TypeVar
 
 import pandas as pd
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from safetensors import SafetensorError
 
 from lorawatch.errors import UserError
@@ -145,7 +145,8 @@ def read_record(path: Path, schema: type[R]) -> R:
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise NewerRecordError(f"{path}: written by a newer lorawatch (record version {version}, this one reads up "
                                f"to {SCHEMA_VERSION}); upgrade lorawatch to read this run")
-    return schema.model_validate(data)
+    # strict: a value of the wrong JSON type (an accuracy written as `true` or as "0.5") is damage, not a number
+    return schema.model_validate(data, strict=True)
 
 
 @cache
@@ -167,7 +168,9 @@ def write_rows(path: Path, row_type: type, rows: Iterable[dict]) -> None:
 
 def read_rows(path: Path, row_type: type) -> list:
     """A JSON Lines file's rows as `row_type`; a row that does not fit raises a ValueError (damaged)."""
-    return _rows_adapter(row_type).validate_python(read_jsonl(path))
+    # strict for schema parts; the dataclass rows (predictions, drift) declare strict field types themselves
+    return _rows_adapter(row_type).validate_python(read_jsonl(path), strict=isinstance(row_type, type) and
+                                                   issubclass(row_type, BaseModel) or None)
 
 
 def read_table(path: Path, name: str) -> pd.DataFrame:
@@ -275,8 +278,34 @@ def check_run_folder(run_dir: Path) -> list[str]:
                 read_rows(path, rows[path.name])
             elif path.suffix == ".csv" and path.stem.removesuffix("_mean").removesuffix("_std") in TABLE_COLUMNS:
                 read_table(path, path.stem.removesuffix("_mean").removesuffix("_std"))
-        except ConfigError as exc:
+        except (ConfigError, NewerRecordError) as exc:
             problems.append(str(exc))
         except (OSError, ValueError) as exc:
             problems.append(describe_problem(path, exc))
+    return problems + missing_stage_files(run_dir)
+
+
+def missing_stage_files(run_dir: Path, adapters: bool = True) -> list[str]:
+    """A finished stage (one with stage.json) lacks none of the files its results are read from (and, with
+    `adapters`, not its adapter): one line per missing file."""
+    from lorawatch.schema import StageRecord
+
+    problems = []
+    for seed in seeds_on_disk(run_dir):
+        for stage in stages_on_disk(run_dir, seed):
+            folder = stage_dir(run_dir, seed, stage)
+            if not (folder / "stage.json").is_file():
+                continue
+            needed = ["scores.json", "reference_stats.json", "reference_drift.jsonl", "predictions/reference.jsonl"]
+            try:
+                scores = read_json(folder / "scores.json")
+                record = read_record(folder / "stage.json", StageRecord)
+            except (OSError, ValueError, UserError):
+                scores, record = {}, None  # already reported above, file by file
+            tasks = [t for t in scores if t not in ("reference", "schema_version")] if isinstance(scores, dict) else []
+            needed += [f"predictions/{task}.jsonl" for task in tasks]
+            if adapters and stage > 0 and record is not None and record.adapter is None:  # `evaluate` records its adapter's path
+                needed.append("adapter/adapter_model.safetensors")
+            problems += [f"{folder / name}: missing; the stage is marked finished (stage.json) without it"
+                         for name in needed if not (folder / name).is_file()]
     return problems

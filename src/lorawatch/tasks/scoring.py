@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from pydantic import StrictBool, StrictInt, StrictStr
+
 # Bumped whenever a rule below changes what a text scores: cached base-stage results record it.
 SCORING_RULES_VERSION = 2
 
@@ -132,13 +134,14 @@ def training_target(kind: str, answer: str) -> str:
 
 @dataclass(frozen=True)
 class Prediction:
-    id: str
-    task: str
-    raw_output: str
-    prediction: str
-    gold: str
-    correct: bool
-    output_ids: list[int] | None = None  # the generated tokens; also the next checkpoint's draft
+    # Strict types: a row read back with `"correct": "yes"` or a numeric id is damage, not a coerced value.
+    id: StrictStr
+    task: StrictStr
+    raw_output: StrictStr
+    prediction: StrictStr
+    gold: StrictStr
+    correct: StrictBool
+    output_ids: list[StrictInt] | None = None  # the generated tokens; also the next checkpoint's draft
 
     def to_dict(self) -> dict:
         return {"id": self.id, "task": self.task, "raw_output": self.raw_output, "prediction": self.prediction,
