@@ -145,3 +145,49 @@ def test_bad_adapters_are_one_line_errors(trained, tmp_path, tiny_model_dir):
     assert not out.exists()  # every refusal came before a run folder was made
     config = json.loads(Path(path).read_text())
     assert config["tasks"][0]["name"] == "stance"
+
+
+def test_adapters_that_would_load_as_nothing_are_refused_before_anything_runs(trained, tmp_path, tiny_model_dir):
+    """PEFT only warns about adapter keys that do not fit; the stage would then be the base model's. Every such
+    adapter is refused before the base stage, naming the first tensor that does not fit."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir, _ = trained
+    path = config_file(tmp_path, tiny_model_dir)
+    good = store.stage_dir(run_dir, 3, 1) / "adapter"
+    out = tmp_path / "out"
+
+    def variant(name: str, tensors=None, config_changes=None) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        if tensors is not None:
+            save_file(tensors(load_file(good / "adapter_model.safetensors")), folder / "adapter_model.safetensors")
+        if config_changes:
+            config = json.loads((good / "adapter_config.json").read_text())
+            (folder / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+        return folder
+
+    def evaluate(*args):
+        return lorawatch("evaluate", *args, "--config", path, "--out", out)
+
+    renamed = variant("renamed", lambda t: {k.replace("base_model.model.", "model.", 1): v for k, v in t.items()})
+    first = sorted(load_file(good / "adapter_model.safetensors"))[0]
+    assert_one_line_error(evaluate(renamed), "renamed", f"tensor '{first.replace('base_model.model.', 'model.', 1)}'",
+                          "no place", "load the adapter as nothing")
+    dropped = variant("dropped", lambda t: {k: v for k, v in t.items() if k != first})
+    assert_one_line_error(evaluate(dropped), "dropped", f"lacks tensor '{first}'")
+    rank = json.loads((good / "adapter_config.json").read_text())["r"]
+    contradicted = variant("contradicted", config_changes={"r": rank * 2})
+    assert_one_line_error(evaluate(contradicted), "contradicted", f"r = {rank * 2}", "contradicts the weights")
+
+    trainer = tmp_path / "trainer"
+    trainer.mkdir()
+    shutil.copytree(good, trainer / "checkpoint-1")
+    (trainer / "checkpoint-2").symlink_to(tmp_path / "nowhere")
+    assert_one_line_error(evaluate(trainer), "checkpoint-2", "a link that leads nowhere or in a circle")
+    (trainer / "checkpoint-2").unlink()
+    (trainer / "checkpoint-2").symlink_to(trainer / "checkpoint-2")
+    assert_one_line_error(evaluate(trainer), "checkpoint-2", "a link that leads nowhere or in a circle")
+    (tmp_path / "loop-link").symlink_to(tmp_path / "loop-link")
+    assert_one_line_error(evaluate(tmp_path / "loop-link"), "loop-link", "a link that leads nowhere or in a circle")
+    assert not out.exists()

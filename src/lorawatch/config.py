@@ -7,6 +7,8 @@ when the config is built, and a bad one is reported as a ConfigError naming its 
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -93,7 +95,8 @@ class LoraSettings(_Strict):
     r: int = Field(8, gt=0)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] = Field("all-linear", description="a list of module names (e.g. [q_proj, "
+                                                                  "v_proj]), or all-linear")
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
@@ -309,17 +312,51 @@ class ExperimentConfig(_Strict):
 assert set(TASK_KINDS) == {"multiple_choice", "numeric"}
 
 
+# pydantic names the member of a union that failed inside the location ('lora.target_modules.list[str]'); a
+# person needs the field and what it takes.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z][a-z-]*\[.*\])$")
+_MEMBER_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+                 "list[str]": "a list of names"}
+
+
 def describe_error(error: ValidationError, source: str) -> str:
     """A pydantic error as one line: the source, the first field that failed and why."""
-    first = error.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "config"
+    errors = error.errors()
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    members = []
+    while loc and _UNION_MEMBER.match(loc[-1]):
+        members.insert(0, loc.pop())
+    field = ".".join(loc) or "config"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
+    count = len(errors)
+    if members:  # every error of this field is one member of its union: say what the field takes instead
+        of_field = [e for e in errors if [str(p) for p in e["loc"]][:len(loc)] == loc]
+        taken = [_MEMBER_WORDS.get(m, m) for e in of_field for m in [str(e["loc"][len(loc)])]
+                 if len(e["loc"]) > len(loc)]
+        description = _field_description(loc)
+        message = f"expected {description or ' or '.join(dict.fromkeys(taken))}"
+        count -= len(of_field) - 1
     got = first.get("input")
     shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-    more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
+    more = f" (and {count - 1} more)" if count > 1 else ""
     return f"{source}: field '{field}': {message}{shown}{more}"
+
+
+def _field_description(loc: list[str]) -> str | None:
+    """The description of the config field at `loc`, when it has one."""
+    model: type[BaseModel] | None = ExperimentConfig
+    info = None
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        annotation = info.annotation
+        model = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type)
+                      and issubclass(a, BaseModel)), None)
+    return info.description if info is not None else None
 
 
 def build_config(data: dict, source: str = "config") -> ExperimentConfig:
@@ -375,12 +412,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_mapping_file(path: Path, what: str, expected: str) -> dict:
     """A YAML (or, by its suffix, JSON) file whose top level is a mapping: a config or a study file. Any problem
     is one ConfigError naming the file, and where in it; `expected` says what the mapping holds."""
-    problem = file_problem(path, what)
+    stdin = str(path) == "-"  # standard input: YAML (which reads JSON too)
+    problem = None if stdin else file_problem(path, what)
     if problem:
         raise ConfigError(f"{path}: {problem}")
     is_json = path.suffix.lower() == ".json"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if stdin else path.read_text(encoding="utf-8")
         data = json.loads(text) if is_json else yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -399,10 +437,11 @@ def read_mapping_file(path: Path, what: str, expected: str) -> dict:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read a YAML or JSON config. Relative data paths are taken relative to the config file."""
+    """Read a YAML or JSON config (`-`: standard input). Relative data paths are taken relative to the config file
+    (to the current folder for standard input)."""
     path = Path(path)
     data = read_mapping_file(path, "config file", "a mapping of config fields at the top level")
-    base = path.resolve().parent
+    base = Path.cwd() if str(path) == "-" else path.resolve().parent
     for task in data.get("tasks") or []:
         if isinstance(task, dict):
             for key in ("train", "test"):

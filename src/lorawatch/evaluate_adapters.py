@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from peft import PeftModel
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+from transformers import AutoModelForCausalLM
 from rich.console import Console
 from safetensors import SafetensorError, safe_open
 
@@ -57,14 +60,21 @@ def find_adapters(paths: Sequence[Path]) -> list[Adapter]:
     folders: list[Path] = []
     for path in map(Path, paths):
         if not path.exists():
-            raise UserError(f"{path}: not found (expected a PEFT adapter folder or a training output folder)")
+            what = "a link that leads nowhere or in a circle" if path.is_symlink() else "not found"
+            raise UserError(f"{path}: {what} (expected a PEFT adapter folder or a training output folder)")
         if not path.is_dir():
             raise UserError(f"{path}: not a folder (expected a PEFT adapter folder or a training output folder)")
         if (path / "adapter_config.json").is_file():
             folders.append(path)
             continue
-        steps = sorted((int(m.group(1)), p) for p in path.iterdir()
-                       if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)))
+        named = [(int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT.fullmatch(p.name))]
+        for _, p in named:  # a checkpoint that cannot be read is refused, never dropped from the sequence
+            if not p.is_dir():
+                what = ("a link that leads nowhere or in a circle" if p.is_symlink() and not p.exists()
+                        else "not a folder")
+                raise UserError(f"{p}: {what}; every checkpoint-N of a training output folder must be a readable "
+                                "adapter folder")
+        steps = sorted(named)
         if not steps:
             what = "empty folder" if not any(path.iterdir()) else "no adapter here"
             raise UserError(f"{path}: {what}; expected adapter_config.json and {ADAPTER_WEIGHTS} (a PEFT adapter) "
@@ -114,9 +124,9 @@ def _read_adapter(folder: Path) -> Adapter:
                    digest=hashlib.sha256(weights.read_bytes()).hexdigest()[:20])
 
 
-def check_fits(model, adapter: Adapter, spec: str) -> None:
+def check_fits(model, adapter: Adapter, spec: str) -> dict[str, tuple[int, ...]]:
     """Every LoRA matrix of the adapter has a layer of this model to sit on, of the right width: read from the
-    weights file's header, before any evaluation."""
+    weights file's header, before any evaluation. Returns the file's tensor shapes by name."""
     try:
         with safe_open(adapter.path / ADAPTER_WEIGHTS, framework="pt") as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
@@ -138,6 +148,49 @@ def check_fits(model, adapter: Adapter, spec: str) -> None:
             side = "input" if which == "A" else "output"
             raise UserError(f"{adapter.path}: layer '{layer}' has {side} width {wanted} in the adapter but {width} in "
                             f"{spec} (an adapter of another base model{_trained_on(adapter)})")
+    return shapes
+
+
+def expected_adapter_tensors(model, adapter_path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors PEFT would load from an adapter with this adapter_config.json into this model, with their
+    shapes: a weightless copy of the model (meta device) gets the adapter's layers, and its adapter state dict
+    names them as the weights file must."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    try:
+        peft_model = get_peft_model(skeleton, LoraConfig.from_pretrained(str(adapter_path)))
+    except (NoMatchingPeftModuleError, ValueError) as exc:
+        raise UserError(f"{adapter_path / 'adapter_config.json'}: its target modules do not fit this model "
+                        f"({' '.join(str(exc).split())[:160]})") from None
+    return {key: tuple(value.shape) for key, value in get_peft_model_state_dict(peft_model).items()}
+
+
+def check_tensors(adapter_path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor of the weights file has its place in the adapter PEFT builds from adapter_config.json, with the
+    shape the config's rank gives, and none is missing: PEFT itself only warns, and loads a mismatched adapter as
+    nothing (every result would then be the base model's)."""
+    weights = adapter_path / ADAPTER_WEIGHTS
+    for key, shape in found.items():
+        if key not in expected:
+            raise UserError(f"{weights}: tensor '{key}' has no place in the adapter that adapter_config.json builds on "
+                            f"this model (its tensors are named like '{next(iter(expected))}'); PEFT would load "
+                            "the adapter as nothing")
+        if shape != expected[key]:
+            raise UserError(f"{weights}: tensor '{key}' has shape {list(shape)}, but adapter_config.json (r = "
+                            f"{_config_rank(adapter_path)}) on this model gives {list(expected[key])}: the config "
+                            "contradicts the weights")
+    missing = [key for key in expected if key not in found]
+    if missing:
+        raise UserError(f"{weights}: lacks tensor '{missing[0]}'"
+                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                        + " that adapter_config.json's target modules put on this model")
+
+
+def _config_rank(adapter_path: Path):
+    try:
+        return store.read_json(adapter_path / "adapter_config.json").get("r")
+    except (OSError, ValueError, AttributeError):
+        return "?"
 
 
 def _trained_on(adapter: Adapter) -> str:
@@ -183,8 +236,11 @@ class AdapterRecipe(Recipe):
         self.adapters, self.trained_on = adapters, trained_on
 
     def check_model(self) -> None:
+        expected = None  # the adapters share rank and targets (find_adapters): one skeleton serves them all
         for adapter in self.adapters:
-            check_fits(self.loaded.model, adapter, self.config.model.spec)
+            found = check_fits(self.loaded.model, adapter, self.config.model.spec)
+            expected = expected or expected_adapter_tensors(self.loaded.model, adapter.path)
+            check_tensors(adapter.path, found, expected)
 
     def fingerprint(self) -> dict:
         return {**super().fingerprint(), "adapters": adapter_records(self.adapters, self.trained_on)}

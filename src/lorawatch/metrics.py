@@ -25,6 +25,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from lorawatch import store
-from lorawatch.errors import DataError
+from lorawatch.errors import DataError, file_problem
 
 # Accuracies that differ by less than this are equal: seed means of fractions carry float noise
 # (0.275 against 0.27499999999999997), and a rank or a "below base" must not hang on it.
@@ -47,6 +49,7 @@ CHECKPOINT_COLUMN = "checkpoint"
 METRIC_COLUMNS: tuple[str, ...] = ("op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base")
 FRAME_COLUMNS: tuple[str, ...] = (CHECKPOINT_COLUMN, *METRIC_COLUMNS)
 
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _PERCENT_HINT = "accuracies are fractions in [0, 1]; if these are percentages, divide them by 100"
 
 
@@ -285,19 +288,38 @@ def read_matrix_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
 
 
 def _read_csv_records(path: Path) -> list[list[str]]:
-    if not path.is_file():
-        reason = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(path, f"the file {reason}; expected a CSV of accuracies (checkpoint rows by task columns)")
+    """The CSV's records; `-` reads standard input."""
+    if str(path) == "-":
+        return _csv_records(path, io.StringIO(sys.stdin.read().removeprefix("\ufeff"), newline=""))
+    problem = file_problem(path, "CSV of accuracies (checkpoint rows by task columns)")
+    if problem:
+        if path.is_dir() or not path.exists():
+            problem = f"the file {'is a directory' if path.is_dir() else 'does not exist'}; expected a CSV of " \
+                      "accuracies (checkpoint rows by task columns), or - for standard input"
+        raise DataError(path, problem)
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would rename `checkpoint`.
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            return list(csv.reader(handle))
+            return _csv_records(path, handle)
     except UnicodeDecodeError:
         raise DataError(path, "not a UTF-8 text file; expected a CSV of accuracies") from None
-    except csv.Error as err:
-        raise DataError(path, f"not a readable CSV file ({err})") from None
     except OSError as err:
         raise DataError(path, f"cannot read the file ({err.strerror or err})") from None
+
+
+def _csv_records(path: Path, handle) -> list[list[str]]:
+    # strict: a quote that is never closed would otherwise swallow every later line into one cell
+    reader = csv.reader(handle, strict=True)
+    records, line = [], 0
+    try:
+        for record in reader:
+            records.append(record)
+            line = reader.line_num
+    except csv.Error as err:
+        if "end of data" in str(err):
+            raise DataError(path, f"a quote (\") opened on line {line + 1} is never closed") from None
+        raise DataError(path, f"not a readable CSV file ({err}, line {reader.line_num})") from None
+    return records
 
 
 def _parse_accuracy(path: Path, row_number: int, label: str, task: str, cell: str) -> float:
@@ -305,10 +327,10 @@ def _parse_accuracy(path: Path, row_number: int, label: str, task: str, cell: st
     expected = "expected an accuracy in [0, 1]"
     if not cell:
         raise DataError(path, f"empty cell in {where}; {expected}", row=row_number)
-    try:
-        value = float(cell)
-    except ValueError:
-        raise DataError(path, f"{cell!r} in {where} is not a number; {expected}", row=row_number) from None
+    # float() also takes 1_0 (as 10), "nan", "inf" and other digits; an accuracy is written plainly
+    if not _DECIMAL.fullmatch(cell):
+        raise DataError(path, f"{cell!r} in {where} is not a number; {expected}", row=row_number)
+    value = float(cell)
     # float() accepts "nan" and "inf", which would propagate into every average that touches them.
     if not math.isfinite(value):
         raise DataError(path, f"{cell!r} in {where} is not a finite number; {expected}", row=row_number)

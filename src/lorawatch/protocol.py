@@ -46,7 +46,7 @@ from lorawatch.units import (BASE_LOGPROBS, crash_point, environment, finish_sta
                              read_intact, read_logprobs, save_adapter, stage_complete)
 from lorawatch.stability import summarize
 from lorawatch.tasks.scoring import SCORING_RULES_VERSION
-from lorawatch.tracking import RunLogger, require as require_tracker
+from lorawatch.tracking import RunLogger, check_destination as check_tracking
 from lorawatch.strategies import build_strategy
 from lorawatch.training import TrainingDiverged, TrainParams, train_stage, use_gap_dropout
 
@@ -68,7 +68,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     if config.tracking is not None:
-        require_tracker(config.tracking.backend)
+        check_tracking(config.tracking, run_dir)
     data = load_data(config)
     monitor = resolve_monitor(config)
     plan = plan_run_dir(run_dir, config, data_inputs(data), overwrite=overwrite, force=force)

@@ -67,9 +67,9 @@ class StudyTracker:
     logged live on the local backend and exported by this process when they finish on Ray."""
 
     def __init__(self, study: Study, study_dir: Path, settings: TrackingSettings):
-        from lorawatch.tracking import open_parent, require, resolve
+        from lorawatch.tracking import check_destination, open_parent, resolve
 
-        require(settings.backend)
+        check_destination(settings, study_dir)
         self.study_dir, self.settings = study_dir, resolve(settings, study_dir)
         record = study_dir / "tracking.json"
         try:

@@ -158,7 +158,9 @@ def load_adapter_weights(model, folder: Path) -> bool:
     except RuntimeError:  # tensors of other shapes: an adapter of another rank or model
         warnings.warn(f"{folder}: adapter does not fit this model, redoing that stage", stacklevel=2)
         return False
-    if getattr(result, "unexpected_keys", None):
+    # only the adapter being loaded: a model may hold others (O-LoRA's frozen task adapters)
+    missing = [k for k in getattr(result, "missing_keys", None) or () if "lora_" in k and ".default." in k]
+    if getattr(result, "unexpected_keys", None) or missing:  # PEFT only warns; a tensor left out is an adapter lost
         warnings.warn(f"{folder}: adapter does not fit this model, redoing that stage", stacklevel=2)
         return False
     return True

@@ -6,6 +6,7 @@ Every problem is reported as a DataError naming the file and the row (1-based), 
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -32,17 +33,31 @@ def _read_rows(path: Path) -> list[object]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line, object_pairs_hook=_Row.from_pairs))
             except json.JSONDecodeError as exc:
                 raise DataError(path, f"not valid JSON ({exc.msg})", row=number) from None
         return rows
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_Row.from_pairs)
     except json.JSONDecodeError as exc:
         raise DataError(path, f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(data, list):
         raise DataError(path, f"expected a JSON list of {{prompt, answer}} rows, found a {type(data).__name__}")
     return data
+
+
+class _Row(dict):
+    """A JSON object read from a data file, remembering a key given twice in it (the first such key)."""
+
+    repeated: str | None = None
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, object]]) -> "_Row":
+        row = cls(pairs)
+        if len(row) < len(pairs):
+            seen: set[str] = set()
+            row.repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        return row
 
 
 def load_examples(path: str | Path, *, task: str, split: str, kind: str | None = None,
@@ -65,8 +80,14 @@ def load_examples(path: str | Path, *, task: str, split: str, kind: str | None =
         prompt, answer = row["prompt"], row["answer"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(path, "'prompt' must be a non-empty string", row=number)
+        if isinstance(row, _Row) and row.repeated:
+            raise DataError(path, f"key {row.repeated!r} is given twice in this row (JSON keeps the last silently)",
+                            row=number)
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise DataError(path, f"'answer' must be a string or a number, found {type(answer).__name__}", row=number)
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise DataError(path, f"'answer' is {answer!r} (JSON's NaN or Infinity), not a number to score against",
+                            row=number)
         answer = str(answer)
         if not answer.strip():
             raise DataError(path, "'answer' is empty", row=number)
