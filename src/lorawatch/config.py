@@ -327,7 +327,7 @@ def describe_error(error: ValidationError, source: str) -> str:
     members = []
     while loc and _UNION_MEMBER.match(loc[-1]):
         members.insert(0, loc.pop())
-    field = ".".join(loc) or "config"
+    field = repr(".".join(loc))[1:-1] or "config"  # escaped: a key with a line break would split the line
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"

@@ -327,13 +327,16 @@ def _parse_accuracy(path: Path, row_number: int, label: str, task: str, cell: st
     expected = "expected an accuracy in [0, 1]"
     if not cell:
         raise DataError(path, f"empty cell in {where}; {expected}", row=row_number)
-    # float() also takes 1_0 (as 10), "nan", "inf" and other digits; an accuracy is written plainly
-    if not _DECIMAL.fullmatch(cell):
-        raise DataError(path, f"{cell!r} in {where} is not a number; {expected}", row=row_number)
-    value = float(cell)
-    # float() accepts "nan" and "inf", which would propagate into every average that touches them.
+    try:
+        value = float(cell)
+    except ValueError:
+        raise DataError(path, f"{cell!r} in {where} is not a number; {expected}", row=row_number) from None
+    # float() also reads "nan" and "inf", which would propagate into every average that touches them
     if not math.isfinite(value):
         raise DataError(path, f"{cell!r} in {where} is not a finite number; {expected}", row=row_number)
+    # ... and 1_0 (as 10) or digits of other scripts: an accuracy is written plainly
+    if not _DECIMAL.fullmatch(cell):
+        raise DataError(path, f"{cell!r} in {where} is not a number; {expected}", row=row_number)
     if not 0.0 <= value <= 1.0:
         raise DataError(path, f"{cell} in {where} is outside [0, 1]; {_PERCENT_HINT}", row=row_number)
     return value

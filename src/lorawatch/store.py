@@ -188,7 +188,8 @@ def describe_problem(path: Path, exc: Exception) -> str:
         return f"{path}: missing; the run folder is incomplete"
     if isinstance(exc, ValidationError):
         error = exc.errors()[0]
-        field = ".".join(map(str, error["loc"])) or "(the record)"
+        # escaped: a key with a line break would split the one-line message
+        field = repr(".".join(map(str, error["loc"])))[1:-1] or "(the record)"
         return f"{path}: damaged: field '{field}': {error['msg']}; run the same command that made it again to redo it"
     return (f"{path}: damaged or unreadable ({exc.__class__.__name__}: {str(exc)[:120]}); run the same command that "
             "made it again to redo it")

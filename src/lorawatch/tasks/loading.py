@@ -42,7 +42,7 @@ def _read_rows(path: Path) -> list[object]:
     except json.JSONDecodeError as exc:
         raise DataError(path, f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(data, list):
-        raise DataError(path, f"expected a JSON list of {{prompt, answer}} rows, found a {type(data).__name__}")
+        raise DataError(path, f"expected a JSON list of {{prompt, answer}} rows, found a {_json_type(data)}")
     return data
 
 
@@ -60,6 +60,10 @@ class _Row(dict):
         return row
 
 
+def _json_type(value: object) -> str:
+    return "dict" if isinstance(value, dict) else type(value).__name__
+
+
 def load_examples(path: str | Path, *, task: str, split: str, kind: str | None = None,
                   keep_task_field: bool = False) -> tuple[Example, ...]:
     """Read and validate one split. `kind`, when given, also checks each gold answer is scorable."""
@@ -73,7 +77,7 @@ def load_examples(path: str | Path, *, task: str, split: str, kind: str | None =
     for index, row in enumerate(rows):
         number = index + 1
         if not isinstance(row, dict):
-            raise DataError(path, f"expected an object with 'prompt' and 'answer', found {type(row).__name__}", row=number)
+            raise DataError(path, f"expected an object with 'prompt' and 'answer', found {_json_type(row)}", row=number)
         for key in ("prompt", "answer"):
             if key not in row:
                 raise DataError(path, f"missing '{key}'", row=number)
@@ -84,7 +88,7 @@ def load_examples(path: str | Path, *, task: str, split: str, kind: str | None =
             raise DataError(path, f"key {row.repeated!r} is given twice in this row (JSON keeps the last silently)",
                             row=number)
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise DataError(path, f"'answer' must be a string or a number, found {type(answer).__name__}", row=number)
+            raise DataError(path, f"'answer' must be a string or a number, found {_json_type(answer)}", row=number)
         if isinstance(answer, float) and not math.isfinite(answer):
             raise DataError(path, f"'answer' is {answer!r} (JSON's NaN or Infinity), not a number to score against",
                             row=number)
