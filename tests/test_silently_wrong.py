@@ -59,7 +59,6 @@ def test_check_and_show_refuse_records_that_do_not_fit_the_schema(built_run, val
     result = lorawatch("check", built_run)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert any(str(path) in line and fragment in line for line in result.stdout.splitlines()), result.stdout
-    # the builder saves no adapters: check names them too, but show and report do not need them
     assert_one_line_error(lorawatch("report", built_run, "--out", built_run.parent / "report"), str(path), fragment)
 
 

@@ -76,7 +76,7 @@ def mcnemar_p(improved: int, regressed: int) -> float:
 
 def paired_interval(before: np.ndarray, after: np.ndarray, settings: StatisticsSettings) -> tuple[float, float]:
     """Percentile paired-bootstrap interval of mean(after) - mean(before) over the same rows."""
-    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    before, after = _two_or_more(np.asarray(before, dtype=float)), _two_or_more(np.asarray(after, dtype=float))
     if np.array_equal(before, after):  # every resample gives 0: scipy would warn about degenerate data
         return 0.0, 0.0
     result = stats.bootstrap((before, after), _difference_of_means, paired=True, vectorized=True,
@@ -87,12 +87,17 @@ def paired_interval(before: np.ndarray, after: np.ndarray, settings: StatisticsS
 
 def mean_interval(values: np.ndarray, settings: StatisticsSettings) -> tuple[float, float]:
     """Percentile bootstrap interval of a mean (e.g. KL to base over the reference rows)."""
-    x = np.asarray(values, dtype=float)
+    x = _two_or_more(np.asarray(values, dtype=float))
     if np.ptp(x) == 0:  # every resample gives the same mean
         return float(x[0]), float(x[0])
     result = stats.bootstrap((x,), np.mean, confidence_level=settings.confidence, n_resamples=settings.resamples,
                              method="percentile", rng=np.random.default_rng(settings.seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _two_or_more(rows: np.ndarray) -> np.ndarray:
+    """scipy's bootstrap needs two rows; a single row repeated resamples exactly as the row alone (always itself)."""
+    return np.repeat(rows, 2, axis=-1) if rows.shape[-1] == 1 else rows
 
 
 def _difference_of_means(before: np.ndarray, after: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -172,7 +177,7 @@ def metric_intervals(outcomes: Sequence[np.ndarray], metrics: Callable[[np.ndarr
     one sample per task, resampled along its rows). `metrics(R)` maps R (checkpoints x tasks) to named numbers;
     a metric undefined (None) at the point estimate gets None.
     """
-    samples = [np.asarray(o, dtype=float) for o in outcomes]
+    samples = [_two_or_more(np.asarray(o, dtype=float)) for o in outcomes]
     point = metrics(np.stack([s.mean(axis=-1) for s in samples], axis=1))
     names = [name for name, value in point.items() if value is not None]
     out: dict[str, tuple[float, float] | None] = {name: None for name in point}

@@ -286,11 +286,10 @@ def check_run_folder(run_dir: Path) -> list[str]:
     return problems + missing_stage_files(run_dir)
 
 
-def missing_stage_files(run_dir: Path, adapters: bool = True) -> list[str]:
-    """A finished stage (one with stage.json) lacks none of the files its results are read from (and, with
-    `adapters`, not its adapter): one line per missing file."""
-    from lorawatch.schema import StageRecord
-
+def missing_stage_files(run_dir: Path) -> list[str]:
+    """A finished stage (one with stage.json) lacks none of the files its results are read from: one line per
+    missing file. Its adapter is not among them: results are shared without their adapters, and a resume redoes
+    a stage whose adapter is missing."""
     problems = []
     for seed in seeds_on_disk(run_dir):
         for stage in stages_on_disk(run_dir, seed):
@@ -300,13 +299,10 @@ def missing_stage_files(run_dir: Path, adapters: bool = True) -> list[str]:
             needed = ["scores.json", "reference_stats.json", "reference_drift.jsonl", "predictions/reference.jsonl"]
             try:
                 scores = read_json(folder / "scores.json")
-                record = read_record(folder / "stage.json", StageRecord)
-            except (OSError, ValueError, UserError):
-                scores, record = {}, None  # already reported above, file by file
+            except (OSError, ValueError):
+                scores = {}  # already reported above, file by file
             tasks = [t for t in scores if t not in ("reference", "schema_version")] if isinstance(scores, dict) else []
             needed += [f"predictions/{task}.jsonl" for task in tasks]
-            if adapters and stage > 0 and record is not None and record.adapter is None:  # `evaluate` records its adapter's path
-                needed.append("adapter/adapter_model.safetensors")
             problems += [f"{folder / name}: missing; the stage is marked finished (stage.json) without it"
                          for name in needed if not (folder / name).is_file()]
     return problems

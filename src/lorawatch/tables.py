@@ -182,7 +182,7 @@ def load_run(run_dir: str | Path) -> RunResults:
     config = load_run_config(run_dir)
     if not (store.summary_dir(run_dir) / "summary.json").is_file():
         raise UserError(f"{run_dir}: the run has not finished (no summary/summary.json)")
-    missing = store.missing_stage_files(run_dir, adapters=False)  # the results need no adapter
+    missing = store.missing_stage_files(run_dir)
     if missing:  # a table would be read from files that are not there, or its examples silently dropped
         more = f" (and {len(missing) - 1} more; `lorawatch check {run_dir}` lists them)" if len(missing) > 1 else ""
         raise UserError(missing[0] + more)
