@@ -1,8 +1,8 @@
-"""Ready for the first GPU (issue 30): one command that checks and times lorawatch's evaluation on a CUDA machine
+"""Ready for the first GPU: one command that checks and times lorawatch's evaluation on a CUDA machine
 and writes everything to one JSON file.
 
     python bench/gpu_check.py --out bench/results/gpu_check.json     # on a CUDA machine: ~8 min on an H100
-    python bench/gpu_check.py --small --out /tmp/gpu_check.json      # on a CPU: tiny sizes, ~1-2 min
+    python bench/gpu_check.py --small --out gpu_check-cpu.json       # on a CPU: tiny sizes, ~1-2 min
     python bench/gpu_check.py --table bench/results/gpu_check.json   # the JSON as the Markdown tables of
                                                                      # docs/performance.md
 
