@@ -284,7 +284,8 @@ def print_results(results: RunResults, console: Console) -> None:
 
 def headline_parts(results: RunResults, records: dict[int, schema.StatisticsRecord]) -> list[str]:
     """The headline numbers with their intervals: over test rows for one seed, over seeds for several."""
-    summary = results.summary()["mean_std"]
+    recorded = results.summary()
+    summary, per_seed = recorded["mean_std"], recorded["per_seed"]
     multi = len(results.seeds) > 1
     first = records[results.seeds[0]]
     parts = []
@@ -295,8 +296,8 @@ def headline_parts(results: RunResults, records: dict[int, schema.StatisticsReco
         if multi:
             text = _cell(stat["mean"], stat["std"])
             # from the per-seed values, so that a summary written before the intervals gets one too
-            interval = significance.seed_interval([results.summary()["per_seed"][str(seed)][key]
-                                                   for seed in results.seeds], first.settings.confidence)
+            interval = significance.seed_interval([per_seed[str(seed)][key] for seed in results.seeds],
+                                                  first.settings.confidence)
             if interval is not None:
                 text += (f" [{verdict_view.number(interval[0], 2)}, {verdict_view.number(interval[1], 2)}] over "
                          f"{len(results.seeds)} seeds")
