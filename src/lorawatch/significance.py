@@ -27,12 +27,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, stats
-from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.proportion import proportion_confint
 
 from lorawatch.config import StatisticsSettings
+
+# scipy.stats and statsmodels are imported where they are used: together they add about a second to every
+# command's start, and most commands (a run until its seed ends, check, data) never need them.
 
 REGRESSED, IMPROVED, NO_CHANGE = "regressed", "improved", "no detectable change"
 VERDICTS = (REGRESSED, IMPROVED, NO_CHANGE)
@@ -62,6 +61,8 @@ class Paired:
 
 def wilson_interval(correct: int, n: int, confidence: float) -> tuple[float, float]:
     """Wilson score interval of `correct` out of `n`; it stays inside [0, 1] and is sound at 0 and n."""
+    from statsmodels.stats.proportion import proportion_confint
+
     low, high = proportion_confint(correct, n, alpha=1 - confidence, method="wilson")
     # exactly 0 (1) when nothing (everything) is right; the formula's round-off would put the bound past it
     return 0.0 if correct == 0 else float(low), 1.0 if correct == n else float(high)
@@ -71,11 +72,15 @@ def mcnemar_p(improved: int, regressed: int) -> float:
     """Exact McNemar p-value: two-sided binomial test (p = 1/2) of the discordant rows. 1 when there are none."""
     if improved + regressed == 0:
         return 1.0
+    from statsmodels.stats.contingency_tables import mcnemar
+
     return float(mcnemar([[0, improved], [regressed, 0]], exact=True).pvalue)
 
 
 def paired_interval(before: np.ndarray, after: np.ndarray, settings: StatisticsSettings) -> tuple[float, float]:
     """Percentile paired-bootstrap interval of mean(after) - mean(before) over the same rows."""
+    from scipy import stats
+
     before, after = _two_or_more(np.asarray(before, dtype=float)), _two_or_more(np.asarray(after, dtype=float))
     if np.array_equal(before, after):  # every resample gives 0: scipy would warn about degenerate data
         return 0.0, 0.0
@@ -87,6 +92,8 @@ def paired_interval(before: np.ndarray, after: np.ndarray, settings: StatisticsS
 
 def mean_interval(values: np.ndarray, settings: StatisticsSettings) -> tuple[float, float]:
     """Percentile bootstrap interval of a mean (e.g. KL to base over the reference rows)."""
+    from scipy import stats
+
     x = _two_or_more(np.asarray(values, dtype=float))
     if np.ptp(x) == 0:  # every resample gives the same mean
         return float(x[0]), float(x[0])
@@ -120,6 +127,8 @@ def adjust(p_values: Sequence[float], correction: str) -> list[float]:
     """The family's p-values adjusted for testing them together (`holm`), or as they are (`none`)."""
     if correction == "none" or len(p_values) == 0:
         return [float(p) for p in p_values]
+    from statsmodels.stats.multitest import multipletests
+
     return [float(p) for p in multipletests(list(p_values), method=correction)[1]]
 
 
@@ -153,6 +162,8 @@ def detectable_drop(n: int, alpha: float, power: float, family_size: int = 1) ->
     The floor m/n is exact. The power figure models each row as flipping right -> wrong with probability d and
     never the other way, so it too is a best case: positive flips (there always are some) need larger drops.
     """
+    from scipy import optimize, stats
+
     per_test = alpha / family_size if family_size > 1 else alpha
     min_flips = next((m for m in range(1, n + 1) if mcnemar_p(0, m) < per_test), None)
     if min_flips is None:
@@ -177,6 +188,8 @@ def metric_intervals(outcomes: Sequence[np.ndarray], metrics: Callable[[np.ndarr
     one sample per task, resampled along its rows). `metrics(R)` maps R (checkpoints x tasks) to named numbers;
     a metric undefined (None) at the point estimate gets None.
     """
+    from scipy import stats
+
     samples = [_two_or_more(np.asarray(o, dtype=float)) for o in outcomes]
     point = metrics(np.stack([s.mean(axis=-1) for s in samples], axis=1))
     names = [name for name, value in point.items() if value is not None]
@@ -207,6 +220,8 @@ def metric_intervals(outcomes: Sequence[np.ndarray], metrics: Callable[[np.ndarr
 
 def seed_interval(values: Sequence[float], confidence: float) -> tuple[float, float] | None:
     """Student t interval of the mean over seeds; None with fewer than two seeds."""
+    from scipy import stats
+
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if x.size < 2:
         return None
