@@ -34,7 +34,6 @@ from lorawatch.config import StatisticsSettings
 # command's start, and most commands (a run until its seed ends, check, data) never need them.
 
 REGRESSED, IMPROVED, NO_CHANGE = "regressed", "improved", "no detectable change"
-VERDICTS = (REGRESSED, IMPROVED, NO_CHANGE)
 
 
 @dataclass(frozen=True)
