@@ -16,15 +16,22 @@ import time
 import torch
 
 
-def decode(model, ids: torch.Tensor, steps: int, in_place: bool) -> tuple[float, torch.Tensor]:
+def decode(model, ids: torch.Tensor, steps: int, in_place: bool, device: str = "cpu") -> tuple[float, torch.Tensor]:
+    """Prefill `ids`, then `steps` greedy decoding steps; (ms per step, every step's logits). On CUDA the device
+    is synchronised around the timed steps (bench/gpu_check.py times the same loop there)."""
     from lorawatch.passes import new_cache
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     rows, width = ids.shape
     cache = new_cache(model, in_place)
-    mask = torch.ones(rows, width, dtype=torch.long)
+    mask = torch.ones(rows, width, dtype=torch.long, device=device)
     logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    position = torch.full((rows,), width - 1)
+    position = torch.full((rows,), width - 1, device=device)
     seen = [logits]
+    sync()
     started = time.perf_counter()
     for _ in range(steps):
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
@@ -32,6 +39,7 @@ def decode(model, ids: torch.Tensor, steps: int, in_place: bool) -> tuple[float,
         logits = model(input_ids=logits.argmax(-1)[:, None], attention_mask=mask, position_ids=position[:, None],
                        cache=cache, use_cache=True).logits[:, -1]
         seen.append(logits)
+    sync()
     return (time.perf_counter() - started) / steps * 1000, torch.stack(seen)
 
 

@@ -407,26 +407,11 @@ def environment(device: str) -> dict:
 
 
 def cache_loop(model, ids, steps: int, in_place: bool, device: str):
-    """Prefill `ids`, then `steps` greedy decoding steps; (ms per step, every step's logits)."""
-    import torch
-    from lorawatch.passes import new_cache
+    """Prefill `ids`, then `steps` greedy decoding steps; (ms per step, every step's logits): bench/cache_step.py's
+    loop, which this script's folder puts on the import path."""
+    from cache_step import decode
 
-    rows, width = ids.shape
-    cache = new_cache(model, in_place)
-    mask = torch.ones(rows, width, dtype=torch.long, device=device)
-    logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    position = torch.full((rows,), width - 1, device=device)
-    seen = [logits]
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        position = position + 1
-        logits = model(input_ids=logits.argmax(-1)[:, None], attention_mask=mask, position_ids=position[:, None],
-                       cache=cache, use_cache=True).logits[:, -1]
-        seen.append(logits)
-    sync(device)
-    return (time.perf_counter() - started) / steps * 1000, torch.stack(seen)
+    return decode(model, ids, steps, in_place, device)
 
 
 def cache_step_check(model, device: str, rows: int, width: int, steps: int, first_id: int = RANDOM_FIRST_ID) -> dict:
