@@ -19,7 +19,7 @@ import torch
 def decode(model, ids: torch.Tensor, steps: int, in_place: bool, device: str = "cpu") -> tuple[float, torch.Tensor]:
     """Prefill `ids`, then `steps` greedy decoding steps; (ms per step, every step's logits). On CUDA the device
     is synchronised around the timed steps (bench/gpu_check.py times the same loop there)."""
-    from lorawatch.passes import new_cache
+    from lorawatch.engine.passes import new_cache
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     args = parser.parse_args()
 
-    from lorawatch.models import load_model
+    from lorawatch.models.loading import load_model
 
     model = load_model(args.model, device="cpu", dtype="float32").model
     ids = torch.randint(100, model.config.vocab_size - 100, (args.rows, args.width),

@@ -39,9 +39,9 @@ def checkpoint_evaluations(name: str, tasks: int) -> int:
 
 
 def prompt_pass(name: str, repeat: int) -> dict:
-    from lorawatch.evaluation import generate
-    from lorawatch.passes import GenerationCounters
-    from lorawatch.protocol import generate_by_task
+    from lorawatch.engine.generation import generate
+    from lorawatch.engine.passes import GenerationCounters
+    from lorawatch.recipe.protocol import generate_by_task
 
     config, run_data, loaded, encoded = workload_inputs(name, "bench/floor.py")
     budget = config.eval.token_budget

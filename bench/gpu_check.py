@@ -477,8 +477,8 @@ def train_tiny(model_dir: Path, dtype, device: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorawatch.prompts import encode_train_example
-    from lorawatch.training import TrainParams, train_stage
+    from lorawatch.data.prompts import encode_train_example
+    from lorawatch.recipe.training import TrainParams, train_stage
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
@@ -497,7 +497,7 @@ def add_stop_token(model, tokenizer, prompts, device: str) -> int:
     token, so rows finish at different steps (random tiny models never write their end-of-turn token)."""
     from collections import Counter
 
-    from lorawatch.evaluation import FastPath, generate
+    from lorawatch.engine.generation import FastPath, generate
 
     outputs = generate(model, tokenizer, prompts, max_new_tokens=CONFORMANCE_NEW_TOKENS, device=device,
                        fast=FastPath.plain())
@@ -512,7 +512,7 @@ def reference_generate(model, tokenizer, prompts, device: str):
     step's log-probabilities (on the CPU, float32)."""
     import torch
 
-    from lorawatch.evaluation import stop_token_ids
+    from lorawatch.engine.generation import stop_token_ids
 
     stops = stop_token_ids(tokenizer, model)
     tokens, steps = {}, {}
@@ -593,9 +593,9 @@ def merge_rounding(model, dtype) -> dict:
 def conformance_cell(family: str, dtype_name: str, model_dir: Path, device: str, n_prompts: int) -> dict:
     import torch
 
-    from lorawatch.evaluation import FastPath, fast_path_for, generate, merged_adapter
-    from lorawatch.passes import GenerationCounters
-    from lorawatch.prompts import encode_prompt
+    from lorawatch.engine.generation import FastPath, fast_path_for, generate, merged_adapter
+    from lorawatch.engine.passes import GenerationCounters
+    from lorawatch.data.prompts import encode_prompt
 
     dtype = getattr(torch, dtype_name)
     times = {}
@@ -707,7 +707,7 @@ def timing_prompts(vocab: int, rows: int, small: bool, tokenizer=None):
     """Two tasks' prompts, each task with a common preamble and a part of its own, about as long as TRACE's
     (preamble 64, own part 40-100 tokens; a quarter of that on a CPU). With a real tokenizer: its rendering of
     the conformance prompts instead."""
-    from lorawatch.prompts import EncodedPrompt, encode_prompt
+    from lorawatch.data.prompts import EncodedPrompt, encode_prompt
 
     if tokenizer is not None:
         return [encode_prompt(tokenizer, f"p{i}", message, 512) for i, message in enumerate(messages(rows + 4)[:rows])]
@@ -723,7 +723,7 @@ def timing_prompts(vocab: int, rows: int, small: bool, tokenizer=None):
 
 
 def training_rows(vocab: int, n: int, small: bool, tokenizer=None):
-    from lorawatch.prompts import EncodedTrainExample, encode_train_example
+    from lorawatch.data.prompts import EncodedTrainExample, encode_train_example
 
     if tokenizer is not None:
         return [encode_train_example(tokenizer, message, "AB"[i % 2], 512)
@@ -795,7 +795,7 @@ def load_timing_model(name: str, device: str, dtype_name: str, small: bool):
     from transformers import AutoModelForCausalLM
 
     if name == SMOLLM2:
-        from lorawatch.models import load_model
+        from lorawatch.models.loading import load_model
         loaded = load_model("smollm2-135m-instruct", device=device, dtype=dtype_name)
         return loaded.model, loaded.tokenizer, {"weights": "SmolLM2-135M-Instruct (packaged GGUF, dequantised)",
                                                 "architecture": "llama"}
@@ -816,9 +816,9 @@ def time_model(check: Check, entry: dict, device: str, dtype_name: str, small: b
     from peft import LoraConfig, get_peft_model
 
     from lorawatch.config import LoraSettings, TrainSettings
-    from lorawatch.evaluation import FastPath, fast_path_for, generate, merged_adapter, stop_token_ids
-    from lorawatch.passes import GenerationCounters
-    from lorawatch.training import TrainParams, train_stage, use_gap_dropout
+    from lorawatch.engine.generation import FastPath, fast_path_for, generate, merged_adapter, stop_token_ids
+    from lorawatch.engine.passes import GenerationCounters
+    from lorawatch.recipe.training import TrainParams, train_stage, use_gap_dropout
 
     name = entry["name"]
     entry.update({"size": "tiny (CPU smoke run: these seconds say nothing about the paper's model)"
@@ -944,7 +944,7 @@ def time_model(check: Check, entry: dict, device: str, dtype_name: str, small: b
 def run_timings(check: Check, args, device: str, small: bool) -> None:
     import torch
 
-    from lorawatch.models import resolve_dtype
+    from lorawatch.models.loading import resolve_dtype
 
     section = check.result["timings"]
     dtype_name = args.timing_dtype
@@ -1141,7 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lorawatch.passes import DEFAULT_TOKEN_BUDGET
+    from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET
 
     cuda = torch.cuda.is_available()
     device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from lorawatch import store
+from lorawatch.rundir import store
 from lorawatch.config import build_config
-from lorawatch.evaluation import decode_text, stop_token_ids
-from lorawatch.tasks.scoring import score
-from lorawatch.models import load_model
-from lorawatch.protocol import encode, load_data
+from lorawatch.engine.generation import decode_text, stop_token_ids
+from lorawatch.data.tasks.scoring import score
+from lorawatch.models.loading import load_model
+from lorawatch.recipe.protocol import encode, load_data
 
 
 def plain_generate(model, tokenizer, prompt_ids, max_new_tokens: int, stops: list[int]) -> list[int]:

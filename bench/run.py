@@ -61,8 +61,8 @@ def workload_inputs(name: str, source: str):
     """A workload's config (paper-qwen with SmolLM2 in fp32 at its row limits), data, model and token ids, loaded
     in this process (bench/floor.py and bench/train_loop.py time pieces of the protocol with them)."""
     from lorawatch.config import build_config
-    from lorawatch.inputs import encode, load_data
-    from lorawatch.models import load_model
+    from lorawatch.data.inputs import encode, load_data
+    from lorawatch.models.loading import load_model
     from lorawatch.presets import preset
 
     spec = WORKLOADS[name]

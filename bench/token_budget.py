@@ -25,9 +25,9 @@ from run import SHARED_DATA, WORKLOADS, machine, workload_inputs  # noqa: E402
 
 
 def one(workload: str, budget: int) -> dict:
-    from lorawatch.costs import peak_rss_bytes
-    from lorawatch.evaluation import generate
-    from lorawatch.passes import GenerationCounters
+    from lorawatch.rundir.costs import peak_rss_bytes
+    from lorawatch.engine.generation import generate
+    from lorawatch.engine.passes import GenerationCounters
 
     config, run_data, loaded, encoded = workload_inputs(workload, str(SHARED_DATA))
     prompts = [p for task in run_data.tasks for p in encoded.test[task.name]] + list(encoded.reference)

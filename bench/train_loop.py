@@ -38,13 +38,13 @@ def stage_rows(name: str):
 def fresh_adapter(config, loaded, seed: int):
     from peft import get_peft_model
 
-    from lorawatch.protocol import lora_config
+    from lorawatch.recipe.protocol import lora_config
     torch.manual_seed(seed)  # LoRA's A matrices: the same initialisation for both loops
     return get_peft_model(loaded.model, lora_config(config))
 
 
 def lorawatch_loop(model, rows, config, seed: int, pad_id: int) -> tuple[float, list[float]]:
-    from lorawatch.training import TrainParams, train_stage, use_gap_dropout
+    from lorawatch.recipe.training import TrainParams, train_stage, use_gap_dropout
     use_gap_dropout(model)
     t = config.train
     params = TrainParams(learning_rate=t.learning_rate, batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -94,7 +94,7 @@ LOOPS = {"lorawatch": lorawatch_loop, "plain": plain_loop}
 
 
 def compare(name: str, repeat: int, profile: bool) -> dict:
-    from lorawatch.models import load_model
+    from lorawatch.models.loading import load_model
     config, _, rows = stage_rows(name)
     seconds: dict[str, list[float]] = {loop: [] for loop in LOOPS}
     losses: dict[str, list[float]] = {}

@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 from peft import PeftModel
 
-from lorawatch import store
-from lorawatch.models import load_model
-from lorawatch.protocol import encode, load_data
+from lorawatch.rundir import store
+from lorawatch.models.loading import load_model
+from lorawatch.recipe.protocol import encode, load_data
 from lorawatch.report.statistics import correlation, fit_failure_threshold
 from lorawatch.report.study import model_display_name, order_label
-from lorawatch.stability import answer_logprobs, per_example_drift, summarize
-from lorawatch.tables import load_run_config
+from lorawatch.engine.drift import answer_logprobs, per_example_drift, summarize
+from lorawatch.report.tables import load_run_config
 
 POSITIONS = ("answer", "published")
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python study/strategies_table.py runs/demo-strategies
 
-Reads the study's unit folders (`<point>-seed<S>`) through `lorawatch.compare.compare_runs`, the same numbers
+Reads the study's unit folders (`<point>-seed<S>`) through `lorawatch.report.compare.compare_runs`, the same numbers
 `lorawatch compare` prints, and prints one Markdown row per grid point: final average accuracy, BWT and final KL to
 base as mean ± sample std over seeds (and each seed's value), then what a run cost (training, of which the added
 loss term or the monitor, evaluation, and their sum), seed means summed from the stage records, so that a unit
@@ -17,8 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from lorawatch import store
-from lorawatch.compare import compare_runs
+from lorawatch.rundir import store
+from lorawatch.report.compare import compare_runs
 
 
 def _mean_sd(values: list[float]) -> str:

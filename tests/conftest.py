@@ -205,7 +205,7 @@ def assert_same_results(run, reference, seed=1):
     """Two run folders of the tiny two-task config hold the same results (adapters compared by value)."""
     import filecmp
 
-    from lorawatch import store
+    from lorawatch.rundir import store
 
     for name in RESULT_FILES:
         assert filecmp.cmp(store.seed_dir(run, seed) / name, store.seed_dir(reference, seed) / name, shallow=False), name

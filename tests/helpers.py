@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorawatch import schema, store
+from lorawatch.rundir import schema, store
 from lorawatch.config import build_config
-from lorawatch.runfolder import RUN_MARKER
-from lorawatch.tables import write_seed_tables, write_summary
+from lorawatch.rundir.lifecycle import RUN_MARKER
+from lorawatch.report.tables import write_seed_tables, write_summary
 
 TASKS = ["stance", "science"]
 ROWS = 40

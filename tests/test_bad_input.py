@@ -10,10 +10,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lorawatch import store
+from lorawatch.rundir import store
 from lorawatch.cli import app
 from lorawatch.errors import DataError, UserError
-from lorawatch.tasks.loading import load_examples
+from lorawatch.data.tasks.loading import load_examples
 from conftest import assert_one_line_error, config_file, lorawatch
 
 

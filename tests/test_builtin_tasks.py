@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 
 from lorawatch.errors import ConfigError
-from lorawatch.tasks import builtin
-from lorawatch.tasks.base import Example, Task
-from lorawatch.tasks.builtin import (
-    BUILTIN_INSTRUCTIONS,
-    BUILTIN_TASKS,
-    builtin_reference,
-    builtin_task,
-    max_rows,
-)
+from lorawatch.data.tasks import builtin
+from lorawatch.data.tasks.base import Example, Task
+from lorawatch.data.tasks.builtin import BUILTIN_INSTRUCTIONS, BUILTIN_TASKS, builtin_reference, builtin_task, max_rows
 
 # The largest split sizes the generator supports (private, but the tests pin them down).
 MAX_TRAIN = builtin._TRAIN_ROWS
@@ -137,7 +131,7 @@ def test_same_rows_in_a_fresh_process_with_another_hash_seed():
     # Nothing may depend on set or dict-of-str ordering, which PYTHONHASHSEED changes.
     code = (
         "import hashlib\n"
-        "from lorawatch.tasks.builtin import BUILTIN_TASKS, builtin_task, builtin_reference\n"
+        "from lorawatch.data.tasks.builtin import BUILTIN_TASKS, builtin_task, builtin_reference\n"
         "for name in BUILTIN_TASKS:\n"
         "    t = builtin_task(name, 50, 50)\n"
         "    rows = t.test + t.train + builtin_reference(50, (name,))\n"

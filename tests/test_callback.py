@@ -11,14 +11,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-from lorawatch import schema, store
-from lorawatch.callback import KEPT_ADAPTER, LOG_KEYS, DriftMonitorCallback
-from lorawatch.checkpoint_eval import drift_rows, generate_by_task
+from lorawatch.rundir import schema, store
+from lorawatch.integrations.callback import KEPT_ADAPTER, LOG_KEYS, DriftMonitorCallback
+from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
 from lorawatch.errors import ConfigError, DataError, UserError
-from lorawatch.inputs import RunData
-from lorawatch.prompts import encode_prompt, encode_train_example
-from lorawatch.stability import answer_logprobs, summarize
-from lorawatch.tasks.loading import load_examples
+from lorawatch.data.inputs import RunData
+from lorawatch.data.prompts import encode_prompt, encode_train_example
+from lorawatch.engine.drift import answer_logprobs, summarize
+from lorawatch.data.tasks.loading import load_examples
 from conftest import write_task_files
 
 STEPS, EVERY = 9, 2  # measurements at steps 2, 4, 6, 8 and at the last step, 9

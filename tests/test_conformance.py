@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAMILIES, build_tiny_model, config_file, lorawatch
 from lorawatch.config import PLAIN_SWITCHES
-from lorawatch.evaluation import FastPath, fast_path_for, generate, merged_adapter, stop_token_ids
-from lorawatch.prompts import encode_prompt, encode_train_example
-from lorawatch.stability import answer_logprobs
-from lorawatch.training import TrainParams, train_stage
+from lorawatch.engine.generation import FastPath, fast_path_for, generate, merged_adapter, stop_token_ids
+from lorawatch.data.prompts import encode_prompt, encode_train_example
+from lorawatch.engine.drift import answer_logprobs
+from lorawatch.recipe.training import TrainParams, train_stage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_NEW = 10

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
-from lorawatch import schema, store
-from lorawatch.evaluate_adapters import evaluate_adapters
-from lorawatch.protocol import run_experiment
-from lorawatch.tables import load_run
+from lorawatch.rundir import schema, store
+from lorawatch.recipe.external_adapters import evaluate_adapters
+from lorawatch.recipe.protocol import run_experiment
+from lorawatch.report.tables import load_run
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from lorawatch.errors import UserError
-from lorawatch.fetch import DATASETS, dataset_dir, fetch_dataset, installed
+from lorawatch.data.fetch import DATASETS, dataset_dir, fetch_dataset, installed
 
 SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "trace-llm-cl-500"
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import lorawatch
 from helpers import outcomes, write_run
-from lorawatch import schema, store
+from lorawatch.rundir import schema, store
 
 
 BASE = {"stance": outcomes(12), "science": outcomes(20)}

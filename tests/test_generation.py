@@ -5,10 +5,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorawatch.evaluation import FastPath, generate, merged_adapter, stop_token_ids
-from lorawatch.passes import GenerationCounters, budget_batches, prefill, shared_prefix_length
-from lorawatch.prompts import encode_prompt
-from lorawatch.stability import answer_logprobs
+from lorawatch.engine.generation import FastPath, generate, merged_adapter, stop_token_ids
+from lorawatch.engine.passes import GenerationCounters, budget_batches, prefill, shared_prefix_length
+from lorawatch.data.prompts import encode_prompt
+from lorawatch.engine.drift import answer_logprobs
 
 MESSAGES = ["Question: 1?", "A longer question about stance and text?", "B", "Solve 3+4", "x y z w",
             "Which option: A, B or C?", "short", "the model keeps going here for a while"]
@@ -232,7 +232,7 @@ def test_pool_compaction_keeps_every_row_exact(tiny_model_dir):
     model, tokenizer = load(tiny_model_dir)
     prompts = prompts_for(tokenizer)[:4]
     seqs = [list(p.input_ids) for p in prompts]
-    from lorawatch import decode_pool
+    from lorawatch.engine import decode_pool
 
     def block():
         _, cache, mask, last = prefill(model, seqs, prompts, pad_id=tokenizer.pad_token_id, device="cpu", keep=1,
@@ -280,7 +280,7 @@ def test_a_cache_growing_in_place_changes_no_bit(tiny_model_dir):
     """The in-place cache (passes.GrowingLayer) gives the very logits of transformers' DynamicLayer, through the
     pool's merges, row selections, trims and compactions and through per-batch decoding, and a copied block
     never writes into its original's buffer."""
-    from lorawatch.passes import GrowingLayer, new_cache
+    from lorawatch.engine.passes import GrowingLayer, new_cache
 
     model, tokenizer = load(tiny_model_dir)
     prompts = prompts_for(tokenizer)

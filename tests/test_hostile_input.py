@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SRC, assert_one_line_error, build_tiny_model, config_file, lorawatch
-from lorawatch import store
-from lorawatch.protocol import run_lock
+from lorawatch.rundir import store
+from lorawatch.recipe.protocol import run_lock
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +288,9 @@ def test_a_read_only_folder_inside_a_run_is_found_before_any_model_work(finished
     # as root (CI) chmod does not stop a write, so the permission the check reads is what is simulated here
     from lorawatch.config import build_config
     from lorawatch.errors import UserError
-    from lorawatch.inputs import load_data
-    from lorawatch.protocol import data_inputs
-    from lorawatch.runfolder import plan_run_dir
+    from lorawatch.data.inputs import load_data
+    from lorawatch.recipe.protocol import data_inputs
+    from lorawatch.rundir.lifecycle import plan_run_dir
 
     root, config_path, run = finished
     out = _copy(run, tmp_path / "run")

@@ -22,12 +22,14 @@ from urllib.parse import parse_qs
 import pytest
 from conftest import tiny_config, write_task_files
 
-from lorawatch import store, verdict_view, verdicts
+from lorawatch.rundir import store
+from lorawatch.report import verdict_view
+from lorawatch.analysis import verdicts
 from lorawatch.config import build_config
-from lorawatch.report import write_report
+from lorawatch.report.study_report import write_report
 from lorawatch.report.html import write_report_html, write_run_html
 from lorawatch.report.html_examples import browser_link, flipped_examples, load_prompts, word_diff
-from lorawatch.tables import load_run, load_run_config
+from lorawatch.report.tables import load_run, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_V0 = Path(__file__).resolve().parent / "data" / "run-v0"
@@ -72,7 +74,7 @@ def expected_flips(seeds) -> set[tuple]:
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A fresh monitored run of the tiny model (its data files still there: prompts shown), flips planted."""
-    from lorawatch.protocol import run_experiment
+    from lorawatch.recipe.protocol import run_experiment
 
     root = tmp_path_factory.mktemp("html-tiny")
     write_task_files(root / "data")

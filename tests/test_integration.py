@@ -5,12 +5,12 @@ import torch
 from peft import PeftModel
 
 from conftest import TRACE_DIR, needs_trace
-from lorawatch import store
+from lorawatch.rundir import store
 from lorawatch.config import build_config
-from lorawatch.metrics import read_matrix_csv
-from lorawatch.models import load_model
-from lorawatch.protocol import run_experiment
-from lorawatch.tables import load_run
+from lorawatch.analysis.metrics import read_matrix_csv
+from lorawatch.models.loading import load_model
+from lorawatch.recipe.protocol import run_experiment
+from lorawatch.report.tables import load_run
 
 pytestmark = pytest.mark.integration
 

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from lorawatch.errors import DataError
-from lorawatch.tasks.base import Task
-from lorawatch.tasks.loading import load_examples, load_reference
+from lorawatch.data.tasks.base import Task
+from lorawatch.data.tasks.loading import load_examples, load_reference
 
 
 def write(path, text):

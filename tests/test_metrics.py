@@ -1,4 +1,4 @@
-"""Tests for lorawatch.metrics: hand-computed matrices, CSV I/O, seed aggregation, and the published results."""
+"""Tests for lorawatch.analysis.metrics: hand-computed matrices, CSV I/O, seed aggregation, and the published results."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from lorawatch.errors import DataError
-from lorawatch.metrics import (
+from lorawatch.analysis.metrics import (
     CheckpointMetrics,
     ClMetrics,
     compute_cl_metrics,

@@ -1,4 +1,4 @@
-"""Tests for lorawatch.models.
+"""Tests for lorawatch.models (loading and the packaged-model cache).
 
 Fast tests use tiny synthetic models and GGUF files. Tests marked `integration` convert the real
 packaged SmolLM2 GGUF once into a session-scoped temporary cache (~25 s on 2 CPU cores) and reuse it.
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorawatch import model_cache as C
-from lorawatch import models as M
+from lorawatch.models import cache as C
+from lorawatch.models import loading as M
 from lorawatch.errors import ConfigError, ModelSpecError
 
 SENTENCES = [

@@ -9,12 +9,12 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorawatch import store
-from lorawatch.compare import compare_runs, write_comparison
+from lorawatch.rundir import store
+from lorawatch.report.compare import compare_runs, write_comparison
 from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
-from lorawatch.monitor import calibrated_threshold
-from lorawatch.protocol import lora_config, run_experiment
+from lorawatch.recipe.monitor import calibrated_threshold
+from lorawatch.recipe.protocol import lora_config, run_experiment
 from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
 
 ADAPTER = "adapter/adapter_model.safetensors"

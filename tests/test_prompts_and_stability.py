@@ -1,9 +1,9 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorawatch.passes import left_pad
-from lorawatch.prompts import PLAIN_PROMPT, encode_prompt, encode_train_example, render_answer, render_prompt
-from lorawatch.stability import answer_logprobs, per_example_drift, summarize
+from lorawatch.engine.passes import left_pad
+from lorawatch.data.prompts import PLAIN_PROMPT, encode_prompt, encode_train_example, render_answer, render_prompt
+from lorawatch.engine.drift import answer_logprobs, per_example_drift, summarize
 
 
 def load(folder):

@@ -10,14 +10,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_config, write_task_files
-from lorawatch import schema, store
+from lorawatch.rundir import schema, store
 from lorawatch.config import PLAIN_SWITCHES
-from lorawatch.metrics import compute_cl_metrics, read_matrix_csv
-from lorawatch.prompts import encode_train_example
-from lorawatch.protocol import encode, load_data, run_experiment
-from lorawatch.stability import answer_logprobs, per_example_drift
-from lorawatch.tables import load_run
-from lorawatch.training import TrainParams, train_stage
+from lorawatch.analysis.metrics import compute_cl_metrics, read_matrix_csv
+from lorawatch.data.prompts import encode_train_example
+from lorawatch.recipe.protocol import encode, load_data, run_experiment
+from lorawatch.engine.drift import answer_logprobs, per_example_drift
+from lorawatch.report.tables import load_run
+from lorawatch.recipe.training import TrainParams, train_stage
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_fast_path_is_faithful_to_the_plain_one(tiny_run, tiny_model_dir):
 
 
 def test_gap_dropout_has_dropouts_law():
-    from lorawatch.training import GapDropout
+    from lorawatch.recipe.training import GapDropout
 
     torch.manual_seed(0)
     dropout = GapDropout(0.05).train()

@@ -15,12 +15,18 @@ import pandas as pd
 import pytest
 
 from helpers import outcomes, reference_kl, write_run
-from lorawatch import store
+from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.errors import UserError
-from lorawatch.report import (correlations, fit_failure_threshold, kl_accuracy_points, load_study, model_display_name,
-                              write_report)
-from lorawatch.tables import write_seed_tables, write_summary
+from lorawatch.report.study_report import (
+    correlations,
+    fit_failure_threshold,
+    kl_accuracy_points,
+    load_study,
+    model_display_name,
+    write_report,
+)
+from lorawatch.report.tables import write_seed_tables, write_summary
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # The paper's published original-order results, kept with the tests so that the checks against the paper run

@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from lorawatch import store
-from lorawatch.protocol import run_lock
+from lorawatch.rundir import store
+from lorawatch.recipe.protocol import run_lock
 from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_finished_units_are_not_redone(setup):
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
     # compare counts the stages of both sessions (costs.json holds only the last one's) and shows no wall time
-    from lorawatch.compare import compare_runs
+    from lorawatch.report.compare import compare_runs
     stages = [json.loads((store.stage_dir(out, 1, k) / "stage.json").read_text()) for k in range(3)]
     compute = compare_runs([out, setup[2]])["runs"][0]["compute"]
     assert compute["resumed"] is True and "wall_s" not in compute

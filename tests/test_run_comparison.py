@@ -1,4 +1,4 @@
-"""`lorawatch compare` between runs on the same rows (run_comparison.py): run folders built to differ by a regression
+"""`lorawatch compare` between runs on the same rows (report/run_comparison.py): run folders built to differ by a regression
 or by noise, checked against scipy and against a bootstrap written here; rows that differ and a folder given twice
 are one-line errors."""
 
@@ -13,10 +13,10 @@ from scipy import stats
 
 from conftest import assert_one_line_error, lorawatch
 from helpers import outcomes, reference_kl, write_run
-from lorawatch import store
+from lorawatch.rundir import store
 from lorawatch.config import StatisticsSettings
 from lorawatch.errors import UserError
-from lorawatch.run_comparison import compare_final, compare_runs_paired, csv_rows, markdown
+from lorawatch.report.run_comparison import compare_final, compare_runs_paired, csv_rows, markdown
 
 BASE = {"stance": outcomes(12), "science": outcomes(20)}
 STAGE1 = {"stance": outcomes(24, flip_up=12, before=12), "science": outcomes(20)}

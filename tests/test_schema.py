@@ -1,4 +1,4 @@
-"""The run folder's typed records (schema.py): every file a run writes fits its schema and carries its version;
+"""The run folder's typed records (rundir/schema.py): every file a run writes fits its schema and carries its version;
 a folder written before records were versioned still loads everywhere; a record from a newer lorawatch is
 refused (never redone); a record whose field does not fit is named, and a resumed run redoes it."""
 
@@ -13,11 +13,11 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
-from lorawatch import schema, store
+from lorawatch.rundir import schema, store
 from lorawatch.config import build_config
-from lorawatch.monitoring_view import interventions, monitor_series
-from lorawatch.protocol import run_experiment
-from lorawatch.tables import load_run
+from lorawatch.report.monitoring_view import interventions, monitor_series
+from lorawatch.recipe.protocol import run_experiment
+from lorawatch.report.tables import load_run
 
 # Written by lorawatch at commit f5aeb08, the last release before versioned records: the tiny model, two seeds,
 # a rollback monitor (so every kind of file is there), adapters and base log-probs left out.

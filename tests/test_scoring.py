@@ -1,6 +1,6 @@
 import pytest
 
-from lorawatch.tasks.scoring import gold_answer, is_correct, normalize_choice, normalize_number, training_target
+from lorawatch.data.tasks.scoring import gold_answer, is_correct, normalize_choice, normalize_number, training_target
 
 
 @pytest.mark.parametrize("text, letter", [

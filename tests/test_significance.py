@@ -11,9 +11,9 @@ from hypothesis import given, settings as hyp_settings, strategies as st
 from scipy import stats
 from statsmodels.stats.weightstats import DescrStatsW
 
-from lorawatch import significance
+from lorawatch.analysis import significance
 from lorawatch.config import StatisticsSettings
-from lorawatch.metrics import compute_cl_metrics
+from lorawatch.analysis.metrics import compute_cl_metrics
 
 SETTINGS = StatisticsSettings()
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import assert_one_line_error, config_file, lorawatch
-from lorawatch import store
+from lorawatch.rundir import store
 
 
 @pytest.mark.parametrize("changes, fragments", [
@@ -165,7 +165,7 @@ def test_the_config_loader_gives_a_config_or_one_config_error(data):
 @given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_the_metrics_reader_gives_a_matrix_or_one_data_error(tmp_path, content):
     from lorawatch.errors import DataError
-    from lorawatch.metrics import compute_cl_metrics, read_matrix_csv
+    from lorawatch.analysis.metrics import compute_cl_metrics, read_matrix_csv
     path = tmp_path / "m.csv"
     path.write_bytes(content)
     try:
@@ -180,7 +180,7 @@ def test_the_metrics_reader_gives_a_matrix_or_one_data_error(tmp_path, content):
 @given(st.sampled_from(["stage.json", "scores.json", "reference_stats.json", "statistics.json", "summary.json",
                         "costs.json", "cl_metrics.json"]), json_values | st.binary(max_size=60))
 def test_the_record_reader_gives_a_record_or_one_line(tmp_path, name, content):
-    from lorawatch import schema
+    from lorawatch.rundir import schema
     from lorawatch.errors import UserError
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())

@@ -15,20 +15,20 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch, tiny_config, write_task_files
-from lorawatch import store
+from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
-from lorawatch.prompts import encode_train_example
-from lorawatch.protocol import lora_config, run_experiment
+from lorawatch.data.prompts import encode_train_example
+from lorawatch.recipe.protocol import lora_config, run_experiment
 from lorawatch.report.study import _protocol_fingerprint, _variant_labels, load_study
-from lorawatch.runfolder import config_changes
-from lorawatch.strategies.ewc import FISHER_FILE, diagonal_fisher, ewc_penalty, trainable_parameters
-from lorawatch.strategies.kl_anchor import kl_to_base
-from lorawatch.strategies.adapters import reset_adapter
-from lorawatch.strategies.merging import TASK_ADAPTER, magmax, magmax_states, peft_merge
-from lorawatch.strategies.olora import OLoRA, olora_penalty
-from lorawatch.strategies.replay import Replay, replay_rows
-from lorawatch.training import TrainParams, _collate, answer_loss, train_stage
+from lorawatch.rundir.lifecycle import config_changes
+from lorawatch.recipe.strategies.ewc import FISHER_FILE, diagonal_fisher, ewc_penalty, trainable_parameters
+from lorawatch.recipe.strategies.kl_anchor import kl_to_base
+from lorawatch.recipe.strategies.adapters import reset_adapter
+from lorawatch.recipe.strategies.merging import TASK_ADAPTER, magmax, magmax_states, peft_merge
+from lorawatch.recipe.strategies.olora import OLoRA, olora_penalty
+from lorawatch.recipe.strategies.replay import Replay, replay_rows
+from lorawatch.recipe.training import TrainParams, _collate, answer_loss, train_stage
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,7 +172,7 @@ def test_the_report_tells_strategies_apart(tiny_model_dir, root, runs):
 
 
 def test_compare_shows_strategies_side_by_side_with_their_final_points(runs, tmp_path):
-    from lorawatch.compare import compare_runs, write_comparison
+    from lorawatch.report.compare import compare_runs, write_comparison
 
     result = compare_runs([runs("plain"), runs("replay")])
     files = write_comparison(result, tmp_path)

@@ -13,9 +13,9 @@ import yaml
 from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch
 import lorawatch as lorawatch_api
 from lorawatch.errors import ConfigError, UserError
-from lorawatch.runfolder import run_lock
-from lorawatch.study import load_study_file, study_states, unit_state
-from lorawatch.study_driver import run_study
+from lorawatch.rundir.lifecycle import run_lock
+from lorawatch.study.spec import load_study_file, study_states, unit_state
+from lorawatch.study.driver import run_study
 
 UNITS = ["learning_rate=0.005-original-seed1", "learning_rate=0.005-reversed-seed1",
          "learning_rate=0.01-original-seed1", "learning_rate=0.01-reversed-seed1"]

@@ -1,4 +1,4 @@
-"""Experiment tracking (tracking.py) against real stores: a tiny run logged live to MLflow (a SQLite store read
+"""Experiment tracking (integrations/tracking.py) against real stores: a tiny run logged live to MLflow (a SQLite store read
 back with MlflowClient) and exported to TensorBoard (event files read back with TensorBoard's own reader), a
 study's parent with children, a run killed and resumed logging each stage once, `lorawatch track` through the
 real command line, and result files that tracking leaves byte for byte as they are."""
@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
-from lorawatch import schema, store, verdict_view, verdicts
+from lorawatch.rundir import schema, store
+from lorawatch.report import verdict_view
+from lorawatch.analysis import verdicts
 from lorawatch.config import TrackingSettings, build_config, load_config, with_changes
 from lorawatch.errors import UserError
-from lorawatch.protocol import run_experiment
-from lorawatch.tables import load_run_config
-from lorawatch.tracking import RECORD, RunLogger, export_run, export_settings, open_parent, resolve
+from lorawatch.recipe.protocol import run_experiment
+from lorawatch.report.tables import load_run_config
+from lorawatch.integrations.tracking import RECORD, RunLogger, export_run, export_settings, open_parent, resolve
 
 mlflow = pytest.importorskip("mlflow")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

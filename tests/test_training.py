@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorawatch.prompts import encode_train_example
-from lorawatch.training import TrainParams, _collate, train_stage
+from lorawatch.data.prompts import encode_train_example
+from lorawatch.recipe.training import TrainParams, _collate, train_stage
 
 ANSWERS = ["A", "42", "The committee held rates", "B", "7 apples and 5 pears", "C", "100"]
 

@@ -9,38 +9,38 @@
 
 from lorawatch.config import ExperimentConfig, build_config, load_config
 from lorawatch.errors import ConfigError, DataError, ModelSpecError, UserError
-from lorawatch.metrics import ClMetrics, compute_cl_metrics, read_matrix_csv
+from lorawatch.analysis.metrics import ClMetrics, compute_cl_metrics, read_matrix_csv
 from lorawatch.presets import preset
-from lorawatch.tables import RunResults, load_run
+from lorawatch.report.tables import RunResults, load_run
 
 __version__ = "0.1.0"
 
 
 def run(config: ExperimentConfig, run_dir, *, overwrite: bool = False):
-    """Run the protocol into `run_dir` (see lorawatch.protocol.run_experiment); returns the run folder."""
-    from lorawatch.protocol import run_experiment
+    """Run the protocol into `run_dir` (see lorawatch.recipe.protocol.run_experiment); returns the run folder."""
+    from lorawatch.recipe.protocol import run_experiment
 
     return run_experiment(config, run_dir, overwrite=overwrite)
 
 
 def evaluate(config: ExperimentConfig, adapters, run_dir, *, trained_on: list[str] | None = None,
              overwrite: bool = False):
-    """Evaluate adapters trained elsewhere into `run_dir` (see lorawatch.evaluate_adapters); returns the run folder."""
-    from lorawatch.evaluate_adapters import evaluate_adapters
+    """Evaluate adapters trained elsewhere into `run_dir` (see lorawatch.recipe.external_adapters); returns the run folder."""
+    from lorawatch.recipe.external_adapters import evaluate_adapters
 
     return evaluate_adapters(config, adapters, run_dir, trained_on=trained_on, overwrite=overwrite)
 
 
 def run_study(study_file, out=None, *, backend: str = "local", address: str | None = None,
               workers: int | None = None, track: str | None = None):
-    """Run a study from STUDY.yaml (see lorawatch.study); returns its folder. A unit that did not finish is a
+    """Run a study from STUDY.yaml (see lorawatch.study.spec); returns its folder. A unit that did not finish is a
     UserError naming it (the finished ones are kept: calling again resumes)."""
     from pathlib import Path
 
     from rich.console import Console
 
-    from lorawatch.study import load_study_file, study_states
-    from lorawatch.study_driver import run_study as drive
+    from lorawatch.study.spec import load_study_file, study_states
+    from lorawatch.study.driver import run_study as drive
 
     out = Path(out) if out is not None else Path("runs") / load_study_file(study_file).name
     code = drive(Path(study_file), out, backend=backend, address=address, workers=workers, plan=False,

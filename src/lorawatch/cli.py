@@ -107,7 +107,7 @@ def run(
     """
     from lorawatch.config import PLAIN_SWITCHES, with_changes
     from lorawatch.presets import base_config
-    from lorawatch.protocol import run_experiment
+    from lorawatch.recipe.protocol import run_experiment
 
     with _long_command():
         config = base_config(config_file, preset_name)
@@ -157,7 +157,7 @@ def evaluate(
     Running the same command again on an unfinished run folder resumes it.
     """
     from lorawatch.config import PLAIN_SWITCHES, with_changes
-    from lorawatch.evaluate_adapters import evaluate_adapters
+    from lorawatch.recipe.external_adapters import evaluate_adapters
     from lorawatch.presets import base_config
 
     with _long_command():
@@ -178,7 +178,7 @@ def metrics(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """CL metrics (OP, BWT, FWT, gain, ...) of any checkpoint-by-task accuracy matrix."""
-    from lorawatch.metrics import compute_cl_metrics, read_matrix_csv
+    from lorawatch.analysis.metrics import compute_cl_metrics, read_matrix_csv
 
     try:
         tasks, matrix = read_matrix_csv(matrix_csv)
@@ -207,7 +207,7 @@ def metrics(
 
 def _print_results(run_dir: Path, as_html: bool) -> None:
     """A finished run's tables on stdout; with --html, its page written and its path printed last."""
-    from lorawatch.tables import load_run, print_results
+    from lorawatch.report.tables import load_run, print_results
 
     print_results(load_run(run_dir), Console())
     if as_html:
@@ -233,9 +233,9 @@ def show(
 @app.command()
 def check(run_dirs: Annotated[list[Path], typer.Argument(help="run folders, finished or not")]) -> None:
     """Read every file of run folders against the run-folder schema; one line per problem (exit 1 if any)."""
-    from lorawatch.runfolder import is_run_folder
-    from lorawatch.schema import SCHEMA_VERSION
-    from lorawatch.store import check_run_folder
+    from lorawatch.rundir.lifecycle import is_run_folder
+    from lorawatch.rundir.schema import SCHEMA_VERSION
+    from lorawatch.rundir.store import check_run_folder
 
     problems = 0
     for run_dir in run_dirs:
@@ -264,7 +264,7 @@ def report(
 
     Run folders with the same model and task order are merged (their seeds pooled).
     """
-    from lorawatch.report import write_report
+    from lorawatch.report.study_report import write_report
 
     try:
         result = write_report(run_dirs, out)
@@ -287,7 +287,7 @@ def compare(
                                                      "figure into this folder")] = None,
 ) -> None:
     """Runs side by side: accuracy matrix, OP/BWT/FWT, final KL, compute spent and interventions."""
-    from lorawatch.compare import compare_runs, print_comparison, write_comparison
+    from lorawatch.report.compare import compare_runs, print_comparison, write_comparison
 
     try:
         result = compare_runs(run_dirs)
@@ -316,7 +316,7 @@ def gate(
     """May this checkpoint ship? Exit 0 when no task regressed and every limit holds, 2 when a task regressed or a
     limit is exceeded (one line per reason), 1 on an error. Every seed of the run (every unit of a study) is gated.
     """
-    from lorawatch.gate import gate as gate_run, parse_stage
+    from lorawatch.analysis.gate import gate as gate_run, parse_stage
 
     try:
         if alpha is not None and not 0 < alpha < 1:
@@ -356,7 +356,7 @@ def track(
 
     Tracking a folder again to the same place logs nothing twice. Prints where each run went.
     """
-    from lorawatch.tracking import export_run, export_settings
+    from lorawatch.integrations.tracking import export_run, export_settings
 
     try:
         for run_dir in run_dirs:
@@ -389,7 +389,7 @@ def study(
     Rerunning the command resumes: finished units are kept, interrupted ones resume from their run folders,
     failed ones are tried again. `lorawatch study status DIR` shows each unit's state.
     """
-    from lorawatch.study_driver import print_status, run_study
+    from lorawatch.study.driver import print_status, run_study
 
     if study_file == "status":
         try:
@@ -427,7 +427,7 @@ def data_fetch(
 
     Progress goes to stderr; the dataset's folder is printed on stdout.
     """
-    from lorawatch.fetch import fetch_dataset
+    from lorawatch.data.fetch import fetch_dataset
 
     try:
         folder = fetch_dataset(name, dest, source, timeout=timeout,
@@ -446,7 +446,7 @@ def data_fetch(
 @data_app.command("list")
 def data_list() -> None:
     """The known datasets, and whether and where each is installed."""
-    from lorawatch.fetch import DATASETS, dataset_dir, human_size, verified_files
+    from lorawatch.data.fetch import DATASETS, dataset_dir, human_size, verified_files
 
     for name, spec in DATASETS.items():
         folder = dataset_dir(name)

@@ -16,8 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from lorawatch.errors import ConfigError, file_problem
-from lorawatch.tasks.base import TASK_KINDS, task_key
-from lorawatch.tasks.builtin import BUILTIN_KINDS
+from lorawatch.data.tasks.base import TASK_KINDS, task_key
+from lorawatch.data.tasks.builtin import BUILTIN_KINDS
 
 # Names the run folder and its tables use for themselves: the base row, the checkpoint column, the reference set,
 # and the version key of scores.json (which is keyed by task name).
@@ -149,7 +149,7 @@ PLAIN_SWITCHES = ("drafts", "merge_adapter", "shared_prefix", "drop_finished", "
 
 class MonitorSettings(_Strict):
     """Live drift monitoring during training, and the action taken when KL to base crosses a threshold.
-    See monitor.py for the exact semantics of each action."""
+    See recipe/monitor.py for the exact semantics of each action."""
     every: int = Field(10, gt=0, description="optimizer steps between two live measurements")
     action: Literal["warn", "stop", "revert", "rollback"] = "warn"
     threshold: float | None = Field(None, gt=0, description="absolute KL to base")
@@ -168,7 +168,7 @@ class MonitorSettings(_Strict):
 
 
 class TrackingSettings(_Strict):
-    """Where a run (or a study) is also logged for experiment trackers (tracking.py). Not part of what a run's
+    """Where a run (or a study) is also logged for experiment trackers (integrations/tracking.py). Not part of what a run's
     results depend on: a resumed run may add, change or drop it."""
     backend: Literal["mlflow", "tensorboard"]
     uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///<folder>/mlflow.db beside "
@@ -178,7 +178,7 @@ class TrackingSettings(_Strict):
 
 
 class StatisticsSettings(_Strict):
-    """How lorawatch decides whether a difference is real (significance.py): the verdict of every trained
+    """How lorawatch decides whether a difference is real (analysis/significance.py): the verdict of every trained
     checkpoint, the intervals of accuracies and metrics, and what a test size can detect."""
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of a verdict, for the whole family of "
                                                        "tasks compared at once")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lorawatch.config import ExperimentConfig, build_config, load_config
 from lorawatch.errors import ConfigError
-from lorawatch.tasks.base import DEFAULT_INSTRUCTIONS
+from lorawatch.data.tasks.base import DEFAULT_INSTRUCTIONS
 
 
 def _demo() -> dict:
@@ -40,7 +40,7 @@ PAPER_MODELS = {
 
 
 def _paper(name: str) -> dict:
-    from lorawatch.fetch import dataset_dir, installed
+    from lorawatch.data.fetch import dataset_dir, installed
 
     root = dataset_dir("trace-500")
     if not installed("trace-500"):

@@ -15,8 +15,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lorawatch import store
-from lorawatch.monitoring_view import monitor_series
+from lorawatch.rundir import store
+from lorawatch.report.monitoring_view import monitor_series
 from lorawatch.report.study import Group, Study, slug
 
 LINESTYLES = {"original": "-", "reversed": "--"}

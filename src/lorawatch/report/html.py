@@ -24,11 +24,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lorawatch import schema, significance, store, verdict_view
-from lorawatch.monitoring_view import interventions, monitor_series
+from lorawatch.rundir import schema, store
+from lorawatch.analysis import significance
+from lorawatch.report import verdict_view
+from lorawatch.report.monitoring_view import interventions, monitor_series
 from lorawatch.report.html_examples import BROWSER_CSS, BROWSER_JS, browser_section, finished_stages
 from lorawatch.report.html_verdicts import VERDICT_CSS, verdicts_section
-from lorawatch.tables import RunResults, load_run
+from lorawatch.report.tables import RunResults, load_run
 
 esc = html.escape
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -499,7 +501,7 @@ def _correlation(corr: dict) -> str:
 
 
 def write_report_html(report, out_file: Path) -> Path:
-    """The study of `lorawatch.report.write_report(...)`'s result as one page: its tables and figures (read from
+    """The study of `lorawatch.report.study_report.write_report(...)`'s result as one page: its tables and figures (read from
     the report folder), then every run folder's own sections, collapsed."""
     study, out = report.study, Path(report.out)
     runs = [(g, Path(d)) for g in study.groups for d in g.run_dirs]

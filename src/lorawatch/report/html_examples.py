@@ -20,11 +20,11 @@ import warnings
 from pathlib import Path
 from urllib.parse import quote
 
-from lorawatch import schema, store
+from lorawatch.rundir import schema, store
 from lorawatch.errors import UserError
-from lorawatch.stability import ExampleDrift
-from lorawatch.tables import RunResults
-from lorawatch.tasks.scoring import Prediction
+from lorawatch.engine.drift import ExampleDrift
+from lorawatch.report.tables import RunResults
+from lorawatch.data.tasks.scoring import Prediction
 
 REFERENCE_MOVERS = 10  # reference rows kept per (seed, pair): those whose KL to base moved most
 # Words, single punctuation marks and runs of whitespace: "(A)." against "(B)." highlights the letter alone.
@@ -95,7 +95,7 @@ def reference_movers(run_dir: Path, seed: int, a: int, b: int, limit: int = REFE
 
 def load_prompts(results: RunResults) -> tuple[dict[str, dict[str, str]], dict[str, str], str | None]:
     """(test prompts by task and id, reference prompts by id, why some or all are missing, or None)."""
-    from lorawatch.inputs import data_fingerprint, load_data
+    from lorawatch.data.inputs import data_fingerprint, load_data
 
     try:
         with warnings.catch_warnings():  # the run reported its data's oddities when it read them; not again here

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import html
 
-from lorawatch import schema, verdict_view
+from lorawatch.rundir import schema
+from lorawatch.report import verdict_view
 from lorawatch.report.html_examples import browser_link
 
 esc = html.escape

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lorawatch import run_comparison, schema, verdict_view
+from lorawatch.report import run_comparison, verdict_view
+from lorawatch.rundir import schema
 from lorawatch.report.study import Group, Study, setting_pairs
-from lorawatch.verdicts import load_seed_statistics
+from lorawatch.analysis.verdicts import load_seed_statistics
 
 PAIRED_CSV = "paired.csv"
 PAIRED_COLUMNS = ("spec", "order", "baseline", "run", *run_comparison.CSV_COLUMNS)

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from lorawatch.metrics import ACCURACY_TOLERANCE, MIN_CHECKPOINTS_PER_LABEL
+from lorawatch.analysis.metrics import ACCURACY_TOLERANCE, MIN_CHECKPOINTS_PER_LABEL
 from lorawatch.report.study import Study
 
 

@@ -24,11 +24,11 @@ from typing import Sequence
 
 import pandas as pd
 
-from lorawatch import store
+from lorawatch.rundir import store
 from lorawatch.config import ExperimentConfig
 from lorawatch.errors import UserError
-from lorawatch.metrics import mean_std_frames
-from lorawatch.tables import is_ordered, load_run, seed_tables
+from lorawatch.analysis.metrics import mean_std_frames
+from lorawatch.report.tables import is_ordered, load_run, seed_tables
 
 # Per step (row 0 = base): what the tables and figures need, all per seed before aggregation.
 STEP_COLUMNS = ("learned_acc", "gain", "delta_vs_base", "avg_all", "op", "bwt", "fwt", "kl_mean",

@@ -1,0 +1,1 @@
+"""From predictions to numbers: continual-learning metrics, significance, verdicts, the gate."""

@@ -1,0 +1,1 @@
+"""What a run reads: tasks, prompts, inputs, and fetching the paper's data."""

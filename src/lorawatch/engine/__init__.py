@@ -1,0 +1,1 @@
+"""Measuring a checkpoint: generation, pooled decoding, forward passes, reference drift, the base cache."""

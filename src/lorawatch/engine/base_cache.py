@@ -1,0 +1,111 @@
+"""The base stage, cached across runs: the base model's evaluation depends on neither the seed nor the task
+order, so it is computed once per model, data and settings and copied into every run that matches its key."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from lorawatch.rundir import store
+from lorawatch.engine.checkpoint_eval import EvalParams
+from lorawatch.engine.generation import GENERATION_RULES_VERSION
+from lorawatch.data.inputs import Encoded, RunData
+from lorawatch.models.loading import LoadedModel, default_cache_dir
+from lorawatch.rundir.stage_files import BASE_LOGPROBS
+from lorawatch.data.tasks.scoring import SCORING_RULES_VERSION
+
+
+def base_stage_key(loaded: LoadedModel, weights: str, data: RunData, encoded: Encoded, params: EvalParams) -> str:
+    """What the base checkpoint's evaluation depends on, to the byte: the model (and a digest of its weights), the exact token ids of every
+    prompt, the answers, the generation settings (the token budget too: batching changes float round-off) and
+    the software. Task order and seeds do not enter."""
+    versions = {p: importlib.metadata.version(p) for p in ("lorawatch", "torch", "transformers")}
+    info = loaded.info
+    tasks = sorted((t.name, t.kind, [(e.id, e.answer) for e in t.test],
+                    [list(p.input_ids) for p in encoded.test[t.name]]) for t in data.tasks)
+    reference = [(e.id, e.task, e.answer, list(p.input_ids)) for e, p in zip(data.reference, encoded.reference)]
+    versions["scoring_rules"] = SCORING_RULES_VERSION
+    versions["generation_rules"] = GENERATION_RULES_VERSION
+    payload = json.dumps({"model": [info.spec, info.path, info.dtype, info.device, info.num_parameters, weights],
+                          "versions": versions, "tasks": tasks, "reference": reference,
+                          "max_new_tokens": params.max_new_tokens, "token_budget": params.token_budget,
+                          **({"batch_rows": params.batch_rows} if params.batch_rows else {}),
+                          "position": params.reference_position, "fast_path": params.fast.to_dict()},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def base_stage_cache(key: str) -> Path:
+    """$LORAWATCH_BASE_STAGE_CACHE/<key> if set, else beside the model cache:
+    $LORAWATCH_CACHE/base-stages/<key> or ~/.cache/lorawatch/base-stages/<key>."""
+    root = os.environ.get("LORAWATCH_BASE_STAGE_CACHE")
+    return (Path(root).expanduser() if root else default_cache_dir().parent / "base-stages") / key
+
+
+BASE_UNITS = ("predictions", "reference_drift.jsonl")  # what the cache holds, beside the base log-probs
+
+
+@contextmanager
+def base_stage_lock(cache: Path | None, on_wait: Callable[[], None]) -> Iterator[None]:
+    """While held, this process alone computes or reads the cached base stage of this key: runs started together
+    (a study's units, two terminals) compute it once, the others wait, then reuse it. The OS drops the lock when
+    its holder dies. Without a usable cache folder there is nothing to share, and no lock."""
+    if cache is None:
+        yield
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache.with_name(cache.name + ".lock"), "a+", encoding="utf-8")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def restore_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> bool:
+    """Put a cached base evaluation's units into this run; the usual resume path then reads them back."""
+    if not (cache / "complete").is_file():
+        return False
+    try:
+        base_dir.mkdir(parents=True, exist_ok=True)
+        for unit in BASE_UNITS:
+            source, target = cache / unit, base_dir / unit
+            if source.is_dir():
+                store.atomic_copytree(source, target)
+            else:
+                store.atomic_write_bytes(target, source.read_bytes())
+        store.atomic_write_bytes(base_lp_path, (cache / BASE_LOGPROBS).read_bytes())
+    except OSError:
+        warnings.warn(f"{cache}: cached base stage unreadable, computing it", stacklevel=2)
+        return False
+    return True
+
+
+def save_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> None:
+    try:
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for unit in BASE_UNITS:
+            source = base_dir / unit
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp / unit)
+        shutil.copy2(base_lp_path, tmp / BASE_LOGPROBS)
+        (tmp / "complete").write_text("")
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    except OSError as exc:  # a cache is optional: a full or read-only disk must not fail the run
+        warnings.warn(f"{cache}: could not cache the base stage ({exc.strerror or exc})", stacklevel=2)

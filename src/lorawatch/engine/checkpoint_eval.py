@@ -1,0 +1,120 @@
+"""One checkpoint's evaluation: every task's test set, the reference set's answers, and its drift from the base
+model at the answer position. Each part is a unit written to the stage folder as soon as it is done, and read
+back (not recomputed) when the run is resumed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lorawatch.rundir import store
+from lorawatch.rundir.costs import Costs
+from lorawatch.engine.generation import FastPath, Generated, decode_text, generate
+from lorawatch.data.tasks.scoring import Prediction, accuracy, score
+from lorawatch.data.inputs import Encoded, RunData
+from lorawatch.progress import RunProgress
+from lorawatch.data.prompts import EncodedPrompt
+from lorawatch.rundir.stage_files import crash_point, read_unit
+from lorawatch.engine.drift import ExampleDrift, answer_logprobs, per_example_drift
+from lorawatch.data.tasks.base import Example
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    max_new_tokens: int
+    token_budget: int
+    batch_rows: int | None  # rows per batch at most, besides the token budget
+    device: str
+    reference_position: str  # "answer" | "published"
+    fast: FastPath  # the evaluation shortcuts in use, already resolved for the model and dtype
+
+
+def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folder: Path, params: EvalParams, *,
+                        base_logprobs: torch.Tensor | None, drafts: dict[str, list[int]] | None, costs: Costs,
+                        progress: RunProgress, label: str, crash_prefix: str) -> tuple[dict, list[ExampleDrift],
+                                                                                       torch.Tensor | None]:
+    """Every task's test set, the reference set's accuracy and its drift against the base distribution.
+
+    Each part is a unit written as soon as it is done and reused when the run is resumed. Returns the
+    scores, the per-row drift, and the reference log-probabilities when they had to be computed.
+    """
+    scores: dict[str, float] = {}
+    kinds = {t.name: t.kind for t in data.tasks}
+    drift_path = folder / "reference_drift.jsonl"
+    drift = read_unit(drift_path, [e.id for e in data.reference], ExampleDrift)
+    logprobs = None
+    options = dict(max_new_tokens=params.max_new_tokens, device=params.device, token_budget=params.token_budget,
+                   batch_rows=params.batch_rows, drafts=drafts, fast=params.fast, on_rows=progress.advance)
+
+    # The test sets and the reference set are generated in one call: with pooled decoding, every diverged row
+    # of the checkpoint decodes in one batch. Each part is then written as a unit of its own; when a crash left
+    # only some of them, all are generated again in the same call, so that every row is computed in the batch
+    # it would have had without the crash (batches change float round-off). Parts whose files give the same
+    # row ids are generated one by one instead: results are keyed by id.
+    parts = [(t.name, t.test, encoded.test[t.name]) for t in data.tasks]
+    parts.append(("reference", data.reference, encoded.reference))
+    on_disk = {name: read_unit(folder / "predictions" / f"{name}.jsonl", [e.id for e in examples], Prediction)
+               for name, examples, _ in parts}
+    ids = [e.id for _, examples, _ in parts for e in examples]
+    if len(set(ids)) == len(ids) and any(rows is None for rows in on_disk.values()):
+        calls, on_disk = [parts], {}
+    else:
+        calls = [[part] for part in parts if on_disk[part[0]] is None]
+    for name, rows in on_disk.items():
+        if rows is not None:
+            progress.advance(len(rows))
+            scores[name] = accuracy(rows)
+    # The reference set's answer-position distribution falls out of the generation's first forward pass.
+    first = drift is None and params.reference_position == "answer" and params.fast.reference_from_generation
+    for call in calls:
+        names = [name for name, _, _ in call]
+        progress.phase(f"{label} · evaluate {', '.join(n if n != 'reference' else 'reference set' for n in names)}")
+        with costs.phase("evaluation"):
+            generated = generate(model, tokenizer, [p for _, _, prompts in call for p in prompts],
+                                 groups={e.id: e.task or name for name, examples, _ in call for e in examples},
+                                 first_logprobs=[e.id for e in data.reference] if first and "reference" in names
+                                 else False,
+                                 counters=costs.generation["evaluation"], **options)
+        for name, examples, _ in call:
+            rows = [score(e.id, e.task or name, kinds[e.task or name], e.answer,
+                          decode_text(tokenizer, generated[e.id].output_ids), generated[e.id].output_ids)
+                    for e in examples]
+            if name == "reference" and first:
+                # The drift goes to disk before the predictions: a crash in between then leaves nothing that
+                # would have to be recomputed by a different path (and so with different round-off).
+                logprobs = torch.stack([generated[e.id].first_logprobs for e in examples])
+                drift = drift_rows(data, logprobs, base_logprobs)
+                store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
+            store.write_rows(folder / "predictions" / f"{name}.jsonl", Prediction, (r.to_dict() for r in rows))
+            crash_point(f"{crash_prefix}:eval:{name}")
+            scores[name] = accuracy(rows)
+    scores = {name: scores[name] for name, _, _ in parts}
+
+    if drift is None:
+        with costs.phase("reference_distribution"):
+            if logprobs is None:
+                progress.phase(f"{label} · reference drift")
+                logprobs = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id,
+                                           token_budget=params.token_budget, batch_rows=params.batch_rows,
+                                           device=params.device,
+                                           position=params.reference_position)[1]
+            drift = drift_rows(data, logprobs, base_logprobs)
+            store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
+        crash_point(f"{crash_prefix}:drift")
+    progress.advance(len(data.reference))
+    return scores, drift, logprobs
+
+
+def generate_by_task(model, tokenizer, examples: Sequence[Example], prompts: Sequence[EncodedPrompt],
+                     **options) -> dict[str, Generated]:
+    """`generate` with the rows grouped by task: a task's rows share their prompts' long prefix (see
+    evaluation.py)."""
+    return generate(model, tokenizer, prompts, groups={p.id: e.task for e, p in zip(examples, prompts)}, **options)
+
+
+def drift_rows(data: RunData, logprobs: torch.Tensor, base_logprobs: torch.Tensor | None) -> list[ExampleDrift]:
+    return per_example_drift([e.id for e in data.reference], [e.task for e in data.reference], logprobs,
+                             logprobs if base_logprobs is None else base_logprobs)

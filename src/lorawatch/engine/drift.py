@@ -1,0 +1,107 @@
+"""Reference-set drift: the next-token distribution at each reference prompt's answer position.
+
+The answer position is the last prompt token of each row. Rows are left-padded and given position ids
+that count only their own tokens, so a row's distribution does not depend on which rows share its batch.
+(The published code reads index `attention_mask.sum(1) - 1` of a left-padded batch, which is a token
+inside the prompt for every row shorter than the longest; see the README.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Sequence
+
+import numpy as np
+import torch
+from pydantic import AllowInfNan, Strict, StrictInt, StrictStr
+
+from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET, budget_batches, left_pad, position_ids
+from lorawatch.data.prompts import EncodedPrompt
+
+STAT_NAMES = ("kl", "entropy", "margin")
+
+
+# The published implementation's reference pass: batches of 4 in file order, left-padded, default position
+# ids, and the distribution read at index attention_mask.sum(1) - 1. Offered only to compare with the paper.
+PUBLISHED_BATCH = 4
+
+
+@torch.no_grad()
+def published_position_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *, pad_id: int,
+                                device: str) -> tuple[list[str], torch.Tensor]:
+    """The published reading: for every row but the longest of its batch this is a token inside the prompt."""
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), PUBLISHED_BATCH):
+        batch = prompts[start:start + PUBLISHED_BATCH]
+        ids, mask = left_pad(batch, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        index = mask.sum(1) - 1
+        out.append(torch.log_softmax(logits[torch.arange(len(batch)), index].float(), dim=-1).cpu())
+    return [p.id for p in prompts], torch.cat(out)
+
+
+@torch.no_grad()
+def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *, pad_id: int, device: str,
+                    token_budget: int = DEFAULT_TOKEN_BUDGET, position: str = "answer",
+                    batch_rows: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """Log-probabilities (float32, [rows, vocab]) of the next token after each prompt, in input order.
+
+    position="published" reproduces the published implementation's reading instead (see above).
+    """
+    if position == "published":
+        return published_position_logprobs(model, prompts, pad_id=pad_id, device=device)
+    model.eval()
+    rows: dict[str, torch.Tensor] = {}
+    for batch in budget_batches([len(p.input_ids) for p in prompts], token_budget, max_rows=batch_rows):
+        chunk = [prompts[i] for i in batch]
+        ids, mask = left_pad(chunk, pad_id, device)
+        # logits_to_keep=1: only the last position's logits are projected onto the vocabulary.
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1).logits
+        logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu()
+        for prompt, row in zip(chunk, logprobs):
+            rows[prompt.id] = row
+    ids_in_order = [p.id for p in prompts]
+    return ids_in_order, torch.stack([rows[i] for i in ids_in_order])
+
+
+# A JSON number (an int too), never a bool, a string, NaN or infinity.
+FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
+
+
+@dataclass(frozen=True)
+class ExampleDrift:
+    # Strict, finite types: a row read back with a string or a NaN where a number belongs is damage.
+    id: StrictStr
+    task: StrictStr | None
+    kl: FiniteFloat
+    entropy: FiniteFloat
+    margin: FiniteFloat
+    top1_token: StrictInt
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "task": self.task, "kl": self.kl, "entropy": self.entropy, "margin": self.margin,
+                "top1_token": self.top1_token}
+
+
+def per_example_drift(ids: Sequence[str], tasks: Sequence[str | None], logprobs: torch.Tensor,
+                      base_logprobs: torch.Tensor) -> list[ExampleDrift]:
+    """KL(p_k || p_0), entropy of p_k, and top-1 minus top-2 log-probability of p_k, per reference row."""
+    probs = logprobs.exp()
+    kl = (probs * (logprobs - base_logprobs)).sum(-1).clamp(min=0.0)  # clamp: float round-off below 0
+    entropy = -(probs * logprobs).sum(-1)
+    top2 = logprobs.topk(2, dim=-1)
+    margin = top2.values[:, 0] - top2.values[:, 1]
+    return [ExampleDrift(i, t, float(k), float(h), float(m), int(top))
+            for i, t, k, h, m, top in zip(ids, tasks, kl, entropy, margin, top2.indices[:, 0])]
+
+
+def summarize(drift: Sequence[ExampleDrift]) -> dict[str, float]:
+    """mean, p10 and p95 of each statistic over the reference set: keys like `kl_mean`, `entropy_p10`."""
+    out: dict[str, float] = {}
+    for name in STAT_NAMES:
+        values = np.array([getattr(d, name) for d in drift], dtype=np.float64)
+        out[f"{name}_mean"] = float(values.mean())
+        out[f"{name}_p10"] = float(np.percentile(values, 10))
+        out[f"{name}_p95"] = float(np.percentile(values, 95))
+    return out

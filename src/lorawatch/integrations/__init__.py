@@ -1,0 +1,1 @@
+"""lorawatch inside other tools: experiment trackers and the transformers Trainer callback."""

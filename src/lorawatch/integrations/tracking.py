@@ -1,0 +1,546 @@
+"""Experiment tracking: a run folder logged to MLflow or TensorBoard, live during `lorawatch run` (a `tracking`
+section or `--track`) or after the fact (`lorawatch track`, `export_run`).
+
+Everything logged is read back from the run folder, never from a run's memory, so that live logging and an
+export are the same code and log the same keys. The run folder's `tracking.json` records, per destination,
+the tracker run and the stages already logged: a resumed run continues the same tracker run, and exporting a
+folder again logs nothing twice. A study is a parent tracker run with its units as children (MLflow: the
+`mlflow.parentRunId` tag; TensorBoard: the children's log folders inside the parent's).
+
+mlflow and tensorboard are optional (`pip install 'lorawatch[mlflow]'`, `'lorawatch[tensorboard]'`) and
+imported only here, when a tracker is opened.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import urllib.parse
+from collections.abc import Collection
+from pathlib import Path
+from typing import Protocol
+
+from lorawatch.rundir import schema, store
+from lorawatch.analysis import significance, verdicts
+from lorawatch.config import ExperimentConfig, TrackingSettings
+from lorawatch.errors import UserError
+
+RECORD = "tracking.json"
+_INSTALL = {"mlflow": ("mlflow", "pip install 'lorawatch[mlflow]'"),
+            "tensorboard": ("tensorboard", "pip install 'lorawatch[tensorboard]'")}
+# MLflow's limits (mlflow.utils.validation): longer values are refused, not truncated, by the server.
+_MAX_PARAM_VALUE, _MAX_KEY, _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 6000, 250, 100, 1000
+_ARTIFACT_TABLES = ("accuracy_matrix", "cl_metrics", "stability")
+
+
+def require(backend: str) -> None:
+    """A one-line error, before any model work, when the backend's package is missing."""
+    module, install = _INSTALL[backend]
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"tracking with {backend} needs the {module} package: {install}")
+
+
+# MLflow's tracking stores by URI scheme (a plain path is its file store); a `+driver` suffix is allowed.
+_MLFLOW_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+REACH_TIMEOUT_S = 5.0  # a tracking server that does not answer within this is refused before any model work
+
+
+def check_destination(settings: TrackingSettings, home: Path) -> None:
+    """Where a run will be logged can take it: the package is there, the URI's scheme is one the tracker knows,
+    its folder can be written, a server answers (within REACH_TIMEOUT_S). Checked before any model work, so that
+    a typo costs seconds, not a run and minutes of the tracker's retries; every problem is one line."""
+    require(settings.backend)
+    uri = resolve(settings, home).uri
+    if settings.backend == "tensorboard":
+        _check_folder(Path(uri), uri, "a folder for TensorBoard's logs")
+        return
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if len(scheme) <= 1:  # no scheme, or a Windows drive letter: a folder of MLflow's file store
+        _check_folder(Path(uri), uri, "a folder for MLflow's file store")
+    elif scheme.split("+")[0] not in _MLFLOW_SCHEMES:
+        raise UserError(f"tracking uri {uri!r}: MLflow has no store for scheme '{scheme}'; use sqlite:///FILE.db, a "
+                        "folder, or http(s)://HOST:PORT of an MLflow server")
+    elif scheme == "sqlite":
+        database = _sqlite_file(uri)
+        if database is None:
+            raise UserError(f"tracking uri {uri!r}: expected sqlite:///PATH/TO/FILE.db")
+        if database.exists() and not database.is_file():
+            raise UserError(f"tracking uri {uri!r}: {database} is not a file; expected an SQLite database file")
+        _check_folder(database.parent, uri, "the folder of the SQLite database")
+    elif scheme == "file":
+        _check_folder(Path(urllib.parse.unquote(parts.path)), uri, "a folder for MLflow's file store")
+    elif scheme in ("http", "https"):
+        port = parts.port or (443 if scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname or "", port), timeout=REACH_TIMEOUT_S).close()
+        except OSError as exc:
+            reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or exc.__class__.__name__)
+            raise UserError(f"tracking uri {uri!r}: no MLflow server answers there ({reason} within "
+                            f"{REACH_TIMEOUT_S:g} s); start it, or give another --uri") from None
+
+
+def _check_folder(folder: Path, uri: str, what: str) -> None:
+    """`folder` is, or can be made as, a writable folder."""
+    folder = folder.expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise UserError(f"tracking uri {uri!r}: {existing} is a link that leads nowhere; expected {what}")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"tracking uri {uri!r}: {existing} is a file; expected {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"tracking uri {uri!r}: {existing} cannot be written; expected {what}")
+
+
+# --- trackers --------------------------------------------------------------------------------------------------
+
+class Tracker(Protocol):
+    """One tracker run: parameters, metrics at a step, artifacts (files), and a final status on closing
+    (FINISHED, FAILED or KILLED; TensorBoard has none)."""
+
+    run_id: str  # MLflow: the run id; TensorBoard: the run's log folder
+    where: str  # for people: the store and the run
+    new: bool  # created by this open (a reopened run already holds its parameters)
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, folder: str) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker:
+    # MlflowClient, not the fluent mlflow.start_run: no global active run, so a study's parent and its
+    # children (and several runs of one process) can be open at once.
+    def __init__(self, uri: str, experiment: str | None, name: str, *, parent: str | None, run_id: str | None,
+                 tags: dict[str, str]):
+        require("mlflow")
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+        database = _sqlite_file(uri)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)  # SQLite does not create the database's folder
+        self._entities = mlflow.entities
+        self.client = mlflow.MlflowClient(uri)
+        try:
+            self.new = run_id is None or not self._reopen(run_id)
+            if self.new:
+                if parent is not None:
+                    experiment_id = self.client.get_run(parent).info.experiment_id
+                    tags = {**tags, "mlflow.parentRunId": parent}
+                else:
+                    experiment_id = self._experiment(experiment or name, database)
+                run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        except MlflowException as exc:
+            raise UserError(f"mlflow ({uri}): {str(exc).splitlines()[0]}") from None
+        self.run_id = run_id
+        name = self.client.get_experiment(self.client.get_run(run_id).info.experiment_id).name
+        self.where = f"mlflow {uri} · experiment {name!r} · run {run_id}"
+
+    def _reopen(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if self.client.get_run(run_id).info.lifecycle_stage == "deleted":
+                return False
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return False  # recorded, but not in this store (deleted, or a new database): start a new run
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def _experiment(self, name: str, database: Path | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            # Beside the database, not MLflow's default ./mlartifacts in whatever folder the command ran from.
+            location = None if database is None else (database.parent / "mlartifacts").as_uri()
+            return self.client.create_experiment(name, artifact_location=location)
+        if found.lifecycle_stage == "deleted":
+            raise UserError(f"mlflow: experiment {name!r} is deleted; restore it (mlflow experiments restore) or "
+                            "give another experiment name")
+        return found.experiment_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = [self._entities.Param(_key(key), value[:_MAX_PARAM_VALUE]) for key, value in params.items()]
+        for start in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + _PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [self._entities.Metric(_key(key), float(value), now, step) for key, value in metrics.items()]
+        for start in range(0, len(items), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start:start + _METRICS_PER_BATCH])
+
+    def log_artifact(self, path: Path, folder: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder or None)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class TensorBoardTracker:
+    def __init__(self, log_dir: Path):
+        require("tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.new = not log_dir.is_dir()
+        self.run_id, self.where = str(log_dir), f"tensorboard {log_dir}"
+        # A reopened folder gets a second event file; TensorBoard reads them all, in order.
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log_params(self, params: dict[str, str]) -> None:
+        rows = "".join(f"| {key} | {value} |\n" for key, value in params.items())
+        self.writer.add_text("params", "| parameter | value |\n|---|---|\n" + rows)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, global_step=step)
+
+    def log_artifact(self, path: Path, folder: str) -> None:
+        # TensorBoard has no artifacts: the file is copied beside the events, and a text one is shown in the
+        # TEXT tab (indented: Markdown's code block, so that a CSV keeps its lines).
+        target = Path(self.run_id) / "artifacts" / folder / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        if path.suffix in (".csv", ".json"):
+            text = path.read_text(encoding="utf-8")
+            self.writer.add_text(f"{folder}/{path.name}".lstrip("/"), "".join(f"    {line}\n"
+                                                                              for line in text.splitlines()))
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.writer.close()
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """A SQLite store's database file (its artifacts go beside it); None for a server or Databricks."""
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
+def _key(key: str) -> str:
+    # MLflow's allowed characters; a task name or a recorded override (`tasks.*.max_train_rows`) may hold others
+    # (TensorBoard takes any tag).
+    return re.sub(r"[^\w\-. /:]", "_", key)[:_MAX_KEY]
+
+
+# --- where a run goes ----------------------------------------------------------------------------------------------
+
+def resolve(settings: TrackingSettings, home: Path) -> TrackingSettings:
+    """The settings with the default store made explicit: `sqlite:///<home>/mlflow.db` for MLflow,
+    `<home>/tensorboard` for TensorBoard. A study gives this to its units, so that children and parent share
+    one store."""
+    if settings.uri is not None:
+        return settings
+    home = Path(home).resolve()
+    uri = f"sqlite:///{(home / 'mlflow.db').as_posix()}" if settings.backend == "mlflow" else str(home / "tensorboard")
+    return settings.model_copy(update={"uri": uri})
+
+
+def destination(settings: TrackingSettings, home: Path, name: str, parent: str | None = None) -> dict:
+    """Where a run goes, resolved (schema.TrackingDestination): what tracking.json matches a tracker run by."""
+    uri = resolve(settings, home).uri
+    if settings.backend == "tensorboard":
+        uri = str(Path(parent or uri).resolve())
+    return {"backend": settings.backend, "uri": uri, "parent": parent,
+            "experiment": None if parent else settings.experiment or name}  # a child: its parent's experiment
+
+
+def open_tracker(settings: TrackingSettings, home: Path, name: str, *, parent: str | None = None,
+                 run_id: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
+    """Open a new tracker run named `name`, or reopen `run_id`. `home`: the folder of the default store (a run
+    folder, or a study folder). `parent`: the parent's run id (TensorBoard: its log folder)."""
+    where = destination(settings, home, name, parent)
+    if settings.backend == "tensorboard":
+        return TensorBoardTracker(Path(run_id) if run_id else Path(where["uri"]) / name)
+    return MlflowTracker(where["uri"], where["experiment"], name, parent=parent, run_id=run_id, tags=tags or {})
+
+
+def open_parent(settings: TrackingSettings, home: Path, name: str, params: dict, *,
+                run_id: str | None = None) -> Tracker:
+    """A study's parent run (reopened when `run_id` is given); its children are opened with `parent=run_id`."""
+    tracker = open_tracker(settings, home, name, run_id=run_id)
+    if tracker.new:
+        tracker.log_params(flatten_params(params))
+    return tracker
+
+
+def flatten_params(data: dict, prefix: str = "") -> dict[str, str]:
+    """Dotted keys (`train.learning_rate`, `tasks.0.name`); a list of plain values stays one value (`seeds`)."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            value = dict(enumerate(value))
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+# --- what a run logs -----------------------------------------------------------------------------------------------
+
+class RunLogger:
+    """Logs one run folder to one tracker run, reading only the folder: `stage` after each finished stage,
+    `finish` once the tables are written, `abort` when the run stops on an error or an interruption (the run is
+    then FAILED or KILLED in MLflow, and a resume reopens it)."""
+
+    def __init__(self, run_dir: Path, settings: TrackingSettings, *, home: Path | None = None,
+                 name: str | None = None, parent: str | None = None):
+        from lorawatch.report.tables import load_run_config
+
+        self.run_dir = Path(run_dir)
+        config = load_run_config(self.run_dir)
+        self.seeds, self.tasks = list(config.seeds), [t.name for t in config.ordered_tasks()]
+        self.statistics = config.statistics  # the settings the seeds' verdicts are read (or computed) with
+        name = name or config.name
+        home = self.run_dir if home is None else Path(home)
+        key = destination(settings, home, name, parent)
+        path = self.run_dir / RECORD
+        self.entries = [e.model_dump() for e in store.load_record(path, schema.TrackingRecord).runs] \
+            if path.is_file() else []
+        self.entry = next((e for e in self.entries if e["destination"] == key), None)
+        self.tracker = None
+        if self.entry is not None and self.entry["finished"]:
+            return  # everything is logged: nothing to open
+        params = {k: v for k, v in config.model_dump(mode="json").items() if k != "tracking"}
+        self.tracker = open_tracker(settings, home, name, parent=parent,
+                                    run_id=None if self.entry is None else self.entry["run_id"],
+                                    tags={"lorawatch.run_dir": str(self.run_dir.resolve())})
+        if self.tracker.new:
+            if self.entry is not None:  # the recorded run is gone from the store: log everything again
+                self.entries.remove(self.entry)
+            self.entry = {"destination": key, "run_id": self.tracker.run_id, "where": self.tracker.where,
+                          "logged": {}, "finished": False}
+            self.entries.append(self.entry)
+            self.tracker.log_params(flatten_params(params))
+            self._save()
+
+    @property
+    def where(self) -> str:
+        return self.entry["where"] + ("" if self.tracker else " (logged before)")
+
+    def _save(self) -> None:
+        store.write_record(self.run_dir / RECORD, schema.TrackingRecord, {"runs": self.entries})
+
+    def _prefix(self, seed: int) -> str:
+        return f"seed{seed}/" if len(self.seeds) > 1 else ""
+
+    def stage(self, seed: int, stage: int) -> None:
+        """Log the seed's finished stages up to `stage` that are not logged yet (a resumed run's earlier ones
+        too), in order."""
+        if self.tracker is None:
+            return
+        logged = self.entry["logged"].setdefault(str(seed), [])
+        offset = 0  # optimizer steps of the earlier stages: train/loss and drift/* run on one axis per seed
+        for k in range(stage + 1):
+            folder = store.stage_dir(self.run_dir, seed, k)
+            if not (folder / "stage.json").is_file():
+                return  # not finished: neither it nor a later stage is final
+            record = store.load_record(folder / "stage.json", schema.StageRecord)
+            if k not in logged:
+                self._log_stage(seed, k, folder, record, offset)
+                logged.append(k)
+                self._save()
+            offset += record.training.optimizer_steps if record.training else 0
+
+    def _log_stage(self, seed: int, stage: int, folder: Path, record: schema.StageRecord, offset: int) -> None:
+        prefix, log = self._prefix(seed), self.tracker.log_metrics
+        for i, loss in enumerate(record.training.step_losses if record.training else []):
+            log({f"{prefix}train/loss": loss}, offset + i + 1)
+        if (folder / "monitor.jsonl").is_file():
+            for point in store.load_rows(folder / "monitor.jsonl", schema.MonitorPoint):
+                drift = {"kl_mean": point.kl_mean, "entropy_mean": point.entropy_mean,
+                         "margin_mean": point.margin_mean, "threshold": point.threshold}
+                log({f"{prefix}drift/{k}": v for k, v in drift.items() if v is not None}, offset + point.step)
+        scores = store.load_record(folder / "scores.json", schema.Scores).accuracy()
+        stats = store.load_record(folder / "reference_stats.json", schema.ReferenceStats).body()
+        log({**{f"{prefix}stage/accuracy/{task}": value for task, value in scores.items()},
+             **{f"{prefix}stage/{_stat_name(key)}": value for key, value in stats.items()}}, stage)
+
+    def finish(self) -> None:
+        """Log what is left of a finished run (its stages, the CL metrics, the summary, the artifacts) and close
+        the tracker run as FINISHED."""
+        if self.tracker is None:
+            return
+        summary = store.load_record(store.summary_dir(self.run_dir) / "summary.json", schema.Summary)
+        for seed in self.seeds:
+            self.stage(seed, len(self.tasks))
+            metrics = store.load_record(store.seed_dir(self.run_dir, seed) / "cl_metrics.json",
+                                        schema.ClMetricsRecord)
+            for step, row in enumerate(metrics.per_checkpoint):
+                self.tracker.log_metrics({f"{self._prefix(seed)}cl/{k}": v for k, v in row.model_dump().items()
+                                          if isinstance(v, float)}, step)
+            self._log_statistics(seed, [row.checkpoint for row in metrics.per_checkpoint],
+                                 set(summary.per_seed.get(str(seed), {})))
+        for seed, values in summary.per_seed.items():
+            self.tracker.log_metrics(_numbers(values, f"{self._prefix(int(seed))}summary/"), 0)
+        if len(self.seeds) > 1:
+            self.tracker.log_metrics(_numbers(self._over_seeds(summary), "summary/"), 0)
+        for path, folder in self._artifacts():
+            self.tracker.log_artifact(path, folder)
+        self.entry["finished"] = True
+        self._save()
+        self.tracker.close("FINISHED")
+
+    def _over_seeds(self, summary: schema.Summary) -> dict[str, float | None]:
+        """Each headline number's mean, std and t interval over seeds. The interval is computed from the per-seed
+        values, as the terminal and the page do, so that a summary written before it had intervals gets one."""
+        values: dict[str, float | None] = {}
+        for key, stat in summary.mean_std.items():
+            interval = significance.seed_interval([summary.per_seed[str(s)].get(key) for s in self.seeds
+                                                   if str(s) in summary.per_seed], self.statistics.confidence)
+            low, high = interval or (None, None)
+            values.update({key: stat.mean, f"{key}_std": stat.std, f"{key}_ci_low": low, f"{key}_ci_high": high})
+        return values
+
+    def _log_statistics(self, seed: int, checkpoints: list[str], in_summary: set[str]) -> None:
+        """The seed's verdicts and intervals. Logged here, with the run's end, and not per stage: they exist once
+        the seed has finished (statistics.json is written with its tables), and a finished tracker run logs
+        nothing again, so each is logged once."""
+        record = verdicts.load_seed_statistics(self.run_dir, seed, self.statistics)
+        prefix = self._prefix(seed)
+        for step, values in sorted(statistics_metrics(record, checkpoints, in_summary).items()):
+            self.tracker.log_metrics({prefix + key: value for key, value in values.items() if value is not None},
+                                     step)
+
+    def _artifacts(self) -> list[tuple[Path, str]]:
+        found = [(self.run_dir / "config.json", ""), (self.run_dir / "report.html", "")]
+        for seed in self.seeds:
+            found += [(store.seed_dir(self.run_dir, seed) / f"{t}.csv", f"seed-{seed}") for t in _ARTIFACT_TABLES]
+        found += [(store.summary_dir(self.run_dir) / f"{t}_{s}.csv", "summary")
+                  for t in _ARTIFACT_TABLES for s in ("mean", "std")]
+        return [(path, folder) for path, folder in found if path.is_file()]
+
+    def abort(self, error: BaseException) -> None:
+        """The run stopped: KILLED on Ctrl-C, FAILED on any other error; a resume reopens the same run."""
+        if self.tracker is not None:
+            self.tracker.close("FAILED" if isinstance(error, Exception) else "KILLED")
+
+
+def _stat_name(key: str) -> str:
+    """reference_stats.json's fields under the paper's words: kl_mean -> kl_to_base, kl_p95 -> kl_to_base_p95,
+    margin_mean_delta -> margin_delta."""
+    stat, which, *delta = key.split("_")
+    return "_".join([{"kl": "kl_to_base"}.get(stat, stat), *([] if which == "mean" else [which]), *delta])
+
+
+def statistics_metrics(record: schema.StatisticsRecord, checkpoints: list[str],
+                       in_summary: Collection[str] = ()) -> dict[int, dict[str, float | None]]:
+    """A seed's statistics record as tracked metrics, by step (the checkpoint's stage, as stage/ and cl/ use):
+
+        verdict/vs_previous/regressed_tasks      tasks the checkpoint is worse on than the previous one (and
+        verdict/vs_previous/improved_tasks       better on); vs_base/ the same against the base model
+        verdict/vs_previous/max_negative_flip_rate
+        verdict/vs_previous/<task>/{p_adjusted,difference,ci_low,ci_high,negative_flip_rate}
+        verdict/vs_previous/kl_change{,_ci_low,_ci_high}   KL to base's change with its paired interval
+        stage/accuracy_ci_low/<task>, stage/accuracy_ci_high/<task>     Wilson interval of stage/accuracy/<task>
+        stage/kl_to_base_ci_low, stage/kl_to_base_ci_high               bootstrap interval of stage/kl_to_base
+        cl/<metric>_ci_low, cl/<metric>_ci_high                         bootstrap interval of cl/<metric>
+        summary/<metric>_ci_low, summary/<metric>_ci_high (step 0)      of the headline numbers
+        summary/<metric> (step 0)        a headline number summary.json does not hold (`in_summary`: those it
+                                         does, logged from there), e.g. final_avg_vs_base
+    """
+    step_of = {name: k for k, name in reversed(list(enumerate(checkpoints)))}  # the first stage of a name
+    by_step: dict[int, dict[str, float | None]] = {}
+    for c in record.comparisons:
+        by_step.setdefault(c.stage, {}).update(_comparison_metrics(c))
+    intervals = [(a.checkpoint, {f"stage/accuracy_ci_low/{a.task}": a.low, f"stage/accuracy_ci_high/{a.task}": a.high})
+                 for a in record.accuracy]
+    intervals += [(m.checkpoint, {f"cl/{m.metric}_ci_low": m.low, f"cl/{m.metric}_ci_high": m.high})
+                  for m in record.metrics]
+    intervals += [(d.checkpoint, {"stage/kl_to_base_ci_low": d.low, "stage/kl_to_base_ci_high": d.high})
+                  for d in record.drift]
+    for checkpoint, values in intervals:
+        if checkpoint in step_of:
+            by_step.setdefault(step_of[checkpoint], {}).update(values)
+    headline = by_step.setdefault(0, {})
+    for h in record.headline:
+        headline.update({f"summary/{h.metric}_ci_low": h.low, f"summary/{h.metric}_ci_high": h.high})
+        if h.metric not in in_summary:
+            headline[f"summary/{h.metric}"] = h.value
+    return by_step
+
+
+def _comparison_metrics(c: schema.Comparison) -> dict[str, float | None]:
+    """One comparison's counts, worst negative flip rate, per-task test and interval, and KL change."""
+    base = f"verdict/vs_{c.against}/"
+    values: dict[str, float | None] = {
+        f"{base}regressed_tasks": float(len(c.regressed())),
+        f"{base}improved_tasks": float(sum(t.verdict == "improved" for t in c.tasks)),
+        f"{base}max_negative_flip_rate": max((t.negative_flip_rate for t in c.tasks), default=0.0)}
+    for t in c.tasks:
+        values.update({f"{base}{t.task}/{field}": getattr(t, field)
+                       for field in ("p_adjusted", "difference", "ci_low", "ci_high", "negative_flip_rate")})
+    if c.kl_before is not None and c.kl_after is not None:  # a comparison from before KL changes has none
+        values.update({f"{base}kl_change": c.kl_after - c.kl_before, f"{base}kl_change_ci_low": c.kl_ci_low,
+                       f"{base}kl_change_ci_high": c.kl_ci_high})
+    return values
+
+
+def _numbers(values: dict, prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --- after the fact --------------------------------------------------------------------------------------------------
+
+def _run_config(run_dir: Path) -> ExperimentConfig:
+    from lorawatch.rundir.lifecycle import is_run_folder
+    from lorawatch.report.tables import load_run_config
+
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such folder")
+    if not is_run_folder(run_dir):
+        raise UserError(f"{run_dir}: not a lorawatch run folder")
+    return load_run_config(run_dir)
+
+
+def check_finished(run_dir: Path) -> None:
+    """A one-line error unless `run_dir` is a finished run folder (naming the first stage that is missing)."""
+    config = _run_config(run_dir)
+    if (store.summary_dir(run_dir) / "summary.json").is_file():
+        return  # written once every seed's every stage is
+    missing = next((f"seed {seed} stage {stage} has not finished" for seed in config.seeds
+                    for stage in range(len(config.tasks) + 1)
+                    if not (store.stage_dir(run_dir, seed, stage) / "stage.json").is_file()), "no summary/summary.json")
+    raise UserError(f"{run_dir}: the run has not finished ({missing}); run the same command again to finish it "
+                    "before tracking it")
+
+
+def export_run(run_dir: Path, settings: TrackingSettings, *, home: Path | None = None, name: str | None = None,
+               parent: str | None = None) -> str:
+    """Log a finished run folder completely and return where it went (one line). `home` (default: the run
+    folder) holds the default store, `name` (default: the config's name) names the tracker run, `parent` makes it
+    a child. Exporting again to the same destination logs nothing twice (tracking.json)."""
+    from lorawatch.rundir.lifecycle import run_lock
+
+    run_dir = Path(run_dir)
+    check_finished(run_dir)
+    check_destination(settings, home or run_dir)
+    with run_lock(run_dir):  # tracking.json has one writer, like the rest of the folder
+        logger = RunLogger(run_dir, settings, home=home, name=name, parent=parent)
+        logger.finish()
+        return logger.where
+
+
+def export_settings(run_dir: Path, backend: str | None = None, uri: str | None = None,
+                    experiment: str | None = None) -> TrackingSettings:
+    """`lorawatch track`'s settings for a run: the run's own `tracking` section (else MLflow), with what the
+    command line gives instead."""
+    if backend is not None and backend not in _INSTALL:
+        raise UserError(f"tracking backend {backend!r}: expected {' or '.join(_INSTALL)}")
+    recorded = _run_config(Path(run_dir)).tracking
+    if recorded is not None and (backend is None or backend == recorded.backend):
+        base = recorded.model_dump()
+    else:
+        base = {"backend": backend or "mlflow"}
+    changes = {k: v for k, v in {"uri": uri, "experiment": experiment}.items() if v is not None}
+    return TrackingSettings(**{**base, **changes})

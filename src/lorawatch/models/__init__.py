@@ -1,0 +1,1 @@
+"""Models: resolving a spec offline, the packaged-model cache, GGUF conversion."""

@@ -1,0 +1,197 @@
+"""Live drift monitoring while a stage trains, and what to do when KL to base crosses a threshold.
+
+Every `every` optimizer steps (and at the stage's last step) the reference drift is measured on the adapter
+as it is at that moment: one forward pass over the reference prompts, only the answer-position logits,
+against the base distributions computed once per run. The series goes to stage-K/monitor.jsonl.
+
+Actions when the KL to base is above the stage's threshold:
+- warn      record and show an alert; change nothing.
+- stop      end the stage at the measurement that crossed; keep the adapter of the last measurement below
+            the threshold (the start of the stage when there was none).
+- revert    end the stage there and discard it: the adapter goes back, bit for bit, to the start of the stage.
+- rollback  train the whole stage; then keep, among the measurements below the threshold (the start of the
+            stage included), the one with the lowest training loss over the steps that led to it.
+
+With `patience` k > 1 an action waits for k consecutive measurements above the threshold, so a transient
+crossing (one measurement up, the next back down) is recorded but not acted on; a stage's last measurement
+above the threshold acts whatever the streak, since it is the checkpoint the stage would keep.
+
+The threshold of a stage is the largest of: `threshold` (absolute KL), `relative` x the previous
+checkpoint's KL, and the calibrated value (`calibrate_from`; see `calibrated_threshold`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lorawatch.rundir import schema, store
+from lorawatch.errors import UserError
+from lorawatch.analysis.metrics import ACCURACY_TOLERANCE, MIN_CHECKPOINTS_PER_LABEL
+
+ACTIONS = ("warn", "stop", "revert", "rollback")
+
+
+@dataclass(frozen=True)
+class MonitorParams:
+    every: int
+    action: str
+    threshold: float | None  # absolute, calibration already folded in
+    relative: float | None
+    patience: int = 1
+
+    def stage_threshold(self, previous_kl: float) -> float | None:
+        candidates = [t for t in (self.threshold, None if self.relative is None else self.relative * previous_kl)
+                      if t is not None and t > 0]
+        return max(candidates) if candidates else None
+
+
+def calibrated_threshold(source: str | Path) -> tuple[float, str]:
+    """A threshold from earlier results: a report's correlation.json (its fitted failure-zone threshold), or a
+    run folder (the largest KL to base among its checkpoints whose average accuracy did not fall below the
+    base model's). Returns the value and how it was obtained."""
+    path = Path(source)
+    if path.is_dir() and (path / "correlation.json").is_file():
+        path = path / "correlation.json"
+    if path.is_file():
+        try:
+            zone = store.read_json(path).get("failure_zone") or {}
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"{path}: not a readable correlation.json (expected a lorawatch report's)") from None
+        value = zone.get("threshold")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise UserError(f"{path}: field 'failure_zone.threshold' is missing or not a positive number; "
+                            "the report could not fit one")
+        counts = [zone.get("n_failed"), zone.get("n_healthy")]
+        if not all(isinstance(n, int) for n in counts) or min(counts) < MIN_CHECKPOINTS_PER_LABEL:
+            raise UserError(f"{path}: the failure-zone threshold was fitted on {counts[0]} failed and {counts[1]} "
+                            f"healthy checkpoint(s); at least {MIN_CHECKPOINTS_PER_LABEL} of each are needed to "
+                            "calibrate from it")
+        return float(value), f"failure-zone threshold fitted in {path}"
+    if path.is_dir() and (path / "config.json").is_file():
+        healthy = []
+        for seed in store.seeds_on_disk(path):
+            for stage in store.stages_on_disk(path, seed)[1:]:
+                folder = store.stage_dir(path, seed, stage)
+                try:
+                    store.read_record(folder / "stage.json", schema.StageRecord)  # only finished stages count
+                    scores = store.read_record(folder / "scores.json", schema.Scores).accuracy()
+                    kl = store.read_record(folder / "reference_stats.json", schema.ReferenceStats).kl_mean
+                    base = store.read_record(folder.parent / "stage-0" / "scores.json", schema.Scores).accuracy()
+                except (OSError, ValueError):
+                    continue
+                tasks = [t for t in scores if t != "reference"]
+                if not all(t in base for t in tasks):
+                    continue
+                average = np.mean([scores[t] for t in tasks])
+                if average >= np.mean([base[t] for t in tasks]) - ACCURACY_TOLERANCE and kl > 0:
+                    healthy.append(kl)
+        if not healthy:
+            raise UserError(f"{path}: no trained checkpoint kept the base model's average accuracy; "
+                            "cannot calibrate a threshold from this run")
+        return float(max(healthy)), f"largest KL of {len(healthy)} checkpoint(s) without accuracy loss in {path}"
+    raise UserError(f"{source}: monitor.calibrate_from must be a report folder, its correlation.json, or a run folder")
+
+
+@dataclass
+class Intervention:
+    stage: int
+    task: str
+    action: str
+    step: int  # the optimizer step whose measurement set the action off (with patience: the streak's last)
+    kl: float  # KL to base measured there
+    threshold: float
+    kept_step: int  # the step whose adapter the stage keeps (0: the start of the stage)
+    kept_kl: float | None
+    steps_trained: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StageMonitor:
+    """Hooked into train_stage: measures, records, and decides whether training goes on."""
+    model: torch.nn.Module
+    measure: Callable[[], dict]  # -> {"kl_mean", "entropy_mean", "margin_mean"}
+    params: MonitorParams
+    stage: int
+    task: str
+    threshold: float | None
+    start_kl: float
+    on_point: Callable[[dict], None] | None = None
+    series: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    trigger: dict | None = None  # the measurement that set the action off
+    _streak: int = 0  # consecutive measurements above the threshold
+    _losses: list[float] = field(default_factory=list)
+    _candidates: list[tuple[dict, dict]] = field(default_factory=list)  # (point, adapter weights)
+    _start: dict | None = None
+
+    def __post_init__(self) -> None:
+        self._start = self._snapshot()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _restore(self, weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in weights:
+                    param.copy_(weights[name])
+
+    def on_step(self, step: int, total_steps: int, loss: float) -> bool:
+        """Called after each optimizer step; True ends the stage's training."""
+        self._losses.append(loss)
+        if step % self.params.every and step != total_steps:
+            return False
+        started = time.perf_counter()
+        stats = self.measure()
+        above = self.threshold is not None and stats["kl_mean"] > self.threshold
+        point = {"step": step, "kl_mean": stats["kl_mean"], "entropy_mean": stats["entropy_mean"],
+                 "margin_mean": stats["margin_mean"], "train_loss": float(np.mean(self._losses)),
+                 "threshold": self.threshold, "above": above}
+        self._losses = []
+        self.series.append(point)
+        self._streak = self._streak + 1 if above else 0
+        acts = above and (self._streak >= self.params.patience or step == total_steps)
+        if acts and self.trigger is None:
+            self.trigger = point
+        action = self.params.action
+        if not above and action == "stop":
+            self._candidates = [(point, self._snapshot())]  # only the latest one below is kept
+        elif not above and action == "rollback":
+            self._candidates.append((point, self._snapshot()))
+        self.seconds += time.perf_counter() - started
+        if self.on_point:
+            self.on_point(point)
+        return acts and action in ("stop", "revert")
+
+    def finish(self, steps_trained: int) -> Intervention | None:
+        """Apply the action to the model's adapter; the intervention taken, or None."""
+        if self.trigger is None:
+            return None
+        action = self.params.action
+        kept_step, kept_kl = steps_trained, self.series[-1]["kl_mean"]
+        if action == "revert" or (action in ("stop", "rollback") and not self._candidates):
+            self._restore(self._start)
+            kept_step, kept_kl = 0, self.start_kl
+        elif action == "stop":
+            point, weights = self._candidates[-1]
+            self._restore(weights)
+            kept_step, kept_kl = point["step"], point["kl_mean"]
+        elif action == "rollback":
+            point, weights = min(self._candidates, key=lambda c: (c[0]["train_loss"], -c[0]["step"]))
+            self._restore(weights)
+            kept_step, kept_kl = point["step"], point["kl_mean"]
+        self._start = None
+        self._candidates = []
+        return Intervention(stage=self.stage, task=self.task, action=action, step=self.trigger["step"],
+                            kl=self.trigger["kl_mean"], threshold=float(self.threshold), kept_step=kept_step,
+                            kept_kl=kept_kl, steps_trained=steps_trained)

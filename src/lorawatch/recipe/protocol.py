@@ -1,0 +1,455 @@
+"""The protocol as a recipe, read top to bottom in `Recipe.run`:
+
+    setup      load the model, encode the data, resolve the evaluation fast path for this model and dtype
+    base       stage 0: evaluate the base model on every task and the reference set (cached across runs)
+    for each seed, for each task k in order:
+      train    one cumulative LoRA adapter on task k (fresh AdamW; live drift monitor if configured)
+      save     the adapter and the training log
+      evaluate the checkpoint on every task, the reference set, and its drift from the base model
+      finish   stage-k's summary files (stage.json last: the stage is complete)
+    tables     accuracy matrix, CL metrics and stability per seed; mean/std over seeds
+
+Every step writes its units into the run folder (units.py) as soon as they are done, and a rerun reads
+finished units back instead of recomputing them, so a resumed run gives the same files as an uninterrupted one.
+The base stage does not depend on the seed (greedy decoding, no adapter): computed once, copied to every seed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+from safetensors.torch import save as save_safetensors
+
+from lorawatch.rundir import schema, store
+from lorawatch.report import tables
+from lorawatch.engine.base_cache import (
+    base_stage_cache,
+    base_stage_key,
+    base_stage_lock,
+    restore_base_stage,
+    save_base_stage,
+)
+from lorawatch.engine.checkpoint_eval import EvalParams, drift_rows, evaluate_checkpoint, generate_by_task
+from lorawatch.config import ExperimentConfig
+from lorawatch.rundir.costs import Costs
+from lorawatch.errors import UserError
+from lorawatch.engine.generation import GENERATION_RULES_VERSION, FastPath, fast_path_for, merged_adapter
+from lorawatch.data.inputs import RunData, data_fingerprint, encode, load_data, weights_digest
+from lorawatch.models.loading import LoadedModel, load_model
+from lorawatch.recipe.monitor import MonitorParams, StageMonitor, calibrated_threshold
+from lorawatch.progress import RunProgress
+from lorawatch.rundir.lifecycle import FolderPlan, abandon_run_dir, plan_run_dir, run_lock, start_run_dir
+from lorawatch.rundir.stage_files import (
+    BASE_LOGPROBS,
+    crash_point,
+    environment,
+    finish_stage,
+    load_adapter_weights,
+    read_drafts,
+    read_intact,
+    read_logprobs,
+    save_adapter,
+    stage_complete,
+)
+from lorawatch.engine.drift import summarize
+from lorawatch.data.tasks.scoring import SCORING_RULES_VERSION
+from lorawatch.integrations.tracking import RunLogger, check_destination as check_tracking
+from lorawatch.recipe.strategies import build_strategy
+from lorawatch.recipe.training import TrainingDiverged, TrainParams, train_stage, use_gap_dropout
+
+__all__ = ["Recipe", "encode", "generate_by_task", "load_data", "lora_config", "resolve_monitor", "run_experiment",
+           "run_lock", "run_recipe"]
+
+
+def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Console | None = None,
+                   overwrite: bool = False, force: bool = False, tracking_parent: str | None = None,
+                   tracking_name: str | None = None) -> Path:
+    """Run (or resume) the whole protocol into `run_dir` and return it.
+
+    Data problems surface before any model work. A run folder that already holds this config is resumed:
+    finished units (a stage's training, a task's evaluation, a reference pass) are read back, the rest is
+    computed, and the results are identical to an uninterrupted run. With `config.tracking`, each finished stage
+    is also logged to MLflow or TensorBoard (tracking.py), as a child of `tracking_parent` when given, named
+    `tracking_name` (default: the config's name).
+    """
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    if config.tracking is not None:
+        check_tracking(config.tracking, run_dir)
+    data = load_data(config)
+    monitor = resolve_monitor(config)
+    plan = plan_run_dir(run_dir, config, data_inputs(data), overwrite=overwrite, force=force)
+    recipe = Recipe(config, run_dir, data, console, plan.mode == "resume",
+                    None if monitor is None else MonitorParams(**monitor["params"]))
+
+    def after_start() -> None:
+        if monitor is not None:
+            store.write_record(run_dir / "monitor.json", schema.MonitorSettings, monitor)
+        if config.tracking is not None:
+            recipe.tracker = RunLogger(run_dir, config.tracking, name=tracking_name, parent=tracking_parent)
+            console.print(f"lorawatch: tracking to {recipe.tracker.where}")
+
+    try:
+        run_recipe(recipe, plan, after_start=after_start)
+    except BaseException as error:
+        if recipe.tracker is not None:
+            recipe.tracker.abort(error)
+        raise
+    return run_dir
+
+
+def run_recipe(recipe: "Recipe", plan: FolderPlan, *, after_start: Callable[[], None] | None = None) -> None:
+    """With the folder's lock held: set up (model, checks), start the folder (clear, record or resume it), then
+    run. A command that fails before it recorded anything leaves no folder behind."""
+    run_dir = recipe.run_dir
+    try:
+        with run_lock(run_dir):
+            recipe.setup()
+            # Every check has passed and the lock is held: only now is the folder cleared, recorded or resumed.
+            for note in start_run_dir(run_dir, plan, recipe.config, recipe.fingerprint(), environment(recipe.loaded)):
+                recipe.console.print(f"lorawatch: {note}")
+            if after_start is not None:
+                after_start()
+            recipe.run()
+    except BaseException:
+        abandon_run_dir(run_dir, plan)
+        raise
+
+
+def resolve_monitor(config: ExperimentConfig) -> dict | None:
+    """The monitor's settings with any calibrated threshold worked out (before any model work)."""
+    if config.monitor is None:
+        return None
+    settings = config.monitor
+    threshold, calibration = settings.threshold, None
+    if settings.calibrate_from is not None:
+        value, how = calibrated_threshold(settings.calibrate_from)
+        calibration = {"threshold": value, "from": how}
+        threshold = max(threshold or 0.0, value)
+    return {"params": {"every": settings.every, "action": settings.action, "threshold": threshold,
+                       "relative": settings.relative, "patience": settings.patience}, "calibration": calibration}
+
+
+def data_inputs(data: RunData) -> dict:
+    """The inputs known before the model is loaded: every row read, and the scoring and generation rules."""
+    return {"data": data_fingerprint(data),
+            "rules": {"scoring": SCORING_RULES_VERSION, "generation": GENERATION_RULES_VERSION}}
+
+
+def lora_config(config: ExperimentConfig) -> LoraConfig:
+    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=config.lora.target_modules, bias=config.lora.bias, task_type="CAUSAL_LM")
+
+
+def check_lora_targets(model: torch.nn.Module, lora: LoraConfig) -> None:
+    """The adapter's target modules exist in this model: checked on a weightless copy (meta device) before the
+    base stage, not found out when the first stage starts."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    try:
+        get_peft_model(skeleton, lora)
+    except NoMatchingPeftModuleError:
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+        raise UserError(f"lora.target_modules {lora.target_modules!r} names no layer of this model; its linear "
+                        f"layers are {', '.join(names)} (or use all-linear)") from None
+
+
+class Recipe:
+    """One run of the protocol. The state every step needs (model, data, parameters, costs, progress) lives
+    here, so that each step takes only what varies: the seed and the stage."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path, data: RunData, console: Console, resuming: bool,
+                 monitor: MonitorParams | None):
+        self.config, self.run_dir, self.data, self.console = config, run_dir, data, console
+        self.resuming, self.monitor = resuming, monitor
+        self.costs = Costs()
+        self.costs.notes["resumed"] = resuming
+        self.tracker: RunLogger | None = None  # logs each finished stage, then the tables (reads the folder)
+
+    def run(self) -> None:
+        """Everything after `setup`, which the caller runs first (the run folder is started in between)."""
+        with RunProgress(self.total_rows(), self.console) as self.progress:
+            self.base_stage()
+            for seed_index, seed in enumerate(self.config.seeds):
+                self.run_seed(seed, fresh_model=seed_index > 0)
+            with self.costs.phase("tables"):
+                tables.write_summary(self.run_dir)
+        store.write_record(self.run_dir / "costs.json", schema.CostsRecord, self.costs.to_dict())
+        if self.tracker is not None:
+            self.tracker.finish()
+
+    # --- setup -----------------------------------------------------------------------------------------
+
+    def load_model(self) -> LoadedModel:
+        model = self.config.model
+        with self.costs.phase("model_load"):
+            return load_model(model.spec, device=model.device, dtype=model.dtype,
+                              cache_dir=Path(model.cache_dir) if model.cache_dir else None,
+                              trust_remote_code=model.trust_remote_code)
+
+    def setup(self) -> None:
+        config, data = self.config, self.data
+        self.loaded = self.load_model()
+        self.check_model()
+        self.weights = weights_digest(self.loaded.model)
+        info = self.loaded.info
+        self.console.print(f"lorawatch: {config.name} · model {info.spec} ({info.num_parameters / 1e6:.0f}M "
+                           f"params, {info.device}, {info.dtype}) · tasks {' → '.join(t.name for t in data.tasks)} · "
+                           f"seeds {', '.join(map(str, config.seeds))} · run folder {self.run_dir}"
+                           + (" · resuming" if self.resuming else ""))
+        self.encoded = encode(data, self.loaded.tokenizer, config.train.max_length)
+        train = config.train
+        self.train_params = TrainParams(learning_rate=train.learning_rate, batch_size=train.batch_size,
+                                        grad_accum=train.grad_accum, epochs=train.epochs,
+                                        max_grad_norm=train.max_grad_norm, weight_decay=train.weight_decay,
+                                        lr_scheduler=train.lr_scheduler, loss_weighting=train.loss_weighting)
+        requested = FastPath(**{part: getattr(config.eval, part) for part in FastPath.__dataclass_fields__})
+        fast, switched_off = fast_path_for(self.loaded.model, self.loaded.model.dtype, requested)
+        for part, why in switched_off.items():
+            self.console.print(f"lorawatch: fast path: {part} off for this model ({why})")
+        self.costs.notes["fast_path"] = {"used": fast.to_dict(), "switched_off": switched_off}
+        self.eval_params = EvalParams(max_new_tokens=config.eval.max_new_tokens, token_budget=config.eval.token_budget,
+                                      batch_rows=config.eval.batch_rows, device=info.device,
+                                      reference_position=config.reference.position, fast=fast)
+        self.strategy = build_strategy(config.strategy, {t.name: self.encoded.train[t.name] for t in data.tasks},
+                                       pad_id=self.loaded.tokenizer.pad_token_id, device=info.device)
+
+    def check_model(self) -> None:
+        """What must hold of the loaded model before anything is printed or computed."""
+        check_lora_targets(self.loaded.model, lora_config(self.config))
+
+    def fingerprint(self) -> dict:
+        """What this run's results are computed from; a resume with other inputs is refused."""
+        return {**data_inputs(self.data), "model": {"weights": self.weights}}
+
+    # --- stage 0 ---------------------------------------------------------------------------------------
+
+    def base_stage(self) -> None:
+        """Evaluate the base model once (or reuse a cached evaluation), then copy it into every seed's folder."""
+        config, data, progress = self.config, self.data, self.progress
+        base_dir = store.stage_dir(self.run_dir, config.seeds[0], 0)
+        lp_path = self.run_dir / BASE_LOGPROBS
+        key = base_stage_key(self.loaded, self.weights, data, self.encoded, self.eval_params)
+        cache = base_stage_cache(key) if config.eval.reuse_base_stage else None
+        self.base_logprobs = read_logprobs(lp_path, len(data.reference))
+        if self.base_logprobs is None or not stage_complete(base_dir, data, adapter=False):
+            def waiting() -> None:
+                progress.log(f"base: another run is computing this base stage; waiting to reuse it ({cache})")
+
+            with base_stage_lock(cache, on_wait=waiting):
+                self.compute_base_stage(base_dir, lp_path, key, cache)
+        else:
+            progress.advance(self.checkpoint_rows())
+        self.costs.notes["base_stage_key"] = key
+        self.base_stats = store.read_record(base_dir / "reference_stats.json", schema.ReferenceStats).statistics()
+        for seed in config.seeds[1:]:
+            copy_dir = store.stage_dir(self.run_dir, seed, 0)
+            if not stage_complete(copy_dir, data, adapter=False):
+                store.atomic_copytree(base_dir, copy_dir)
+
+    def compute_base_stage(self, base_dir: Path, lp_path: Path, key: str, cache: Path | None) -> None:
+        """Stage 0's units: restored from the cache when it holds them, else computed (and then cached)."""
+        data, progress = self.data, self.progress
+        reused = cache is not None and restore_base_stage(cache, base_dir, lp_path)
+        if reused:
+            self.base_logprobs = read_logprobs(lp_path, len(data.reference))
+            progress.log(f"base: reusing the base evaluation cached under {cache}")
+        started = time.perf_counter()
+        if self.base_logprobs is None:
+            (base_dir / "reference_drift.jsonl").unlink(missing_ok=True)
+        scores, drift, computed = evaluate_checkpoint(
+            self.loaded.model, self.loaded.tokenizer, data, self.encoded, base_dir, self.eval_params,
+            base_logprobs=None, drafts=None, costs=self.costs, progress=progress, label="base", crash_prefix="base")
+        if computed is not None:
+            store.atomic_write_bytes(lp_path, save_safetensors({"logprobs": computed.contiguous()}))
+            self.base_logprobs = computed
+        finish_stage(base_dir, stage=0, checkpoint="base", task=None, scores=scores, drift=drift, base_stats=None,
+                     extra={"eval_seconds": round(time.perf_counter() - started, 3), "base_stage_key": key,
+                            "reused_from_cache": reused, "fast_path": self.eval_params.fast.to_dict()})
+        if cache is not None and not reused:
+            save_base_stage(cache, base_dir, lp_path)
+        progress.log("base: " + _scores_line(scores))
+
+    # --- one seed ----------------------------------------------------------------------------------------
+
+    def run_seed(self, seed: int, *, fresh_model: bool) -> None:
+        stages = [store.stage_dir(self.run_dir, seed, k) for k in range(len(self.data.tasks) + 1)]
+        first = next((k for k in range(1, len(stages)) if not stage_complete(stages[k], self.data, adapter=True)),
+                     None)
+        if first is None:
+            self.progress.advance(self.seed_rows())
+        else:
+            if fresh_model:  # the previous seed's adapter wrappers live in the model it was given
+                self.loaded = self.load_model()
+            torch.manual_seed(seed)  # LoRA's A matrices are initialised randomly
+            model = get_peft_model(self.loaded.model, lora_config(self.config))
+            use_gap_dropout(model)
+            # resume from the last stage whose adapter is intact (redo it too if it is damaged), and whatever its
+            # strategy kept for later stages (checked first: a stage to redo must not start from its own adapter)
+            while first > 1 and not (self.strategy.intact(stages[first - 1], first - 1)
+                                     and load_adapter_weights(model, stages[first - 1] / "adapter")):
+                first -= 1
+            for stage in range(first, len(stages)):
+                log = self.train(model, seed, stage)
+                scores, drift, seconds = self.evaluate(model, seed, stage)
+                self.finish(seed, stage, log, scores, drift, seconds)
+                if self.tracker is not None:
+                    self.tracker.stage(seed, stage)
+            del model
+        with self.costs.phase("tables"):
+            tables.write_seed_tables(self.run_dir, seed, self.config.statistics)
+
+    def train(self, model, seed: int, stage: int) -> dict:
+        """Train stage `stage`'s task into the adapter and save it, or read back a stage trained before."""
+        task = self.data.tasks[stage - 1]
+        folder = store.stage_dir(self.run_dir, seed, stage)
+        log_path = folder / "training.json"
+        # Also for a stage read back: a strategy shapes the model for the stage here (O-LoRA adds the earlier
+        # tasks' adapters), and the stage's own adapter is loaded into that shape.
+        plan = self.strategy.plan(model, stage, seed, [store.stage_dir(self.run_dir, seed, k) for k in range(stage)])
+        trained = read_intact(log_path, schema.TrainingRecord)
+        if (trained is not None and self.strategy.intact(folder, stage)
+                and load_adapter_weights(model, folder / "adapter")):
+            self.progress.advance(len(task.train) * self.train_params.epochs)
+            return trained.body()
+        shutil.rmtree(folder, ignore_errors=True)  # whatever this stage evaluated before belonged to another adapter
+        label = self.stage_label(seed, stage)
+        self.progress.phase(f"{label} · train {task.name}")
+        advance = _advance_by_delta(self.progress)
+
+        def on_micro_batch(done: int, total: int) -> None:
+            advance(done * len(task.train) // len(plan.rows), total)  # progress counts the task's own rows
+            crash_point(f"{seed}:{stage}:train:{done}")
+
+        watch = None if self.monitor is None else self.stage_monitor(model, seed, stage)
+        with self.costs.phase("training"):
+            try:
+                log = train_stage(model, plan.rows, self.train_params, seed=plan.seed,
+                                  pad_id=self.loaded.tokenizer.pad_token_id, device=self.eval_params.device,
+                                  on_micro_batch=on_micro_batch, on_step=None if watch is None else watch.on_step,
+                                  extra_loss=plan.extra_loss).to_dict()
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"seed {seed}, stage {stage} ({task.name}): {exc}; finished stages are kept, "
+                                       "this one is not recorded") from None
+            if watch is not None:
+                log["monitor"] = self.finish_monitor(watch, log, folder, seed, stage)
+            strategy_log = self.strategy.finish(model, plan, log["optimizer_steps"], folder)
+            if strategy_log is not None:
+                log["strategy"] = strategy_log
+            save_adapter(model, folder / "adapter")
+            store.write_record(log_path, schema.TrainingRecord, log)
+        crash_point(f"{seed}:{stage}:trained")
+        return log
+
+    def evaluate(self, model, seed: int, stage: int) -> tuple[dict, list, float]:
+        """The checkpoint on every task and the reference set, with the previous checkpoint's outputs as drafts."""
+        started = time.perf_counter()
+        with merged_adapter(model) if self.eval_params.fast.merge_adapter else nullcontext():
+            scores, drift, _ = evaluate_checkpoint(
+                model, self.loaded.tokenizer, self.data, self.encoded, store.stage_dir(self.run_dir, seed, stage),
+                self.eval_params, base_logprobs=self.base_logprobs,
+                drafts=read_drafts(store.stage_dir(self.run_dir, seed, stage - 1)), costs=self.costs,
+                progress=self.progress, label=self.stage_label(seed, stage), crash_prefix=f"{seed}:{stage}")
+        return scores, drift, time.perf_counter() - started
+
+    def finish(self, seed: int, stage: int, log: dict, scores: dict, drift: list, eval_seconds: float) -> None:
+        task = self.data.tasks[stage - 1]
+        stats = finish_stage(store.stage_dir(self.run_dir, seed, stage), stage=stage, checkpoint=task.name,
+                             task=task.name, scores=scores, drift=drift, base_stats=self.base_stats,
+                             extra={"training": log,
+                                    "intervention": (log.get("monitor") or {}).get("intervention"),
+                                    "fast_path": self.eval_params.fast.to_dict(),
+                                    "eval_seconds": round(eval_seconds, 3)})
+        crash_point(f"{seed}:{stage}:done")
+        losses = log["step_losses"]
+        self.progress.log(f"seed {seed} stage {stage} ({task.name}): {log['optimizer_steps']} steps, loss "
+                          f"{_fmt(losses[0] if losses else None)} → {_fmt(losses[-1] if losses else None)} · "
+                          f"{_scores_line(scores)} · KL to base {stats['kl_mean']:.4f}")
+
+    # --- the live drift monitor ----------------------------------------------------------------------------
+
+    def stage_monitor(self, model, seed: int, stage: int) -> StageMonitor:
+        task, data, loaded = self.data.tasks[stage - 1], self.data, self.loaded
+        previous = store.stage_dir(self.run_dir, seed, stage - 1) / "reference_stats.json"
+        previous_kl = store.read_record(previous, schema.ReferenceStats).kl_mean if stage > 1 else 0.0
+        threshold = self.monitor.stage_threshold(previous_kl)
+        label = self.stage_label(seed, stage)
+
+        def measure() -> dict:
+            # The answer-position logits only, against the base distributions computed once for the run.
+            was_training = model.training
+            first = generate_by_task(model, loaded.tokenizer, data.reference, self.encoded.reference,
+                                     max_new_tokens=1, device=self.eval_params.device,
+                                     token_budget=self.eval_params.token_budget,
+                                     batch_rows=self.eval_params.batch_rows, first_logprobs=True,
+                                     fast=self.eval_params.fast)
+            model.train(was_training)
+            logprobs = torch.stack([first[e.id].first_logprobs for e in data.reference])
+            return summarize(drift_rows(data, logprobs, self.base_logprobs))
+
+        def show(point: dict) -> None:
+            limit = "" if threshold is None else f" (threshold {threshold:.4f})"
+            self.progress.phase(f"{label} · train {task.name} · step {point['step']} KL {point['kl_mean']:.4f}{limit}")
+
+        return StageMonitor(model=model, measure=measure, params=self.monitor, stage=stage, task=task.name,
+                            threshold=threshold, start_kl=previous_kl, on_point=show)
+
+    def finish_monitor(self, watch: StageMonitor, log: dict, folder: Path, seed: int, stage: int) -> dict:
+        """Apply the monitor's action at the stage's end; its record for the training log."""
+        intervention = watch.finish(log["optimizer_steps"])
+        monitor = self.monitor
+        self.costs.seconds["monitor"] += watch.seconds
+        store.write_rows(folder / "monitor.jsonl", schema.MonitorPoint, watch.series)
+        if intervention is not None:
+            self.progress.log(f"[bold]monitor[/bold]: seed {seed} stage {stage} ({self.data.tasks[stage - 1].name}): "
+                              f"KL to base {intervention.kl:.4f} > {intervention.threshold:.4f} at step "
+                              f"{intervention.step} → {intervention.action}"
+                              + ("" if intervention.action == "warn" else f", keeping step {intervention.kept_step}"))
+        return {"threshold": watch.threshold, "action": monitor.action, "every": monitor.every,
+                "patience": monitor.patience, "measurements": len(watch.series), "seconds": round(watch.seconds, 3),
+                "intervention": None if intervention is None else intervention.to_dict()}
+
+    # --- progress arithmetic ------------------------------------------------------------------------------
+
+    def stage_label(self, seed: int, stage: int) -> str:
+        return f"seed {seed} · stage {stage}/{len(self.data.tasks)}"
+
+    def checkpoint_rows(self) -> int:
+        """Progress rows of one checkpoint's evaluation: every test row, and the reference set twice."""
+        return sum(len(t.test) for t in self.data.tasks) + 2 * len(self.data.reference)
+
+    def seed_rows(self) -> int:
+        """Progress rows of one seed after the base stage: all training passes and every checkpoint's evaluation."""
+        trains = sum(len(t.train) for t in self.data.tasks) * self.config.train.epochs
+        return trains + len(self.data.tasks) * self.checkpoint_rows()
+
+    def total_rows(self) -> int:
+        return self.checkpoint_rows() + len(self.config.seeds) * self.seed_rows()
+
+
+def _advance_by_delta(progress: RunProgress):
+    last = [0]
+
+    def callback(done: int, total: int) -> None:
+        progress.advance(done - last[0])
+        last[0] = done
+
+    return callback
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _scores_line(scores: dict[str, float]) -> str:
+    return " ".join(f"{name} {value:.2f}" for name, value in scores.items())

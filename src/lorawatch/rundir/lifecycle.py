@@ -1,0 +1,271 @@
+"""The run folder's life cycle: checking a folder against the command before any model work, creating,
+resuming or clearing it (--overwrite, --force), what a run records of itself (config, inputs, histories), and
+the lock that makes one process its only writer.
+
+The layout itself (which file is where) and every read and write are store.py's; a stage's files are stage_files.py's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorawatch.rundir import schema, store
+from lorawatch.config import ExperimentConfig, build_config
+from lorawatch.errors import ConfigError, UserError
+from lorawatch.rundir.store import DAMAGED
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two config dicts."""
+    fields = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields += config_differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b:
+            fields += config_differences(dict(enumerate(a)), dict(enumerate(b)), f"{prefix}{key}.")
+        elif a != b:
+            fields.append(f"{prefix}{key}")
+    return fields
+
+
+RUN_MARKER = ".lorawatch-run"  # in every run folder: --overwrite deletes only folders that have it
+INPUTS = "inputs.json"  # what the results were computed from: data, model weights, scoring and generation rules
+CONFIG_HISTORY = "config_history.jsonl"  # one line per --force: what changed and what was kept
+ENVIRONMENT_HISTORY = "environment_history.jsonl"  # one line per start or resume of the run
+# Config fields whose change would make finished stages mean something else: --force never resumes over them.
+MEANING_FIELDS = ("order", "tasks", "reference", "lora", "train", "strategy", "model.dtype")
+MOVABLE_FIELDS = ("tasks.*.train", "tasks.*.test", "reference.path")  # data may move if its rows do not change
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder lorawatch wrote: its marker, or (written before the marker existed) a config.json beside the
+    environment or seed folders that only a run writes."""
+    if (path / RUN_MARKER).is_file():
+        return True
+    return (path / "config.json").is_file() and ((path / "environment.json").is_file() or
+                                                 any(p.is_dir() for p in path.glob("seed-*")))
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    mode: str  # "new" | "resume" | "overwrite"
+    created: bool  # the folder did not exist before this command
+    forced: tuple[str, ...] = ()  # config fields --force resumes over
+
+
+def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overwrite: bool,
+                 force: bool) -> FolderPlan:
+    """Check the folder against this command, before any model work: the config, and the inputs known without
+    the model (data, rules). On disk it only creates an empty folder (for the lock). Nothing is deleted here:
+    --overwrite clears the folder once the run's checks have passed and its lock is held (`clear_run_dir`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder")
+    created = not run_dir.exists()
+    contents = [p for p in run_dir.iterdir() if p.name != ".lock"] if run_dir.is_dir() else []
+    if not contents:
+        mode, forced = "new", ()
+    elif not is_run_folder(run_dir):
+        raise UserError(f"{run_dir}: folder is not empty and is not a lorawatch run; choose another --out"
+                        + (" (--overwrite deletes only lorawatch run folders)" if overwrite else ""))
+    elif overwrite:
+        mode, forced = "overwrite", ()
+    else:
+        _check_same_job(run_dir, inputs)
+        _check_versions(run_dir)
+        mode, forced = "resume", _check_config(run_dir, config, force)
+        check_inputs(run_dir, inputs)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
+    if mode == "resume":
+        # A read-only folder inside the run would otherwise be found only when a stage, trained, is saved.
+        locked = [p for p in [run_dir, *run_dir.rglob("*")] if p.is_dir() and not os.access(p, os.W_OK | os.X_OK)]
+        if locked:
+            raise UserError(f"{locked[0]}: the run folder is not writable there"
+                            + (f" (and {len(locked) - 1} more folders)" if len(locked) > 1 else "")
+                            + "; make it writable and run the same command again")
+    return FolderPlan(mode, created, tuple(forced))
+
+
+def _read_record(path: Path, record: type[schema.Record] | None = None) -> dict:
+    """A run's own record (config.json, or a typed one such as inputs.json): a mapping, or a one-line error if it
+    is damaged."""
+    try:
+        recorded = store.read_json(path) if record is None else store.read_record(path, record).body()
+    except DAMAGED:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: damaged; pass --overwrite to start this run again")
+    return recorded
+
+
+def _check_versions(run_dir: Path) -> None:
+    """A record from a newer lorawatch is refused before any model work (a damaged one is the run's to redo)."""
+    for path in run_dir.rglob("*.json"):
+        if path.name in schema.RECORDS and "adapter" not in path.parts:
+            try:
+                store.read_record(path, schema.RECORDS[path.name])
+            except (OSError, ValueError):
+                continue
+
+
+def _check_same_job(run_dir: Path, inputs: dict) -> None:
+    """`run` trains its adapters, `evaluate` reads them from elsewhere: neither resumes the other's folder."""
+    path = run_dir / INPUTS
+    evaluated = path.is_file() and bool(_read_record(path, schema.Inputs).get("adapters"))
+    if evaluated and "adapters" not in inputs:
+        raise UserError(f"{run_dir}: made by `lorawatch evaluate` (adapters trained elsewhere); `lorawatch run` does "
+                        "not resume it: use another --out, or evaluate it again with `lorawatch evaluate`")
+    if not evaluated and "adapters" in inputs and path.is_file():
+        raise UserError(f"{run_dir}: made by `lorawatch run`; `lorawatch evaluate` does not write into it: use "
+                        "another --out")
+
+
+def config_changes(run_dir: Path, config: ExperimentConfig) -> list[str]:
+    """The fields in which `config` differs from the one the run folder was started with."""
+    config_path = run_dir / "config.json"
+    recorded = _read_record(config_path)
+    try:  # read through today's schema, so that a field added since (with its default) is no difference
+        recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
+    except ConfigError:
+        pass  # an older or hand-edited config: compare what is there
+    # Where a run is also logged (tracking) changes no result: a resume may add, change or drop it.
+    return [field for field in config_differences(recorded, config.model_dump(mode="json"))
+            if not _matches(field, ("tracking", "overrides.tracking"))]
+
+
+def _check_config(run_dir: Path, config: ExperimentConfig, force: bool) -> list[str]:
+    changed = config_changes(run_dir, config)
+    if changed and not force:
+        raise UserError(f"{run_dir}: the run was started with a different config (changed: {', '.join(changed)}); "
+                        "use another --out for a new run, --overwrite to start again, or --force to continue")
+    meaning = [f for f in changed if _matches(f, MEANING_FIELDS) and not _matches(f, MOVABLE_FIELDS)]
+    if meaning:
+        raise UserError(f"{run_dir}: --force cannot resume over {', '.join(meaning)}: finished stages were computed "
+                        "with the old values; use another --out, or --overwrite to start again")
+    return changed
+
+
+def _matches(field: str, patterns: tuple[str, ...]) -> bool:
+    parts = field.split(".")
+    for pattern in patterns:
+        want = pattern.split(".")
+        if len(parts) >= len(want) and all(w in ("*", p) for w, p in zip(want, parts)):
+            return True
+    return False
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite, with the lock held: everything but the lock file goes (deleting the lock file would let a
+    second writer lock a new one)."""
+    for path in run_dir.iterdir():
+        if path.name == ".lock":
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def start_run_dir(run_dir: Path, plan: FolderPlan, config: ExperimentConfig, fingerprint: dict,
+                  env: dict) -> list[str]:
+    """With the lock held and the model loaded: clear (--overwrite), record the config and inputs (a new run),
+    or check them (a resumed one). Returns lines to tell the user."""
+    notes = []
+    if plan.mode == "overwrite":
+        clear_run_dir(run_dir)
+    if plan.mode == "resume":
+        check_inputs(run_dir, fingerprint)
+        if plan.forced:
+            previous = store.read_json(run_dir / "config.json")
+            _append_row(run_dir / CONFIG_HISTORY, schema.ConfigChange, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                                        "changed": list(plan.forced),
+                                                                        "previous": previous})
+            notes.append(f"--force: resuming with changed {', '.join(plan.forced)}; finished stages keep what they "
+                         "were computed with, unfinished ones use the new values (recorded in "
+                         f"{CONFIG_HISTORY})")
+    if plan.mode != "resume" or plan.forced:
+        store.write_json(run_dir / "config.json", config.model_dump(mode="json"))
+    if plan.mode != "resume" or not (run_dir / INPUTS).is_file():
+        store.write_record(run_dir / INPUTS, schema.Inputs, fingerprint)
+    store.atomic_write_text(run_dir / RUN_MARKER, "a lorawatch run folder\n")
+    store.write_record(run_dir / "environment.json", schema.Environment, env)
+    _append_row(run_dir / ENVIRONMENT_HISTORY, schema.EnvironmentEntry,
+                {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode, **env})
+    return notes
+
+
+def check_inputs(run_dir: Path, inputs: dict) -> None:
+    """Refuse to resume a run whose inputs (the parts of `inputs` given) differ from those it recorded: its
+    finished stages were computed from the old ones, and --force does not change that."""
+    path = run_dir / INPUTS
+    if not path.is_file():
+        return  # written by a version before fingerprints: recorded from now on
+    recorded = _read_record(path, schema.Inputs)
+    changed = config_differences({k: recorded.get(k) for k in inputs}, inputs)
+    if changed:
+        raise UserError(f"{run_dir}: the run's inputs changed since it started (changed: {', '.join(changed)}); "
+                        "finished stages were computed from the old ones: use another --out, or --overwrite to "
+                        "start again")
+
+
+def _append_row(path: Path, row_type: type, row: dict) -> None:
+    """History files grow by one line; rewritten whole (atomically) so that a crash never leaves half a line.
+    The new line is checked; earlier ones are kept as they were written."""
+    store.check_rows(row_type, [row])
+    rows = store.read_jsonl(path) if path.is_file() else []
+    store.write_jsonl(path, [*rows, row])
+
+
+def abandon_run_dir(run_dir: Path, plan: FolderPlan) -> None:
+    """A check failed before anything was recorded: leave no folder behind that would refuse the corrected
+    command (only a folder this command created, holding nothing but the lock)."""
+    if plan.created and run_dir.is_dir() and all(p.name == ".lock" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's lock (`run_lock`) now: it is being written."""
+    lock = run_dir / ".lock"
+    if not lock.is_file():
+        return False
+    with open(lock, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """One writer per run folder. The OS drops the lock when its holder dies, so a crash never leaves it stuck."""
+    handle = open(run_dir / ".lock", "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{run_dir}: already being written by {holder}; wait for it to finish or use another --out")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"lorawatch pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

@@ -1,0 +1,1 @@
+"""Studies: a grid of runs from one STUDY.yaml, its driver, and the Ray backend."""
