@@ -1,0 +1,119 @@
+"""Drift statistics per reference row (engine/drift_stats.py) and their llama.cpp-style summaries
+(analysis/drift_summary.py), against by-hand values on constructed distributions: identical rows, ties,
+near-zero and zero probabilities."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import entropy
+
+from lorawatch.analysis.drift_summary import PERCENTILES, summarize_delta_p, summarize_rate, summarize_values
+from lorawatch.engine.drift_stats import compare_distributions, top_k_ids
+
+
+def logprobs(*rows: list[float]) -> torch.Tensor:
+    """Rows of probabilities -> float32 log-probabilities (a 0 becomes -inf, as a masked logit would)."""
+    return torch.tensor(rows, dtype=torch.float64).log().float()
+
+
+def kl_by_hand(p: list[float], q: list[float]) -> float:
+    if any(pi > 0 and qi == 0 for pi, qi in zip(p, q)):
+        return math.inf
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def test_identical_rows_do_not_drift():
+    rows = [[0.5, 0.2, 0.1, 0.1, 0.05, 0.05], [0.01, 0.01, 0.9, 0.02, 0.03, 0.03]]
+    stats = compare_distributions(logprobs(*rows), logprobs(*rows), [2, 2])
+    assert stats["kl_reverse"] == [0.0, 0.0] and stats["kl_forward"] == [0.0, 0.0]
+    assert stats["same_top1"] == [1, 1] and stats["top5_overlap"] == [1.0, 1.0]
+    assert stats["dp_gold"] == [0.0, 0.0]
+
+
+def test_both_directions_against_by_hand_and_scipy():
+    p = [0.7, 0.2, 0.05, 0.05]
+    q = [0.25, 0.25, 0.25, 0.25]
+    stats = compare_distributions(logprobs(p), logprobs(q), [1])
+    assert stats["kl_reverse"][0] == pytest.approx(kl_by_hand(p, q), rel=1e-6)
+    assert stats["kl_forward"][0] == pytest.approx(kl_by_hand(q, p), rel=1e-6)
+    assert stats["kl_reverse"][0] == pytest.approx(entropy(p, q), rel=1e-6)
+    assert stats["kl_forward"][0] == pytest.approx(entropy(q, p), rel=1e-6)
+    assert stats["kl_reverse"][0] != pytest.approx(stats["kl_forward"][0], rel=1e-2)  # KL is not symmetric
+    assert stats["dp_gold"][0] == pytest.approx(0.2 - 0.25, abs=1e-7)
+
+
+def test_ties_break_towards_the_lower_token_id():
+    # Four tokens share the top probability in the checkpoint, six in the base: both pick token 0.
+    ours = [0.25, 0.25, 0.25, 0.25, 0.0, 0.0]
+    base = [1 / 6] * 6
+    stats = compare_distributions(logprobs(ours), logprobs(base), [None])
+    assert top_k_ids(logprobs(ours), 5).tolist() == [[0, 1, 2, 3, 4]]  # the zero-probability tie: 4 before 5
+    assert stats["same_top1"] == [1] and stats["top5_overlap"] == [1.0]
+    assert stats["kl_reverse"][0] == pytest.approx(math.log(1.5), rel=1e-6)  # zero-probability tokens add 0
+    assert stats["kl_forward"][0] == math.inf  # the base gives mass where the checkpoint gives none
+    assert stats["dp_gold"] == [None]
+    # A tie moved: the checkpoint's top token is now token 3, with tokens 0-2 tied below it.
+    moved = [0.2, 0.2, 0.2, 0.4, 0.0, 0.0]
+    stats = compare_distributions(logprobs(moved), logprobs(ours), [3])
+    assert stats["same_top1"] == [0]
+    assert stats["top5_overlap"] == [1.0]  # {3, 0, 1, 2, 4} against {0, 1, 2, 3, 4}
+    assert stats["dp_gold"][0] == pytest.approx(0.4 - 0.25, abs=1e-7)
+
+
+def test_near_zero_probabilities_stay_finite_and_exact():
+    eps = 1e-30
+    p = [1 - eps, eps, 0.0]
+    q = [0.5, 0.25, 0.25]
+    stats = compare_distributions(logprobs(p), logprobs(q), [0])
+    assert stats["kl_reverse"][0] == pytest.approx(kl_by_hand(p, q), rel=1e-6)
+    assert stats["kl_forward"][0] == math.inf  # q has mass on token 2, p none
+    assert stats["top5_overlap"] == [1.0] and stats["same_top1"] == [1]
+    assert all(math.isfinite(v) for v in stats["kl_reverse"])
+
+
+def test_top_overlap_counts_shared_tokens():
+    # Ten tokens; the checkpoint's top five are 0-4, the base's 3-7: two shared.
+    ours = [0.15, 0.15, 0.15, 0.15, 0.15, 0.05, 0.05, 0.05, 0.05, 0.05]
+    base = [0.05, 0.05, 0.05, 0.15, 0.15, 0.15, 0.15, 0.15, 0.05, 0.05]
+    stats = compare_distributions(logprobs(ours), logprobs(base))
+    assert stats["top5_overlap"] == [pytest.approx(2 / 5)]
+    assert stats["same_top1"] == [0]  # token 0 against token 3
+
+
+def test_shape_and_gold_errors_are_clear():
+    with pytest.raises(ValueError, match="one shape"):
+        compare_distributions(logprobs([0.5, 0.5]), logprobs([0.2, 0.3, 0.5]))
+    with pytest.raises(ValueError, match="2 gold ids for 1 rows"):
+        compare_distributions(logprobs([0.5, 0.5]), logprobs([0.5, 0.5]), [0, 1])
+
+
+def test_value_summary_against_by_hand():
+    out = summarize_values([3.0, None, 0.0, 4.0, 1.0, 2.0])
+    assert out["n"] == 5 and out["mean"] == 2.0
+    assert out["se"] == pytest.approx(math.sqrt(2.5 / 5))  # sample variance 2.5 over n
+    assert (out["min"], out["median"], out["max"]) == (0.0, 2.0, 4.0)
+    assert out["p10"] == pytest.approx(0.4) and out["p99_9"] == pytest.approx(3.996)
+    assert [name for name, _ in PERCENTILES] == [k for k in out if k not in ("n", "mean", "se")]
+
+
+def test_rate_summary_is_llama_cpp_formula():
+    out = summarize_rate([1, 1, 0, 1])
+    assert out["rate"] == 0.75
+    assert out["se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert math.isnan(summarize_rate([True])["se"])  # one row has no spread to estimate
+
+
+def test_delta_p_rms_and_its_error():
+    out = summarize_delta_p([3.0, -4.0])
+    assert out["mean"] == -0.5 and out["rms"] == pytest.approx(math.sqrt(12.5))
+    # squares 9 and 16: their mean's standard error is 3.5; the RMS carries half of it over the RMS
+    assert out["rms_se"] == pytest.approx(3.5 / (2 * math.sqrt(12.5)))
+    # against a simulation of the same estimator's spread
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.1, 0.3, size=(4000, 50))
+    spread = np.sqrt((draws ** 2).mean(axis=1)).std()
+    assert summarize_delta_p(draws[0].tolist())["rms_se"] == pytest.approx(spread, rel=0.25)
+    with pytest.raises(ValueError, match="no values"):
+        summarize_delta_p([None, None])
