@@ -39,7 +39,10 @@ def _cell(text: str) -> str:
 
 
 def _code(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    try:
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    except TypeError:  # a Path, an enum member of another kind: as the command line would print it
+        text = str(value)
     return "`" + text.replace("|", "\\|") + "`" if text else "`\"\"`"
 
 
@@ -89,7 +92,8 @@ def _param_row(param) -> str:
     kind = "flag" if flag else _param_type(param)
     if param.required:
         default = "required"
-    elif param.default is None or (param.multiple and not param.default):
+    elif (param.default is None or (param.multiple and not param.default)
+          or "UNSET" in repr(param.default) or "Sentinel" in type(param.default).__name__):  # click >= 8.2: no default
         default = "—"
     else:
         default = _code(param.default.value if isinstance(param.default, enum.Enum) else param.default)
@@ -181,16 +185,16 @@ def _constraints(info) -> list[str]:
     symbols = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "length ≥", "max_length": "length ≤",
                "multiple_of": "multiple of"}
     found = []
-    metadata = list(info.metadata)
-    annotation = info.annotation
-    for arg in typing.get_args(annotation):  # list[Annotated[int, Field(ge=0)]]: the items' constraints
+    items = []  # list[Annotated[int, Field(ge=0)]]: the items' own constraints
+    for arg in typing.get_args(info.annotation):
         if typing.get_origin(arg) is typing.Annotated:
-            metadata += [m for a in typing.get_args(arg)[1:] for m in getattr(a, "metadata", [a])]
-    for item in metadata:
-        for attr, symbol in symbols.items():
-            value = getattr(item, attr, None)
-            if value is not None:
-                found.append(f"{symbol} {value}")
+            items += [m for a in typing.get_args(arg)[1:] for m in getattr(a, "metadata", [a])]
+    for prefix, metadata in (("", info.metadata), ("each ", items)):
+        for item in metadata:
+            for attr, symbol in symbols.items():
+                value = getattr(item, attr, None)
+                if value is not None:
+                    found.append(f"{prefix}{symbol} {value}")
     return list(dict.fromkeys(found))
 
 
@@ -200,6 +204,16 @@ def _models_in(annotation) -> list:
     if _is_model(annotation):
         return [annotation]
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _variant(model) -> str:
+    """How a member of a union of sections is told apart: its one-value Literal field (a discriminator), else its
+    class name."""
+    for name, info in model.model_fields.items():
+        args = typing.get_args(_strip_annotated(info.annotation))
+        if typing.get_origin(_strip_annotated(info.annotation)) is typing.Literal and len(args) == 1:
+            return f"{name}: {args[0]}"
+    return model.__name__
 
 
 def _default(info) -> str:
@@ -238,8 +252,8 @@ def _model_sections(model, dotted: str, depth: int, seen: set) -> list[str]:
         many = typing.get_origin(_strip_annotated(info.annotation)) in (list, tuple)
         if models:
             label = f"{path}[]" if many else path
-            links = ", ".join(f"[`{label}`](#{_anchor(label if len(models) == 1 else label + '-' + m.__name__)})"
-                              for m in models)
+            links = ", ".join(f"[`{label}`](#{_anchor(label)})" if len(models) == 1 else
+                              f"[`{label}` ({_variant(m)})](#{_anchor(label + '-' + m.__name__)})" for m in models)
             kinds = ("list of " if many else "") + "section " + links + (" or null" if "null" in kinds else "")
             nested += [(label, m, len(models) > 1) for m in models]
         notes = [info.description] if info.description else []
@@ -252,7 +266,7 @@ def _model_sections(model, dotted: str, depth: int, seen: set) -> list[str]:
         name = f"{label}-{nested_model.__name__}" if variant else label
         section = _model_sections(nested_model, label, depth + 1, seen)
         if variant:  # a union of sections: one heading per member, told apart by its class
-            section[1] = f"{'#' * min(depth + 1, 6)} `{label}`: {nested_model.__name__} {{#{_anchor(name)}}}"
+            section[1] = f"{'#' * min(depth + 1, 6)} `{label}` ({_variant(nested_model)}) {{#{_anchor(name)}}}"
         lines += section
     return lines
 
