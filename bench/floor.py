@@ -12,7 +12,7 @@ token. This script times that prompt pass for one checkpoint with lorawatch's ow
 (`generate` with one new token), multiplies it by the workload's number of checkpoint evaluations, and adds the
 training, model-load and process-start seconds measured by `bench/run.py` for the same workload. The sum is a
 lower bound for any exact implementation with these kernels, before a single answer token is decoded; it is
-compared with the time the issue's speed-up target allows.
+compared with the time the speed-up target against the published implementation allows.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """lorawatch benchmark: the protocol's cost on the real TRACE data, phase by phase.
 
-    python bench/run.py W1 W0-study     # the issue-17 run: fast path, plain baseline, floor, training loop
+    python bench/run.py W1 W0-study     # the full comparison: fast path, plain baseline, floor, training loop
     python bench/run.py W0 --guard      # W0, then the faithfulness guard against a one-row-at-a-time path
     python bench/run.py W0 --dtypes float32,bfloat16   # both dtypes in one invocation, on one machine
 
@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "trace-llm-cl-500"
 
-# The published implementation on this 2-core machine (issue 4): wall seconds and peak RSS of one run.
+# The published implementation on the 2-core Intel Xeon of docs/performance.md: wall seconds and peak RSS of one run.
 REFERENCE = {"W0": {"wall_s": 533.0, "peak_rss_gb": 3.3}, "W1": {"wall_s": 1411.0, "peak_rss_gb": 3.4},
              "W0-study": {"wall_s": 6 * 533.0, "peak_rss_gb": 3.3}}
 TARGET_SPEEDUP = {"W1": 5.0, "W0-study": 10.0}

@@ -3,7 +3,7 @@
     python bench/train_loop.py W1            # the first task of W1 (64 rows), both loops twice, alternating
     python bench/train_loop.py W1 --profile  # and where each loop's time goes (torch.profiler, by operator)
 
-The plain loop is what a user would write from the published implementation (shared/paper/protocol.md): the
+The plain loop is what a user would write from the paper's published implementation: the
 same LoRA (r 8, alpha 16, dropout 0.05, all-linear, same seed), the same shuffled micro-batches of 2 with
 accumulation 8, AdamW at 5e-5, clipping at 1.0, and the loss as transformers computes it from `labels` (every
 position's logits, the mean over answer tokens, divided by the accumulation steps). Both loops start from the

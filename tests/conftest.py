@@ -123,7 +123,7 @@ def _isolated_cache(tmp_path_factory):
 
 def needs_trace() -> None:
     if not TRACE_DIR.is_dir():
-        pytest.skip(f"{TRACE_DIR} not present: the shared TRACE data is only beside the developers' checkout")
+        pytest.skip(f"{TRACE_DIR} not present: these tests need a local copy of the TRACE data there")
 
 
 # Task files, configs and the command line, shared by the protocol, CLI, resume and monitor tests.

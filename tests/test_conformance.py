@@ -8,7 +8,7 @@ outputs, shared prefixes, dropped rows, merged adapter where each is on), and by
 A row may leave the reference's output only at a greedy choice the reference itself made between tokens scored
 equal within the dtype's round-off (fp32: 1e-4 nats, bf16: 1/8 nat). fp32: at least 99% of rows identical and
 first-token log-probs within 1e-4; bf16: at least 95% identical and first-token KL below 1e-3 nats. The
-README states these tolerances.
+performance page of the docs states these tolerances.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`lorawatch data fetch`: the real download path against an HTTP server on 127.0.0.1, serving a copy of the paper's
-data (../shared/data/trace-llm-cl-500, identical to the pinned commit of the authors' repository).
+data (a local copy of the TRACE files, identical to the pinned commit of the authors' repository).
 
 Nothing here reaches the network: every URL is on loopback or a local folder.
 """
@@ -46,7 +46,7 @@ def isolated_env(tmp_path, monkeypatch):
 def served_copy(tmp_path) -> Path:
     """A writable copy of the shared data (the tests damage it); the shared folder itself is never changed."""
     if not SHARED_TRACE.is_dir():
-        pytest.skip(f"the paper's data is not beside the checkout ({SHARED_TRACE} is absent)")
+        pytest.skip(f"these tests need a local copy of the paper's data ({SHARED_TRACE} is absent)")
     copy = tmp_path / "served"
     for path in SHARED_TRACE.rglob("*"):
         if path.is_file():

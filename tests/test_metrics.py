@@ -25,7 +25,7 @@ from lorawatch.analysis.metrics import (
 
 SRC_DIR = Path(__file__).resolve().parents[1] / "src"
 # The paper's published original-order results, kept with the tests so that the checks against the paper run
-# in CI too (a copy of ../shared/paper/paper_results_original_order.csv).
+# in CI too (the paper's per-step results for its original task order: accuracies, drift, OP/BWT/FWT).
 PAPER_CSV = Path(__file__).resolve().parent / "data" / "paper_results_original_order.csv"
 PAPER_MODELS = ("qwen", "gemma", "llama")
 # Training order of the published run. The paper's CSV lists the task columns in a different
@@ -351,7 +351,7 @@ def paper() -> pd.DataFrame:
 def test_the_kept_copy_of_the_published_results_is_the_shared_one():
     shared = Path(__file__).resolve().parents[2] / "shared" / "paper" / PAPER_CSV.name
     if not shared.is_file():
-        pytest.skip(f"{shared} not present: the shared folder is only beside the developers' checkout")
+        pytest.skip(f"{shared} not present: no second copy of the published results to compare with")
     assert PAPER_CSV.read_bytes() == shared.read_bytes()
 
 

@@ -30,7 +30,7 @@ from lorawatch.report.tables import write_seed_tables, write_summary
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # The paper's published original-order results, kept with the tests so that the checks against the paper run
-# in CI too (a copy of ../shared/paper/paper_results_original_order.csv).
+# in CI too (the paper's per-step results for its original task order: accuracies, drift, OP/BWT/FWT).
 PAPER_CSV = Path(__file__).resolve().parent / "data" / "paper_results_original_order.csv"
 PAPER_TASKS = ("fomc", "scienceqa", "numgluecm")  # training order of the published runs
 SPECS = {"qwen": "Qwen/Qwen3.5-0.8B", "gemma": "google/gemma-3-1b-it", "llama": "meta-llama/Llama-3.2-1B-Instruct"}

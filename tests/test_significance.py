@@ -24,7 +24,7 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_rows():
             n = improved + regressed
             expected = 1.0 if n == 0 else stats.binomtest(improved, n, 0.5, alternative="two-sided").pvalue
             assert significance.mcnemar_p(improved, regressed) == pytest.approx(expected, abs=1e-12, rel=1e-12)
-    # the hand computation on the demo: 6 right -> wrong against 10 wrong -> right
+    # a hand computation on the demo: 6 right -> wrong against 10 wrong -> right
     assert significance.mcnemar_p(10, 6) == pytest.approx(0.454498291015625, abs=1e-12)
 
 

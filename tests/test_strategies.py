@@ -1,4 +1,4 @@
-"""The `strategy` section (issue 16): `none` is the plain protocol byte for byte, and each strategy's mechanism on
+"""The `strategy` section: `none` is the plain protocol byte for byte, and each strategy's mechanism on
 the tiny model: replay's rows and seeds, the KL anchor's term, EWC's Fisher and penalty, the merges of per-task
 adapters (PEFT's linear, TIES and DARE, and MagMax) against hand-computed tensors, O-LoRA's penalty and frozen
 adapters."""

@@ -1,4 +1,4 @@
-"""The training loop pinned to the published one (shared/paper/protocol.md, "Training"): constant rate, each
+"""The training loop pinned to the paper's published implementation: constant rate, each
 micro-batch's mean loss over the accumulation count, and a last step on a short final window."""
 
 import copy
@@ -46,7 +46,7 @@ def test_steps_and_learning_rates_for_an_uneven_row_count(tiny_model_dir, schedu
 
 
 def test_the_published_paper_size_gives_32_steps(tiny_model_dir):
-    # shared/paper/protocol.md: 500 rows -> 250 micro-batches -> 32 steps (31 full windows and a leftover)
+    # The paper's size: 500 rows -> 250 micro-batches -> 32 steps (31 full windows and a leftover)
     tokenizer, model, examples = _setup(tiny_model_dir, 500)
     seen = []
     train_stage(model, examples[:500], _params(grad_accum=8, learning_rate=1e-9), seed=1,

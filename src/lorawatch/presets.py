@@ -30,7 +30,7 @@ def _demo() -> dict:
     }
 
 
-# The published study (shared/paper/protocol.md): three models, TRACE's FOMC -> ScienceQA -> NumGLUE-cm,
+# The paper's published study: three models, TRACE's FOMC -> ScienceQA -> NumGLUE-cm,
 # the 48-row reference set, the paper's LoRA and training settings (the config defaults), seeds 33/42/123.
 PAPER_MODELS = {
     "paper-qwen": "Qwen/Qwen3.5-0.8B",

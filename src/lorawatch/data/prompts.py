@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-# Used when the tokenizer has no chat template. Documented in the README.
+# Used when the tokenizer has no chat template (Gemma-3-270M base); the docs' protocol page shows it.
 PLAIN_PROMPT = "### Instruction:\n{message}\n\n### Response:\n"
 
 

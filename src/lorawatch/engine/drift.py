@@ -3,7 +3,7 @@
 The answer position is the last prompt token of each row. Rows are left-padded and given position ids
 that count only their own tokens, so a row's distribution does not depend on which rows share its batch.
 (The published code reads index `attention_mask.sum(1) - 1` of a left-padded batch, which is a token
-inside the prompt for every row shorter than the longest; see the README.)
+inside the prompt for every row shorter than the longest; `reference.position: published` reproduces it.)
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def train_stage(
 ) -> TrainingLog:
     """Train the model's trainable (LoRA) parameters on `examples` for `params.epochs` epochs.
 
-    The published loop (shared/paper/protocol.md) is the default: each micro-batch's mean answer-token loss
+    The published implementation's loop is the default: each micro-batch's mean answer-token loss
     divided by `grad_accum` (`loss_weighting="micro_batch"`), a constant learning rate, and a last clipped
     step on whatever a short final window accumulated (500 rows, batch 2, accumulation 8 -> 32 steps).
     `loss_weighting="tokens"` makes a step's loss the mean over all answer tokens of its window instead, so

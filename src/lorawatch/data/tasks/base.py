@@ -8,7 +8,7 @@ from typing import Literal
 TaskKind = Literal["multiple_choice", "numeric"]
 TASK_KINDS: tuple[str, ...] = ("multiple_choice", "numeric")
 
-# The paper's instructions (shared/paper/protocol.md), used when a task does not bring its own.
+# The paper's instructions, as its published implementation words them; used when a task does not bring its own.
 MULTIPLE_CHOICE_INSTRUCTION = 'Please show your choice in the answer field with only the choice letter, e.g., "C"'
 NUMERIC_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_INSTRUCTIONS: dict[str, str] = {

@@ -1,6 +1,6 @@
 """Answer normalisation and exact-match scoring.
 
-The rules follow the paper's published evaluation (shared/paper/protocol.md): strip reasoning blocks, chat
+The rules follow the paper's published evaluation code (the authors' implementation): strip reasoning blocks, chat
 end markers and markdown emphasis; multiple choice prefers an explicit marker (tried kind by kind in the
 published priority order), then a leading option letter (either case), then the last standalone letter;
 numeric takes the last number after a final-answer marker, else the last number in the text, else the last
