@@ -1,16 +1,22 @@
 """The table docs/strategies.md shows: every strategy of a strategies study, its seeds pooled.
 
-    .venv/bin/python study/strategies_table.py runs/demo-strategies
+    .venv/bin/python study/strategies_table.py runs/demo-strategies [REPORT/paired.csv]
 
 Reads the study's unit folders (`<point>-seed<S>`) through `lorawatch.report.compare.compare_runs`, the same numbers
 `lorawatch compare` prints, and prints one Markdown row per grid point: final average accuracy, BWT and final KL to
 base as mean ± sample std over seeds (and each seed's value), then what a run cost (training, of which the added
 loss term or the monitor, evaluation, and their sum), seed means summed from the stage records, so that a unit
 resumed after an interruption counts every session's stages.
+
+Given the study report's paired.csv (`lorawatch report` writes it), a second table states every strategy's
+difference from `none` on the same rows, seed by seed, with its paired bootstrap interval, and how many tasks
+regressed or improved beyond chance (exact McNemar, Holm over the tasks): the numbers behind every comparison
+the page makes.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import statistics
@@ -59,5 +65,42 @@ def main(study_dir: Path) -> None:
               f"{sum(len(r['interventions']) for r in group)} |")
 
 
+def _cell(row: dict) -> str:
+    low, high = float(row["ci_low"]), float(row["ci_high"])
+    bold = "**" if low > 0 or high < 0 else ""  # the interval excludes 0
+    return f"{bold}{float(row['difference']):+.3f} [{low:+.3f}, {high:+.3f}]{bold}"
+
+
+def paired_table(paired_csv: Path) -> None:
+    """Each strategy against `none`, per seed: Δ final average accuracy and Δ final KL with their intervals,
+    and the tasks that regressed or improved (Holm-adjusted exact McNemar)."""
+    with paired_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    by_run: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if not row["seed"]:
+            continue
+        run = re.search(r"\[(.*)\]", row["run"]).group(1)  # the setting the report names the group by
+        cell = by_run.setdefault(run, {}).setdefault(row["seed"], {"regressed": [], "improved": []})
+        if row["measure"] == "final_avg_accuracy":
+            cell["avg"] = row
+        elif row["measure"] == "final_kl_to_base":
+            cell["kl"] = row
+        elif row["verdict"] == "regressed":
+            cell["regressed"].append(row["task"])
+        elif row["verdict"] == "improved":
+            cell["improved"].append(row["task"])
+    print("| setting | seed | Δ final avg accuracy vs none [95% CI] | Δ final KL vs none [95% CI] | "
+          "tasks regressed / improved vs none |")
+    print("|---|---|---|---|---|")
+    for run, seeds in by_run.items():
+        for seed, cell in sorted(seeds.items()):
+            print(f"| {run} | {seed} | {_cell(cell['avg'])} | {_cell(cell['kl'])} | "
+                  f"{', '.join(cell['regressed']) or '—'} / {', '.join(cell['improved']) or '—'} |")
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo-strategies"))
+    if len(sys.argv) > 2:
+        print()
+        paired_table(Path(sys.argv[2]))
