@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, StrictInt, ValidationError, field_validator, model_validator
 
+from lorawatch.engine.fast_path import switch_descriptions
 from lorawatch.errors import ConfigError, file_problem
 from lorawatch.recipe.strategies import STRATEGIES, StrategySettings
 from lorawatch.recipe.strategies.base import NoneConfig
@@ -115,34 +116,23 @@ class TrainSettings(_Strict):
     loss_weighting: Literal["micro_batch", "tokens"] = "micro_batch"
 
 
-class EvalSettings(_Strict):
+class _EvalSizes(_Strict):
     max_new_tokens: int = Field(256, gt=0)
     # Rows x padded length per generation batch; batches hold prompts of similar length.
     token_budget: int = Field(8192, ge=64)
     # Rows per generation batch at most, besides the token budget (the published implementation: 4).
     batch_rows: int | None = Field(None, gt=0)
-    # The fast path's switches (evaluation.FastPath, docs/performance.md). A switch that is not exact for the
-    # model's architecture or dtype is turned off there whatever it says here; the run records what was used.
-    drafts: bool = Field(True, description="check the previous checkpoint's outputs as drafts in one pass")
-    merge_adapter: bool = Field(True, description="fold LoRA into the weights while evaluating (fp32 only)")
-    shared_prefix: bool = Field(True, description="compute a prefix common to a batch's prompts once "
-                                                  "(full-attention models only)")
-    drop_finished: bool = Field(True, description="finished rows leave the decoding batch")
-    reference_from_generation: bool = Field(True, description="read the reference drift from the generation's "
-                                                              "first pass instead of a pass of its own")
-    pooled_decoding: bool = Field(True, description="decode every unfinished row in one batch refilled as rows "
-                                                    "finish, continuing from the draft pass's cache "
-                                                    "(full-attention models only)")
-    lookup: bool = Field(True, description="propose continuations found in a row's old output and prompt and "
-                                           "check them in the decoding step (with pooled_decoding)")
-    cache_in_place: bool = Field(True, description="grow the key/value cache in place instead of copying it at "
-                                                   "every decoding step")
-    reuse_base_stage: bool = Field(True, description="cache the base evaluation across runs, orders and seeds")
 
 
-# Every fast-path switch of EvalSettings: `--plain` turns them all off.
-PLAIN_SWITCHES = ("drafts", "merge_adapter", "shared_prefix", "drop_finished", "reference_from_generation",
-                  "pooled_decoding", "lookup", "cache_in_place", "reuse_base_stage")
+# Every switch `--plain` turns off: the fast path's (engine/fast_path.FastPath, docs/performance.md), then the run's
+# own. A fast-path switch that is not exact for the model's architecture or dtype is turned off there whatever it
+# says here; the run records what was used.
+_SWITCHES = {**switch_descriptions(), "reuse_base_stage": "cache the base evaluation across runs, orders and seeds"}
+PLAIN_SWITCHES = tuple(_SWITCHES)
+
+# The `eval` section: the sizes above, then one field per switch.
+EvalSettings = create_model("EvalSettings", __base__=_EvalSizes, __module__=__name__,
+                            **{name: (bool, Field(True, description=text)) for name, text in _SWITCHES.items()})
 
 
 class MonitorSettings(_Strict):
