@@ -124,13 +124,11 @@ class _EvalSizes(_Strict):
     batch_rows: int | None = Field(None, gt=0)
 
 
-# Every switch `--plain` turns off: the fast path's (engine/fast_path.FastPath, docs/performance.md), then the run's
-# own. A fast-path switch that is not exact for the model's architecture or dtype is turned off there whatever it
-# says here; the run records what was used.
+# Every switch `--plain` turns off: the fast path's (engine/fast_path.py, docs/performance.md; one not exact for the
+# model's architecture or dtype is turned off there whatever it says here), then the run's own.
 _SWITCHES = {**switch_descriptions(), "reuse_base_stage": "cache the base evaluation across runs, orders and seeds"}
 PLAIN_SWITCHES = tuple(_SWITCHES)
 
-# The `eval` section: the sizes above, then one field per switch.
 EvalSettings = create_model("EvalSettings", __base__=_EvalSizes, __module__=__name__,
                             **{name: (bool, Field(True, description=text)) for name, text in _SWITCHES.items()})
 
@@ -191,8 +189,7 @@ class ExperimentConfig(_Strict):
     eval: EvalSettings = EvalSettings()
     monitor: MonitorSettings | None = None
     tracking: TrackingSettings | None = None
-    strategy: StrategySettings = Field(NoneConfig(), description="a strategy against forgetting and drift "
-                                                                 "(recipe/strategies/); `none` is the paper's protocol")
+    strategy: StrategySettings = NoneConfig()  # against forgetting and drift (recipe/strategies/)
     statistics: StatisticsSettings = StatisticsSettings()
     # Strict: YAML's `yes`/`true` are not seeds. Bounded: the training seed is seed * 1000 + stage.
     seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [33], min_length=1)

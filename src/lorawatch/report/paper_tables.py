@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
+from tabulate import tabulate
 
 from lorawatch.report.labels import METRIC_HEADERS, TRANSFER_METRICS, mean_sd
 from lorawatch.report.study import ORDER_RANK, Study
@@ -34,10 +35,9 @@ class ReportTable:
                     folded.append(f"{label}: {h}" if label else h)
                 col += span
             headers = folded
-        lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---" if i < self.label_columns else "---:" for i in range(len(headers))) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows]
-        return "\n".join(lines) + "\n"
+        align = ["left" if i < self.label_columns else "right" for i in range(len(headers))]
+        rows = [[c.replace("|", "\\|") for c in row] for row in self.rows]
+        return tabulate(rows, headers, tablefmt="pipe", colalign=align, disable_numparse=True) + "\n"
 
     def to_latex(self) -> str:
         n = len(self.headers)
