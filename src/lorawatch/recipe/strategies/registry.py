@@ -8,14 +8,13 @@ This module imports neither torch nor PEFT: the config is built without them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Sequence, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Union
 
 from pydantic import Discriminator, SerializationInfo, Tag, model_serializer, model_validator
 
 from lorawatch.strict import Strict
 
 if TYPE_CHECKING:
-    from lorawatch.data.prompts import EncodedTrainExample
     from lorawatch.recipe.strategies.base import Strategy
 
 
@@ -56,7 +55,6 @@ class StrategyConfig(Strict):
         return cls.model_fields["name"].default
 
 
-TrainRows = dict[str, "Sequence[EncodedTrainExample]"]
 Builder = Callable[..., "Strategy"]  # (config, train_rows, *, pad_id, device) -> Strategy
 
 
