@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, StrictInt, ValidationError, field_validator, model_validator
 
+from lorawatch.engine.fast_path import switch_descriptions
 from lorawatch.errors import ConfigError, file_problem
+from lorawatch.recipe.strategies import STRATEGIES, StrategySettings
+from lorawatch.recipe.strategies.base import NoneConfig
+from lorawatch.strict import Strict as _Strict
 from lorawatch.data.tasks.base import TASK_KINDS, task_key
 from lorawatch.data.tasks.builtin import BUILTIN_KINDS
 
@@ -23,11 +27,6 @@ from lorawatch.data.tasks.builtin import BUILTIN_KINDS
 # and the version key of scores.json (which is keyed by task name).
 RESERVED_TASK_NAMES = ("base", "checkpoint", "reference", "schema_version")
 MAX_SEED = 2**32 - 1
-
-
-class _Strict(BaseModel):
-    # No infinities or NaNs: an infinite weight or rate makes training numerically impossible.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(_Strict):
@@ -117,34 +116,21 @@ class TrainSettings(_Strict):
     loss_weighting: Literal["micro_batch", "tokens"] = "micro_batch"
 
 
-class EvalSettings(_Strict):
+class _EvalSizes(_Strict):
     max_new_tokens: int = Field(256, gt=0)
     # Rows x padded length per generation batch; batches hold prompts of similar length.
     token_budget: int = Field(8192, ge=64)
     # Rows per generation batch at most, besides the token budget (the published implementation: 4).
     batch_rows: int | None = Field(None, gt=0)
-    # The fast path's switches (evaluation.FastPath, docs/performance.md). A switch that is not exact for the
-    # model's architecture or dtype is turned off there whatever it says here; the run records what was used.
-    drafts: bool = Field(True, description="check the previous checkpoint's outputs as drafts in one pass")
-    merge_adapter: bool = Field(True, description="fold LoRA into the weights while evaluating (fp32 only)")
-    shared_prefix: bool = Field(True, description="compute a prefix common to a batch's prompts once "
-                                                  "(full-attention models only)")
-    drop_finished: bool = Field(True, description="finished rows leave the decoding batch")
-    reference_from_generation: bool = Field(True, description="read the reference drift from the generation's "
-                                                              "first pass instead of a pass of its own")
-    pooled_decoding: bool = Field(True, description="decode every unfinished row in one batch refilled as rows "
-                                                    "finish, continuing from the draft pass's cache "
-                                                    "(full-attention models only)")
-    lookup: bool = Field(True, description="propose continuations found in a row's old output and prompt and "
-                                           "check them in the decoding step (with pooled_decoding)")
-    cache_in_place: bool = Field(True, description="grow the key/value cache in place instead of copying it at "
-                                                   "every decoding step")
-    reuse_base_stage: bool = Field(True, description="cache the base evaluation across runs, orders and seeds")
 
 
-# Every fast-path switch of EvalSettings: `--plain` turns them all off.
-PLAIN_SWITCHES = ("drafts", "merge_adapter", "shared_prefix", "drop_finished", "reference_from_generation",
-                  "pooled_decoding", "lookup", "cache_in_place", "reuse_base_stage")
+# Every switch `--plain` turns off: the fast path's (engine/fast_path.py, docs/performance.md; one not exact for the
+# model's architecture or dtype is turned off there whatever it says here), then the run's own.
+_SWITCHES = {**switch_descriptions(), "reuse_base_stage": "cache the base evaluation across runs, orders and seeds"}
+PLAIN_SWITCHES = tuple(_SWITCHES)
+
+EvalSettings = create_model("EvalSettings", __base__=_EvalSizes, __module__=__name__,
+                            **{name: (bool, Field(True, description=text)) for name, text in _SWITCHES.items()})
 
 
 class MonitorSettings(_Strict):
@@ -191,60 +177,6 @@ class StatisticsSettings(_Strict):
                                            "the same intervals")
 
 
-# The settings each mitigation strategy takes (strategies/), with their defaults; `none` is the plain protocol.
-# A setting of another strategy is refused rather than ignored: it would suggest an effect the run does not have.
-STRATEGY_FIELDS: dict[str, dict[str, object]] = {
-    "none": {},
-    "replay": {"fraction": None, "count": None},  # exactly one of the two
-    "kl_anchor": {"weight": 1.0},  # nats per answer token, on the footing of the cross-entropy
-    "ewc": {"weight": None, "fisher_rows": 64},  # the Fisher's scale depends on the model: no default lambda
-    "merge": {"method": "linear", "density": None},
-    "olora": {"lambda_orth": 0.5, "lambda_l2": 0.0},  # lambda_1, lambda_2 of the O-LoRA authors' scripts
-}
-
-
-class StrategySettings(_Strict):
-    """A strategy against forgetting and drift (strategies/). `none` trains one cumulative adapter, as the paper."""
-    name: Literal["none", "replay", "kl_anchor", "ewc", "merge", "olora"] = "none"
-    fraction: float | None = Field(None, gt=0, le=1, description="replay: share of each earlier task's training "
-                                                                 "rows mixed into every later stage")
-    count: int | None = Field(None, gt=0, description="replay: rows of each earlier task mixed into every later "
-                                                      "stage (all of them if it has fewer)")
-    weight: float | None = Field(None, gt=0, description="kl_anchor: weight of the KL term; ewc: lambda")
-    fisher_rows: int | None = Field(None, gt=0, description="ewc: training rows the Fisher is estimated on")
-    method: Literal["linear", "ties", "dare_linear", "magmax"] | None = Field(
-        None, description="merge: how the per-task adapters are combined")
-    density: float | None = Field(None, gt=0, le=1, description="merge: share of each task update kept (ties, "
-                                                                "dare_linear)")
-    lambda_orth: float | None = Field(None, ge=0, description="olora: weight of the orthogonality penalty")
-    lambda_l2: float | None = Field(None, ge=0, description="olora: weight of the new adapter's L2 penalty")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults_of_the_strategy(cls, data):
-        # Filled in here, so that config.json records the values the run used.
-        if isinstance(data, dict) and isinstance(data.get("name"), str):
-            defaults = STRATEGY_FIELDS.get(data["name"], {})
-            data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
-        return data
-
-    @model_validator(mode="after")
-    def _settings_of_the_strategy(self) -> "StrategySettings":
-        own = STRATEGY_FIELDS[self.name]
-        for key in type(self).model_fields:
-            if key != "name" and key not in own and getattr(self, key) is not None:
-                takes = ", ".join(own) or "no settings"
-                raise ValueError(f"'{key}' is not a setting of strategy '{self.name}' (it takes {takes})")
-        if self.name == "replay" and (self.fraction is None) == (self.count is None):
-            raise ValueError("strategy 'replay' needs exactly one of 'fraction' or 'count'")
-        if self.name == "ewc" and self.weight is None:
-            raise ValueError("strategy 'ewc' needs 'weight' (lambda, the penalty's weight)")
-        if self.name == "merge" and (self.method in ("ties", "dare_linear")) != (self.density is not None):
-            raise ValueError(f"merge method '{self.method}' " + ("needs 'density'" if self.density is None
-                                                                  else "takes no 'density'"))
-        return self
-
-
 class ExperimentConfig(_Strict):
     name: str = Field("lorawatch-run", min_length=1)
     model: ModelSettings = ModelSettings()
@@ -257,7 +189,7 @@ class ExperimentConfig(_Strict):
     eval: EvalSettings = EvalSettings()
     monitor: MonitorSettings | None = None
     tracking: TrackingSettings | None = None
-    strategy: StrategySettings = StrategySettings()
+    strategy: StrategySettings = NoneConfig()  # against forgetting and drift (recipe/strategies/)
     statistics: StatisticsSettings = StatisticsSettings()
     # Strict: YAML's `yes`/`true` are not seeds. Bounded: the training seed is seed * 1000 + stage.
     seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [33], min_length=1)
@@ -295,7 +227,7 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _strategy_fits_lora(self) -> "ExperimentConfig":
-        if self.strategy.name in ("merge", "olora") and self.lora.bias != "none":
+        if self.strategy.one_adapter_per_task and self.lora.bias != "none":
             raise ValueError(f"strategy '{self.strategy.name}' trains one adapter per task and needs lora.bias "
                              f"'none' (trained biases would be shared by every task's adapter), got '{self.lora.bias}'")
         return self
@@ -323,7 +255,7 @@ def describe_error(error: ValidationError, source: str) -> str:
     """A pydantic error as one line: the source, the first field that failed and why."""
     errors = error.errors()
     first = errors[0]
-    loc = [str(p) for p in first["loc"]]
+    loc = _without_strategy_tag([str(p) for p in first["loc"]])
     members = []
     while loc and _UNION_MEMBER.match(loc[-1]):
         members.insert(0, loc.pop())
@@ -331,9 +263,15 @@ def describe_error(error: ValidationError, source: str) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
+    if first["type"] == "union_tag_invalid":  # a strategy name that is not registered: the field is its name
+        field += ".name"
+        message = f"expected one of {first['ctx']['expected_tags']}"
+        first = {**first, "input": first["ctx"]["tag"]}
+    if first["type"] == "union_tag_not_found":  # not a mapping: there is no name to tell the strategy by
+        message = "expected a mapping of a strategy's name and settings"
     count = len(errors)
     if members:  # every error of this field is one member of its union: say what the field takes instead
-        of_field = [e for e in errors if [str(p) for p in e["loc"]][:len(loc)] == loc]
+        of_field = [e for e in errors if _without_strategy_tag([str(p) for p in e["loc"]])[:len(loc)] == loc]
         taken = [_MEMBER_WORDS.get(m, m) for e in of_field for m in [str(e["loc"][len(loc)])]
                  if len(e["loc"]) > len(loc)]
         description = _field_description(loc)
@@ -343,6 +281,11 @@ def describe_error(error: ValidationError, source: str) -> str:
     shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
     more = f" (and {count - 1} more)" if count > 1 else ""
     return f"{source}: field '{field}': {message}{shown}{more}"
+
+
+def _without_strategy_tag(loc: list[str]) -> list[str]:
+    # pydantic names the member of the strategy union that failed ('strategy.replay.fraction'): not a field
+    return [part for i, part in enumerate(loc) if not (i == 1 and loc[0] == "strategy" and part in STRATEGIES)]
 
 
 def _field_description(loc: list[str]) -> str | None:

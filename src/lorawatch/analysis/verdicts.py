@@ -26,13 +26,12 @@ from lorawatch.rundir import schema, store
 from lorawatch.analysis import significance
 from lorawatch.config import StatisticsSettings
 from lorawatch.errors import UserError
-from lorawatch.analysis.metrics import compute_cl_metrics, compute_unordered_metrics
+from lorawatch.analysis.metrics import METRIC_COLUMNS, compute_cl_metrics, compute_unordered_metrics
 from lorawatch.engine.drift import ExampleDrift
 from lorawatch.data.tasks.scoring import Prediction
 
 STATISTICS = "statistics.json"
 HEADLINE_METRICS = ("final_avg_accuracy", "bwt", "fwt", "learning_accuracy", "mean_gain")
-CHECKPOINT_METRICS = ("op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base")
 
 
 @dataclass
@@ -137,7 +136,7 @@ def _metrics_of(outcomes: SeedOutcomes):
             result = compute_cl_metrics(R, outcomes.tasks)
         else:
             result = compute_unordered_metrics(R, outcomes.tasks, outcomes.checkpoints)
-        values = {(row.checkpoint, m): getattr(row, m) for row in result.per_checkpoint for m in CHECKPOINT_METRICS}
+        values = {(row.checkpoint, m): getattr(row, m) for row in result.per_checkpoint for m in METRIC_COLUMNS}
         values.update({(None, m): result.summary[m] for m in HEADLINE_METRICS})
         # the paper's failure zone: did the final checkpoint's average over all tasks fall below the base model's?
         values[None, "final_avg_vs_base"] = result.per_checkpoint[-1].avg_all - result.per_checkpoint[0].avg_all

@@ -21,7 +21,7 @@ step of a batch, so the generation here spends as little as it can on incrementa
 - The key/value cache grows in place instead of being copied at every decoding step (passes.GrowingLayer).
 
 The passes themselves (padding, batching, shared prefixes, draft checking) are in passes.py; this module
-chooses among them. Each of these shortcuts is a `FastPath` switch. `fast_path_for` turns off the ones that
+chooses among them. Each of these shortcuts is a `FastPath` switch (fast_path.py). `fast_path_for` turns off the ones that
 are not exact for a model's architecture or dtype (tests/test_conformance.py checks the rest against
 transformers' `generate` for every family the presets name, in fp32 and bf16), and `FastPath.plain()` turns
 them all off: the straightforward path the fast one is checked against.
@@ -30,7 +30,7 @@ them all off: the straightforward path the fast one is checked against.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
@@ -47,34 +47,13 @@ from lorawatch.engine.passes import (
     usable_drafts,
 )
 from lorawatch.data.prompts import EncodedPrompt
+from lorawatch.engine.fast_path import FastPath
 
 # End-of-turn markers of the chat formats in use; generation also stops at them.
 CHAT_END_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 # Bumped whenever a change here changes what generation computes: cached base-stage results record it.
 GENERATION_RULES_VERSION = 2
-
-
-@dataclass(frozen=True)
-class FastPath:
-    """The evaluation shortcuts in use (see the module docstring). Where `fast_path_for` leaves one on, it changes
-    what greedy decoding computes by float round-off at most (a token can flip only where the model scores two
-    equal within it); the batching by token budget is common to both paths."""
-    shared_prefix: bool = True  # a prefix common to a batch's prompts is computed once
-    drop_finished: bool = True  # finished rows leave the decoding batch
-    drafts: bool = True  # the previous checkpoint's outputs are checked in one pass
-    merge_adapter: bool = True  # LoRA folded into the weights while evaluating
-    reference_from_generation: bool = True  # reference drift read from the generation's first pass
-    pooled_decoding: bool = True  # one refilled decoding batch for all unfinished rows, from the draft pass's cache
-    lookup: bool = True  # proposals looked up in a row's old output and prompt, checked in the decoding step
-    cache_in_place: bool = True  # the key/value cache grows in place instead of being copied at every step
-
-    @classmethod
-    def plain(cls) -> "FastPath":
-        return cls(**{name: False for name in cls.__dataclass_fields__})
-
-    def to_dict(self) -> dict[str, bool]:
-        return asdict(self)
 
 
 def _text_config(model: torch.nn.Module):

@@ -213,7 +213,7 @@ class Recipe:
                                         grad_accum=train.grad_accum, epochs=train.epochs,
                                         max_grad_norm=train.max_grad_norm, weight_decay=train.weight_decay,
                                         lr_scheduler=train.lr_scheduler, loss_weighting=train.loss_weighting)
-        requested = FastPath(**{part: getattr(config.eval, part) for part in FastPath.__dataclass_fields__})
+        requested = FastPath.requested_by(config.eval)
         fast, switched_off = fast_path_for(self.loaded.model, self.loaded.model.dtype, requested)
         for part, why in switched_off.items():
             self.console.print(f"lorawatch: fast path: {part} off for this model ({why})")

@@ -18,7 +18,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from lorawatch.report import run_comparison
+from lorawatch.report import labels, run_comparison
 from lorawatch.rundir import store
 from lorawatch.errors import UserError
 from lorawatch.report.monitoring_view import interventions, interventions_markdown
@@ -27,8 +27,7 @@ from lorawatch.report.study_report import final_points, load_study
 from lorawatch.report.figures import monitor_figure
 from lorawatch.report.tables import RunResults, load_run
 
-HEADLINE = (("final_avg_accuracy", "final avg accuracy"), ("bwt", "BWT"), ("fwt", "FWT"),
-            ("mean_gain", "mean gain"), ("final_kl_to_base", "final KL to base"))
+HEADLINE = [(h.key, h.label) for h in labels.HEADLINE if h.compared]
 
 
 def _labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -89,7 +88,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
             "label": label, "run_dir": str(path), "seeds": results.seeds, "tasks": results.tasks,
             "strategy": results.config.strategy.model_dump(exclude_none=True), "monitor": monitor,
             "accuracy_matrix": matrix.to_dict(orient="records"),
-            "cl_metrics": results.cl_metrics()[["checkpoint", "op", "bwt", "fwt"]].to_dict(orient="records"),
+            "cl_metrics": results.cl_metrics()[["checkpoint", *labels.TRANSFER_METRICS]].to_dict(orient="records"),
             "headline": {key: (summary.get(key) or {}).get("mean") for key, _ in HEADLINE},
             "compute": _compute(results),
             "interventions": interventions(path),
@@ -164,10 +163,10 @@ def comparison_markdown(result: dict) -> str:
         cells = [_num(r["accuracy_matrix"][k][t]) for r in runs for t in tasks]
         lines.append(f"| {runs[0]['accuracy_matrix'][k]['checkpoint']} | " + " | ".join(cells) + " |")
     lines += ["", "## OP / BWT / FWT per checkpoint", "", "| checkpoint | " +
-              " | ".join(f"{r['label']}: {m}" for r in runs for m in ("OP", "BWT", "FWT")) + " |",
-              "|---|" + "---|" * (3 * len(runs))]
+              " | ".join(f"{r['label']}: {labels.METRIC_HEADERS[m]}" for r in runs for m in labels.TRANSFER_METRICS) + " |",
+              "|---|" + "---|" * (len(labels.TRANSFER_METRICS) * len(runs))]
     for k in range(len(runs[0]["cl_metrics"])):
-        cells = [_num(r["cl_metrics"][k][m]) for r in runs for m in ("op", "bwt", "fwt")]
+        cells = [_num(r["cl_metrics"][k][m]) for r in runs for m in labels.TRANSFER_METRICS]
         lines.append(f"| {runs[0]['cl_metrics'][k]['checkpoint']} | " + " | ".join(cells) + " |")
     taken = [dict(e, run=r["label"]) for r in runs for e in r["interventions"]]
     lines += ["", "## Interventions", ""]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
+from tabulate import tabulate
 
+from lorawatch.report.labels import METRIC_HEADERS, TRANSFER_METRICS, mean_sd
 from lorawatch.report.study import ORDER_RANK, Study
 
 
@@ -34,14 +35,13 @@ class ReportTable:
                     folded.append(f"{label}: {h}" if label else h)
                 col += span
             headers = folded
-        lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---" if i < self._label_columns else "---:" for i in range(len(headers))) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows]
-        return "\n".join(lines) + "\n"
+        align = ["left" if i < self.label_columns else "right" for i in range(len(headers))]
+        rows = [[c.replace("|", "\\|") for c in row] for row in self.rows]
+        return tabulate(rows, headers, tablefmt="pipe", colalign=align, disable_numparse=True) + "\n"
 
     def to_latex(self) -> str:
         n = len(self.headers)
-        spec = "l" * self._label_columns + "r" * (n - self._label_columns)
+        spec = "l" * self.label_columns + "r" * (n - self.label_columns)
         out = ["% " + _latex(self.title) + " (needs \\usepackage{booktabs})",
                "\\begin{tabular}{" + spec + "}", "\\toprule"]
         if self.header_groups:
@@ -66,7 +66,7 @@ class ReportTable:
         return self.data.to_csv(index=False, float_format="%.10g")
 
     @property
-    def _label_columns(self) -> int:
+    def label_columns(self) -> int:
         # leading text columns (model, order, step, task...) are left-aligned
         return sum(1 for h in self.headers if h in _TEXT_HEADERS)
 
@@ -80,14 +80,6 @@ _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"
 
 def _latex(text: str) -> str:
     return "".join(_LATEX.get(ch, ch) for ch in str(text))
-
-
-def cell(mean: float, std: float, with_std: bool, digits: int = 3) -> str:
-    if mean is None or not np.isfinite(mean):
-        return "—"
-    if not with_std or std is None or not np.isfinite(std):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _per_step_table(study: Study, name: str, title: str, note: str, headers: list[str],
@@ -105,7 +97,7 @@ def _per_step_table(study: Study, name: str, title: str, note: str, headers: lis
             first = k == 1
             row = [group.model if first else ""] + ([group.order if first else ""] if with_order else [])
             row += [str(k), task if learned_task_column else f"After {task}"]
-            row += [cell(mean[c], std[c], multi) for c, _ in columns]
+            row += [mean_sd(mean[c], std[c] if multi else None) for c, _ in columns]
             rows.append(row)
             record = {"model": group.model, "spec": group.spec, "order": group.order, "step": k,
                       "checkpoint": task, "n_seeds": len(group.per_seed)}
@@ -139,7 +131,7 @@ def table4(study: Study) -> ReportTable:
         study, "table4", "Table 4: continual-learning metrics per checkpoint",
         "OP_k = mean_{i≤k} R[k,i]; BWT_k = mean_{i<k} (R[k,i] − R[i,i]); FWT_k = mean_{i>k} (R[k,i] − R[0,i]); "
         "— where undefined (BWT after the first task, FWT after the last); " + _seeds_note(study) + ".",
-        ["OP", "BWT", "FWT"], [("op", "op"), ("bwt", "bwt"), ("fwt", "fwt")], learned_task_column=False)
+        [METRIC_HEADERS[m] for m in TRANSFER_METRICS], [(m, m) for m in TRANSFER_METRICS], learned_task_column=False)
 
 
 def table5(study: Study) -> ReportTable:
@@ -166,8 +158,8 @@ def table6(study: Study) -> ReportTable:
                 continue
             multi = len(group.per_seed) > 1
             mean, std = group.mean.iloc[-1], group.std.iloc[-1]
-            row_acc.append(cell(mean["avg_all"], std["avg_all"], multi))
-            row_kl.append(cell(mean["kl_mean"], std["kl_mean"], multi))
+            row_acc.append(mean_sd(mean["avg_all"], std["avg_all"] if multi else None))
+            row_kl.append(mean_sd(mean["kl_mean"], std["kl_mean"] if multi else None))
             records.append({"model": model, "spec": group.spec, "order": order,
                             "tasks": " > ".join(group.tasks), "n_seeds": len(group.per_seed),
                             "final_avg_accuracy": mean["avg_all"], "final_avg_accuracy_std": std["avg_all"],

@@ -6,7 +6,6 @@ table (reference accuracy and drift statistics per checkpoint). Across seeds: me
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +17,11 @@ from rich.table import Table
 from lorawatch.rundir import schema, store
 from lorawatch.analysis import significance, verdicts
 from lorawatch.report import verdict_view
+from lorawatch.report.labels import HEADLINE, METRIC_HEADERS, mean_sd
 from lorawatch.config import ExperimentConfig, StatisticsSettings, build_config
 from lorawatch.errors import UserError
 from lorawatch.analysis.metrics import (
+    METRIC_COLUMNS,
     ClMetrics,
     compute_cl_metrics,
     compute_unordered_metrics,
@@ -196,14 +197,6 @@ def load_run(run_dir: str | Path) -> RunResults:
     return RunResults(run_dir, config)
 
 
-def _cell(mean: float, std: float | None, digits: int = 3) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "—"
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def _rich_table(title: str, mean: pd.DataFrame, std: pd.DataFrame | None, columns: list[str],
                 headers: list[str] | None = None) -> Table:
     table = Table(title=title, title_justify="left")
@@ -212,7 +205,7 @@ def _rich_table(title: str, mean: pd.DataFrame, std: pd.DataFrame | None, column
         table.add_column(header, justify="right")
     for i, row in mean.iterrows():
         table.add_row(str(row["checkpoint"]),
-                      *[_cell(row[c], None if std is None else std.loc[i, c]) for c in columns])
+                      *[mean_sd(row[c], None if std is None else std.loc[i, c]) for c in columns])
     return table
 
 
@@ -227,16 +220,10 @@ def _interval_table(title: str, frame: pd.DataFrame, columns: list[str], headers
         cells = []
         for column in columns:
             found = interval(row["checkpoint"], column)
-            cells.append(_cell(row[column], None) if found is None else
+            cells.append(mean_sd(row[column]) if found is None else
                          verdict_view.with_interval(row[column], found.low, found.high))
         table.add_row(str(row["checkpoint"]), *cells)
     return table
-
-
-HEADLINE = (("final_avg_accuracy", "final avg accuracy"), ("bwt", "BWT"), ("fwt", "FWT"),
-            ("learning_accuracy", "LA"), ("mean_gain", "mean gain"), ("final_kl_to_base", "final KL to base"))
-METRIC_HEADERS = {"op": "OP", "bwt": "BWT", "fwt": "FWT", "avg_all": "avg (all tasks)", "gain": "gain",
-                  "delta_vs_base": "vs base"}
 
 
 def print_results(results: RunResults, console: Console) -> None:
@@ -257,12 +244,12 @@ def print_results(results: RunResults, console: Console) -> None:
     if multi:
         console.print(_rich_table(title + suffix, matrix, matrix_std, results.tasks))
         console.print(_rich_table("Continual-learning metrics" + suffix, metrics, metrics_std,
-                                  list(METRIC_HEADERS), list(METRIC_HEADERS.values())))
+                                  list(METRIC_COLUMNS), list(METRIC_HEADERS.values())))
     else:
         console.print(_interval_table(f"{title}{suffix}, [{level} Wilson interval]", matrix, results.tasks,
                                       results.tasks, lambda c, t: verdict_view.accuracy_of(first, c, t)))
         console.print(_interval_table(f"Continual-learning metrics{suffix}, [{level} bootstrap interval over test "
-                                      "rows]", metrics, list(METRIC_HEADERS), list(METRIC_HEADERS.values()),
+                                      "rows]", metrics, list(METRIC_COLUMNS), list(METRIC_HEADERS.values()),
                                       lambda c, m: verdict_view.interval_of(first, c, m)))
     stability, stability_std = pair("stability")
     columns = ["kl_mean", "kl_p95", "entropy_mean_delta", "margin_mean_delta", "reference_accuracy"]
@@ -296,12 +283,12 @@ def headline_parts(results: RunResults, records: dict[int, schema.StatisticsReco
     multi = len(results.seeds) > 1
     first = records[results.seeds[0]]
     parts = []
-    for key, label in HEADLINE:
+    for key, label in ((h.key, h.label) for h in HEADLINE):
         if key not in summary:
             continue
         stat = summary[key]
         if multi:
-            text = _cell(stat["mean"], stat["std"])
+            text = mean_sd(stat["mean"], stat["std"])
             # from the per-seed values, so that a summary written before the intervals gets one too
             interval = significance.seed_interval([per_seed[str(seed)][key] for seed in results.seeds],
                                                   first.settings.confidence)
@@ -310,7 +297,7 @@ def headline_parts(results: RunResults, records: dict[int, schema.StatisticsReco
                          f"{len(results.seeds)} seeds")
         else:
             found = verdict_view.interval_of(first, None, key)
-            text = _cell(stat["mean"], None) if found is None else \
+            text = mean_sd(stat["mean"]) if found is None else \
                 verdict_view.with_interval(stat["mean"], found.low, found.high)
         parts.append(f"{label} {text}")
         if key == "final_avg_accuracy":

@@ -4,7 +4,8 @@
 replay (earlier tasks' rows mixed in), kl_anchor (KL to the base model added to the loss), ewc (a Fisher-weighted
 pull towards the previous adapter), merging (one adapter per task; each checkpoint merges the adapters so far),
 olora (one adapter per task in a subspace orthogonal to the earlier ones; the checkpoint sums them).
-The protocol asks a strategy for a stage's plan (its rows and any added loss term), then lets it finish the stage
+Each module declares its settings (a config class) beside its code and registers its builder (registry.py); the
+config's `strategy` section is the union of the registered classes. The protocol asks a strategy for a stage's plan (its rows and any added loss term), then lets it finish the stage
 (keep its state beside the adapter, return what the training log records).
 """
 
@@ -12,31 +13,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lorawatch.config import StrategySettings
 from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, TimedTerm
-from lorawatch.recipe.strategies.ewc import EWC
-from lorawatch.recipe.strategies.kl_anchor import KLAnchor
-from lorawatch.recipe.strategies.merging import Merge
-from lorawatch.recipe.strategies.olora import OLoRA
-from lorawatch.recipe.strategies.replay import Replay
+from lorawatch.recipe.strategies.registry import STRATEGIES, StrategyConfig, config_union
 
-__all__ = ["StagePlan", "Strategy", "TimedTerm", "build_strategy"]
+# Imported for their registration, in the order config.json lists their settings (registry.setting_names).
+from lorawatch.recipe.strategies import replay, kl_anchor, ewc, merging, olora  # noqa: E402,F401  isort: skip
+
+__all__ = ["STRATEGIES", "StagePlan", "Strategy", "StrategyConfig", "StrategySettings", "TimedTerm", "build_strategy"]
+
+# The config's `strategy` section: one of the registered strategies' configs, by `name`.
+StrategySettings = config_union()
 
 
-def build_strategy(settings: StrategySettings, train_rows: dict[str, Sequence[EncodedTrainExample]], *,
+def build_strategy(settings: StrategyConfig, train_rows: dict[str, Sequence[EncodedTrainExample]], *,
                    pad_id: int, device: str) -> Strategy:
-    """The strategy `settings` names, over every task's encoded training rows in training order."""
-    if settings.name == "none":
-        return Strategy(train_rows)
-    if settings.name == "replay":
-        return Replay(train_rows, fraction=settings.fraction, count=settings.count)
-    if settings.name == "kl_anchor":
-        return KLAnchor(train_rows, weight=settings.weight)
-    if settings.name == "ewc":
-        return EWC(train_rows, weight=settings.weight, fisher_rows=settings.fisher_rows, pad_id=pad_id, device=device)
-    if settings.name == "merge":
-        return Merge(train_rows, method=settings.method, density=settings.density)
-    if settings.name == "olora":
-        return OLoRA(train_rows, lambda_orth=settings.lambda_orth, lambda_l2=settings.lambda_l2)
-    raise ValueError(f"unknown strategy '{settings.name}'")
+    """The strategy `settings` configures, over every task's encoded training rows in training order."""
+    return STRATEGIES[settings.name].build(settings, train_rows, pad_id=pad_id, device=device)

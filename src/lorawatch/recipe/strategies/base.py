@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from safetensors.torch import load_file, save
@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save
 from lorawatch.rundir import store
 from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.rundir.store import DAMAGED
+from lorawatch.recipe.strategies.registry import StrategyConfig, register
 from lorawatch.recipe.training import ExtraLoss, training_seed
 
 
@@ -101,3 +102,14 @@ class Strategy:
     def intact(self, folder: Path, stage: int) -> bool:
         """Whether what stage `stage` kept for later stages is in `folder` and readable (else the stage is redone)."""
         return True
+
+
+class NoneConfig(StrategyConfig):
+    """`none`: one cumulative adapter trained on the task loss alone, as the paper."""
+    name: Literal["none"] = "none"
+
+
+@register(NoneConfig)
+def build_none(config: NoneConfig, train_rows: dict[str, Sequence[EncodedTrainExample]], *, pad_id: int,
+               device: str) -> Strategy:
+    return Strategy(train_rows)

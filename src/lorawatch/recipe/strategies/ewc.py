@@ -14,15 +14,30 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
+from pydantic import Field, model_validator
 
 from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, TimedTerm, read_tensors, write_tensors
+from lorawatch.recipe.strategies.registry import StrategyConfig, register
 from lorawatch.recipe.training import _collate, answer_loss
 
 FISHER_FILE = "ewc_fisher.safetensors"
+
+
+class EWCConfig(StrategyConfig):
+    name: Literal["ewc"] = "ewc"
+    # The Fisher's scale depends on the model: no default lambda.
+    weight: float | None = Field(None, gt=0, description="lambda, the penalty's weight")
+    fisher_rows: int = Field(64, gt=0, description="training rows the Fisher is estimated on")
+
+    @model_validator(mode="after")
+    def _needs_a_weight(self) -> "EWCConfig":
+        if self.weight is None:
+            raise ValueError("strategy 'ewc' needs 'weight' (lambda, the penalty's weight)")
+        return self
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -109,3 +124,9 @@ class EWC(Strategy):
 
     def intact(self, folder: Path, stage: int) -> bool:
         return stage == len(self.tasks) or read_tensors(folder / FISHER_FILE) is not None
+
+
+@register(EWCConfig)
+def build_ewc(config: EWCConfig, train_rows: dict[str, Sequence[EncodedTrainExample]], *, pad_id: int,
+              device: str) -> EWC:
+    return EWC(train_rows, weight=config.weight, fisher_rows=config.fisher_rows, pad_id=pad_id, device=device)

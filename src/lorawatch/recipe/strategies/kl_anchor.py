@@ -12,10 +12,20 @@ reports is the other direction, KL(p_adapted || p_base); both are zero exactly w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Sequence
 
 import torch
+from pydantic import Field
 
+from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, TimedTerm
+from lorawatch.recipe.strategies.registry import StrategyConfig, register
+
+
+class KLAnchorConfig(StrategyConfig):
+    name: Literal["kl_anchor"] = "kl_anchor"
+    # nats per answer token, on the footing of the cross-entropy
+    weight: float = Field(1.0, gt=0, description="weight of the KL term")
 
 
 def kl_to_base(model, inputs: dict[str, torch.Tensor], predicts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -46,3 +56,9 @@ class KLAnchor(Strategy):
 
         plan.extra_loss = TimedTerm(term)
         return plan
+
+
+@register(KLAnchorConfig)
+def build_kl_anchor(config: KLAnchorConfig, train_rows: dict[str, Sequence[EncodedTrainExample]], *, pad_id: int,
+                    device: str) -> KLAnchor:
+    return KLAnchor(train_rows, weight=config.weight)

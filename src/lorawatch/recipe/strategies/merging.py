@@ -16,14 +16,33 @@ entries of B @ A instead would give a full-rank update that no rank-r adapter ca
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Literal, Sequence
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import Field, model_validator
 
+from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.adapters import ADAPTER, adapter_state, reset_adapter
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, read_tensors, write_tensors
+from lorawatch.recipe.strategies.registry import StrategyConfig, register
 
 TASK_ADAPTER = "task_adapter.safetensors"
+
+
+class MergeConfig(StrategyConfig):
+    name: Literal["merge"] = "merge"
+    one_adapter_per_task: ClassVar[bool] = True
+    method: Literal["linear", "ties", "dare_linear", "magmax"] = Field(
+        "linear", description="how the per-task adapters are combined")
+    density: float | None = Field(None, gt=0, le=1, description="share of each task update kept (ties, "
+                                                                "dare_linear)")
+
+    @model_validator(mode="after")
+    def _density_where_used(self) -> "MergeConfig":
+        if (self.method in ("ties", "dare_linear")) != (self.density is not None):
+            raise ValueError(f"merge method '{self.method}' " + ("needs 'density'" if self.density is None
+                                                                  else "takes no 'density'"))
+        return self
 
 
 def magmax(task_vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -42,6 +61,8 @@ def peft_merge(model, states: list[dict[str, torch.Tensor]], *, method: str, den
                seed: int) -> dict[str, torch.Tensor]:
     """The merge of adapters (state dicts as PEFT saves them) by PEFT's add_weighted_adapter, with equal weights, as
     a state dict for the model's adapter. The adapters are loaded beside it for the merge and removed after."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict  # (adapters.py says why here)
+
     names = [f"merge-input-{i}" for i in range(len(states))]
     config = model.peft_config[ADAPTER]
     try:
@@ -76,6 +97,8 @@ class Merge(Strategy):
         return plan
 
     def finish(self, model, plan: StagePlan, steps: int, folder: Path) -> dict | None:
+        from peft import set_peft_model_state_dict  # (adapters.py says why here)
+
         trained = adapter_state(model)
         write_tensors(folder / TASK_ADAPTER, trained)
         states = []
@@ -94,3 +117,9 @@ class Merge(Strategy):
 
     def intact(self, folder: Path, stage: int) -> bool:
         return read_tensors(folder / TASK_ADAPTER) is not None
+
+
+@register(MergeConfig)
+def build_merge(config: MergeConfig, train_rows: dict[str, Sequence[EncodedTrainExample]], *, pad_id: int,
+                device: str) -> Merge:
+    return Merge(train_rows, method=config.method, density=config.density)

@@ -16,13 +16,27 @@ adapters of stages 1..t-1 are loaded from their folders beside it, frozen, and t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
 
 import torch
-from peft.tuners.lora import LoraLayer
+from pydantic import Field
 
+from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.adapters import ADAPTER, activate_with, add_frozen_adapter, reset_adapter
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, TimedTerm
+from lorawatch.recipe.strategies.registry import StrategyConfig, register
 from lorawatch.recipe.training import use_gap_dropout
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+
+
+class OLoRAConfig(StrategyConfig):
+    name: Literal["olora"] = "olora"
+    one_adapter_per_task: ClassVar[bool] = True
+    # lambda_1, lambda_2 of the O-LoRA authors' scripts
+    lambda_orth: float = Field(0.5, ge=0, description="weight of the orthogonality penalty")
+    lambda_l2: float = Field(0.0, ge=0, description="weight of the new adapter's L2 penalty")
 
 
 def task_adapter_name(stage: int) -> str:
@@ -47,6 +61,8 @@ class OLoRA(Strategy):
         self.lambda_orth, self.lambda_l2 = lambda_orth, lambda_l2
 
     def plan(self, model, stage: int, run_seed: int, earlier: list[Path]) -> StagePlan:
+        from peft.tuners.lora import LoraLayer  # (adapters.py says why here)
+
         plan = super().plan(model, stage, run_seed, earlier)
         frozen = [task_adapter_name(k) for k in range(1, stage)]
         for k, name in enumerate(frozen, start=1):
@@ -65,3 +81,9 @@ class OLoRA(Strategy):
         if frozen or lambda_l2 > 0:
             plan.extra_loss = TimedTerm(term)
         return plan
+
+
+@register(OLoRAConfig)
+def build_olora(config: OLoRAConfig, train_rows: dict[str, Sequence[EncodedTrainExample]], *, pad_id: int,
+                device: str) -> OLoRA:
+    return OLoRA(train_rows, lambda_orth=config.lambda_orth, lambda_l2=config.lambda_l2)

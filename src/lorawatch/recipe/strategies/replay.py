@@ -7,13 +7,31 @@ task and the seed), so a stage's rows can be rebuilt from its training log.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Literal, Sequence, TypeVar
 
 import torch
+from pydantic import Field, model_validator
 
+from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.base import StagePlan, Strategy
+from lorawatch.recipe.strategies.registry import StrategyConfig, register
 
 Row = TypeVar("Row")
+
+
+class ReplayConfig(StrategyConfig):
+    """Exactly one of `fraction` or `count`."""
+    name: Literal["replay"] = "replay"
+    fraction: float | None = Field(None, gt=0, le=1, description="share of each earlier task's training rows "
+                                                                 "mixed into every later stage")
+    count: int | None = Field(None, gt=0, description="rows of each earlier task mixed into every later stage "
+                                                      "(all of them if it has fewer)")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "ReplayConfig":
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("strategy 'replay' needs exactly one of 'fraction' or 'count'")
+        return self
 
 
 def replay_rows(earlier: dict[str, Sequence[Row]], *, seed: int, fraction: float | None = None,
@@ -48,3 +66,9 @@ class Replay(Strategy):
         plan.rows += extra  # after the stage's own rows: training shuffles them together
         plan.record["replay"] = {"seed": plan.seed, "rows": taken}
         return plan
+
+
+@register(ReplayConfig)
+def build_replay(config: ReplayConfig, train_rows: dict[str, Sequence[EncodedTrainExample]], *, pad_id: int,
+                 device: str) -> Replay:
+    return Replay(train_rows, fraction=config.fraction, count=config.count)
