@@ -14,7 +14,8 @@ from conftest import assert_one_line_error, assert_same_results, config_file, lo
 import lorawatch as lorawatch_api
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.rundir.lifecycle import run_lock
-from lorawatch.study.spec import load_study_file, study_states, unit_state
+from lorawatch.study.folder import study_states, unit_state
+from lorawatch.study.spec import load_study_file
 from lorawatch.study.driver import run_study
 
 UNITS = ["learning_rate=0.005-original-seed1", "learning_rate=0.005-reversed-seed1",

@@ -39,7 +39,8 @@ def run_study(study_file, out=None, *, backend: str = "local", address: str | No
 
     from rich.console import Console
 
-    from lorawatch.study.spec import load_study_file, study_states
+    from lorawatch.study.folder import study_states
+    from lorawatch.study.spec import load_study_file
     from lorawatch.study.driver import run_study as drive
 
     out = Path(out) if out is not None else Path("runs") / load_study_file(study_file).name

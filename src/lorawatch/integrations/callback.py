@@ -5,7 +5,7 @@
     monitor.attach(trainer)
     trainer.train()
 
-The measurement is the one `lorawatch run` makes with a `monitor:` section (protocol.Recipe.stage_monitor):
+The measurement is the one `lorawatch run` makes with a `monitor:` section (monitor.measure_drift):
 every `every` optimizer steps and at the last step, one pass over the reference prompts that reads the
 next-token distribution at the answer position, against the base model's distributions computed once when
 training begins, with the PEFT adapter switched off (no second copy of the model). KL to base, entropy and
@@ -36,19 +36,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 from transformers import TrainerCallback
 
 from lorawatch.rundir import schema, store
-from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
 from lorawatch.config import MonitorSettings, describe_error
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.data.inputs import RunData, load_data
-from lorawatch.recipe.monitor import Intervention, MonitorParams, StageMonitor, calibrated_threshold
+from lorawatch.recipe.monitor import (
+    Intervention,
+    MonitorParams,
+    StageMonitor,
+    measure_drift,
+    reference_logprobs,
+    resolve_threshold,
+)
 from lorawatch.presets import preset
 from lorawatch.data.prompts import EncodedPrompt, encode_prompt, user_message
-from lorawatch.engine.drift import summarize
 from lorawatch.data.tasks.loading import load_examples
 
 log = logging.getLogger(__name__)
@@ -90,8 +94,7 @@ class DriftMonitorCallback(TrainerCallback):
                                        patience=patience)
         except ValidationError as error:
             raise ConfigError(describe_error(error, "DriftMonitorCallback")) from None
-        if settings.calibrate_from is not None:  # as `lorawatch run` resolves it: the larger of the two
-            threshold = max(threshold or 0.0, calibrated_threshold(settings.calibrate_from)[0])
+        threshold = resolve_threshold(threshold, settings.calibrate_from)[0]  # as `lorawatch run` resolves it
         self.params = MonitorParams(every=every, action=action, threshold=threshold, relative=relative,
                                     patience=patience)
         self.tokenizer = tokenizer
@@ -113,22 +116,13 @@ class DriftMonitorCallback(TrainerCallback):
         self._attached = True
         return self
 
-    # --- the measurement: lorawatch's own ---------------------------------------------------------------------
-
-    def _logprobs(self, model) -> torch.Tensor:
-        was_training = model.training
-        first = generate_by_task(model, self.tokenizer, self.data.reference, self.prompts, max_new_tokens=1,
-                                 device=str(model.device), first_logprobs=True)
-        model.train(was_training)  # generate() switched to eval mode (no dropout) for the measurement
-        return torch.stack([first[e.id].first_logprobs for e in self.data.reference])
+    # --- the measurement and the rule of when it is due: lorawatch's own (monitor.py) ---------------------------
 
     def _measure(self, model) -> dict:
-        return summarize(drift_rows(self.data, self._logprobs(model), self._base))
+        return measure_drift(model, self.tokenizer, self.data, self.prompts, self._base, device=str(model.device))
 
     def _due(self, state) -> bool:
-        # StageMonitor's rule: every `every` steps, and the last step, whose adapter is the one training leaves
-        return state.global_step > 0 and (state.global_step % self.params.every == 0
-                                          or state.global_step == state.max_steps)
+        return self.params.due(state.global_step, state.max_steps)
 
     # --- the Trainer's events ---------------------------------------------------------------------------------
 
@@ -141,7 +135,8 @@ class DriftMonitorCallback(TrainerCallback):
                         "instead of callbacks=[...] for them to receive the drift values")
         self.folder = Path(self.output_dir or args.output_dir)
         with model.disable_adapter():
-            self._base = self._logprobs(model)
+            self._base = reference_logprobs(model, self.tokenizer, self.data.reference, self.prompts,
+                                            device=str(model.device))
         self.start_kl = self._measure(model)["kl_mean"]
         self.intervention = None
         self.stage_monitor = StageMonitor(model=model, measure=lambda: self._measure(model), params=self.params,

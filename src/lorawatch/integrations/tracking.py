@@ -8,282 +8,28 @@ folder again logs nothing twice. A study is a parent tracker run with its units 
 `mlflow.parentRunId` tag; TensorBoard: the children's log folders inside the parent's).
 
 mlflow and tensorboard are optional (`pip install 'lorawatch[mlflow]'`, `'lorawatch[tensorboard]'`) and
-imported only here, when a tracker is opened.
+imported only in trackers.py, when a tracker is opened. Where a run goes, and whether it can go there, is worked
+out in tracking_destination.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import logging
-import os
-import re
-import shutil
-import socket
-import time
-import urllib.parse
 from collections.abc import Collection
 from pathlib import Path
-from typing import Protocol
 
 from lorawatch.rundir import schema, store
 from lorawatch.analysis import significance, verdicts
 from lorawatch.config import ExperimentConfig, TrackingSettings
 from lorawatch.errors import UserError
+from lorawatch.integrations.trackers import Tracker, flatten_params, open_parent, open_tracker
+from lorawatch.integrations.tracking_destination import BACKENDS, check_destination, destination, require, resolve
+
+# The Python API of docs/tracking.md, the trackers and their destinations included
+__all__ = ["RECORD", "RunLogger", "Tracker", "check_destination", "check_finished", "export_run", "export_settings",
+           "open_parent", "open_tracker", "require", "resolve", "statistics_metrics"]
 
 RECORD = "tracking.json"
-_INSTALL = {"mlflow": ("mlflow", "pip install 'lorawatch[mlflow]'"),
-            "tensorboard": ("tensorboard", "pip install 'lorawatch[tensorboard]'")}
-# MLflow's limits (mlflow.utils.validation): longer values are refused, not truncated, by the server.
-_MAX_PARAM_VALUE, _MAX_KEY, _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 6000, 250, 100, 1000
 _ARTIFACT_TABLES = ("accuracy_matrix", "cl_metrics", "stability")
-
-
-def require(backend: str) -> None:
-    """A one-line error, before any model work, when the backend's package is missing."""
-    module, install = _INSTALL[backend]
-    if importlib.util.find_spec(module) is None:
-        raise UserError(f"tracking with {backend} needs the {module} package: {install}")
-
-
-# MLflow's tracking stores by URI scheme (a plain path is its file store); a `+driver` suffix is allowed.
-_MLFLOW_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
-REACH_TIMEOUT_S = 5.0  # a tracking server that does not answer within this is refused before any model work
-
-
-def check_destination(settings: TrackingSettings, home: Path) -> None:
-    """Where a run will be logged can take it: the package is there, the URI's scheme is one the tracker knows,
-    its folder can be written, a server answers (within REACH_TIMEOUT_S). Checked before any model work, so that
-    a typo costs seconds, not a run and minutes of the tracker's retries; every problem is one line."""
-    require(settings.backend)
-    uri = resolve(settings, home).uri
-    if settings.backend == "tensorboard":
-        _check_folder(Path(uri), uri, "a folder for TensorBoard's logs")
-        return
-    parts = urllib.parse.urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if len(scheme) <= 1:  # no scheme, or a Windows drive letter: a folder of MLflow's file store
-        _check_folder(Path(uri), uri, "a folder for MLflow's file store")
-    elif scheme.split("+")[0] not in _MLFLOW_SCHEMES:
-        raise UserError(f"tracking uri {uri!r}: MLflow has no store for scheme '{scheme}'; use sqlite:///FILE.db, a "
-                        "folder, or http(s)://HOST:PORT of an MLflow server")
-    elif scheme == "sqlite":
-        database = _sqlite_file(uri)
-        if database is None:
-            raise UserError(f"tracking uri {uri!r}: expected sqlite:///PATH/TO/FILE.db")
-        if database.exists() and not database.is_file():
-            raise UserError(f"tracking uri {uri!r}: {database} is not a file; expected an SQLite database file")
-        _check_folder(database.parent, uri, "the folder of the SQLite database")
-    elif scheme == "file":
-        _check_folder(Path(urllib.parse.unquote(parts.path)), uri, "a folder for MLflow's file store")
-    elif scheme in ("http", "https"):
-        port = parts.port or (443 if scheme == "https" else 80)
-        try:
-            socket.create_connection((parts.hostname or "", port), timeout=REACH_TIMEOUT_S).close()
-        except OSError as exc:
-            reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or exc.__class__.__name__)
-            raise UserError(f"tracking uri {uri!r}: no MLflow server answers there ({reason} within "
-                            f"{REACH_TIMEOUT_S:g} s); start it, or give another --uri") from None
-
-
-def _check_folder(folder: Path, uri: str, what: str) -> None:
-    """`folder` is, or can be made as, a writable folder."""
-    folder = folder.expanduser()
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():
-            raise UserError(f"tracking uri {uri!r}: {existing} is a link that leads nowhere; expected {what}")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"tracking uri {uri!r}: {existing} is a file; expected {what}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"tracking uri {uri!r}: {existing} cannot be written; expected {what}")
-
-
-# --- trackers --------------------------------------------------------------------------------------------------
-
-class Tracker(Protocol):
-    """One tracker run: parameters, metrics at a step, artifacts (files), and a final status on closing
-    (FINISHED, FAILED or KILLED; TensorBoard has none)."""
-
-    run_id: str  # MLflow: the run id; TensorBoard: the run's log folder
-    where: str  # for people: the store and the run
-    new: bool  # created by this open (a reopened run already holds its parameters)
-
-    def log_params(self, params: dict[str, str]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_artifact(self, path: Path, folder: str) -> None: ...
-    def close(self, status: str = "FINISHED") -> None: ...
-
-
-class MlflowTracker:
-    # MlflowClient, not the fluent mlflow.start_run: no global active run, so a study's parent and its
-    # children (and several runs of one process) can be open at once.
-    def __init__(self, uri: str, experiment: str | None, name: str, *, parent: str | None, run_id: str | None,
-                 tags: dict[str, str]):
-        require("mlflow")
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
-        database = _sqlite_file(uri)
-        if database is not None:
-            database.parent.mkdir(parents=True, exist_ok=True)  # SQLite does not create the database's folder
-        self._entities = mlflow.entities
-        self.client = mlflow.MlflowClient(uri)
-        try:
-            self.new = run_id is None or not self._reopen(run_id)
-            if self.new:
-                if parent is not None:
-                    experiment_id = self.client.get_run(parent).info.experiment_id
-                    tags = {**tags, "mlflow.parentRunId": parent}
-                else:
-                    experiment_id = self._experiment(experiment or name, database)
-                run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-        except MlflowException as exc:
-            raise UserError(f"mlflow ({uri}): {str(exc).splitlines()[0]}") from None
-        self.run_id = run_id
-        name = self.client.get_experiment(self.client.get_run(run_id).info.experiment_id).name
-        self.where = f"mlflow {uri} · experiment {name!r} · run {run_id}"
-
-    def _reopen(self, run_id: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            if self.client.get_run(run_id).info.lifecycle_stage == "deleted":
-                return False
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            return False  # recorded, but not in this store (deleted, or a new database): start a new run
-        self.client.update_run(run_id, status="RUNNING")
-        return True
-
-    def _experiment(self, name: str, database: Path | None) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found is None:
-            # Beside the database, not MLflow's default ./mlartifacts in whatever folder the command ran from.
-            location = None if database is None else (database.parent / "mlartifacts").as_uri()
-            return self.client.create_experiment(name, artifact_location=location)
-        if found.lifecycle_stage == "deleted":
-            raise UserError(f"mlflow: experiment {name!r} is deleted; restore it (mlflow experiments restore) or "
-                            "give another experiment name")
-        return found.experiment_id
-
-    def log_params(self, params: dict[str, str]) -> None:
-        items = [self._entities.Param(_key(key), value[:_MAX_PARAM_VALUE]) for key, value in params.items()]
-        for start in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + _PARAMS_PER_BATCH])
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        items = [self._entities.Metric(_key(key), float(value), now, step) for key, value in metrics.items()]
-        for start in range(0, len(items), _METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start:start + _METRICS_PER_BATCH])
-
-    def log_artifact(self, path: Path, folder: str) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder or None)
-
-    def close(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
-
-
-class TensorBoardTracker:
-    def __init__(self, log_dir: Path):
-        require("tensorboard")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.new = not log_dir.is_dir()
-        self.run_id, self.where = str(log_dir), f"tensorboard {log_dir}"
-        # A reopened folder gets a second event file; TensorBoard reads them all, in order.
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def log_params(self, params: dict[str, str]) -> None:
-        rows = "".join(f"| {key} | {value} |\n" for key, value in params.items())
-        self.writer.add_text("params", "| parameter | value |\n|---|---|\n" + rows)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, global_step=step)
-
-    def log_artifact(self, path: Path, folder: str) -> None:
-        # TensorBoard has no artifacts: the file is copied beside the events, and a text one is shown in the
-        # TEXT tab (indented: Markdown's code block, so that a CSV keeps its lines).
-        target = Path(self.run_id) / "artifacts" / folder / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        if path.suffix in (".csv", ".json"):
-            text = path.read_text(encoding="utf-8")
-            self.writer.add_text(f"{folder}/{path.name}".lstrip("/"), "".join(f"    {line}\n"
-                                                                              for line in text.splitlines()))
-
-    def close(self, status: str = "FINISHED") -> None:
-        self.writer.close()
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """A SQLite store's database file (its artifacts go beside it); None for a server or Databricks."""
-    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
-
-
-def _key(key: str) -> str:
-    # MLflow's allowed characters; a task name or a recorded override (`tasks.*.max_train_rows`) may hold others
-    # (TensorBoard takes any tag).
-    return re.sub(r"[^\w\-. /:]", "_", key)[:_MAX_KEY]
-
-
-# --- where a run goes ----------------------------------------------------------------------------------------------
-
-def resolve(settings: TrackingSettings, home: Path) -> TrackingSettings:
-    """The settings with the default store made explicit: `sqlite:///<home>/mlflow.db` for MLflow,
-    `<home>/tensorboard` for TensorBoard. A study gives this to its units, so that children and parent share
-    one store."""
-    if settings.uri is not None:
-        return settings
-    home = Path(home).resolve()
-    uri = f"sqlite:///{(home / 'mlflow.db').as_posix()}" if settings.backend == "mlflow" else str(home / "tensorboard")
-    return settings.model_copy(update={"uri": uri})
-
-
-def destination(settings: TrackingSettings, home: Path, name: str, parent: str | None = None) -> dict:
-    """Where a run goes, resolved (schema.TrackingDestination): what tracking.json matches a tracker run by."""
-    uri = resolve(settings, home).uri
-    if settings.backend == "tensorboard":
-        uri = str(Path(parent or uri).resolve())
-    return {"backend": settings.backend, "uri": uri, "parent": parent,
-            "experiment": None if parent else settings.experiment or name}  # a child: its parent's experiment
-
-
-def open_tracker(settings: TrackingSettings, home: Path, name: str, *, parent: str | None = None,
-                 run_id: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
-    """Open a new tracker run named `name`, or reopen `run_id`. `home`: the folder of the default store (a run
-    folder, or a study folder). `parent`: the parent's run id (TensorBoard: its log folder)."""
-    where = destination(settings, home, name, parent)
-    if settings.backend == "tensorboard":
-        return TensorBoardTracker(Path(run_id) if run_id else Path(where["uri"]) / name)
-    return MlflowTracker(where["uri"], where["experiment"], name, parent=parent, run_id=run_id, tags=tags or {})
-
-
-def open_parent(settings: TrackingSettings, home: Path, name: str, params: dict, *,
-                run_id: str | None = None) -> Tracker:
-    """A study's parent run (reopened when `run_id` is given); its children are opened with `parent=run_id`."""
-    tracker = open_tracker(settings, home, name, run_id=run_id)
-    if tracker.new:
-        tracker.log_params(flatten_params(params))
-    return tracker
-
-
-def flatten_params(data: dict, prefix: str = "") -> dict[str, str]:
-    """Dotted keys (`train.learning_rate`, `tasks.0.name`); a list of plain values stays one value (`seeds`)."""
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, list) and any(isinstance(v, dict) for v in value):
-            value = dict(enumerate(value))
-        if isinstance(value, dict):
-            flat.update(flatten_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return flat
 
 
 # --- what a run logs -----------------------------------------------------------------------------------------------
@@ -535,8 +281,8 @@ def export_settings(run_dir: Path, backend: str | None = None, uri: str | None =
                     experiment: str | None = None) -> TrackingSettings:
     """`lorawatch track`'s settings for a run: the run's own `tracking` section (else MLflow), with what the
     command line gives instead."""
-    if backend is not None and backend not in _INSTALL:
-        raise UserError(f"tracking backend {backend!r}: expected {' or '.join(_INSTALL)}")
+    if backend is not None and backend not in BACKENDS:
+        raise UserError(f"tracking backend {backend!r}: expected {' or '.join(BACKENDS)}")
     recorded = _run_config(Path(run_dir)).tracking
     if recorded is not None and (backend is None or backend == recorded.backend):
         base = recorded.model_dump()

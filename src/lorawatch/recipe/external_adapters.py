@@ -31,13 +31,12 @@ from rich.console import Console
 from safetensors import SafetensorError, safe_open
 
 from lorawatch.rundir import store
-from lorawatch.report import tables
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import UserError
 from lorawatch.data.inputs import load_data
 from lorawatch.recipe.protocol import Recipe, data_inputs, run_recipe
 from lorawatch.rundir.lifecycle import plan_run_dir
-from lorawatch.rundir.stage_files import ADAPTER_WEIGHTS, finish_stage, load_adapter_weights, stage_complete
+from lorawatch.rundir.stage_files import ADAPTER_WEIGHTS, load_adapter_weights, stage_complete
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$")
@@ -247,28 +246,32 @@ class AdapterRecipe(Recipe):
         return {**super().fingerprint(), "adapters": adapter_records(self.adapters, self.trained_on)}
 
     def run_seed(self, seed: int, *, fresh_model: bool) -> None:
-        model = None
-        for stage, adapter in enumerate(self.adapters, start=1):
-            folder = store.stage_dir(self.run_dir, seed, stage)
-            if stage_complete(folder, self.data, adapter=False):
+        """Every adapter whose stage is not complete: each is evaluated on its own, so a finished one is kept."""
+        todo = []
+        for stage in range(1, len(self.adapters) + 1):
+            if stage_complete(store.stage_dir(self.run_dir, seed, stage), self.data, adapter=False):
                 self.progress.advance(self.checkpoint_rows())
-                continue
-            if model is None:  # one PEFT model; later adapters only replace its weights
-                model = PeftModel.from_pretrained(self.loaded.model, adapter.path)
-            elif not load_adapter_weights(model, adapter.path):
-                raise UserError(f"{adapter.path}: its weights could not be loaded into the first adapter's layers")
-            scores, drift, seconds = self.evaluate(model, seed, stage)
-            task = None if self.trained_on is None else self.trained_on[stage - 1]
-            stats = finish_stage(folder, stage=stage, checkpoint=task or adapter.name, task=task, scores=scores,
-                                 drift=drift, base_stats=self.base_stats,
-                                 extra={"training": None, "intervention": None,
-                                        "fast_path": self.eval_params.fast.to_dict(),
-                                        "eval_seconds": round(seconds, 3), "adapter": str(adapter.path)})
-            self.progress.log(f"stage {stage} ({adapter.path}): "
-                              + " ".join(f"{n} {v:.2f}" for n, v in scores.items())
-                              + f" · KL to base {stats['kl_mean']:.4f}")
-        with self.costs.phase("tables"):
-            tables.write_seed_tables(self.run_dir, seed, self.config.statistics)
+            else:
+                todo.append(stage)
+        if todo:  # one PEFT model, made with the first adapter to evaluate; `train` puts each one's weights in it
+            model = PeftModel.from_pretrained(self.loaded.model, self.adapters[todo[0] - 1].path)
+            self.run_stages(model, seed, todo)
+
+    def train(self, model, seed: int, stage: int) -> None:
+        """The k-th adapter's weights in place of training; stage.json then records no training."""
+        adapter = self.adapters[stage - 1]
+        if not load_adapter_weights(model, adapter.path):
+            raise UserError(f"{adapter.path}: its weights could not be loaded into the first adapter's layers")
+
+    def checkpoint_of(self, stage: int) -> tuple[str, str | None]:
+        task = None if self.trained_on is None else self.trained_on[stage - 1]
+        return task or self.adapters[stage - 1].name, task
+
+    def stage_extra(self, stage: int) -> dict:
+        return {"adapter": str(self.adapters[stage - 1].path)}
+
+    def stage_heading(self, seed: int, stage: int, log: dict | None) -> str:
+        return f"stage {stage} ({self.adapters[stage - 1].path}): "
 
     def stage_label(self, seed: int, stage: int) -> str:
         return f"adapter {stage}/{len(self.adapters)}"

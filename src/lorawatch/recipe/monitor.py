@@ -26,14 +26,21 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from lorawatch.rundir import schema, store
+from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
+from lorawatch.engine.drift import summarize
+from lorawatch.engine.generation import FastPath
+from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET
 from lorawatch.errors import UserError
 from lorawatch.analysis.metrics import ACCURACY_TOLERANCE, MIN_CHECKPOINTS_PER_LABEL
+from lorawatch.data.inputs import RunData
+from lorawatch.data.prompts import EncodedPrompt
+from lorawatch.data.tasks.base import Example
 
 ACTIONS = ("warn", "stop", "revert", "rollback")
 
@@ -50,6 +57,20 @@ class MonitorParams:
         candidates = [t for t in (self.threshold, None if self.relative is None else self.relative * previous_kl)
                       if t is not None and t > 0]
         return max(candidates) if candidates else None
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """A measurement is due every `every` optimizer steps, and at the last step: its adapter is the one
+        training leaves."""
+        return step > 0 and (step % self.every == 0 or step == total_steps)
+
+
+def resolve_threshold(threshold: float | None, calibrate_from: str | Path | None) -> tuple[float | None, dict | None]:
+    """The absolute threshold with a calibrated one folded in (the larger of the two), and the calibration as
+    monitor.json records it (None without `calibrate_from`). Worked out before any model work."""
+    if calibrate_from is None:
+        return threshold, None
+    value, how = calibrated_threshold(calibrate_from)
+    return max(threshold or 0.0, value), {"threshold": value, "from": how}
 
 
 def calibrated_threshold(source: str | Path) -> tuple[float, str]:
@@ -97,6 +118,26 @@ def calibrated_threshold(source: str | Path) -> tuple[float, str]:
                             "cannot calibrate a threshold from this run")
         return float(max(healthy)), f"largest KL of {len(healthy)} checkpoint(s) without accuracy loss in {path}"
     raise UserError(f"{source}: monitor.calibrate_from must be a report folder, its correlation.json, or a run folder")
+
+
+def reference_logprobs(model: torch.nn.Module, tokenizer, reference: Sequence[Example],
+                       prompts: Sequence[EncodedPrompt], *, device: str, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                       batch_rows: int | None = None, fast: FastPath = FastPath()) -> torch.Tensor:
+    """The next-token log-probabilities at each reference row's answer position ([rows, vocab]), read from the
+    first forward pass of a one-token generation: the answer-position logits only."""
+    was_training = model.training
+    first = generate_by_task(model, tokenizer, reference, prompts, max_new_tokens=1, device=device,
+                             token_budget=token_budget, batch_rows=batch_rows, first_logprobs=True, fast=fast)
+    model.train(was_training)  # generate() switched to eval mode (no dropout) for the measurement
+    return torch.stack([first[e.id].first_logprobs for e in reference])
+
+
+def measure_drift(model: torch.nn.Module, tokenizer, data: RunData, prompts: Sequence[EncodedPrompt],
+                  base_logprobs: torch.Tensor, **generation) -> dict:
+    """The monitor's measurement of the adapter as it is now: KL to base, entropy and top-2 margin at the answer
+    position, averaged over the reference rows (`generation`: reference_logprobs' batching and fast path)."""
+    logprobs = reference_logprobs(model, tokenizer, data.reference, prompts, **generation)
+    return summarize(drift_rows(data, logprobs, base_logprobs))
 
 
 @dataclass
@@ -149,7 +190,7 @@ class StageMonitor:
     def on_step(self, step: int, total_steps: int, loss: float) -> bool:
         """Called after each optimizer step; True ends the stage's training."""
         self._losses.append(loss)
-        if step % self.params.every and step != total_steps:
+        if not self.params.due(step, total_steps):
             return False
         started = time.perf_counter()
         stats = self.measure()

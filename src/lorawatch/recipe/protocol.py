@@ -20,7 +20,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -38,14 +38,14 @@ from lorawatch.engine.base_cache import (
     restore_base_stage,
     save_base_stage,
 )
-from lorawatch.engine.checkpoint_eval import EvalParams, drift_rows, evaluate_checkpoint, generate_by_task
+from lorawatch.engine.checkpoint_eval import EvalParams, evaluate_checkpoint, generate_by_task
 from lorawatch.config import ExperimentConfig
 from lorawatch.rundir.costs import Costs
 from lorawatch.errors import UserError
 from lorawatch.engine.generation import GENERATION_RULES_VERSION, FastPath, fast_path_for, merged_adapter
 from lorawatch.data.inputs import RunData, data_fingerprint, encode, load_data, weights_digest
 from lorawatch.models.loading import LoadedModel, load_model
-from lorawatch.recipe.monitor import MonitorParams, StageMonitor, calibrated_threshold
+from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift, resolve_threshold
 from lorawatch.progress import RunProgress
 from lorawatch.rundir.lifecycle import FolderPlan, abandon_run_dir, plan_run_dir, run_lock, start_run_dir
 from lorawatch.rundir.stage_files import (
@@ -60,7 +60,6 @@ from lorawatch.rundir.stage_files import (
     save_adapter,
     stage_complete,
 )
-from lorawatch.engine.drift import summarize
 from lorawatch.data.tasks.scoring import SCORING_RULES_VERSION
 from lorawatch.integrations.tracking import RunLogger, check_destination as check_tracking
 from lorawatch.recipe.strategies import build_strategy
@@ -130,11 +129,7 @@ def resolve_monitor(config: ExperimentConfig) -> dict | None:
     if config.monitor is None:
         return None
     settings = config.monitor
-    threshold, calibration = settings.threshold, None
-    if settings.calibrate_from is not None:
-        value, how = calibrated_threshold(settings.calibrate_from)
-        calibration = {"threshold": value, "from": how}
-        threshold = max(threshold or 0.0, value)
+    threshold, calibration = resolve_threshold(settings.threshold, settings.calibrate_from)
     return {"params": {"every": settings.every, "action": settings.action, "threshold": threshold,
                        "relative": settings.relative, "patience": settings.patience}, "calibration": calibration}
 
@@ -182,6 +177,8 @@ class Recipe:
             self.base_stage()
             for seed_index, seed in enumerate(self.config.seeds):
                 self.run_seed(seed, fresh_model=seed_index > 0)
+                with self.costs.phase("tables"):
+                    tables.write_seed_tables(self.run_dir, seed, self.config.statistics)
             with self.costs.phase("tables"):
                 tables.write_summary(self.run_dir)
         store.write_record(self.run_dir / "costs.json", schema.CostsRecord, self.costs.to_dict())
@@ -283,6 +280,7 @@ class Recipe:
     # --- one seed ----------------------------------------------------------------------------------------
 
     def run_seed(self, seed: int, *, fresh_model: bool) -> None:
+        """The seed's stages from the first one not complete: each trains on the adapter the one before left."""
         stages = [store.stage_dir(self.run_dir, seed, k) for k in range(len(self.data.tasks) + 1)]
         first = next((k for k in range(1, len(stages)) if not stage_complete(stages[k], self.data, adapter=True)),
                      None)
@@ -299,15 +297,17 @@ class Recipe:
             while first > 1 and not (self.strategy.intact(stages[first - 1], first - 1)
                                      and load_adapter_weights(model, stages[first - 1] / "adapter")):
                 first -= 1
-            for stage in range(first, len(stages)):
-                log = self.train(model, seed, stage)
-                scores, drift, seconds = self.evaluate(model, seed, stage)
-                self.finish(seed, stage, log, scores, drift, seconds)
-                if self.tracker is not None:
-                    self.tracker.stage(seed, stage)
+            self.run_stages(model, seed, range(first, len(stages)))
             del model
-        with self.costs.phase("tables"):
-            tables.write_seed_tables(self.run_dir, seed, self.config.statistics)
+
+    def run_stages(self, model, seed: int, stages: Iterable[int]) -> None:
+        """Each stage in turn: its checkpoint (`train`), its evaluation, its files and its line in the log."""
+        for stage in stages:
+            log = self.train(model, seed, stage)
+            scores, drift, seconds = self.evaluate(model, seed, stage)
+            self.finish(seed, stage, log, scores, drift, seconds)
+            if self.tracker is not None:
+                self.tracker.stage(seed, stage)
 
     def train(self, model, seed: int, stage: int) -> dict:
         """Train stage `stage`'s task into the adapter and save it, or read back a stage trained before."""
@@ -362,19 +362,33 @@ class Recipe:
                 progress=self.progress, label=self.stage_label(seed, stage), crash_prefix=f"{seed}:{stage}")
         return scores, drift, time.perf_counter() - started
 
-    def finish(self, seed: int, stage: int, log: dict, scores: dict, drift: list, eval_seconds: float) -> None:
-        task = self.data.tasks[stage - 1]
-        stats = finish_stage(store.stage_dir(self.run_dir, seed, stage), stage=stage, checkpoint=task.name,
-                             task=task.name, scores=scores, drift=drift, base_stats=self.base_stats,
+    def finish(self, seed: int, stage: int, log: dict | None, scores: dict, drift: list, eval_seconds: float) -> None:
+        """The stage's summary files (stage.json last: the stage is complete), and its line in the log."""
+        checkpoint, task = self.checkpoint_of(stage)
+        stats = finish_stage(store.stage_dir(self.run_dir, seed, stage), stage=stage, checkpoint=checkpoint,
+                             task=task, scores=scores, drift=drift, base_stats=self.base_stats,
                              extra={"training": log,
-                                    "intervention": (log.get("monitor") or {}).get("intervention"),
+                                    "intervention": ((log or {}).get("monitor") or {}).get("intervention"),
                                     "fast_path": self.eval_params.fast.to_dict(),
-                                    "eval_seconds": round(eval_seconds, 3)})
+                                    "eval_seconds": round(eval_seconds, 3), **self.stage_extra(stage)})
         crash_point(f"{seed}:{stage}:done")
+        self.progress.log(f"{self.stage_heading(seed, stage, log)}{_scores_line(scores)} · KL to base "
+                          f"{stats['kl_mean']:.4f}")
+
+    def checkpoint_of(self, stage: int) -> tuple[str, str | None]:
+        """The stage's checkpoint name in the tables, and the task it was trained on (None: not known)."""
+        task = self.data.tasks[stage - 1].name
+        return task, task
+
+    def stage_extra(self, stage: int) -> dict:
+        """What stage.json records of the stage besides the recipe's fields."""
+        return {}
+
+    def stage_heading(self, seed: int, stage: int, log: dict | None) -> str:
+        """The stage's line in the log up to its scores."""
         losses = log["step_losses"]
-        self.progress.log(f"seed {seed} stage {stage} ({task.name}): {log['optimizer_steps']} steps, loss "
-                          f"{_fmt(losses[0] if losses else None)} → {_fmt(losses[-1] if losses else None)} · "
-                          f"{_scores_line(scores)} · KL to base {stats['kl_mean']:.4f}")
+        return (f"seed {seed} stage {stage} ({self.data.tasks[stage - 1].name}): {log['optimizer_steps']} steps, "
+                f"loss {_fmt(losses[0] if losses else None)} → {_fmt(losses[-1] if losses else None)} · ")
 
     # --- the live drift monitor ----------------------------------------------------------------------------
 
@@ -386,16 +400,10 @@ class Recipe:
         label = self.stage_label(seed, stage)
 
         def measure() -> dict:
-            # The answer-position logits only, against the base distributions computed once for the run.
-            was_training = model.training
-            first = generate_by_task(model, loaded.tokenizer, data.reference, self.encoded.reference,
-                                     max_new_tokens=1, device=self.eval_params.device,
-                                     token_budget=self.eval_params.token_budget,
-                                     batch_rows=self.eval_params.batch_rows, first_logprobs=True,
-                                     fast=self.eval_params.fast)
-            model.train(was_training)
-            logprobs = torch.stack([first[e.id].first_logprobs for e in data.reference])
-            return summarize(drift_rows(data, logprobs, self.base_logprobs))
+            # against the base distributions computed once for the run
+            return measure_drift(model, loaded.tokenizer, data, self.encoded.reference, self.base_logprobs,
+                                 device=self.eval_params.device, token_budget=self.eval_params.token_budget,
+                                 batch_rows=self.eval_params.batch_rows, fast=self.eval_params.fast)
 
         def show(point: dict) -> None:
             limit = "" if threshold is None else f" (threshold {threshold:.4f})"

@@ -12,16 +12,9 @@ from rich.table import Table
 
 from lorawatch.rundir import store
 from lorawatch.config import TrackingSettings
-from lorawatch.study.spec import (
-    Study,
-    Unit,
-    load_study_file,
-    pending_units,
-    run_local,
-    study_states,
-    unit_finished,
-    write_plan,
-)
+from lorawatch.study.folder import study_states, write_plan
+from lorawatch.study.spec import Study, Unit, load_study_file
+from lorawatch.study.units import pending_units, run_local, unit_finished
 
 
 def run_study(study_file: Path, out: Path | None, *, backend: str, address: str | None, workers: int | None,

@@ -1,7 +1,7 @@
 """A study's units as Ray tasks: on an embedded local Ray (nothing to start) or an existing cluster (--address).
 
 Each unit is one task with the CPUs and GPUs the study asks for (a fraction of a GPU lets several units share
-one), running `study.run_unit` in a worker: the same code as the local backend, into the same run folder. A
+one), running `units.run_unit` in a worker: the same code as the local backend, into the same run folder. A
 worker that dies (killed, preempted, out of memory) is retried by Ray up to `retries` times, and the retry
 resumes the unit from its run folder; an exception other than a user's mistake is retried the same way. Two
 units that need the same base stage at once compute it once (base_cache's file lock): run folders and the
@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from lorawatch.errors import UserError
-from lorawatch.study.spec import Study, Unit, pending_units, read_status, run_unit, unit_threads, write_status
+from lorawatch.study.folder import read_status, write_status
+from lorawatch.study.spec import Study, Unit
+from lorawatch.study.units import pending_units, run_unit, unit_threads
 
 # What a worker must see as the driver does: the caches, the data folder, and the test-only fault injection.
 FORWARDED_ENV = ("LORAWATCH_CACHE", "LORAWATCH_BASE_STAGE_CACHE", "LORAWATCH_DATA", "LORAWATCH_CRASH_AT",
