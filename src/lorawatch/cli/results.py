@@ -19,7 +19,7 @@ def metrics(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """CL metrics (OP, BWT, FWT, gain, ...) of any checkpoint-by-task accuracy matrix."""
-    from lorawatch.analysis.metrics import compute_cl_metrics, read_matrix_csv
+    from lorawatch.analysis.metrics import FRAME_COLUMNS, compute_cl_metrics, read_matrix_csv
 
     try:
         tasks, matrix = read_matrix_csv(matrix_csv)
@@ -34,7 +34,7 @@ def metrics(
     from rich.table import Table
 
     table = Table(title=f"CL metrics of {matrix_csv}", title_justify="left")
-    columns = ["checkpoint", "op", "bwt", "fwt", "avg_all", "gain", "delta_vs_base"]
+    columns = FRAME_COLUMNS
     for column in columns:
         table.add_column(column, justify="left" if column == "checkpoint" else "right")
     for row in result.to_dict()["per_checkpoint"]:
