@@ -14,7 +14,7 @@ from lorawatch.rundir import store
 from lorawatch.cli import app
 from lorawatch.errors import DataError, UserError
 from lorawatch.data.tasks.loading import load_examples
-from conftest import assert_one_line_error, config_file, lorawatch
+from tiny import assert_one_line_error, config_file, lorawatch
 
 
 def test_multiple_choice_gold_outside_the_options(tmp_path):

@@ -19,7 +19,7 @@ from lorawatch.data.inputs import RunData
 from lorawatch.data.prompts import encode_prompt, encode_train_example
 from lorawatch.engine.drift import answer_logprobs, summarize
 from lorawatch.data.tasks.loading import load_examples
-from conftest import write_task_files
+from tiny import write_task_files
 
 STEPS, EVERY = 9, 2  # measurements at steps 2, 4, 6, 8 and at the last step, 9
 ADAPTER_FILE = "adapter_model.safetensors"

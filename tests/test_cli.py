@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import assert_one_line_error, config_file, lorawatch
+from tiny import assert_one_line_error, config_file, lorawatch
 
 
 def test_run_prints_the_tables(tmp_path, tiny_model_dir):

@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAMILIES, build_tiny_model, config_file, lorawatch
+from tiny import FAMILIES, build_tiny_model, config_file, lorawatch
 from lorawatch.config import PLAIN_SWITCHES
 from lorawatch.engine.generation import FastPath, fast_path_for, generate, merged_adapter, stop_token_ids
 from lorawatch.data.prompts import encode_prompt, encode_train_example

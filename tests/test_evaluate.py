@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
+from tiny import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
 from lorawatch.rundir import schema, store
 from lorawatch.recipe.external_adapters import evaluate_adapters
 from lorawatch.recipe.protocol import run_experiment

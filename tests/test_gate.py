@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lorawatch
+from tiny import lorawatch
 from helpers import outcomes, write_run
 from lorawatch.rundir import schema, store
 

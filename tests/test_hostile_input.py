@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SRC, assert_one_line_error, build_tiny_model, config_file, lorawatch
+from tiny import SRC, assert_one_line_error, build_tiny_model, config_file, lorawatch
 from lorawatch.rundir import store
 from lorawatch.recipe.protocol import run_lock
 

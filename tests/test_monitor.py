@@ -15,7 +15,7 @@ from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.recipe.monitor import calibrated_threshold
 from lorawatch.recipe.protocol import lora_config, run_experiment
-from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
+from tiny import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
 
 ADAPTER = "adapter/adapter_model.safetensors"
 

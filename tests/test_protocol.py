@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_config, write_task_files
+from tiny import tiny_config, write_task_files
 from lorawatch.rundir import schema, store
 from lorawatch.config import PLAIN_SWITCHES
 from lorawatch.analysis.metrics import compute_cl_metrics, read_matrix_csv
@@ -224,7 +224,7 @@ def test_two_runs_started_together_compute_the_base_stage_once(tmp_path, tiny_mo
     import sys
     import time
 
-    from conftest import SRC, config_file
+    from tiny import SRC, config_file
 
     path = config_file(tmp_path, tiny_model_dir)
     env = {**os.environ, "PYTHONPATH": str(SRC), "LORAWATCH_BASE_STAGE_CACHE": str(tmp_path / "cache")}

@@ -9,7 +9,7 @@ import pytest
 
 from lorawatch.rundir import store
 from lorawatch.recipe.protocol import run_lock
-from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch
+from tiny import assert_one_line_error, assert_same_results, config_file, lorawatch
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import assert_one_line_error, lorawatch
+from tiny import assert_one_line_error, lorawatch
 from helpers import outcomes, reference_kl, write_run
 from lorawatch.rundir import store
 from lorawatch.config import StatisticsSettings

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
+from tiny import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
 from lorawatch.rundir import schema, store
 from lorawatch.config import build_config
 from lorawatch.report.monitoring_view import interventions, monitor_series

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import assert_one_line_error, config_file, lorawatch
+from tiny import assert_one_line_error, config_file, lorawatch
 from lorawatch.rundir import store
 
 
@@ -105,7 +105,7 @@ def subprocess_with_stdin(args, text, cwd=None):
     import subprocess
     import sys
 
-    from conftest import SRC
+    from tiny import SRC
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "lorawatch", *map(str, args)], input=text, capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=600)

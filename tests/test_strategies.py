@@ -14,7 +14,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch, tiny_config, write_task_files
+from tiny import assert_one_line_error, assert_same_results, config_file, lorawatch, tiny_config, write_task_files
 from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError

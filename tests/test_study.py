@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch
+from tiny import assert_one_line_error, assert_same_results, config_file, lorawatch
 import lorawatch as lorawatch_api
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.rundir.lifecycle import run_lock
