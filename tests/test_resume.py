@@ -49,6 +49,7 @@ def test_finished_units_are_not_redone(setup):
     assert lorawatch("run", config, "--out", out, "--seeds", "1", env={"LORAWATCH_CRASH_AT": "1:2:trained"}
                      ).returncode == -signal.SIGKILL
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "stage-1" in str(p)}
+    assert any(p.name == "adapter_model.safetensors" for p in before)  # stage 1 had finished before the kill
     assert lorawatch("run", config, "--out", out, "--seeds", "1").returncode == 0
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
