@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from lorawatch.errors import UserError
+from lorawatch.errors import UserError, format_warning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sequential LoRA personalization of small language models, with stability monitoring.")
@@ -471,6 +471,7 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def main() -> None:
+    warnings.formatwarning = format_warning  # one line, `warning: ...`, with no source line after it
     # Deprecation notices of the libraries are for their callers' developers, not for a user's terminal.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft)(\.|$)")
