@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -129,10 +130,81 @@ def tiny_config(model_dir, data_dir, seeds=(1, 2), order="original", **eval_sett
     })
 
 
-def lorawatch(*args, cwd=None, timeout=600, env=None):
+def lorawatch(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`lorawatch ARGS` in a fresh interpreter: for what is about the process itself (death by a signal, a crash
+    and its resume, a lock another process holds, what the interpreter starts with, Ray workers)."""
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run([sys.executable, "-m", "lorawatch", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What a command gave: the fields of a subprocess.CompletedProcess that the tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    import warnings
+
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def cli(*args, cwd=None, env=None) -> CliResult:
+    """`lorawatch ARGS` in this interpreter, through the same entry point (`lorawatch.cli:main`), its stdout and
+    stderr captured apart and its exit code as a process would give it (1 and the traceback for a bug). Some
+    5 s faster than `lorawatch` (no fresh interpreter importing torch). Warnings are filtered and shown as in a
+    fresh interpreter; what the entry point changes for the process (warning format and filters, the SIGTERM
+    handler, torch's threads and random state, the working folder and environment) is put back after."""
+    import random
+    import signal
+    import traceback
+    import warnings
+
+    import numpy as np
+    import torch
+    from click.testing import CliRunner
+
+    from lorawatch.cli import main
+
+    saved = (os.getcwd(), dict(os.environ), signal.getsignal(signal.SIGTERM), warnings.formatwarning,
+             torch.get_num_threads(), torch.get_rng_state(), random.getstate(), np.random.get_state(), sys.argv)
+    returncode = 0
+    with CliRunner().isolation() as (stdout, stderr, _), warnings.catch_warnings():
+        # warnings as a fresh interpreter shows them (pytest records them, and shows deprecations always)
+        warnings.resetwarnings()
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = _show_warning
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["lorawatch", *map(str, args)]
+        try:
+            main()
+        except SystemExit as end:
+            if isinstance(end.code, str):
+                sys.stderr.write(end.code + "\n")
+            returncode = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+        except Exception:  # a bug: as the interpreter would print it
+            sys.stderr.write(traceback.format_exc())
+            returncode = 1
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.chdir(saved[0])
+            os.environ.clear()
+            os.environ.update(saved[1])
+            signal.signal(signal.SIGTERM, saved[2])
+            warnings.formatwarning = saved[3]
+            torch.set_num_threads(saved[4])
+            torch.set_rng_state(saved[5])
+            random.setstate(saved[6])
+            np.random.set_state(saved[7])
+            sys.argv = saved[8]
+        return CliResult(returncode, stdout.getvalue().decode(), stderr.getvalue().decode())
 
 
 def config_file(tmp_path, model_dir, **changes):
