@@ -14,7 +14,7 @@ from lorawatch.rundir import store
 from lorawatch.cli import app
 from lorawatch.errors import DataError, UserError
 from lorawatch.data.tasks.loading import load_examples
-from conftest import assert_one_line_error, config_file, lorawatch
+from tiny import assert_one_line_error, cli, config_file
 
 
 def test_multiple_choice_gold_outside_the_options(tmp_path):
@@ -28,7 +28,7 @@ def test_multiple_choice_gold_outside_the_options(tmp_path):
 def test_corrupt_gguf_file(tmp_path, tiny_model_dir):
     gguf = tmp_path / "broken.gguf"
     gguf.write_bytes(b"GGUF" + b"\x00" * 20)
-    result = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--model", gguf, "--out", tmp_path / "r")
+    result = cli("run", config_file(tmp_path, tiny_model_dir), "--model", gguf, "--out", tmp_path / "r")
     assert_one_line_error(result, "broken.gguf")
     assert not (tmp_path / "r" / "seed-33").exists()
 
@@ -39,19 +39,19 @@ def test_model_folder_without_tokenizer(tmp_path, tiny_model_dir):
     for item in tiny_model_dir.iterdir():
         if item.name.startswith(("config", "model", "generation")):
             (folder / item.name).write_bytes(item.read_bytes())
-    result = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--model", folder, "--out", tmp_path / "r")
+    result = cli("run", config_file(tmp_path, tiny_model_dir), "--model", folder, "--out", tmp_path / "r")
     assert_one_line_error(result, "no-tokenizer", "tokenizer")
 
 
 def test_output_folder_not_writable(tmp_path, tiny_model_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--out", blocker / "run")
+    result = cli("run", config_file(tmp_path, tiny_model_dir), "--out", blocker / "run")
     assert_one_line_error(result, "a-file", "cannot write")
 
 
 def test_unknown_model_alias(tmp_path, tiny_model_dir):
-    result = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--model", "smollm3-tiny", "--out", tmp_path / "r")
+    result = cli("run", config_file(tmp_path, tiny_model_dir), "--model", "smollm3-tiny", "--out", tmp_path / "r")
     assert_one_line_error(result, "smollm3-tiny")
 
 

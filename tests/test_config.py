@@ -95,7 +95,7 @@ def test_task_orders():
 
 
 def test_paper_presets_need_the_data_and_use_it(tmp_path, monkeypatch):
-    from conftest import TRACE_DIR, needs_trace
+    from tiny import TRACE_DIR, needs_trace
     from lorawatch.data.fetch import fetch_dataset
 
     monkeypatch.setenv("LORAWATCH_DATA", str(tmp_path / "data"))

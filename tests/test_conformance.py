@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAMILIES, build_tiny_model, config_file, lorawatch
+from tiny import FAMILIES, build_tiny_model, cli, config_file
 from lorawatch.config import PLAIN_SWITCHES
 from lorawatch.engine.generation import FastPath, fast_path_for, generate, merged_adapter, stop_token_ids
 from lorawatch.data.prompts import encode_prompt, encode_train_example
@@ -173,8 +173,8 @@ def test_fast_and_plain_runs_agree_and_record_their_parts(tmp_path, family_dirs)
     exact there, says so, records the parts each stage used, and agrees with `--plain`."""
     model_dir = family_dirs["qwen3_5"]
     config = config_file(tmp_path, model_dir, model={"spec": str(model_dir), "device": "cpu", "dtype": "bfloat16"})
-    fast = lorawatch("run", config, "--out", tmp_path / "fast", "--seeds", "3")
-    plain = lorawatch("run", config, "--out", tmp_path / "plain", "--seeds", "3", "--plain")
+    fast = cli("run", config, "--out", tmp_path / "fast", "--seeds", "3")
+    plain = cli("run", config, "--out", tmp_path / "plain", "--seeds", "3", "--plain")
     assert fast.returncode == 0 and plain.returncode == 0, fast.stderr + plain.stderr
     assert "fast path: shared_prefix off" in fast.stderr and "fast path: merge_adapter off" in fast.stderr
     recorded = json.loads((tmp_path / "plain" / "config.json").read_text())["eval"]

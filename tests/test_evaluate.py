@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
+from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
 from lorawatch.rundir import schema, store
 from lorawatch.recipe.external_adapters import evaluate_adapters
 from lorawatch.recipe.protocol import run_experiment
@@ -78,7 +78,7 @@ def test_a_trainer_output_folder_is_evaluated_in_step_order(tiny_model_dir, tmp_
     assert checkpoints == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     path = config_file(tmp_path, tiny_model_dir)
 
-    result = lorawatch("evaluate", tmp_path / "trainer", "--config", path, "--out", tmp_path / "run")
+    result = cli("evaluate", tmp_path / "trainer", "--config", path, "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "not known (--trained-on)" in result.stderr
     run = tmp_path / "run"
@@ -92,9 +92,9 @@ def test_a_trainer_output_folder_is_evaluated_in_step_order(tiny_model_dir, tmp_
     kl = [store.read_record(store.stage_dir(run, seed, k) / "reference_stats.json", schema.ReferenceStats).kl_mean
           for k in range(4)]
     assert kl[0] == 0 and all(v > 0 for v in kl[1:])
-    assert lorawatch("check", run).returncode == 0
+    assert cli("check", run).returncode == 0
     # docs/statistics.md's CI gate: the newest checkpoint against the one before it, on the same rows
-    gated = lorawatch("gate", run, "--stage", "3", "--against", "2", "--json")
+    gated = cli("gate", run, "--stage", "3", "--against", "2", "--json")
     assert gated.returncode in (0, 2), gated.stderr
     verdict = json.loads(gated.stdout)
     comparison = verdict["checks"][0]["comparison"]
@@ -103,8 +103,8 @@ def test_a_trainer_output_folder_is_evaluated_in_step_order(tiny_model_dir, tmp_
     assert gated.returncode == (2 if verdict["reasons"] else 0) and [t["task"] for t in comparison["tasks"]] == \
         ["stance", "sum"]
     # the paper's tables need the training order: one line, not a wrong table
-    assert_one_line_error(lorawatch("report", run, "--out", tmp_path / "report"), "--trained-on")
-    assert_one_line_error(lorawatch("run", path, "--out", run), "lorawatch evaluate")
+    assert_one_line_error(cli("report", run, "--out", tmp_path / "report"), "--trained-on")
+    assert_one_line_error(cli("run", path, "--out", run), "lorawatch evaluate")
 
 
 def _foreign_adapter(folder: Path, hidden: int, rank: int = 4) -> Path:
@@ -126,7 +126,7 @@ def test_bad_adapters_are_one_line_errors(trained, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
 
     def evaluate(*args):
-        return lorawatch("evaluate", *args, "--config", path, "--out", out)
+        return cli("evaluate", *args, "--config", path, "--out", out)
 
     assert_one_line_error(evaluate(_foreign_adapter(tmp_path / "wide", hidden=48)), "wide", "width", "another base")
     half = tmp_path / "half"
@@ -168,7 +168,7 @@ def test_adapters_that_would_load_as_nothing_are_refused_before_anything_runs(tr
         return folder
 
     def evaluate(*args):
-        return lorawatch("evaluate", *args, "--config", path, "--out", out)
+        return cli("evaluate", *args, "--config", path, "--out", out)
 
     renamed = variant("renamed", lambda t: {k.replace("base_model.model.", "model.", 1): v for k, v in t.items()})
     first = sorted(load_file(good / "adapter_model.safetensors"))[0]

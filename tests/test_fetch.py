@@ -22,6 +22,7 @@ import pytest
 
 from lorawatch.errors import UserError
 from lorawatch.data.fetch import DATASETS, dataset_dir, fetch_dataset, installed
+from tiny import cli
 
 SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "trace-llm-cl-500"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -229,18 +230,18 @@ def test_network_failures_name_the_url_and_reason(server, tmp_path):
 def test_cli_fetch_and_list(server, tmp_path):
     root = tmp_path / "cli-root"
     dest = root / "trace-500"
-    listed = lorawatch("data", "list", env={"LORAWATCH_DATA": str(root)})
+    listed = cli("data", "list", env={"LORAWATCH_DATA": str(root)})
     assert listed.returncode == 0 and f"trace-500: not installed (would go to {dest})" in listed.stdout
 
-    result = lorawatch("data", "fetch", "trace-500", "--source", server.url, "--dest", dest)
+    result = cli("data", "fetch", "trace-500", "--source", server.url, "--dest", dest)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(dest)  # progress on stderr, the folder on stdout
     assert "FOMC/train.json" in result.stderr and "fetched, sha256 ok" in result.stderr
     assert installed("trace-500", dest)
-    again = lorawatch("data", "fetch", "trace-500", "--source", server.url, "--dest", dest)
+    again = cli("data", "fetch", "trace-500", "--source", server.url, "--dest", dest)
     assert again.returncode == 0 and "already installed" in again.stderr
 
-    listed = lorawatch("data", "list", env={"LORAWATCH_DATA": str(root)})
+    listed = cli("data", "list", env={"LORAWATCH_DATA": str(root)})
     assert listed.returncode == 0 and f"trace-500: installed in {dest}" in listed.stdout
     assert "13 files, 1.6 MB" in listed.stdout
 
@@ -319,5 +320,5 @@ def test_sigterm_during_a_fetch_is_one_line_and_keeps_the_verified_files(server,
     paths = [entry.path for entry in MANIFEST.files]
     assert relative_files(dest) == set(paths[:paths.index(stalled)])  # the files before it, verified
     server.behaviours.clear()
-    again = lorawatch("data", "fetch", "trace-500", "--source", server.url, "--dest", dest)
+    again = cli("data", "fetch", "trace-500", "--source", server.url, "--dest", dest)
     assert again.returncode == 0 and installed("trace-500", dest), again.stderr

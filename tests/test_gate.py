@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lorawatch
+from tiny import cli, lorawatch
 from helpers import outcomes, write_run
 from lorawatch.rundir import schema, store
 
@@ -40,7 +40,7 @@ def test_gate_fails_a_run_built_to_regress_and_says_why(regressed_run):
     assert len(reasons) == 1 and "stance regressed" in reasons[0] and "0.600 → 0.200" in reasons[0]
     assert "↓16 ↑0" in reasons[0] and "stage 2 (science) against stage 1 (stance)" in reasons[0]
     assert result.stdout.strip().splitlines()[-1] == "gate: failed (1 reason(s))"
-    as_json = json.loads(lorawatch("gate", regressed_run, "--json").stdout)
+    as_json = json.loads(cli("gate", regressed_run, "--json").stdout)
     assert as_json["passed"] is False
     stance = as_json["checks"][0]["comparison"]["tasks"][0]
     assert (stance["task"], stance["regressed"], stance["improved"], stance["verdict"]) == ("stance", 16, 0,
@@ -53,25 +53,25 @@ def test_gate_passes_a_run_that_does_not_regress(healthy_run):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reason:" not in result.stdout and result.stdout.strip().endswith("gate: passed")
     # against the base, stance is still up (0.30 -> 0.60): nothing regressed there either
-    assert lorawatch("gate", healthy_run, "--against", "base").returncode == 0
+    assert cli("gate", healthy_run, "--against", "base").returncode == 0
 
 
 def test_gate_limits_on_flips_and_drift(healthy_run):
-    result = lorawatch("gate", healthy_run, "--max-nfr", "0.05", "--max-kl", "0.25")
+    result = cli("gate", healthy_run, "--max-nfr", "0.05", "--max-kl", "0.25")
     assert result.returncode == 2
     reasons = [line for line in result.stdout.splitlines() if line.startswith("reason: ")]
     assert any("stance negative flip rate 0.075 (3 of 40 rows right → wrong) > --max-nfr 0.05" in r for r in reasons)
     assert any("KL to base on the reference set 0.3000 > --max-kl 0.25" in r for r in reasons)
-    assert lorawatch("gate", healthy_run, "--max-nfr", "0.1", "--max-kl", "0.5").returncode == 0
+    assert cli("gate", healthy_run, "--max-nfr", "0.1", "--max-kl", "0.5").returncode == 0
 
 
 def test_gate_names_any_two_stages_and_any_alpha(regressed_run):
     # stage 2 against stage 1 by number is the default comparison
-    assert lorawatch("gate", regressed_run, "--stage", "2", "--against", "1").returncode == 2
+    assert cli("gate", regressed_run, "--stage", "2", "--against", "1").returncode == 2
     # stage 1 against the base: stance went up, nothing regressed
-    assert lorawatch("gate", regressed_run, "--stage", "1", "--against", "base").returncode == 0
+    assert cli("gate", regressed_run, "--stage", "1", "--against", "base").returncode == 0
     # p for 16 flips one way is 3e-5: only an absurdly small alpha lets it through
-    assert lorawatch("gate", regressed_run, "--alpha", "1e-6").returncode == 0
+    assert cli("gate", regressed_run, "--alpha", "1e-6").returncode == 0
 
 
 def test_gate_errors_exit_1_with_one_line(regressed_run, tmp_path):
@@ -81,7 +81,7 @@ def test_gate_errors_exit_1_with_one_line(regressed_run, tmp_path):
                            ((regressed_run, "--stage", "two"), "--stage: expected last or a stage number"),
                            ((regressed_run, "--alpha", "2"), "--alpha: expected a level between 0 and 1"),
                            ((tmp_path,), "neither a lorawatch run folder nor a study folder")]:
-        result = lorawatch("gate", *args)
+        result = cli("gate", *args)
         assert result.returncode == 1, (args, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
@@ -93,7 +93,7 @@ def test_gate_covers_every_unit_of_a_study(regressed_run, healthy_run, tmp_path)
     (study / "study.json").write_text("{}")
     for run in (regressed_run, healthy_run):
         shutil.copytree(run, study / "runs" / run.name)
-    result = lorawatch("gate", study)
+    result = cli("gate", study)
     assert result.returncode == 2
     assert [line.split()[0] for line in result.stdout.splitlines()[:2]] == ["pass", "FAIL"]  # healthy, regressed
 
@@ -118,7 +118,7 @@ def test_statistics_record_holds_intervals_verdicts_and_detectable_drops(regress
 
 
 def test_show_prints_intervals_and_the_verdicts(regressed_run):
-    result = lorawatch("show", regressed_run, env={"COLUMNS": "160"})
+    result = cli("show", regressed_run, env={"COLUMNS": "160"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "0.200 [0.10, 0.35]" in out  # stance after science: 8 of 40, Wilson
@@ -133,8 +133,8 @@ def test_a_folder_from_before_statistics_still_shows_and_gates(tmp_path):
     run = tmp_path / "run-v0"
     shutil.copytree(Path(__file__).parent / "data" / "run-v0", run)
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    assert lorawatch("show", run).returncode == 0
-    result = lorawatch("gate", run, "--against", "base")
+    assert cli("show", run).returncode == 0
+    result = cli("gate", run, "--against", "base")
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
-    assert lorawatch("check", run).returncode == 0
+    assert cli("check", run).returncode == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SRC, assert_one_line_error, build_tiny_model, config_file, lorawatch
+from tiny import SRC, assert_one_line_error, build_tiny_model, cli, config_file, lorawatch
 from lorawatch.rundir import store
 from lorawatch.recipe.protocol import run_lock
 
@@ -24,7 +24,7 @@ def finished(tmp_path_factory, tiny_model_dir):
     """One finished run (seed 1), and its config file; tests copy it before changing anything."""
     root = tmp_path_factory.mktemp("hostile")
     config = config_file(root, tiny_model_dir)
-    result = lorawatch("run", config, "--out", root / "run", "--seeds", "1")
+    result = cli("run", config, "--out", root / "run", "--seeds", "1")
     assert result.returncode == 0, result.stderr
     return root, config, root / "run"
 
@@ -49,7 +49,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model_dir):
     thesis = tmp_path / "thesis"
     (thesis / "chapters").mkdir(parents=True)
     (thesis / "chapters" / "one.tex").write_text("years of work")
-    result = lorawatch("run", config_file(tmp_path, tiny_model_dir), "--out", thesis, "--overwrite")
+    result = cli("run", config_file(tmp_path, tiny_model_dir), "--out", thesis, "--overwrite")
     assert_one_line_error(result, "is not a lorawatch run", "--overwrite deletes only lorawatch run folders")
     assert (thesis / "chapters" / "one.tex").read_text() == "years of work"
 
@@ -58,9 +58,9 @@ def test_overwrite_keeps_the_old_run_when_a_later_check_fails(finished, tmp_path
     root, config, run = finished
     old = _copy(run, tmp_path / "old")
     before = _snapshot(old)
-    result = lorawatch("run", config, "--out", old, "--seeds", "1", "--overwrite", "--model", tmp_path / "no-model")
+    result = cli("run", config, "--out", old, "--seeds", "1", "--overwrite", "--model", tmp_path / "no-model")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    result = lorawatch("run", config, "--out", old, "--seeds", "1", "--overwrite", "--device", "cuda:7")
+    result = cli("run", config, "--out", old, "--seeds", "1", "--overwrite", "--device", "cuda:7")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert _snapshot(old) == before
 
@@ -81,27 +81,27 @@ def test_overwrite_takes_the_lock_before_deleting(finished, tmp_path):
 def test_edited_golds_are_refused_on_resume(tmp_path, tiny_model_dir):
     config = config_file(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    assert lorawatch("run", config, "--out", out, "--seeds", "1").returncode == 0
+    assert cli("run", config, "--out", out, "--seeds", "1").returncode == 0
     # the same rows, one gold changed: the row count and file name are unchanged
     test_file = tmp_path / "data" / "mc_test.json"
     rows = json.loads(test_file.read_text())
     rows[0]["answer"] = "C" if rows[0]["answer"] != "C" else "A"
     test_file.write_text(json.dumps(rows))
     for extra in ((), ("--force",)):
-        result = lorawatch("run", config, "--out", out, "--seeds", "1", *extra)
+        result = cli("run", config, "--out", out, "--seeds", "1", *extra)
         assert_one_line_error(result, "inputs changed", "data.tasks.stance.test")
     # a stage deleted: still refused, not a matrix scored half against old golds and half against new
     import shutil
 
     shutil.rmtree(store.stage_dir(out, 1, 2))
-    assert_one_line_error(lorawatch("run", config, "--out", out, "--seeds", "1"), "inputs changed")
+    assert_one_line_error(cli("run", config, "--out", out, "--seeds", "1"), "inputs changed")
 
 
 def test_moved_data_resumes_with_force_and_is_recorded(finished, tmp_path, tiny_model_dir):
     root, _, run = finished
     moved = config_file(tmp_path / "moved", tiny_model_dir)  # same rows, another folder
     out = _copy(run, tmp_path / "run")
-    result = lorawatch("run", moved, "--out", out, "--seeds", "1", "--force")
+    result = cli("run", moved, "--out", out, "--seeds", "1", "--force")
     assert result.returncode == 0, result.stderr
     assert "--force: resuming with changed" in result.stderr and "tasks.0.train" in result.stderr
     history = store.read_jsonl(out / "config_history.jsonl")
@@ -111,9 +111,9 @@ def test_moved_data_resumes_with_force_and_is_recorded(finished, tmp_path, tiny_
 def test_force_cannot_change_the_order_and_new_seeds_reach_the_summary(finished, tmp_path):
     root, config, run = finished
     out = _copy(run, tmp_path / "run")
-    result = lorawatch("run", config, "--out", out, "--seeds", "1", "--order", "reversed", "--force")
+    result = cli("run", config, "--out", out, "--seeds", "1", "--order", "reversed", "--force")
     assert_one_line_error(result, "--force cannot resume over order")
-    result = lorawatch("run", config, "--out", out, "--seeds", "1,4", "--force")
+    result = cli("run", config, "--out", out, "--seeds", "1,4", "--force")
     assert result.returncode == 0, result.stderr
     summary = store.read_json(out / "summary" / "summary.json")
     assert summary["seeds"] == [1, 4] and set(summary["per_seed"]) == {"1", "4"}
@@ -123,7 +123,7 @@ def test_force_cannot_change_the_order_and_new_seeds_reach_the_summary(finished,
 def test_environment_history_survives_a_resume(finished, tmp_path):
     root, config, run = finished
     out = _copy(run, tmp_path / "run")
-    assert lorawatch("run", config, "--out", out, "--seeds", "1").returncode == 0
+    assert cli("run", config, "--out", out, "--seeds", "1").returncode == 0
     history = store.read_jsonl(out / "environment_history.jsonl")
     assert [h["mode"] for h in history] == ["new", "resume"]
     assert all(h["versions"]["torch"] for h in history)
@@ -132,14 +132,14 @@ def test_environment_history_survives_a_resume(finished, tmp_path):
 def test_replaced_weights_are_not_served_from_the_base_stage_cache(tmp_path):
     model = build_tiny_model(tmp_path / "model", seed=11)
     config = config_file(tmp_path, model)
-    assert lorawatch("run", config, "--out", tmp_path / "a", "--seeds", "1").returncode == 0
+    assert cli("run", config, "--out", tmp_path / "a", "--seeds", "1").returncode == 0
     build_tiny_model(tmp_path / "model", seed=12)  # the same folder, other weights
-    assert lorawatch("run", config, "--out", tmp_path / "b", "--seeds", "1").returncode == 0
+    assert cli("run", config, "--out", tmp_path / "b", "--seeds", "1").returncode == 0
     stage = [store.read_json(tmp_path / run / "seed-1" / "stage-0" / "stage.json") for run in ("a", "b")]
     assert stage[0]["base_stage_key"] != stage[1]["base_stage_key"] and not stage[1]["reused_from_cache"]
     # and a resume over replaced weights is refused
     build_tiny_model(tmp_path / "model", seed=13)
-    result = lorawatch("run", config, "--out", tmp_path / "b", "--seeds", "1")
+    result = cli("run", config, "--out", tmp_path / "b", "--seeds", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "inputs changed" in last and "model.weights" in last
@@ -162,25 +162,25 @@ def test_bad_task_names_fail_before_any_model_work(tmp_path, tiny_model_dir, tas
     config["tasks"][0].update(tasks_change)
     path.write_text(json.dumps(config))
     started = time.perf_counter()
-    result = lorawatch("run", path, "--out", tmp_path / "run")
+    result = cli("run", path, "--out", tmp_path / "run")
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "run").exists() and time.perf_counter() - started < 60
 
 
 def test_target_modules_naming_no_layer_fail_before_the_base_stage(tmp_path, tiny_model_dir):
     path = config_file(tmp_path, tiny_model_dir, lora={"target_modules": ["query_key_value"]})
-    result = lorawatch("run", path, "--out", tmp_path / "run")
+    result = cli("run", path, "--out", tmp_path / "run")
     assert_one_line_error(result, "lora.target_modules", "names no layer", "q_proj")
     assert "base:" not in result.stderr  # no base evaluation ran
     assert not (tmp_path / "run").exists()  # and no folder is left to refuse the corrected command
-    assert lorawatch("run", config_file(tmp_path, tiny_model_dir), "--out", tmp_path / "run",
+    assert cli("run", config_file(tmp_path, tiny_model_dir), "--out", tmp_path / "run",
                      "--seeds", "1").returncode == 0
 
 
 @pytest.mark.parametrize("seeds, fragment", [([True], "valid integer"), ([2**40], "less than or equal"),
                                              ([-1], "greater than or equal")])
 def test_seeds_are_checked_up_front(tmp_path, tiny_model_dir, seeds, fragment):
-    result = lorawatch("run", config_file(tmp_path, tiny_model_dir, seeds=seeds), "--out", tmp_path / "run")
+    result = cli("run", config_file(tmp_path, tiny_model_dir, seeds=seeds), "--out", tmp_path / "run")
     assert_one_line_error(result, "seeds.0", fragment)
 
 
@@ -188,15 +188,15 @@ def test_builtin_task_kind_must_match_its_generator(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("tasks:\n  - {name: s, kind: numeric, builtin: stance, max_train_rows: 4, max_test_rows: 4}\n"
                       "reference: {builtin_per_task: 2}\n")
-    assert_one_line_error(lorawatch("run", config, "--out", tmp_path / "run"), "tasks.0",
+    assert_one_line_error(cli("run", config, "--out", tmp_path / "run"), "tasks.0",
                           "built-in task 'stance' is multiple_choice, not numeric")
 
 
 def test_a_wrong_model_leaves_no_folder_behind(tmp_path, tiny_model_dir):
     config = config_file(tmp_path, tiny_model_dir)
-    assert lorawatch("run", config, "--out", tmp_path / "run", "--model", tmp_path / "missing").returncode == 2
+    assert cli("run", config, "--out", tmp_path / "run", "--model", tmp_path / "missing").returncode == 2
     assert not (tmp_path / "run").exists()
-    assert lorawatch("run", config, "--out", tmp_path / "run", "--seeds", "1").returncode == 0
+    assert cli("run", config, "--out", tmp_path / "run", "--seeds", "1").returncode == 0
 
 
 # --- 5./7. special files, YAML, and words that say what is wrong -------------------------------------------
@@ -218,14 +218,14 @@ def test_a_named_pipe_as_a_data_file_is_refused_not_blocked_on(tmp_path, tiny_mo
 def test_yaml_mistakes_name_their_line(tmp_path, text, fragments):
     config = tmp_path / "c.yaml"
     config.write_text(text)
-    assert_one_line_error(lorawatch("run", config, "--out", tmp_path / "run"), "c.yaml", *fragments)
+    assert_one_line_error(cli("run", config, "--out", tmp_path / "run"), "c.yaml", *fragments)
 
 
 def test_config_paths_that_are_not_files(tmp_path):
-    assert_one_line_error(lorawatch("run", tmp_path), "is a folder; expected a config file")
+    assert_one_line_error(cli("run", tmp_path), "is a folder; expected a config file")
     os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
     os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
-    assert_one_line_error(lorawatch("run", tmp_path / "loop-a"), "cannot be read", "symbolic links")
+    assert_one_line_error(cli("run", tmp_path / "loop-a"), "cannot be read", "symbolic links")
 
 
 def test_show_and_compare_on_damaged_runs_are_one_line(finished, tmp_path):
@@ -235,8 +235,8 @@ def test_show_and_compare_on_damaged_runs_are_one_line(finished, tmp_path):
     damaged_summary = _copy(run, tmp_path / "summary")
     (damaged_summary / "summary" / "summary.json").write_text("[1, 2")
     for folder, name in ((damaged_config, "config.json"), (damaged_summary, "summary.json")):
-        assert_one_line_error(lorawatch("show", folder), name, "damaged")
-        assert_one_line_error(lorawatch("compare", run, folder), name, "damaged")
+        assert_one_line_error(cli("show", folder), name, "damaged")
+        assert_one_line_error(cli("compare", run, folder), name, "damaged")
 
 
 # --- SIGTERM and the user's terminal ---------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_a_damaged_model_folder_is_one_line(tmp_path, tiny_model_dir, damage):
         config["num_hidden_layers"] = "two"
         (folder / "config.json").write_text(json.dumps(config))
         fragment = "num_hidden_layers"
-    result = lorawatch("run", config_file(tmp_path, folder), "--out", tmp_path / "run")
+    result = cli("run", config_file(tmp_path, folder), "--out", tmp_path / "run")
     assert_one_line_error(result, "cannot load the model in", fragment)
     assert not (tmp_path / "run").exists()
 

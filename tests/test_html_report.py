@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
-from conftest import tiny_config, write_task_files
+from tiny import tiny_config, write_task_files
 
 from lorawatch.rundir import store
 from lorawatch.report import verdict_view

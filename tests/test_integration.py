@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import TRACE_DIR, needs_trace
+from tiny import TRACE_DIR, needs_trace
 from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.analysis.metrics import read_matrix_csv

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import pandas as pd
 import pytest
 
 from lorawatch.errors import DataError
+from tiny import cli
 from lorawatch.analysis.metrics import (
     CheckpointMetrics,
     ClMetrics,
@@ -23,7 +21,6 @@ from lorawatch.analysis.metrics import (
     write_matrix_csv,
 )
 
-SRC_DIR = Path(__file__).resolve().parents[1] / "src"
 # The paper's published original-order results, kept with the tests so that the checks against the paper run
 # in CI too (the paper's per-step results for its original task order: accuracies, drift, OP/BWT/FWT).
 PAPER_CSV = Path(__file__).resolve().parent / "data" / "paper_results_original_order.csv"
@@ -437,25 +434,13 @@ def test_paper_prose_claims_about_gain(paper):
 # --- command line ---------------------------------------------------------------------------------
 
 
-def _cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
-    return env
-
-
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lorawatch", *args], capture_output=True, text=True, env=_cli_env(), timeout=300
-    )
-
-
 @pytest.mark.parametrize("model", PAPER_MODELS)
 def test_cli_metrics_json_matches_paper(paper, tmp_path, model):
     rows = _paper_rows(paper, model)
     csv_path = tmp_path / f"{model}.csv"
     write_matrix_csv(csv_path, PAPER_TASKS, _paper_matrix(rows))
 
-    result = _run_cli("metrics", str(csv_path), "--json")
+    result = cli("metrics", str(csv_path), "--json")
 
     assert result.returncode == 0, result.stderr
     _assert_matches_paper(model, json.loads(result.stdout), rows)
@@ -465,7 +450,7 @@ def test_cli_metrics_bad_cell_is_one_line_error(tmp_path):
     csv_path = tmp_path / "broken_matrix.csv"
     csv_path.write_text(GOOD_HEADER + "base,0.1,0.2\na,0.1,oops\nb,0.1,0.2\n", encoding="utf-8")
 
-    result = _run_cli("metrics", str(csv_path), "--json")
+    result = cli("metrics", str(csv_path), "--json")
 
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr

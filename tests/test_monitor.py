@@ -15,7 +15,7 @@ from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.recipe.monitor import calibrated_threshold
 from lorawatch.recipe.protocol import lora_config, run_experiment
-from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
+from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
 
 ADAPTER = "adapter/adapter_model.safetensors"
 
@@ -97,7 +97,7 @@ def test_stop_ends_the_stage_at_the_crossing_and_keeps_the_last_step_below(watch
     evaluated = store.read_json(store.stage_dir(run, 1, 1) / "reference_stats.json")["kl_mean"]
     assert math.isclose(evaluated, points[k - 1]["kl_mean"], rel_tol=1e-3, abs_tol=1e-6)
     assert evaluated <= threshold
-    shown = lorawatch("show", run)
+    shown = cli("show", run)
     assert shown.returncode == 0
 
 
@@ -190,8 +190,8 @@ def test_compare_and_report_show_the_monitor(watched, tmp_path):
     assert all(f.is_file() for f in files)
     assert "| strategy | none | none |" in text and (tmp_path / "cmp" / "figure3.png") in files
     assert "![final accuracy against final KL](figure3.png)" in text
-    cli = lorawatch("compare", plain, warn, "--out", tmp_path / "cli")
-    assert cli.returncode == 0 and "interventions" in cli.stdout
+    by_command = cli("compare", plain, warn, "--out", tmp_path / "cli")
+    assert by_command.returncode == 0 and "interventions" in by_command.stdout
 
 
 def test_calibration_from_a_run_folder_and_bad_sources(watched, tmp_path):
@@ -231,12 +231,12 @@ def test_monitor_config_errors(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="monitor: action 'stop' needs a threshold|needs a threshold"):
         build_config({**tiny_config(tiny_model_dir, tmp_path).model_dump(mode="json"), "monitor": {"action": "stop"}})
     path = config_file(tmp_path, tiny_model_dir, monitor={"action": "revert", "calibrate_from": "missing-report"})
-    assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "r"), "missing-report", "calibrate_from")
+    assert_one_line_error(cli("run", path, "--out", tmp_path / "r"), "missing-report", "calibrate_from")
 
 
 def test_monitor_from_the_command_line(tmp_path, tiny_model_dir):
     path = config_file(tmp_path, tiny_model_dir)
-    result = lorawatch("run", path, "--out", tmp_path / "run", "--seeds", "4", "--monitor", "revert",
+    result = cli("run", path, "--out", tmp_path / "run", "--seeds", "4", "--monitor", "revert",
                        "--monitor-threshold", "1e-9", "--monitor-every", "1", "--monitor-patience", "2")
     assert result.returncode == 0, result.stderr
     assert "monitor" in result.stderr and "revert" in result.stderr
@@ -247,5 +247,5 @@ def test_monitor_from_the_command_line(tmp_path, tiny_model_dir):
     # two optimizer steps per stage, both above the threshold: patience 2 acts at the second, not the first
     assert info["intervention"]["action"] == "revert" and info["intervention"]["step"] == 2
     assert info["training"]["optimizer_steps"] == 2 and not info["training"]["stopped_early"]
-    assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "r2", "--monitor", "explode"),
+    assert_one_line_error(cli("run", path, "--out", tmp_path / "r2", "--monitor", "explode"),
                           "monitor.action")

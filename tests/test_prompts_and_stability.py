@@ -1,9 +1,12 @@
+import math
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorawatch.engine.passes import left_pad
 from lorawatch.data.prompts import PLAIN_PROMPT, encode_prompt, encode_train_example, render_answer, render_prompt
-from lorawatch.engine.drift import answer_logprobs, per_example_drift, summarize
+from lorawatch.engine.drift import ExampleDrift, answer_logprobs, per_example_drift, summarize
 
 
 def load(folder):
@@ -67,15 +70,37 @@ def test_drift_statistics(tiny_model_dir):
     assert all(d.kl == 0.0 for d in same)
     shifted = torch.log_softmax(base * 2.0, dim=-1)  # a sharper distribution
     drift = per_example_drift(ids, [None] * 3, shifted, base)
-    for d, row, base_row in zip(drift, shifted, base):
-        p = row.exp()
-        assert abs(d.kl - float((p * (row - base_row)).sum())) < 1e-6 and d.kl > 0
-        assert abs(d.entropy - float(-(p * row).sum())) < 1e-5
+    # the oracles are torch's own KL divergence and entropy, not a retyping of the formula
+    expected_kl = torch.nn.functional.kl_div(base, shifted, log_target=True, reduction="none").sum(-1)
+    expected_entropy = torch.distributions.Categorical(logits=shifted).entropy()
+    for d, row, kl, entropy in zip(drift, shifted, expected_kl, expected_entropy, strict=True):
+        assert d.kl == pytest.approx(float(kl), abs=1e-6) and d.kl > 0
+        assert d.entropy == pytest.approx(float(entropy), abs=1e-5)
         top = row.topk(2).values
         assert abs(d.margin - float(top[0] - top[1])) < 1e-6
-    stats = summarize(drift)
-    assert set(stats) >= {"kl_mean", "kl_p10", "kl_p95", "entropy_mean", "margin_p95"}
-    assert stats["kl_p10"] <= stats["kl_mean"] <= stats["kl_p95"] or stats["kl_p10"] <= stats["kl_p95"]
+
+
+def test_drift_on_a_three_token_distribution_by_hand():
+    """p = (1/2, 1/4, 1/4) against a uniform base: KL = ½ ln(3/2) + ½ ln(3/4) = ½ ln(9/8), entropy = (3/2) ln 2,
+    margin = ln(1/2) − ln(1/4) = ln 2; the same row against itself drifts 0."""
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]).log()
+    uniform = torch.full((2, 3), 1 / 3).log()
+    moved, still = per_example_drift(["a", "b"], ["t", None], p, torch.stack([uniform[0], p[1]]))
+    assert moved.kl == pytest.approx(0.5 * math.log(9 / 8), abs=1e-7) and still.kl == pytest.approx(0.0, abs=1e-7)
+    assert moved.entropy == pytest.approx(1.5 * math.log(2), abs=1e-6)
+    assert moved.margin == pytest.approx(math.log(2), abs=1e-6) and moved.top1_token == 0
+    assert (moved.id, moved.task, still.task) == ("a", "t", None)
+
+
+def test_summary_is_mean_and_percentiles_over_the_rows():
+    """Three rows with KL 0, 1 and 5: the mean 2; p10 and p95 by linear interpolation between the sorted rows
+    (p10 at position 0.2: 0.2; p95 at position 1.9: 1 + 0.9 × 4 = 4.6), which here puts the mean inside."""
+    rows = [ExampleDrift(f"r{i}", None, kl, 1.0, 0.5, 0) for i, kl in enumerate([5.0, 0.0, 1.0])]
+    stats = summarize(rows)
+    assert stats["kl_mean"] == pytest.approx(2.0)
+    assert stats["kl_p10"] == pytest.approx(0.2) and stats["kl_p95"] == pytest.approx(4.6)
+    assert stats["entropy_p10"] == stats["entropy_mean"] == stats["entropy_p95"] == 1.0
+    assert stats["margin_mean"] == 0.5
 
 
 def test_published_position_reading_differs_only_for_padded_rows(tiny_model_dir):

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import pandas as pd
 import pytest
 
 from helpers import outcomes, reference_kl, write_run
+from tiny import cli
 from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.errors import UserError
@@ -29,7 +27,6 @@ from lorawatch.report.study_report import (
 )
 from lorawatch.report.tables import write_seed_tables, write_summary
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 # The paper's published original-order results, kept with the tests so that the checks against the paper run
 # in CI too (the paper's per-step results for its original task order: accuracies, drift, OP/BWT/FWT).
 PAPER_CSV = Path(__file__).resolve().parent / "data" / "paper_results_original_order.csv"
@@ -104,12 +101,6 @@ def toy_stages(tasks: list[str], shift: float = 0.0) -> list[dict]:
     return [{"acc": {t: round(0.3 + 0.1 * ((k + i) % 3) + shift, 4) for i, t in enumerate(tasks)},
              "kl": 0.0 if k == 0 else 0.2 * k + shift, "entropy": 2.0 - 0.1 * k, "margin": 1.5 + 0.05 * k}
             for k in range(T + 1)]
-
-
-def lorawatch_cli(*args, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "lorawatch", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
 
 
 # --- the published results as run folders ----------------------------------------------------------
@@ -348,7 +339,7 @@ def test_cli_end_to_end(tmp_path):
     b = make_run(tmp_path / "small-rev", "models/smollm2-135m-instruct", tasks, "reversed",
                  {33: toy_stages(tasks, 0.01)})
     out = tmp_path / "out"
-    result = lorawatch_cli("report", a, b, "--out", out)
+    result = cli("report", a, b, "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out / "report.md")
     table6 = pd.read_csv(out / "table6.csv")
@@ -361,7 +352,7 @@ def test_cli_end_to_end(tmp_path):
 
     bad = tmp_path / "not-a-run"
     bad.mkdir()
-    result = lorawatch_cli("report", a, bad, "--out", tmp_path / "out2")
+    result = cli("report", a, bad, "--out", tmp_path / "out2")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not-a-run" in lines[0], result.stderr

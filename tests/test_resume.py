@@ -9,7 +9,7 @@ import pytest
 
 from lorawatch.rundir import store
 from lorawatch.recipe.protocol import run_lock
-from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch
+from tiny import SRC, assert_one_line_error, assert_same_results, config_file, lorawatch
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
@@ -49,6 +49,7 @@ def test_finished_units_are_not_redone(setup):
     assert lorawatch("run", config, "--out", out, "--seeds", "1", env={"LORAWATCH_CRASH_AT": "1:2:trained"}
                      ).returncode == -signal.SIGKILL
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "stage-1" in str(p)}
+    assert any(p.name == "adapter_model.safetensors" for p in before)  # stage 1 had finished before the kill
     assert lorawatch("run", config, "--out", out, "--seeds", "1").returncode == 0
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
@@ -106,7 +107,14 @@ def test_damaged_files_are_detected_and_redone(setup):
     adapter.write_bytes(adapter.read_bytes()[:100])  # damaged adapter
     result = lorawatch("run", config, "--out", out, "--seeds", "1")
     assert result.returncode == 0, result.stderr
-    assert "damaged" in result.stderr
+    # each damage is one line on stderr, `warning: <message>`, and no source line of lorawatch's follows it
+    lines = result.stderr.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("warning: ")]
+    assert f"warning: {predictions}: damaged, recomputing it" in [lines[i] for i in warned], result.stderr
+    assert any(lines[i].startswith(f"warning: {adapter.parent}: damaged adapter") for i in warned)
+    assert "UserWarning" not in result.stderr
+    source = {line.strip() for path in (SRC / "lorawatch").rglob("*.py") for line in path.read_text().splitlines()}
+    assert not [line for line in lines if line.strip() in source - {""}], result.stderr
     assert_same_results(out, reference)
 
 

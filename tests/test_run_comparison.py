@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import assert_one_line_error, lorawatch
+from tiny import assert_one_line_error, cli
 from helpers import outcomes, reference_kl, write_run
 from lorawatch.rundir import store
 from lorawatch.config import StatisticsSettings
@@ -44,7 +44,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_compare_finds_the_regression_through_the_command_line(runs, tmp_path):
-    result = lorawatch("compare", runs["base"], runs["worse"], "--out", tmp_path / "out", env={"COLUMNS": "200"})
+    result = cli("compare", runs["base"], runs["worse"], "--out", tmp_path / "out", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     out = " ".join(result.stdout.split())
     assert "Is it real? worse against base (the baseline)" in out
@@ -137,7 +137,7 @@ def _rewrite_ids(run: Path, filename: str, change) -> None:
 def test_rows_that_differ_are_a_one_line_error_naming_the_file(runs, tmp_path):
     other = write_run(tmp_path / "other", final_like(FINAL["stance"]), [0.0, 0.2, 0.5])
     _rewrite_ids(other, "stance.jsonl", lambda i: i if i != "stance-3" else "stance-x")  # in every stage
-    result = lorawatch("compare", runs["base"], other)
+    result = cli("compare", runs["base"], other)
     assert_one_line_error(result, str(store.stage_dir(other, 1, 2) / "predictions" / "stance.jsonl"),
                           "rows are not those of", "2 example ids in only one of them")
     moved = write_run(tmp_path / "moved", final_like(FINAL["stance"]), [0.0, 0.2, 0.5],
@@ -147,7 +147,7 @@ def test_rows_that_differ_are_a_one_line_error_naming_the_file(runs, tmp_path):
 
 
 def test_the_same_run_twice_is_a_one_line_error(runs):
-    assert_one_line_error(lorawatch("compare", runs["base"], runs["base"]), "given twice")
+    assert_one_line_error(cli("compare", runs["base"], runs["base"]), "given twice")
     again = runs["worse"] / ".." / runs["base"].name  # the same folder by another path
-    assert_one_line_error(lorawatch("compare", runs["base"], runs["worse"], again), "given twice",
+    assert_one_line_error(cli("compare", runs["base"], runs["worse"], again), "given twice",
                           f"also as {runs['base']}")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
+from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
 from lorawatch.rundir import schema, store
 from lorawatch.config import build_config
 from lorawatch.report.monitoring_view import interventions, monitor_series
@@ -80,7 +80,7 @@ def test_a_folder_written_before_versioned_records_still_loads(tmp_path):
     shutil.copytree(RUN_V0, copy)
     for args in (("show", RUN_V0), ("check", RUN_V0), ("report", RUN_V0, "--out", tmp_path / "report"),
                  ("compare", RUN_V0, copy, "--out", tmp_path / "compare")):
-        result = lorawatch(*args)
+        result = cli(*args)
         assert result.returncode == 0, (args, result.stderr)
     table = pd.read_csv(tmp_path / "report" / "table3.csv")
     assert len(table) == 2  # one row per trained checkpoint
@@ -91,7 +91,7 @@ def test_a_folder_written_before_versioned_records_still_loads(tmp_path):
 def finished_cli_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("schema-cli")
     config = config_file(root, tiny_model_dir)
-    result = lorawatch("run", config, "--out", root / "run", "--seeds", "1")
+    result = cli("run", config, "--out", root / "run", "--seeds", "1")
     assert result.returncode == 0, result.stderr
     return config, root / "run"
 
@@ -105,10 +105,10 @@ def test_a_record_from_a_newer_lorawatch_is_refused_never_redone(finished_cli_ru
     stage_json.write_text(json.dumps({**record, "schema_version": schema.SCHEMA_VERSION + 1, "new_field": 1}))
     before = {p: p.read_bytes() for p in store.stage_dir(run, 1, 2).rglob("*") if p.is_file()}
 
-    result = lorawatch("run", config, "--out", run, "--seeds", "1")
+    result = cli("run", config, "--out", run, "--seeds", "1")
     assert_one_line_error(result, "stage.json", "newer lorawatch", "upgrade")
     assert {p: p.read_bytes() for p in store.stage_dir(run, 1, 2).rglob("*") if p.is_file()} == before
-    assert_one_line_error(lorawatch("report", run, "--out", tmp_path / "report"), "stage.json", "newer lorawatch")
+    assert_one_line_error(cli("report", run, "--out", tmp_path / "report"), "stage.json", "newer lorawatch")
 
 
 def test_a_field_that_does_not_fit_is_named_and_a_resumed_run_redoes_it(finished_cli_run, tmp_path):
@@ -119,11 +119,11 @@ def test_a_field_that_does_not_fit_is_named_and_a_resumed_run_redoes_it(finished
     good = scores.read_bytes()
     scores.write_text(json.dumps({**json.loads(good), "stance": "high"}))  # valid JSON, a field of the wrong type
 
-    assert_one_line_error(lorawatch("report", run, "--out", tmp_path / "report"), "scores.json", "field 'stance'")
-    checked = lorawatch("check", run)
+    assert_one_line_error(cli("report", run, "--out", tmp_path / "report"), "scores.json", "field 'stance'")
+    checked = cli("check", run)
     assert checked.returncode == 1 and "scores.json" in checked.stdout and "'stance'" in checked.stdout
 
-    result = lorawatch("run", config, "--out", run, "--seeds", "1")
+    result = cli("run", config, "--out", run, "--seeds", "1")
     assert result.returncode == 0, result.stderr
     assert "damaged" in result.stderr and scores.read_bytes() == good
-    assert lorawatch("check", run).returncode == 0
+    assert cli("check", run).returncode == 0

@@ -167,4 +167,4 @@ def test_wilson_interval_holds_the_observed_accuracy(case):
 @given(st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=8))
 def test_holm_never_lowers_a_p_value(p_values):
     adjusted = significance.adjust(p_values, "holm")
-    assert all(p - 1e-12 <= a <= 1 for p, a in zip(p_values, adjusted))
+    assert len(adjusted) == len(p_values) and all(p - 1e-12 <= a <= 1 for p, a in zip(p_values, adjusted))

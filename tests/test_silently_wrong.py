@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import assert_one_line_error, config_file, lorawatch
+from tiny import assert_one_line_error, cli, config_file
 from lorawatch.rundir import store
 
 
@@ -18,7 +18,7 @@ from lorawatch.rundir import store
 ])
 def test_non_finite_settings_are_refused_before_anything_runs(tmp_path, tiny_model_dir, changes, fragments):
     path = config_file(tmp_path, tiny_model_dir, **changes)  # json.dumps writes Infinity / NaN, as JSON allows
-    result = lorawatch("run", path, "--out", tmp_path / "run")
+    result = cli("run", path, "--out", tmp_path / "run")
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "run").exists()
 
@@ -28,7 +28,7 @@ def test_a_run_built_to_diverge_stops_at_the_step_and_records_nothing_of_the_sta
     path = config_file(tmp_path, tiny_model_dir, train={"learning_rate": 1e30, "batch_size": 2, "grad_accum": 2},
                        seeds=[1])
     run = tmp_path / "run"
-    result = lorawatch("run", path, "--out", run)
+    result = cli("run", path, "--out", run)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]  # after the progress lines of the base stage and the training
     for fragment in ("error: seed 1, stage 1 (stance): training diverged at optimizer step 2 of 2", "not finite",
@@ -56,19 +56,19 @@ def test_check_and_show_refuse_records_that_do_not_fit_the_schema(built_run, val
     scores = json.loads(path.read_text())
     scores["stance"] = value
     path.write_text(json.dumps(scores))
-    result = lorawatch("check", built_run)
+    result = cli("check", built_run)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert any(str(path) in line and fragment in line for line in result.stdout.splitlines()), result.stdout
-    assert_one_line_error(lorawatch("report", built_run, "--out", built_run.parent / "report"), str(path), fragment)
+    assert_one_line_error(cli("report", built_run, "--out", built_run.parent / "report"), str(path), fragment)
 
 
 def test_check_finds_the_files_a_finished_stage_needs(built_run):
     missing = store.stage_dir(built_run, 1, 1) / "predictions" / "science.jsonl"
     missing.unlink()
-    result = lorawatch("check", built_run)
+    result = cli("check", built_run)
     assert result.returncode == 1
     assert f"{missing}: missing; the stage is marked finished (stage.json) without it" in result.stdout
-    assert_one_line_error(lorawatch("show", built_run, "--html"), str(missing), "missing")
+    assert_one_line_error(cli("show", built_run, "--html"), str(missing), "missing")
 
 
 def test_check_on_a_record_from_a_newer_lorawatch_is_one_line(built_run):
@@ -76,7 +76,7 @@ def test_check_on_a_record_from_a_newer_lorawatch_is_one_line(built_run):
     record = json.loads(path.read_text())
     record["schema_version"] = 99
     path.write_text(json.dumps(record))
-    result = lorawatch("check", built_run)
+    result = cli("check", built_run)
     assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
     assert f"{path}: written by a newer lorawatch (record version 99" in result.stdout
 
@@ -87,7 +87,7 @@ def test_check_on_a_record_from_a_newer_lorawatch_is_one_line(built_run):
 def test_metrics_reads_only_plain_decimal_numbers(tmp_path, cell):
     path = tmp_path / "m.csv"
     path.write_text(f"checkpoint,a\nbase,{cell}\na,0.3\n")
-    assert_one_line_error(lorawatch("metrics", path), "m.csv, row 1", repr(cell), "not a number")
+    assert_one_line_error(cli("metrics", path), "m.csv, row 1", repr(cell), "not a number")
 
 
 def test_metrics_and_run_read_standard_input_from_dash(tmp_path, tiny_model_dir):
@@ -105,7 +105,7 @@ def subprocess_with_stdin(args, text, cwd=None):
     import subprocess
     import sys
 
-    from conftest import SRC
+    from tiny import SRC
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "lorawatch", *map(str, args)], input=text, capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=600)
@@ -114,7 +114,7 @@ def subprocess_with_stdin(args, text, cwd=None):
 def test_an_unbalanced_quote_is_named(tmp_path):
     path = tmp_path / "q.csv"
     path.write_text('checkpoint,a\nbase,"0.5\na,0.3\n')
-    assert_one_line_error(lorawatch("metrics", path), "q.csv", 'a quote (") opened on line 2 is never closed')
+    assert_one_line_error(cli("metrics", path), "q.csv", 'a quote (") opened on line 2 is never closed')
 
 
 @pytest.mark.parametrize("text, fragments", [
@@ -125,7 +125,7 @@ def test_an_unbalanced_quote_is_named(tmp_path):
 def test_data_rows_with_non_finite_golds_or_repeated_keys(tmp_path, tiny_model_dir, text, fragments):
     path = config_file(tmp_path, tiny_model_dir)
     (tmp_path / "data" / "num_test.json").write_text(text)
-    assert_one_line_error(lorawatch("run", path, "--out", tmp_path / "run"), "num_test.json", *fragments)
+    assert_one_line_error(cli("run", path, "--out", tmp_path / "run"), "num_test.json", *fragments)
 
 
 @pytest.mark.parametrize("lora, fragment", [
@@ -134,7 +134,7 @@ def test_data_rows_with_non_finite_golds_or_repeated_keys(tmp_path, tiny_model_d
 ])
 def test_config_messages_say_what_a_field_takes_not_pydantics_union_members(tmp_path, tiny_model_dir, lora,
                                                                              fragment):
-    result = lorawatch("run", config_file(tmp_path, tiny_model_dir, lora=lora), "--out", tmp_path / "run")
+    result = cli("run", config_file(tmp_path, tiny_model_dir, lora=lora), "--out", tmp_path / "run")
     assert_one_line_error(result, fragment)
     assert ".str'" not in result.stderr and "list[str]" not in result.stderr
 
@@ -205,13 +205,13 @@ def test_tracking_destinations_are_checked_before_any_model_work(tmp_path, tiny_
     tracking = {k: v.replace("{file}", str(blocker)) for k, v in tracking.items()}
     path = config_file(tmp_path, tiny_model_dir, tracking=tracking)
     started = time.monotonic()
-    result = lorawatch("run", path, "--out", tmp_path / "run")
+    result = cli("run", path, "--out", tmp_path / "run")
     assert_one_line_error(result, "tracking uri", fragment)
     assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
 
 
 def test_track_checks_its_destination_too(built_run, tmp_path):
-    result = lorawatch("track", built_run, "--to", "mlflow", "--uri", "ftp://example.org/x")
+    result = cli("track", built_run, "--to", "mlflow", "--uri", "ftp://example.org/x")
     assert_one_line_error(result, "tracking uri 'ftp://example.org/x'", "no store for scheme 'ftp'")
     assert not (built_run / "tracking.json").exists()
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch
+from tiny import assert_one_line_error, assert_same_results, cli, config_file, lorawatch
 import lorawatch as lorawatch_api
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.rundir.lifecycle import run_lock
@@ -37,7 +37,7 @@ def local_study(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     config_file(root, tiny_model_dir)
     study_file = write_study(root)
-    result = lorawatch("study", study_file, "--out", root / "local", "--track", "mlflow",
+    result = cli("study", study_file, "--out", root / "local", "--track", "mlflow",
                        env={"LORAWATCH_BASE_STAGE_CACHE": str(root / "cache-local")})
     assert result.returncode == 0, result.stderr
     return root, study_file, result
@@ -111,9 +111,9 @@ def test_the_local_study_runs_every_unit_and_reports_them_all(local_study):
     for label in ("[train.learning_rate=0.005]", "[train.learning_rate=0.01]"):
         assert label in table3
     assert "units, 0 finished before, 4 to run" in result.stderr
-    again = lorawatch("study", study_file, "--out", root / "local")
+    again = cli("study", study_file, "--out", root / "local")
     assert again.returncode == 0 and "4 finished before, 0 to run" in again.stderr
-    status = lorawatch("study", "status", root / "local")
+    status = cli("study", "status", root / "local")
     assert status.returncode == 0 and status.stdout.count("done") >= 4 and "4 done" in status.stdout
 
 
@@ -147,12 +147,12 @@ def test_units_started_together_compute_their_base_stage_once(ray_study):
 def test_a_failing_unit_is_reported_and_retried_on_the_next_run(tiny_model_dir, tmp_path):
     config_file(tmp_path, tiny_model_dir)
     study_file = write_study(tmp_path, grid={"model": {"missing": {"model.spec": str(tmp_path / "no-model")}}})
-    result = lorawatch("study", study_file, "--out", tmp_path / "out")
+    result = cli("study", study_file, "--out", tmp_path / "out")
     assert result.returncode == 1
     assert "unit missing-seed1 failed" in result.stderr and "no-model" in result.stderr
-    status = lorawatch("study", "status", tmp_path / "out")
+    status = cli("study", "status", tmp_path / "out")
     assert status.returncode == 1 and "failed" in status.stdout and "1 failed" in status.stdout
-    again = lorawatch("study", study_file, "--out", tmp_path / "out")
+    again = cli("study", study_file, "--out", tmp_path / "out")
     assert again.returncode == 1
     assert json.loads((tmp_path / "out" / "status" / "missing-seed1.json").read_text())["attempts"] == 2
     with pytest.raises(UserError, match="unit.s. missing-seed1 did not finish"):
@@ -191,7 +191,7 @@ def test_bad_study_files_are_one_line_errors(tiny_model_dir, tmp_path, study, fr
     with pytest.raises(ConfigError, match=None) as error:
         load_study_file(tmp_path / "STUDY.yaml")
     assert fragment in str(error.value)
-    assert_one_line_error(lorawatch("study", tmp_path / "STUDY.yaml", "--out", tmp_path / "out"), fragment)
+    assert_one_line_error(cli("study", tmp_path / "STUDY.yaml", "--out", tmp_path / "out"), fragment)
 
 
 def test_a_local_study_is_a_parent_mlflow_run_with_its_units_as_children(local_study):
@@ -252,19 +252,19 @@ def test_a_unit_that_fails_on_a_folder_of_an_earlier_config_fails_the_study_and_
     def study(learning_rate):
         return write_study(tmp_path, grid={"lr": {"a": {"train.learning_rate": learning_rate}}})
 
-    assert lorawatch("study", study(0.005), "--out", out, env=env).returncode == 0
+    assert cli("study", study(0.005), "--out", out, env=env).returncode == 0
     report = {path.name: path.read_bytes() for path in (out / "report").glob("*.*")}
     assert "report.md" in report and "table5.csv" in report
 
     # planned only: the finished folder is not this unit's any more
-    assert lorawatch("study", study(0.01), "--out", out, "--plan").returncode == 0
-    status = lorawatch("study", "status", out, env=env)
+    assert cli("study", study(0.01), "--out", out, "--plan").returncode == 0
+    status = cli("study", "status", out, env=env)
     [row] = [line for line in status.stdout.splitlines() if f" {unit} " in line]
     assert status.returncode == 1 and "1 outdated" in status.stdout and "done" not in status.stdout
     assert [cell.strip() for cell in row.strip("│ ").split("│")][:2] == [unit, "outdated"]
     assert "run folder made with another config (changed: overrides.train.learning_rate, train.learning_rate)" in row
 
-    result = lorawatch("study", study(0.01), "--out", out, env=env)
+    result = cli("study", study(0.01), "--out", out, env=env)
     assert result.returncode == 1, result.stderr
     stderr = result.stderr
     assert f"unit {unit} failed: {out / 'runs' / unit}: made with another config than the study now gives unit " \
@@ -273,7 +273,7 @@ def test_a_unit_that_fails_on_a_folder_of_an_earlier_config_fails_the_study_and_
     assert f"{out / 'report' / 'report.md'} is from an earlier run of the study and was not rewritten" in stderr
     assert "Traceback" not in result.stderr and str(out / "report" / "report.md") not in result.stdout
     assert {path.name: path.read_bytes() for path in (out / "report").glob("*.*")} == report
-    status = lorawatch("study", "status", out, env=env)
+    status = cli("study", "status", out, env=env)
     [row] = [line for line in status.stdout.splitlines() if f" {unit} " in line]
     assert status.returncode == 1 and "1 failed" in status.stdout and "done" not in status.stdout
     assert [cell.strip() for cell in row.strip("│ ").split("│")][:2] == [unit, "failed"]
@@ -285,12 +285,12 @@ def test_a_unit_that_fails_on_a_folder_of_an_earlier_config_fails_the_study_and_
     import shutil
 
     shutil.rmtree(out / "runs" / unit)
-    again = lorawatch("study", study(0.01), "--out", out, env=env)
+    again = cli("study", study(0.01), "--out", out, env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip().splitlines()[-1] == str(out / "report" / "report.md")
     assert json.loads((out / "runs" / unit / "config.json").read_text())["train"]["learning_rate"] == 0.01
     assert (out / "report" / "table5.csv").read_bytes() != report["table5.csv"]
-    status = lorawatch("study", "status", out)
+    status = cli("study", "status", out)
     assert status.returncode == 0 and "1 done" in status.stdout
 
 
@@ -299,7 +299,7 @@ def test_a_grid_axis_over_seeds_is_refused_before_anything_runs(tiny_model_dir, 
     refuses only after they ran. The study file is refused, naming the axis and the study's `seeds:` list."""
     config_file(tmp_path, tiny_model_dir)
     study_file = write_study(tmp_path, grid={"order": ["original"], "seeds": [1, 2]})
-    result = lorawatch("study", study_file, "--out", tmp_path / "out")
+    result = cli("study", study_file, "--out", tmp_path / "out")
     assert_one_line_error(result, f"{study_file}: grid axis 'seeds': the study gives each unit one seed itself",
                           "list the seeds there instead, e.g. seeds: [1, 2]")
     assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
+from tiny import assert_one_line_error, cli, config_file, lorawatch, tiny_config, write_task_files
 from lorawatch.rundir import schema, store
 from lorawatch.report import verdict_view
 from lorawatch.analysis import verdicts
@@ -230,7 +230,7 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_logging_each_stage_once(t
     client = _client(out)
     assert client.get_run(before.run_id).info.status == "RUNNING"
 
-    unfinished = lorawatch("track", out)
+    unfinished = cli("track", out)
     assert_one_line_error(unfinished, str(out), "has not finished", "seed 1 stage 2")
     # resumed from Python, with the config the command line made
     run_experiment(with_changes(load_config(path), {"tasks.*.max_train_rows": 8, "tracking.backend": "mlflow"}), out)
@@ -250,7 +250,7 @@ def test_lorawatch_track_on_the_command_line(runs, tmp_path):
     folder = tmp_path / "plain"
     shutil.copytree(plain, folder)
     uri = f"sqlite:///{tmp_path / 'elsewhere' / 'store.db'}"
-    result = lorawatch("track", folder, "--to", "mlflow", "--uri", uri, "--experiment", "exported")
+    result = cli("track", folder, "--to", "mlflow", "--uri", uri, "--experiment", "exported")
     assert result.returncode == 0, result.stderr
     [entry] = _recorded(folder)
     assert result.stdout == f"{folder}: mlflow {uri} · experiment 'exported' · run {entry.run_id}\n"
@@ -262,7 +262,7 @@ def test_lorawatch_track_on_the_command_line(runs, tmp_path):
 
     (tmp_path / "loose").mkdir()
     (tmp_path / "loose" / "notes.txt").write_text("not a run")
-    assert_one_line_error(lorawatch("track", tmp_path / "loose"), "not a lorawatch run folder")
+    assert_one_line_error(cli("track", tmp_path / "loose"), "not a lorawatch run folder")
     # the other one-line errors, without another process each (the unfinished folder: the resume test)
     with pytest.raises(UserError, match="nowhere: no such folder"):
         export_run(tmp_path / "nowhere", MLFLOW)

@@ -1,13 +1,16 @@
 """Errors that are the user's to fix.
 
 Anything raised as a `UserError` is printed by the command line as one line and exits with code 2;
-everything else is a bug in lorawatch and keeps its traceback.
+everything else is a bug in lorawatch and keeps its traceback. Warnings reach the user as one line too
+(`format_warning`).
 """
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 class UserError(Exception):
@@ -48,3 +51,15 @@ def file_problem(path: Path, what: str) -> str | None:
     if not stat.S_ISREG(mode):
         return f"is not a regular file (a pipe, socket or device); expected a {what}"
     return None
+
+
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    """A warning as one line, `warning: <message>`, for `warnings.formatwarning`: Python's own format adds the
+    category, the file and the source line that raised it, which mean nothing to a user. A warning from another
+    library keeps its category and origin in brackets, still on the line, so that a user can search for it."""
+    text = " ".join(str(message).split())
+    path = Path(filename)
+    if path.is_relative_to(_PACKAGE) or path.resolve().is_relative_to(_PACKAGE):
+        return f"warning: {text}\n"
+    return f"warning: {text} [{category.__name__}, {path.name}:{lineno}]\n"

@@ -18,6 +18,7 @@ import typer
 
 from lorawatch.cli import data, results, runs, study
 from lorawatch.cli.common import on_sigterm
+from lorawatch.errors import format_warning
 
 __all__ = ["app", "main"]
 
@@ -30,6 +31,7 @@ app.add_typer(data.data_app, name="data")
 
 
 def main() -> None:
+    warnings.formatwarning = format_warning  # one line, `warning: ...`, with no source line after it
     # Deprecation notices of the libraries are for their callers' developers, not for a user's terminal.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft)(\.|$)")

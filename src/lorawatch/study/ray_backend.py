@@ -49,9 +49,14 @@ def _check_reachable(address: str) -> None:
 
 def _unit_task(unit: Unit, study_dir: str, threads: int) -> dict:
     """In the worker: one unit, its output into DIR/logs/<unit>.log."""
+    import warnings
+
     import torch
     from rich.console import Console
 
+    from lorawatch.errors import format_warning
+
+    warnings.formatwarning = format_warning  # a worker does not run the command line's main()
     torch.set_num_threads(threads)
     log = Path(study_dir) / "logs" / f"{unit.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
