@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from lorawatch.errors import DataError
+from lorawatch.rundir.schema import CheckpointMetrics
 from lorawatch.analysis.metrics import (
-    CheckpointMetrics,
     ClMetrics,
     compute_cl_metrics,
     mean_std_frames,

@@ -26,12 +26,12 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import schema
+from lorawatch.rundir.layout import MLFLOW_ARTIFACTS, RunFolder, Stage, tracker_store
 from lorawatch.analysis import significance, verdicts
 from lorawatch.config import ExperimentConfig, TrackingSettings
 from lorawatch.errors import UserError
 
-RECORD = "tracking.json"
 _INSTALL = {"mlflow": ("mlflow", "pip install 'lorawatch[mlflow]'"),
             "tensorboard": ("tensorboard", "pip install 'lorawatch[tensorboard]'")}
 # MLflow's limits (mlflow.utils.validation): longer values are refused, not truncated, by the server.
@@ -163,7 +163,7 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             # Beside the database, not MLflow's default ./mlartifacts in whatever folder the command ran from.
-            location = None if database is None else (database.parent / "mlartifacts").as_uri()
+            location = None if database is None else (database.parent / MLFLOW_ARTIFACTS).as_uri()
             return self.client.create_experiment(name, artifact_location=location)
         if found.lifecycle_stage == "deleted":
             raise UserError(f"mlflow: experiment {name!r} is deleted; restore it (mlflow experiments restore) or "
@@ -241,7 +241,8 @@ def resolve(settings: TrackingSettings, home: Path) -> TrackingSettings:
     if settings.uri is not None:
         return settings
     home = Path(home).resolve()
-    uri = f"sqlite:///{(home / 'mlflow.db').as_posix()}" if settings.backend == "mlflow" else str(home / "tensorboard")
+    where = tracker_store(home, settings.backend)
+    uri = f"sqlite:///{where.as_posix()}" if settings.backend == "mlflow" else str(where)
     return settings.model_copy(update={"uri": uri})
 
 
@@ -304,9 +305,9 @@ class RunLogger:
         name = name or config.name
         home = self.run_dir if home is None else Path(home)
         key = destination(settings, home, name, parent)
-        path = self.run_dir / RECORD
-        self.entries = [e.model_dump() for e in store.load_record(path, schema.TrackingRecord).runs] \
-            if path.is_file() else []
+        self.folder = RunFolder(self.run_dir)
+        record = self.folder.tracking
+        self.entries = [e.model_dump() for e in record.load().runs] if record.exists() else []
         self.entry = next((e for e in self.entries if e["destination"] == key), None)
         self.tracker = None
         if self.entry is not None and self.entry["finished"]:
@@ -329,7 +330,7 @@ class RunLogger:
         return self.entry["where"] + ("" if self.tracker else " (logged before)")
 
     def _save(self) -> None:
-        store.write_record(self.run_dir / RECORD, schema.TrackingRecord, {"runs": self.entries})
+        self.folder.tracking.write({"runs": self.entries})
 
     def _prefix(self, seed: int) -> str:
         return f"seed{seed}/" if len(self.seeds) > 1 else ""
@@ -342,27 +343,27 @@ class RunLogger:
         logged = self.entry["logged"].setdefault(str(seed), [])
         offset = 0  # optimizer steps of the earlier stages: train/loss and drift/* run on one axis per seed
         for k in range(stage + 1):
-            folder = store.stage_dir(self.run_dir, seed, k)
-            if not (folder / "stage.json").is_file():
+            folder = self.folder.stage(seed, k)
+            if not folder.finished():
                 return  # not finished: neither it nor a later stage is final
-            record = store.load_record(folder / "stage.json", schema.StageRecord)
+            record = folder.record.load()
             if k not in logged:
                 self._log_stage(seed, k, folder, record, offset)
                 logged.append(k)
                 self._save()
             offset += record.training.optimizer_steps if record.training else 0
 
-    def _log_stage(self, seed: int, stage: int, folder: Path, record: schema.StageRecord, offset: int) -> None:
+    def _log_stage(self, seed: int, stage: int, folder: Stage, record: schema.StageRecord, offset: int) -> None:
         prefix, log = self._prefix(seed), self.tracker.log_metrics
         for i, loss in enumerate(record.training.step_losses if record.training else []):
             log({f"{prefix}train/loss": loss}, offset + i + 1)
-        if (folder / "monitor.jsonl").is_file():
-            for point in store.load_rows(folder / "monitor.jsonl", schema.MonitorPoint):
+        if folder.monitor_series.exists():
+            for point in folder.monitor_series.load():
                 drift = {"kl_mean": point.kl_mean, "entropy_mean": point.entropy_mean,
                          "margin_mean": point.margin_mean, "threshold": point.threshold}
                 log({f"{prefix}drift/{k}": v for k, v in drift.items() if v is not None}, offset + point.step)
-        scores = store.load_record(folder / "scores.json", schema.Scores).accuracy()
-        stats = store.load_record(folder / "reference_stats.json", schema.ReferenceStats).body()
+        scores = folder.scores.load().accuracy()
+        stats = folder.reference_stats.load().body()
         log({**{f"{prefix}stage/accuracy/{task}": value for task, value in scores.items()},
              **{f"{prefix}stage/{_stat_name(key)}": value for key, value in stats.items()}}, stage)
 
@@ -371,11 +372,10 @@ class RunLogger:
         the tracker run as FINISHED."""
         if self.tracker is None:
             return
-        summary = store.load_record(store.summary_dir(self.run_dir) / "summary.json", schema.Summary)
+        summary = self.folder.summary.load()
         for seed in self.seeds:
             self.stage(seed, len(self.tasks))
-            metrics = store.load_record(store.seed_dir(self.run_dir, seed) / "cl_metrics.json",
-                                        schema.ClMetricsRecord)
+            metrics = self.folder.seed(seed).cl_metrics.load()
             for step, row in enumerate(metrics.per_checkpoint):
                 self.tracker.log_metrics({f"{self._prefix(seed)}cl/{k}": v for k, v in row.model_dump().items()
                                           if isinstance(v, float)}, step)
@@ -413,10 +413,12 @@ class RunLogger:
                                      step)
 
     def _artifacts(self) -> list[tuple[Path, str]]:
-        found = [(self.run_dir / "config.json", ""), (self.run_dir / "report.html", "")]
+        run = self.folder
+        found = [(run.config, ""), (self.run_dir / "report.html", "")]
         for seed in self.seeds:
-            found += [(store.seed_dir(self.run_dir, seed) / f"{t}.csv", f"seed-{seed}") for t in _ARTIFACT_TABLES]
-        found += [(store.summary_dir(self.run_dir) / f"{t}_{s}.csv", "summary")
+            seed_folder = run.seed(seed)
+            found += [(seed_folder.table(t).path, seed_folder.path.name) for t in _ARTIFACT_TABLES]
+        found += [(run.summary_table(t, s).path, run.summary_folder.name)
                   for t in _ARTIFACT_TABLES for s in ("mean", "std")]
         return [(path, folder) for path, folder in found if path.is_file()]
 
@@ -506,11 +508,12 @@ def _run_config(run_dir: Path) -> ExperimentConfig:
 def check_finished(run_dir: Path) -> None:
     """A one-line error unless `run_dir` is a finished run folder (naming the first stage that is missing)."""
     config = _run_config(run_dir)
-    if (store.summary_dir(run_dir) / "summary.json").is_file():
+    run = RunFolder(run_dir)
+    if run.summary.exists():
         return  # written once every seed's every stage is
     missing = next((f"seed {seed} stage {stage} has not finished" for seed in config.seeds
-                    for stage in range(len(config.tasks) + 1)
-                    if not (store.stage_dir(run_dir, seed, stage) / "stage.json").is_file()), "no summary/summary.json")
+                    for stage in range(len(config.tasks) + 1) if not run.stage(seed, stage).finished()),
+                   f"no {run.summary.path.relative_to(run_dir).as_posix()}")
     raise UserError(f"{run_dir}: the run has not finished ({missing}); run the same command again to finish it "
                     "before tracking it")
 

@@ -24,7 +24,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import atomic, schema
+from lorawatch.rundir.layout import COSTS, MONITOR_SETTINGS
 from lorawatch.analysis import significance
 from lorawatch.report import verdict_view
 from lorawatch.report.monitoring_view import interventions, monitor_series
@@ -355,17 +356,17 @@ def _monitor(results: RunResults) -> str | None:
                      f"{e['threshold']:.4f}", e["kept_step"], _number(e["kept_kl"], 4)] for e in taken],
                    numeric_from=4) if taken else "<p>No interventions.</p>"
     settings = results.monitor_settings()
-    said = json.dumps(settings.body(), indent=1) if settings else "(no monitor.json)"
+    said = json.dumps(settings.body(), indent=1) if settings else f"(no {MONITOR_SETTINGS})"
     return (f'<figure class="wide">{svg}<figcaption>Live drift measured while each stage trained (dashed: the '
             "stage's threshold; ×: above it; dotted: stage starts).</figcaption></figure>"
-            f"<h3>Interventions</h3>{table}" + _details("Monitor settings (monitor.json)", said))
+            f"<h3>Interventions</h3>{table}" + _details(f"Monitor settings ({MONITOR_SETTINGS})", said))
 
 
 def _costs(results: RunResults) -> str:
     parts = []
     costs = results.costs()
     if costs is None:
-        parts.append("<p>No costs.json in this run folder.</p>")
+        parts.append(f"<p>No {COSTS} in this run folder.</p>")
     else:
         total = sum(costs.phase_seconds.values()) or 1.0
         parts.append(f"<p>Wall time <b>{costs.wall_seconds:.1f} s</b> · peak memory (RSS) "
@@ -399,12 +400,11 @@ def _costs(results: RunResults) -> str:
 
 def _config(results: RunResults) -> str:
     shown = []
-    for name in ("config.json", "environment.json", "inputs.json", "monitor.json", "environment_history.jsonl",
-                 "config_history.jsonl"):
-        path = results.path / name
+    for path in results.folder.described_files():
+        name = path.name
         if path.is_file():
             text = path.read_text(encoding="utf-8", errors="replace")
-            if name.endswith(".json"):
+            if path.suffix == ".json":
                 try:
                     text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
                 except ValueError:
@@ -456,7 +456,7 @@ def _page(title: str, subtitle: str, nav: list[tuple[str, str]], body: str) -> s
 def _write(out_file: Path, page: str) -> Path:
     out_file = Path(out_file)
     # errors="replace": a lone surrogate in a model's output must not stop the page from being written
-    store.atomic_write_bytes(out_file, page.encode("utf-8", errors="replace"))
+    atomic.write_bytes(out_file, page.encode("utf-8", errors="replace"))
     return out_file
 
 

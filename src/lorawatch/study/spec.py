@@ -41,7 +41,8 @@ from typing import Annotated, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.config import (
     MAX_SEED,
     ExperimentConfig,
@@ -248,9 +249,9 @@ def write_plan(study: Study, study_dir: Path) -> Path:
               "units": [{"name": u.name, "folder": str(u.folder(study_dir)), "changes": u.changes,
                          "command": u.command(study_dir), "config": u.config().model_dump(mode="json")}
                         for u in study.units]}
-    store.atomic_write_text(study_dir / STUDY_RECORD, json.dumps(record, indent=2) + "\n")
+    atomic.write_text(study_dir / STUDY_RECORD, json.dumps(record, indent=2) + "\n")
     lines = [u.command(study_dir) for u in study.units]
-    store.atomic_write_text(study_dir / "units.txt", "\n".join(lines) + "\n")
+    atomic.write_text(study_dir / "units.txt", "\n".join(lines) + "\n")
     return study_dir / "units.txt"
 
 
@@ -270,13 +271,14 @@ def write_status(study_dir: Path, unit_name: str, **fields: Any) -> dict:
     status = {**read_status(study_dir, unit_name), **fields}
     path = status_path(study_dir, unit_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_text(path, json.dumps(status, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(status, indent=2) + "\n")
     return status
 
 
 def run_finished(run_dir: Path) -> bool:
     """A run folder whose run got to its end: costs.json is the last file a run writes."""
-    return (run_dir / "costs.json").is_file() and (run_dir / "summary").is_dir()
+    run = RunFolder(run_dir)
+    return run.costs.exists() and run.summary_folder.is_dir()
 
 
 @dataclass
@@ -293,11 +295,11 @@ class UnitState:
 def stages_done(run_dir: Path) -> tuple[int, int] | None:
     """How far a run folder is: its finished stages, of all it will have."""
     try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(RunFolder(run_dir).config.read_text(encoding="utf-8"))
         total = (len(config["tasks"]) + 1) * len(config["seeds"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return len(list(run_dir.glob("seed-*/stage-*/stage.json"))), total
+    return RunFolder(run_dir).finished_stages(), total
 
 
 def unit_state(study_dir: Path, name: str, folder: Path, config: dict | None = None) -> UnitState:
@@ -351,7 +353,7 @@ def _changes(folder: Path, config: dict | None) -> list[str] | None:
 
 def _finished_at(folder: Path) -> float:
     try:
-        return (folder / "costs.json").stat().st_mtime
+        return RunFolder(folder).costs.path.stat().st_mtime
     except OSError:
         return 0.0
 
@@ -396,7 +398,7 @@ def run_unit(unit: Unit, study_dir: Path, *, console=None, tracking: TrackingSet
 
     try:
         config = unit.config()
-        if (folder / "config.json").is_file():
+        if RunFolder(folder).config.is_file():
             # `run` would refuse it too, but advise its own options (--overwrite, --force), not the study's way
             changed = config_changes(folder, config)
             if changed:

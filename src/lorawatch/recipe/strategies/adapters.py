@@ -9,7 +9,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from lorawatch.recipe.strategies.base import read_tensors
-from lorawatch.rundir.stage_files import ADAPTER_WEIGHTS
+from lorawatch.rundir.layout import ADAPTER_WEIGHTS
 
 ADAPTER = "default"  # the model's own adapter: the one trained, saved and loaded by the protocol
 

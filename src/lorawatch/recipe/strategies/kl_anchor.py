@@ -11,11 +11,10 @@ reports is the other direction, KL(p_adapted || p_base); both are zero exactly w
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, TimedTerm
+from lorawatch.rundir.layout import Stage
 
 
 def kl_to_base(model, inputs: dict[str, torch.Tensor], predicts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -37,7 +36,7 @@ class KLAnchor(Strategy):
         super().__init__(train_rows)
         self.weight = weight
 
-    def plan(self, model, stage: int, run_seed: int, earlier: list[Path]) -> StagePlan:
+    def plan(self, model, stage: int, run_seed: int, earlier: list[Stage]) -> StagePlan:
         plan = super().plan(model, stage, run_seed, earlier)
         weight = self.weight
 
