@@ -214,7 +214,8 @@ def assert_same_results(run, reference, seed=1):
         for name in STAGE_FILES:
             if stage == 0 and name.startswith("adapter"):
                 continue
-            mine, theirs = RunFolder(run).stage(seed, stage).path / name, RunFolder(reference).stage(seed, stage).path / name
+            mine = RunFolder(run).stage(seed, stage).path / name
+            theirs = RunFolder(reference).stage(seed, stage).path / name
             if name.endswith(".safetensors"):
                 from safetensors.torch import load_file
                 a, b = load_file(mine), load_file(theirs)

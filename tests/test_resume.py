@@ -8,7 +8,6 @@ import signal
 import pytest
 
 from lorawatch.rundir.layout import RunFolder
-from lorawatch.rundir import store
 from lorawatch.recipe.protocol import run_lock
 from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch
 

@@ -15,19 +15,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, assert_same_results, config_file, lorawatch, tiny_config, write_task_files
-from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir.layout import EWC_FISHER, TASK_ADAPTER, RunFolder
 from lorawatch.rundir.check import check_run_folder
-from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.data.prompts import encode_train_example
 from lorawatch.recipe.protocol import lora_config, run_experiment
 from lorawatch.report.study import _protocol_fingerprint, _variant_labels, load_study
 from lorawatch.rundir.lifecycle import config_changes
-from lorawatch.recipe.strategies.ewc import FISHER_FILE, diagonal_fisher, ewc_penalty, trainable_parameters
+from lorawatch.recipe.strategies.ewc import diagonal_fisher, ewc_penalty, trainable_parameters
 from lorawatch.recipe.strategies.kl_anchor import kl_to_base
 from lorawatch.recipe.strategies.adapters import reset_adapter
-from lorawatch.recipe.strategies.merging import TASK_ADAPTER, magmax, magmax_states, peft_merge
+from lorawatch.recipe.strategies.merging import magmax, magmax_states, peft_merge
 from lorawatch.recipe.strategies.olora import OLoRA, olora_penalty
 from lorawatch.recipe.strategies.replay import Replay, replay_rows
 from lorawatch.recipe.training import TrainParams, _collate, answer_loss, train_stage
@@ -148,7 +147,7 @@ def test_strategy_none_is_the_plain_protocol(runs):
         assert "strategy" not in logs[0] and "extra_losses" not in logs[0]
         assert {k: v for k, v in logs[0].items() if k != "seconds"} == \
             {k: v for k, v in logs[1].items() if k != "seconds"}
-        assert not (RunFolder(explicit).stage(1, stage).path / FISHER_FILE).exists()
+        assert not (RunFolder(explicit).stage(1, stage).path / EWC_FISHER).exists()
 
 
 def test_a_run_folder_from_before_the_section_resumes_but_a_strategy_change_is_refused(tiny_model_dir, root, runs):
@@ -310,8 +309,8 @@ def test_ewc_run_saves_the_fisher_and_penalises_moving_away(runs, tiny_model_dir
     first, second = _training(run, 1), _training(run, 2)
     assert first["strategy"]["fisher_rows"] == 5 and "extra_losses" not in first  # nothing to protect yet
     assert second["extra_losses"][0] == 0.0 and second["extra_losses"][-1] > 0  # it starts at the anchor
-    assert not (RunFolder(run).stage(1, 2).path / FISHER_FILE).exists()  # no stage after the last
-    fisher = load_file(RunFolder(run).stage(1, 1).path / FISHER_FILE)
+    assert not (RunFolder(run).stage(1, 2).path / EWC_FISHER).exists()  # no stage after the last
+    fisher = load_file(RunFolder(run).stage(1, 1).path / EWC_FISHER)
     adapter = load_file(RunFolder(run).stage(1, 1).path / "adapter" / "adapter_model.safetensors")
     assert len(fisher) == len(adapter) and all(f.min() >= 0 for f in fisher.values())
     assert sum(f.sum() for f in fisher.values()) > 0
@@ -330,13 +329,14 @@ def test_ewc_run_with_a_lost_fisher_redoes_that_stage_and_gives_the_same_results
     resumed = root / "ewc-resumed"
     shutil.copytree(run, resumed)
     shutil.rmtree(RunFolder(resumed).stage(1, 2).path)
-    (RunFolder(resumed).stage(1, 1).path / FISHER_FILE).unlink()
+    (RunFolder(resumed).stage(1, 1).path / EWC_FISHER).unlink()
     trained = (RunFolder(resumed).stage(1, 1).path / "training.json").stat().st_mtime_ns
     run_experiment(_config(tiny_model_dir, root, STRATEGIES["ewc"]), resumed)
     assert (RunFolder(resumed).stage(1, 1).path / "training.json").stat().st_mtime_ns != trained  # stage 1 was redone
     assert_same_results(resumed, run)
-    for name in (FISHER_FILE, "adapter/adapter_model.safetensors"):
-        assert (RunFolder(resumed).stage(1, 1).path / name).read_bytes() == (RunFolder(run).stage(1, 1).path / name).read_bytes()
+    for name in (EWC_FISHER, "adapter/adapter_model.safetensors"):
+        assert (RunFolder(resumed).stage(1, 1).path / name).read_bytes() == \
+            (RunFolder(run).stage(1, 1).path / name).read_bytes()
 
 
 # --- per-task adapters, merged ---------------------------------------------------------------------------------

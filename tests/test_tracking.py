@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, config_file, lorawatch, tiny_config, write_task_files
-from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir.layout import TRACKING, RunFolder
 from lorawatch.rundir.check import check_run_folder
 from lorawatch.rundir import layout
 from lorawatch.rundir import schema, store
@@ -23,7 +23,7 @@ from lorawatch.config import TrackingSettings, build_config, load_config, with_c
 from lorawatch.errors import UserError
 from lorawatch.recipe.protocol import run_experiment
 from lorawatch.report.tables import load_run_config
-from lorawatch.integrations.tracking import RECORD, RunLogger, export_run, export_settings, open_parent, resolve
+from lorawatch.integrations.tracking import RunLogger, export_run, export_settings, open_parent, resolve
 
 mlflow = pytest.importorskip("mlflow")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -53,7 +53,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 def _recorded(run_dir, backend="mlflow"):
-    runs = store.read_record(run_dir / RECORD, schema.TrackingRecord).runs
+    runs = store.read_record(run_dir / TRACKING, schema.TrackingRecord).runs
     return [r for r in runs if r.destination.backend == backend]
 
 
@@ -67,7 +67,7 @@ def _history(client, run_id, key):
 
 def _expected_losses(run_dir, seed=1, stages=2):
     losses = [loss for k in range(1, stages + 1) for loss in
-              store.read_record(RunFolder(run_dir).stage(seed, k).path / "training.json", schema.TrainingRecord).step_losses]
+              RunFolder(run_dir).stage(seed, k).training.read().step_losses]
     return list(enumerate(losses, 1))
 
 
@@ -119,7 +119,7 @@ def test_a_live_mlflow_run_holds_what_the_run_folder_holds(runs):
 
 def _comparable(run_dir):
     """Every result file: bytes, or for JSON the data without timings and without the tracking section."""
-    skipped = {RECORD, "costs.json", "environment.json", "environment_history.jsonl", "mlflow.db", ".lock"}
+    skipped = {TRACKING, "costs.json", "environment.json", "environment_history.jsonl", "mlflow.db", ".lock"}
     files = {}
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         relative = path.relative_to(run_dir)
@@ -172,7 +172,7 @@ def test_a_tensorboard_export_holds_the_same_numbers_and_is_not_repeated(runs):
     event_files = sorted(p.name for p in log_dir.iterdir())
     assert export_run(run_dir, TENSORBOARD).endswith("(logged before)")
     assert sorted(p.name for p in log_dir.iterdir()) == event_files
-    assert [r.destination.backend for r in store.read_record(run_dir / RECORD, schema.TrackingRecord).runs] == \
+    assert [r.destination.backend for r in store.read_record(run_dir / TRACKING, schema.TrackingRecord).runs] == \
         ["mlflow", "tensorboard"]
 
 

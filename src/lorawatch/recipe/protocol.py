@@ -321,7 +321,8 @@ class Recipe:
                 and load_adapter_weights(model, folder.adapter)):
             self.progress.advance(len(task.train) * self.train_params.epochs)
             return schema.TrainingLog.model_validate(trained.body())
-        shutil.rmtree(folder.path, ignore_errors=True)  # whatever this stage evaluated before belonged to another adapter
+        # whatever this stage evaluated before belonged to another adapter
+        shutil.rmtree(folder.path, ignore_errors=True)
         label = self.stage_label(seed, stage)
         self.progress.phase(f"{label} · train {task.name}")
         advance = _advance_by_delta(self.progress)

@@ -2,7 +2,7 @@
 
 Every task's adapter starts from the same initial adapter (drawn from the run's seed), as task vectors in model
 merging all start from the same pre-trained weights. After stage k its trained adapter is saved in the stage's folder
-(Stage.task_adapter), and the merge of adapters 1..k is written into the model's adapter: that is the stage's checkpoint,
+(its task_adapter), and the merge of adapters 1..k is written into the model's adapter: that is the stage's checkpoint,
 evaluated, saved and resumed like any other.
 
 `linear`, `ties` and `dare_linear` are PEFT's own `add_weighted_adapter`, with equal weights 1/k: like every PEFT
