@@ -20,7 +20,8 @@ import warnings
 from pathlib import Path
 from urllib.parse import quote
 
-from lorawatch.rundir.layout import INPUTS, RowsFile, RunFolder
+from lorawatch.rundir.files import RowsFile
+from lorawatch.rundir.layout import INPUTS, RunFolder
 from lorawatch.errors import UserError
 from lorawatch.report.tables import RunResults
 

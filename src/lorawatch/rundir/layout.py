@@ -31,24 +31,19 @@ spells a run file's name; everything else asks a `RunFolder`, a `SeedFolder` or 
       .lock                  held by the process writing the run (locks.py)
 
 Each JSON file is a record of schema/ with `schema_version` as its last key; the JSON Lines rows and CSV tables
-follow the record beside them. A handle reads in one of two ways: `read` for a run (missing raises
-FileNotFoundError, damaged a ValueError: the unit is redone) and `load` for a report (either is the user's
-one-line error naming the file); `intact` is a run's read that answers None for a missing or damaged unit.
+follow the record beside them. Each file is reached through a typed handle (files.py).
 """
 
 from __future__ import annotations
 
 import re
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Iterable, TypeVar
-
-import pandas as pd
+from typing import Iterable
 
 from lorawatch.data.tasks.scoring import Prediction
 from lorawatch.rundir import schema, store
-from lorawatch.rundir.schema import Part, Record
+from lorawatch.rundir.files import RecordFile, RowsFile, TableFile
+from lorawatch.rundir.schema import Record
 
 # --- the names ---------------------------------------------------------------------------------------------------
 
@@ -108,95 +103,6 @@ RECORDS: dict[str, type[Record]] = {
 # The JSON Lines files beside them, by name (a stage's predictions are found by their folder).
 ROWS: dict[str, type] = {REFERENCE_DRIFT: schema.ExampleDrift, MONITOR_SERIES: schema.MonitorPoint,
                          ENVIRONMENT_HISTORY: schema.EnvironmentEntry, CONFIG_HISTORY: schema.ConfigChange}
-
-R = TypeVar("R", bound=Record)
-T = TypeVar("T")
-
-
-# --- a handle on one file -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RecordFile(Generic[R]):
-    """A JSON record: checked against its schema when written and when read back."""
-
-    path: Path
-    schema: type[R]
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    def read(self) -> R:
-        return store.read_record(self.path, self.schema)
-
-    def load(self) -> R:
-        return store.load_record(self.path, self.schema)
-
-    def intact(self) -> R | None:
-        """The record, or None when it is missing or damaged (reported): then the unit is redone."""
-        if not self.path.is_file():
-            return None
-        try:
-            return self.read()
-        except (OSError, ValueError):
-            warnings.warn(f"{self.path}: damaged, redoing that unit", stacklevel=2)
-            return None
-
-    def write(self, data: dict | Part) -> None:
-        store.write_record(self.path, self.schema, data.body() if isinstance(data, Part) else data)
-
-
-@dataclass(frozen=True)
-class RowsFile(Generic[T]):
-    """A JSON Lines file, one `row_type` per line."""
-
-    path: Path
-    row_type: type[T]
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    def read(self) -> list[T]:
-        return store.read_rows(self.path, self.row_type)
-
-    def load(self) -> list[T]:
-        return store.load_rows(self.path, self.row_type)
-
-    def write(self, rows: Iterable[dict]) -> None:
-        store.write_rows(self.path, self.row_type, rows)
-
-    def unit(self, expected_ids: list[str]) -> list[T] | None:
-        """A unit's saved rows, or None when missing, damaged or not those of `expected_ids`: then it is redone."""
-        if not self.path.is_file():
-            return None
-        try:
-            rows = self.read()
-        except ValueError:  # unreadable JSON or rows that do not fit (pydantic's ValidationError is a ValueError)
-            warnings.warn(f"{self.path}: damaged, recomputing it", stacklevel=2)
-            return None
-        if [r.id for r in rows] != expected_ids:
-            warnings.warn(f"{self.path}: does not match the data, recomputing it", stacklevel=2)
-            return None
-        return rows
-
-
-@dataclass(frozen=True)
-class TableFile:
-    """One of the CSV tables (schema.TABLE_COLUMNS names them), checked for its columns when read."""
-
-    path: Path
-    name: str
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    def read(self) -> pd.DataFrame:
-        return store.read_table(self.path, self.name)
-
-    def load(self) -> pd.DataFrame:
-        return store.load_table(self.path, self.name)
-
-    def write(self, frame: pd.DataFrame) -> None:
-        store.write_csv(self.path, frame)
 
 
 def monitor_series(folder: Path) -> RowsFile[schema.MonitorPoint]:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from lorawatch.rundir import atomic, locks, schema, store
+from lorawatch.rundir import atomic, locks, store
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import ConfigError, UserError
-from lorawatch.rundir.layout import LOCK, RECORDS, ADAPTER_FOLDER, RecordFile, RunFolder
+from lorawatch.rundir.files import RecordFile, RowsFile
+from lorawatch.rundir.layout import ADAPTER_FOLDER, LOCK, RECORDS, RunFolder
 from lorawatch.rundir.store import DAMAGED
 
 
@@ -95,15 +96,16 @@ def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overw
     return FolderPlan(mode, created, tuple(forced))
 
 
-def _read_record(path: Path | RecordFile) -> dict:
-    """A run's own record (config.json, or a typed one such as inputs.json): a mapping, or a one-line error if it
-    is damaged."""
+def _read_record(record: RecordFile | Path) -> dict:
+    """A run's own record (a typed one such as inputs.json, or the config at its path): a mapping, or a one-line
+    error if it is damaged."""
+    path = record.path if isinstance(record, RecordFile) else record
     try:
-        recorded = path.read().body() if isinstance(path, RecordFile) else store.read_json(path)
+        recorded = record.read().body() if isinstance(record, RecordFile) else store.read_json(path)
     except DAMAGED:
         recorded = None
     if not isinstance(recorded, dict):
-        raise UserError(f"{getattr(path, 'path', path)}: damaged; pass --overwrite to start this run again")
+        raise UserError(f"{path}: damaged; pass --overwrite to start this run again")
     return recorded
 
 
@@ -187,9 +189,8 @@ def start_run_dir(run_dir: Path, plan: FolderPlan, config: ExperimentConfig, fin
         check_inputs(run_dir, fingerprint)
         if plan.forced:
             previous = run.read_config()
-            _append_row(run.config_history.path, schema.ConfigChange, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                                       "changed": list(plan.forced),
-                                                                       "previous": previous})
+            _append_row(run.config_history, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                             "changed": list(plan.forced), "previous": previous})
             notes.append(f"--force: resuming with changed {', '.join(plan.forced)}; finished stages keep what they "
                          "were computed with, unfinished ones use the new values (recorded in "
                          f"{run.config_history.path.name})")
@@ -199,8 +200,7 @@ def start_run_dir(run_dir: Path, plan: FolderPlan, config: ExperimentConfig, fin
         run.inputs.write(fingerprint)
     atomic.write_text(run.marker, "a lorawatch run folder\n")
     run.environment.write(env)
-    _append_row(run.environment_history.path, schema.EnvironmentEntry,
-                {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode, **env})
+    _append_row(run.environment_history, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode, **env})
     return notes
 
 
@@ -218,12 +218,12 @@ def check_inputs(run_dir: Path, inputs: dict) -> None:
                         "start again")
 
 
-def _append_row(path: Path, row_type: type, row: dict) -> None:
+def _append_row(history: RowsFile, row: dict) -> None:
     """History files grow by one line; rewritten whole (atomically) so that a crash never leaves half a line.
     The new line is checked; earlier ones are kept as they were written."""
-    store.check_rows(row_type, [row])
-    rows = store.read_jsonl(path) if path.is_file() else []
-    store.write_jsonl(path, [*rows, row])
+    store.check_rows(history.row_type, [row])
+    rows = store.read_jsonl(history.path) if history.exists() else []
+    store.write_jsonl(history.path, [*rows, row])
 
 
 def abandon_run_dir(run_dir: Path, plan: FolderPlan) -> None:
