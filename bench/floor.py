@@ -40,14 +40,14 @@ def checkpoint_evaluations(name: str, tasks: int) -> int:
 
 def prompt_pass(name: str, repeat: int) -> dict:
     from lorawatch.engine.generation import generate
-    from lorawatch.engine.passes import GenerationCounters
+    from lorawatch.rundir.schema import GenerationCounts
     from lorawatch.recipe.protocol import generate_by_task
 
     config, run_data, loaded, encoded = workload_inputs(name, "bench/floor.py")
     budget = config.eval.token_budget
     times = []
     for _ in range(repeat):
-        counters = GenerationCounters()
+        counters = GenerationCounts()
         start = time.perf_counter()
         for task in run_data.tasks:
             generate(loaded.model, loaded.tokenizer, encoded.test[task.name], max_new_tokens=1, device="cpu",

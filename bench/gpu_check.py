@@ -594,7 +594,7 @@ def conformance_cell(family: str, dtype_name: str, model_dir: Path, device: str,
     import torch
 
     from lorawatch.engine.generation import FastPath, fast_path_for, generate, merged_adapter
-    from lorawatch.engine.passes import GenerationCounters
+    from lorawatch.rundir.schema import GenerationCounts
     from lorawatch.data.prompts import encode_prompt
 
     dtype = getattr(torch, dtype_name)
@@ -613,7 +613,7 @@ def conformance_cell(family: str, dtype_name: str, model_dir: Path, device: str,
                                                               max_new_tokens=CONFORMANCE_NEW_TOKENS,
                                                               device=device).items()}
     fast, off = fast_path_for(model, dtype, FastPath())
-    counters = GenerationCounters()
+    counters = GenerationCounts()
     with Timed(device) as t:
         with merged_adapter(model) if fast.merge_adapter else nullcontext():
             got = generate(model, tokenizer, prompts, max_new_tokens=CONFORMANCE_NEW_TOKENS, device=device,
@@ -817,7 +817,7 @@ def time_model(check: Check, entry: dict, device: str, dtype_name: str, small: b
 
     from lorawatch.config import LoraSettings, TrainSettings
     from lorawatch.engine.generation import FastPath, fast_path_for, generate, merged_adapter, stop_token_ids
-    from lorawatch.engine.passes import GenerationCounters
+    from lorawatch.rundir.schema import GenerationCounts
     from lorawatch.recipe.training import TrainParams, train_stage, use_gap_dropout
 
     name = entry["name"]
@@ -849,7 +849,7 @@ def time_model(check: Check, entry: dict, device: str, dtype_name: str, small: b
     evaluation = entry["evaluation"] = {}
 
     def run_generate(label: str, path: FastPath, drafts=None, merge=False):
-        counters = GenerationCounters()
+        counters = GenerationCounts()
         check.current = f"timings {name}: {label}"
         with Timed(device) as t:
             with merged_adapter(model) if merge else nullcontext():

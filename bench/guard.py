@@ -20,6 +20,7 @@ import torch
 from peft import PeftModel
 
 from lorawatch.rundir import store
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.config import build_config
 from lorawatch.engine.generation import decode_text, stop_token_ids
 from lorawatch.data.tasks.scoring import score
@@ -52,7 +53,7 @@ def check_run(run_dir: Path, max_checkpoints: int | None = None) -> dict:
     report = {"run_dir": str(run_dir), "seed": seed, "checkpoints": [], "rows": 0, "same": 0,
               "max_cell_diff_examples": 0}
     for stage in checkpoints:
-        folder = store.stage_dir(run_dir, seed, stage)
+        folder = RunFolder(run_dir).stage(seed, stage).path
         model = base if stage == 0 else PeftModel.from_pretrained(base, folder / "adapter").eval()
         entry = {"stage": stage, "rows": 0, "same": 0, "cell_diff_examples": {}}
         for name, examples, prompts in parts:

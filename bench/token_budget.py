@@ -27,13 +27,13 @@ from run import SHARED_DATA, WORKLOADS, machine, workload_inputs  # noqa: E402
 def one(workload: str, budget: int) -> dict:
     from lorawatch.rundir.costs import peak_rss_bytes
     from lorawatch.engine.generation import generate
-    from lorawatch.engine.passes import GenerationCounters
+    from lorawatch.rundir.schema import GenerationCounts
 
     config, run_data, loaded, encoded = workload_inputs(workload, str(SHARED_DATA))
     prompts = [p for task in run_data.tasks for p in encoded.test[task.name]] + list(encoded.reference)
     groups = {e.id: task.name for task in run_data.tasks for e in task.test}
     groups.update({e.id: e.task or "reference" for e in run_data.reference})
-    counters = GenerationCounters()
+    counters = GenerationCounts()
     start = time.perf_counter()
     out = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=WORKLOADS[workload]["new"], device="cpu",
                    token_budget=budget, counters=counters, groups=groups,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from peft import PeftModel
 
-from lorawatch.rundir import store
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.models.loading import load_model
 from lorawatch.recipe.protocol import encode, load_data
 from lorawatch.report.statistics import correlation, fit_failure_threshold
@@ -48,12 +48,12 @@ def run_positions(run_dir: Path, all_seeds: bool) -> list[dict]:
     model = loaded.model
     for seed in config.seeds if all_seeds else config.seeds[:1]:
         for stage in range(len(data.tasks) + 1):
-            folder = store.stage_dir(run_dir, seed, stage)
-            scores = store.read_json(folder / "scores.json")
+            folder = RunFolder(run_dir).stage(seed, stage)
+            scores = folder.scores.load().accuracy()
             if stage == 0:
                 current = base
             else:
-                peft = PeftModel.from_pretrained(model, folder / "adapter").eval()
+                peft = PeftModel.from_pretrained(model, folder.adapter).eval()
                 current = read(peft)
                 model = peft.unload()
             row = {"model": model_display_name(config.model.spec), "order": order_label(config), "seed": seed,

@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from lorawatch.rundir import store
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.report.compare import compare_runs
 
 
@@ -36,9 +36,9 @@ def _mean_sd(values: list[float]) -> str:
 def _extra_loss_seconds(run_dir: Path, seed: int, stages: int) -> float:
     total = 0.0
     for stage in range(1, stages + 1):
-        log = json.loads((store.stage_dir(run_dir, seed, stage) / "training.json").read_text())
-        total += (log.get("strategy") or {}).get("loss_seconds", 0.0) + (log.get("strategy") or {}).get(
-            "fisher_seconds", 0.0)
+        strategy = RunFolder(run_dir).stage(seed, stage).training.load().strategy
+        if strategy is not None:
+            total += (strategy.loss_seconds or 0.0) + (strategy.fisher_seconds or 0.0)
     return total
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lorawatch.rundir import schema, store
 from lorawatch.config import build_config
-from lorawatch.rundir.lifecycle import RUN_MARKER
+from lorawatch.rundir.layout import RUN_MARKER, RunFolder
 from lorawatch.report.tables import write_seed_tables, write_summary
 
 TASKS = ["stance", "science"]
@@ -54,7 +54,7 @@ def write_run(folder: Path, stages: list[dict[str, list[bool]]] | dict[int, list
         seed_stages = stages[seed] if isinstance(stages, dict) else stages
         seed_kl = kl[seed] if isinstance(kl, dict) else kl
         for k, rows in enumerate(seed_stages):
-            d = store.stage_dir(folder, seed, k)
+            d = RunFolder(folder).stage(seed, k).path
             for task, correct in rows.items():
                 store.write_jsonl(d / "predictions" / f"{task}.jsonl", [
                     {"id": f"{task}-{i}", "task": task, "raw_output": "A", "prediction": "A", "gold": "A" if c else "B",

@@ -10,6 +10,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from lorawatch.rundir import atomic
 from lorawatch.rundir import store
 from lorawatch.cli import app
 from lorawatch.errors import DataError, UserError
@@ -61,7 +62,7 @@ def test_disk_full_while_writing_keeps_finished_files(tmp_path, monkeypatch):
     def full(_fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store.os, "fsync", full)
+    monkeypatch.setattr(atomic.os, "fsync", full)
     with pytest.raises(UserError, match=r"next.json: cannot write \(No space left on device\)"):
         store.write_json(tmp_path / "next.json", {"x": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finished.json"]  # no partial or temporary file
@@ -71,7 +72,7 @@ def test_disk_full_during_a_run_is_one_line(tmp_path, tiny_model_dir, monkeypatc
     def full(_fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store.os, "fsync", full)
+    monkeypatch.setattr(atomic.os, "fsync", full)
     result = CliRunner().invoke(app, ["run", str(config_file(tmp_path, tiny_model_dir)), "--out",
                                       str(tmp_path / "run")])
     assert result.exit_code == 2

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
+from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir.check import check_run_folder
 from lorawatch.rundir import schema, store
 from lorawatch.recipe.external_adapters import evaluate_adapters
 from lorawatch.recipe.protocol import run_experiment
@@ -30,17 +32,17 @@ def trained(tmp_path_factory, tiny_model_dir) -> tuple[Path, object]:
 
 def test_adapters_of_a_run_give_back_the_run(trained, tmp_path):
     run_dir, config = trained
-    adapters = [store.stage_dir(run_dir, 3, k) / "adapter" for k in (1, 2)]
+    adapters = [RunFolder(run_dir).stage(3, k).path / "adapter" for k in (1, 2)]
     out = evaluate_adapters(config, adapters, tmp_path / "evaluated", trained_on=["stance", "sum"], seed=3)
 
-    assert store.check_run_folder(out) == []
+    assert check_run_folder(out) == []
     for table in ("accuracy_matrix.csv", "cl_metrics.csv", "stability.csv", "statistics.json"):
         assert (out / "seed-3" / table).read_bytes() == (run_dir / "seed-3" / table).read_bytes(), table
     for k in (0, 1, 2):
         for name in ("reference_drift.jsonl", "predictions/stance.jsonl", "predictions/sum.jsonl",
                      "predictions/reference.jsonl"):
-            assert (store.stage_dir(out, 3, k) / name).read_bytes() == \
-                (store.stage_dir(run_dir, 3, k) / name).read_bytes(), (k, name)
+            assert (RunFolder(out).stage(3, k).path / name).read_bytes() == \
+                (RunFolder(run_dir).stage(3, k).path / name).read_bytes(), (k, name)
     original, again = load_run(run_dir).summary()["per_seed"]["3"], load_run(out).summary()["per_seed"]["3"]
     assert again == original
     stage = load_run(out).stage(3, 2)
@@ -89,7 +91,7 @@ def test_a_trainer_output_folder_is_evaluated_in_step_order(tiny_model_dir, tmp_
                                              "trainer/checkpoint-12"]
     summary = results.summary()["per_seed"][str(seed)]
     assert summary["bwt"] is None and summary["fwt"] is None and summary["final_kl_to_base"] > 0
-    kl = [store.read_record(store.stage_dir(run, seed, k) / "reference_stats.json", schema.ReferenceStats).kl_mean
+    kl = [store.read_record(RunFolder(run).stage(seed, k).path / "reference_stats.json", schema.ReferenceStats).kl_mean
           for k in range(4)]
     assert kl[0] == 0 and all(v > 0 for v in kl[1:])
     assert cli("check", run).returncode == 0
@@ -122,7 +124,7 @@ def _foreign_adapter(folder: Path, hidden: int, rank: int = 4) -> Path:
 def test_bad_adapters_are_one_line_errors(trained, tmp_path, tiny_model_dir):
     run_dir, _ = trained
     path = config_file(tmp_path, tiny_model_dir)
-    good = store.stage_dir(run_dir, 3, 1) / "adapter"
+    good = RunFolder(run_dir).stage(3, 1).path / "adapter"
     out = tmp_path / "out"
 
     def evaluate(*args):
@@ -138,7 +140,7 @@ def test_bad_adapters_are_one_line_errors(trained, tmp_path, tiny_model_dir):
     assert_one_line_error(evaluate(tmp_path / "missing"), "missing", "not found")
     other_rank = _foreign_adapter(tmp_path / "rank2", hidden=32, rank=2)
     assert_one_line_error(evaluate(good, other_rank), "rank2", "rank 2", "differs")
-    two = [good, store.stage_dir(run_dir, 3, 2) / "adapter"]
+    two = [good, RunFolder(run_dir).stage(3, 2).path / "adapter"]
     assert_one_line_error(evaluate(*two, "--trained-on", "stance,nope"), "--trained-on", "'nope'", "stance, sum")
     assert_one_line_error(evaluate(*two, "--trained-on", "stance"), "--trained-on", "1 task(s) for 2 adapter(s)")
     assert_one_line_error(evaluate(good, good), "given twice")
@@ -154,7 +156,7 @@ def test_adapters_that_would_load_as_nothing_are_refused_before_anything_runs(tr
 
     run_dir, _ = trained
     path = config_file(tmp_path, tiny_model_dir)
-    good = store.stage_dir(run_dir, 3, 1) / "adapter"
+    good = RunFolder(run_dir).stage(3, 1).path / "adapter"
     out = tmp_path / "out"
 
     def variant(name: str, tensors=None, config_changes=None) -> Path:

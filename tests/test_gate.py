@@ -11,6 +11,7 @@ import pytest
 
 from tiny import cli, lorawatch
 from helpers import outcomes, write_run
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir import schema, store
 
 
@@ -99,7 +100,7 @@ def test_gate_covers_every_unit_of_a_study(regressed_run, healthy_run, tmp_path)
 
 
 def test_statistics_record_holds_intervals_verdicts_and_detectable_drops(regressed_run):
-    record = store.read_record(store.seed_dir(regressed_run, 1) / "statistics.json", schema.StatisticsRecord)
+    record = store.read_record(RunFolder(regressed_run).seed(1).path / "statistics.json", schema.StatisticsRecord)
     assert record.schema_version == schema.SCHEMA_VERSION == 2
     cell = next(a for a in record.accuracy if a.checkpoint == "science" and a.task == "stance")
     assert (cell.n, cell.correct, cell.accuracy) == (40, 8, 0.2) and cell.low < 0.2 < cell.high
@@ -113,7 +114,7 @@ def test_statistics_record_holds_intervals_verdicts_and_detectable_drops(regress
     bwt = next(m for m in record.headline if m.metric == "bwt")
     assert bwt.value == pytest.approx(-0.4) and bwt.low <= -0.4 <= bwt.high
     assert [(d.task, d.n, d.min_flips) for d in record.detectable] == [("stance", 40, 7), ("science", 40, 7)]
-    summary = store.read_record(store.summary_dir(regressed_run) / "summary.json", schema.Summary)
+    summary = store.read_record(RunFolder(regressed_run).summary_folder / "summary.json", schema.Summary)
     assert summary.mean_std["final_avg_accuracy"].ci_low is None  # one seed: no interval over seeds
 
 

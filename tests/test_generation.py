@@ -6,7 +6,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorawatch.engine.generation import FastPath, generate, merged_adapter, stop_token_ids
-from lorawatch.engine.passes import GenerationCounters, budget_batches, prefill, shared_prefix_length
+from lorawatch.engine.passes import budget_batches, prefill, shared_prefix_length
+from lorawatch.rundir.schema import GenerationCounts
 from lorawatch.data.prompts import encode_prompt
 from lorawatch.engine.drift import answer_logprobs
 
@@ -55,7 +56,7 @@ def test_fast_generation_matches_one_row_at_a_time(tiny_model_dir):
     add_stop_token(model, tokenizer, prompts, 10)
     expected = reference_one_at_a_time(model, tokenizer, prompts, 10)
     for budget in (64, 100000):  # one row per batch, and everything in one batch
-        counters = GenerationCounters()
+        counters = GenerationCounts()
         got = generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", token_budget=budget,
                        counters=counters)
         assert {k: v.output_ids for k, v in got.items()} == expected
@@ -76,10 +77,10 @@ def test_drafts_change_the_cost_never_the_result(tiny_model_dir):
     partial = {k: list(v[:len(v) // 2]) + [5, 6, 7] for k, v in expected.items()}
     longer = {k: list(v) + [9] * 20 for k, v in expected.items()}
     for drafts in (exact, wrong, partial, longer):
-        counters = GenerationCounters()
+        counters = GenerationCounts()
         got = generate(model, tokenizer, prompts, max_new_tokens=12, device="cpu", drafts=drafts, counters=counters)
         assert {k: v.output_ids for k, v in got.items()} == expected
-    counters = GenerationCounters()
+    counters = GenerationCounts()
     generate(model, tokenizer, prompts, max_new_tokens=12, device="cpu", drafts=exact, counters=counters)
     assert counters.decode_steps == 0  # an exact draft needs no decoding step at all
     assert counters.accepted_draft_tokens >= counters.generated_tokens - len(prompts)
@@ -154,7 +155,7 @@ def test_rows_share_their_common_prefix(tiny_model_dir):
     assert shared_prefix_length([p.input_ids for p in prompts]) >= 15
     add_stop_token(model, tokenizer, prompts, 10)
     expected = reference_one_at_a_time(model, tokenizer, prompts, 10)
-    shared, alone = GenerationCounters(), GenerationCounters()
+    shared, alone = GenerationCounts(), GenerationCounts()
     got = generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", counters=shared, first_logprobs=True)
     assert {k: v.output_ids for k, v in got.items()} == expected
     generate(model, tokenizer, prompts, max_new_tokens=10, device="cpu", token_budget=64, counters=alone)
@@ -209,7 +210,7 @@ def test_pooled_decoding_resynchronises_edited_drafts_exactly(tiny_model_dir):
             assert {k: v.output_ids for k, v in got.items()} == expected, (budget, lookup)
     costs = {}
     for lookup in (True, False):
-        costs[lookup] = GenerationCounters()
+        costs[lookup] = GenerationCounts()
         got = generate(model, tokenizer, prompts, max_new_tokens=40, device="cpu", token_budget=100000,
                        drafts=edited, counters=costs[lookup], fast=FastPath(lookup=lookup))
         assert {k: v.output_ids for k, v in got.items()} == expected
@@ -220,7 +221,7 @@ def test_pooled_decoding_resynchronises_edited_drafts_exactly(tiny_model_dir):
     assert with_lookup.forward_passes * 2 < without.forward_passes
     # continuing from the draft pass's cache: no row's prompt is computed twice (the old path recomputes
     # prompt + accepted draft of every diverged row)
-    old = GenerationCounters()
+    old = GenerationCounts()
     generate(model, tokenizer, prompts, max_new_tokens=40, device="cpu", token_budget=100000, drafts=edited,
              counters=old, fast=FastPath(pooled_decoding=False, lookup=False))
     assert without.forward_tokens < old.forward_tokens
@@ -236,7 +237,7 @@ def test_pool_compaction_keeps_every_row_exact(tiny_model_dir):
 
     def block():
         _, cache, mask, last = prefill(model, seqs, prompts, pad_id=tokenizer.pad_token_id, device="cpu", keep=1,
-                                       use_cache=True, counters=GenerationCounters(), share_prefix=True,
+                                       use_cache=True, counters=GenerationCounts(), share_prefix=True,
                                        in_place=True)
         mask[0, -3:-1] = 0  # holes inside the first row's own columns
         return decode_pool.Block([], cache, mask, last + 1)
@@ -268,7 +269,7 @@ def test_a_prefill_batch_stays_within_its_group(tiny_model_dir):
     prompts = [encode_prompt(tokenizer, f"g{g}-{i}", preambles[g] + m, 512)
                for g in range(2) for i, m in enumerate(MESSAGES)]
     groups = {p.id: p.id.split("-")[0] for p in prompts}
-    together, apart = GenerationCounters(), GenerationCounters()
+    together, apart = GenerationCounts(), GenerationCounts()
     generate(model, tokenizer, prompts, max_new_tokens=1, device="cpu", counters=together, groups=groups)
     for g in ("g0", "g1"):
         generate(model, tokenizer, [p for p in prompts if groups[p.id] == g], max_new_tokens=1, device="cpu",

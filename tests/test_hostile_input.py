@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tiny import SRC, assert_one_line_error, build_tiny_model, cli, config_file, lorawatch
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir import store
 from lorawatch.recipe.protocol import run_lock
 
@@ -93,7 +94,7 @@ def test_edited_golds_are_refused_on_resume(tmp_path, tiny_model_dir):
     # a stage deleted: still refused, not a matrix scored half against old golds and half against new
     import shutil
 
-    shutil.rmtree(store.stage_dir(out, 1, 2))
+    shutil.rmtree(RunFolder(out).stage(1, 2).path)
     assert_one_line_error(cli("run", config, "--out", out, "--seeds", "1"), "inputs changed")
 
 
@@ -295,7 +296,7 @@ def test_a_read_only_folder_inside_a_run_is_found_before_any_model_work(finished
     root, config_path, run = finished
     out = _copy(run, tmp_path / "run")
     config = build_config(store.read_json(out / "config.json"))  # the run's own config: a plain resume
-    read_only = store.seed_dir(out, 1)
+    read_only = RunFolder(out).seed(1).path
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == read_only else real_access(p, mode))
     with pytest.raises(UserError, match=r"seed-1: the run folder is not writable there"):

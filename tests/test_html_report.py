@@ -22,6 +22,8 @@ from urllib.parse import parse_qs
 import pytest
 from tiny import tiny_config, write_task_files
 
+from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir import layout
 from lorawatch.rundir import store
 from lorawatch.report import verdict_view
 from lorawatch.analysis import verdicts
@@ -48,7 +50,7 @@ def plant_flips(run_dir: Path, seeds) -> None:
     for seed in seeds:
         for k in range(3):
             for task, pattern in PATTERNS.items():
-                path = store.stage_dir(run_dir, seed, k) / "predictions" / f"{task}.jsonl"
+                path = RunFolder(run_dir).stage(seed, k).path / "predictions" / f"{task}.jsonl"
                 rows = store.read_jsonl(path)
                 for row in rows:
                     i = int(row["id"].rsplit("/", 1)[1])
@@ -62,7 +64,7 @@ def plant_flips(run_dir: Path, seeds) -> None:
 def restate(run_dir: Path, seed: int) -> None:
     """The seed's statistics.json again, from the predictions as they are now (a folder from before it has none:
     its statistics are computed when read)."""
-    if (store.seed_dir(run_dir, seed) / verdicts.STATISTICS).is_file():
+    if (RunFolder(run_dir).seed(seed).path / layout.STATISTICS).is_file():
         verdicts.write_seed_statistics(run_dir, seed, load_run_config(run_dir).statistics)
 
 
@@ -101,7 +103,7 @@ def v0_copy(folder: Path, rows_per_task: int | None = None) -> Path:
     for seed in (1, 2):
         for k in range(3):
             for task in ("stance", "sum"):
-                store.write_jsonl(store.stage_dir(folder, seed, k) / "predictions" / f"{task}.jsonl",
+                store.write_jsonl(RunFolder(folder).stage(seed, k).path / "predictions" / f"{task}.jsonl",
                                   [{"id": f"{task}/test/{i}", "task": task, "gold": "A", "correct": (i + k) % 2 == 0,
                                     "prediction": "A" if (i + k) % 2 == 0 else "B", "output_ids": None,
                                     "raw_output": f"Row {i}: the answer is {'A' if (i + k) % 2 == 0 else 'B'}."}
@@ -259,7 +261,7 @@ def regressing_copy(folder: Path, rows: int = 40) -> Path:
             right = {"stance": [k == 0 or i >= lost for i in range(rows)],
                      "sum": [k == 2 and i < 30 for i in range(rows)]}
             for task, outcomes in right.items():
-                store.write_jsonl(store.stage_dir(folder, seed, k) / "predictions" / f"{task}.jsonl",
+                store.write_jsonl(RunFolder(folder).stage(seed, k).path / "predictions" / f"{task}.jsonl",
                                   [{"id": f"{task}/test/{i}", "task": task, "gold": "A", "correct": r,
                                     "prediction": "A" if r else "B", "output_ids": None,
                                     "raw_output": f"Row {i}: {'A' if r else 'B'}."} for i, r in enumerate(outcomes)])

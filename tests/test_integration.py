@@ -5,6 +5,7 @@ import torch
 from peft import PeftModel
 
 from tiny import TRACE_DIR, needs_trace
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.analysis.metrics import read_matrix_csv
@@ -22,10 +23,10 @@ SMALL = {"model": {"spec": "smollm2-135m-instruct", "device": "cpu", "dtype": "f
 
 def check_consistency(run_dir, tasks):
     seed = 33
-    names, matrix = read_matrix_csv(store.seed_dir(run_dir, seed) / "accuracy_matrix.csv")
+    names, matrix = read_matrix_csv(RunFolder(run_dir).seed(seed).path / "accuracy_matrix.csv")
     assert names == tasks and matrix.shape == (len(tasks) + 1, len(tasks))
     for stage in range(len(tasks) + 1):
-        folder = store.stage_dir(run_dir, seed, stage)
+        folder = RunFolder(run_dir).stage(seed, stage).path
         for i, task in enumerate(tasks):
             rows = store.read_jsonl(folder / "predictions" / f"{task}.jsonl")
             assert matrix[stage, i] == sum(r["correct"] for r in rows) / len(rows)
@@ -34,7 +35,7 @@ def check_consistency(run_dir, tasks):
     assert stability["kl_mean"].iloc[0] == 0.0 and (stability["kl_mean"].iloc[1:] > 0).all()
     assert stability["entropy_mean"].notna().all() and (stability["margin_mean"] >= 0).all()
     for stage in range(1, len(tasks) + 1):
-        log = store.read_json(store.stage_dir(run_dir, seed, stage) / "stage.json")["training"]
+        log = store.read_json(RunFolder(run_dir).stage(seed, stage).path / "stage.json")["training"]
         assert log["optimizer_steps"] > 0 and all(0 < loss < 20 for loss in log["step_losses"])
 
 
@@ -57,7 +58,7 @@ def test_builtin_tasks_on_smollm2(tmp_path):
     ids = base.tokenizer("The Committee decided to raise rates.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         before = base.model(input_ids=ids).logits
-        adapted = PeftModel.from_pretrained(base.model, store.stage_dir(run_dir, 33, 2) / "adapter").eval()
+        adapted = PeftModel.from_pretrained(base.model, RunFolder(run_dir).stage(33, 2).path / "adapter").eval()
         after = adapted(input_ids=ids).logits
     assert not torch.allclose(before, after)
 
@@ -77,5 +78,5 @@ def test_trace_data_on_smollm2(tmp_path):
     run_dir = run_experiment(config, tmp_path / "run")
     check_consistency(run_dir, ["FOMC", "ScienceQA"])
     # ScienceQA gold answers carry a rationale; only the letter is the gold label
-    rows = store.read_jsonl(store.stage_dir(run_dir, 33, 0) / "predictions" / "ScienceQA.jsonl")
+    rows = store.read_jsonl(RunFolder(run_dir).stage(33, 0).path / "predictions" / "ScienceQA.jsonl")
     assert all(len(r["gold"]) == 1 for r in rows)

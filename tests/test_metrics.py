@@ -12,8 +12,8 @@ import pytest
 
 from lorawatch.errors import DataError
 from tiny import cli
+from lorawatch.rundir.schema import CheckpointMetrics
 from lorawatch.analysis.metrics import (
-    CheckpointMetrics,
     ClMetrics,
     compute_cl_metrics,
     mean_std_frames,

@@ -9,6 +9,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir import store
 from lorawatch.report.compare import compare_runs, write_comparison
 from lorawatch.config import build_config
@@ -29,11 +30,11 @@ def monitored(model_dir, data_dir, **monitor):
 
 
 def series(run_dir, stage):
-    return store.read_jsonl(store.stage_dir(run_dir, 1, stage) / "monitor.jsonl")
+    return store.read_jsonl(RunFolder(run_dir).stage(1, stage).path / "monitor.jsonl")
 
 
 def stage_info(run_dir, stage):
-    return store.read_json(store.stage_dir(run_dir, 1, stage) / "stage.json")
+    return store.read_json(RunFolder(run_dir).stage(1, stage).path / "stage.json")
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +54,14 @@ def test_warn_records_the_series_and_changes_nothing(watched):
         assert [p["step"] for p in points] == [1, 2, 3, 4, 5, 6]
         assert all(p["kl_mean"] > 0 and p["threshold"] is None and not p["above"] for p in points)
         # the last live measurement is the evaluated checkpoint's drift (same weights, another code path)
-        evaluated = store.read_json(store.stage_dir(warn, 1, stage) / "reference_stats.json")["kl_mean"]
+        evaluated = store.read_json(RunFolder(warn).stage(1, stage).path / "reference_stats.json")["kl_mean"]
         assert math.isclose(points[-1]["kl_mean"], evaluated, rel_tol=1e-3, abs_tol=1e-6)
-        warned, unwatched = (load_file(store.stage_dir(run, 1, stage) / ADAPTER) for run in (warn, plain))
+        warned, unwatched = (load_file(RunFolder(run).stage(1, stage).path / ADAPTER) for run in (warn, plain))
         assert warned.keys() == unwatched.keys()
         assert all(torch.equal(warned[k], unwatched[k]) for k in warned)  # by value: the same adapter
         for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "scores.json"):
-            assert (store.stage_dir(warn, 1, stage) / name).read_text() == \
-                (store.stage_dir(plain, 1, stage) / name).read_text()
+            assert (RunFolder(warn).stage(1, stage).path / name).read_text() == \
+                (RunFolder(plain).stage(1, stage).path / name).read_text()
     costs = store.read_json(warn / "costs.json")["phase_seconds"]
     assert 0 < costs["monitor"] < costs["training"]
 
@@ -94,7 +95,7 @@ def test_stop_ends_the_stage_at_the_crossing_and_keeps_the_last_step_below(watch
     assert intervention["action"] == "stop" and intervention["step"] == points[k]["step"]
     assert intervention["kept_step"] == points[k - 1]["step"]
     # the stage keeps exactly the weights of the kept step: its evaluated drift is that step's live drift
-    evaluated = store.read_json(store.stage_dir(run, 1, 1) / "reference_stats.json")["kl_mean"]
+    evaluated = store.read_json(RunFolder(run).stage(1, 1).path / "reference_stats.json")["kl_mean"]
     assert math.isclose(evaluated, points[k - 1]["kl_mean"], rel_tol=1e-3, abs_tol=1e-6)
     assert evaluated <= threshold
     shown = cli("show", run)
@@ -132,7 +133,7 @@ def test_stop_with_patience_waits_for_consecutive_measurements_above(watched, ti
     assert intervention["step"] == points[j]["step"] and info["training"]["monitor"]["patience"] == patience
     kept = max(i for i in range(j) if points[i]["kl_mean"] <= threshold)
     assert intervention["kept_step"] == points[kept]["step"]
-    evaluated = store.read_json(store.stage_dir(run, 1, 1) / "reference_stats.json")["kl_mean"]
+    evaluated = store.read_json(RunFolder(run).stage(1, 1).path / "reference_stats.json")["kl_mean"]
     assert math.isclose(evaluated, points[kept]["kl_mean"], rel_tol=1e-3, abs_tol=1e-6)
 
 
@@ -145,7 +146,7 @@ def test_revert_keeps_the_previous_adapter_bit_for_bit(watched, tiny_model_dir):
     fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                            lora_config(config))
     initial = {k: v for k, v in fresh.state_dict().items() if "lora_" in k}
-    first, second = (load_file(store.stage_dir(run, 1, s) / ADAPTER) for s in (1, 2))
+    first, second = (load_file(RunFolder(run).stage(1, s).path / ADAPTER) for s in (1, 2))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     # stage 1 went back to the adapter as initialised; stage 2 started from it and went back to it too
     by_suffix = {k.split("base_model.model.")[-1].replace(".default", ""): v for k, v in initial.items()}
@@ -156,8 +157,8 @@ def test_revert_keeps_the_previous_adapter_bit_for_bit(watched, tiny_model_dir):
         assert info["intervention"]["action"] == "revert" and info["intervention"]["kept_step"] == 0
         assert info["training"]["optimizer_steps"] == 1  # stopped at the first measurement
         for name in ("predictions/stance.jsonl", "predictions/sum.jsonl"):
-            assert (store.stage_dir(run, 1, stage) / name).read_text() == \
-                (store.stage_dir(run, 1, 0) / name).read_text()
+            assert (RunFolder(run).stage(1, stage).path / name).read_text() == \
+                (RunFolder(run).stage(1, 0).path / name).read_text()
 
 
 def test_rollback_keeps_the_best_step_under_the_threshold(watched, tiny_model_dir):
@@ -170,7 +171,7 @@ def test_rollback_keeps_the_best_step_under_the_threshold(watched, tiny_model_di
     info = stage_info(run, 1)
     assert info["training"]["optimizer_steps"] == 6 and info["intervention"]["action"] == "rollback"
     assert info["intervention"]["kept_step"] == best["step"] and info["intervention"]["step"] == points[k]["step"]
-    evaluated = store.read_json(store.stage_dir(run, 1, 1) / "reference_stats.json")["kl_mean"]
+    evaluated = store.read_json(RunFolder(run).stage(1, 1).path / "reference_stats.json")["kl_mean"]
     assert math.isclose(evaluated, best["kl_mean"], rel_tol=1e-3, abs_tol=1e-6)
 
 
@@ -203,7 +204,7 @@ def test_calibration_from_a_run_folder_and_bad_sources(watched, tmp_path):
         """A copy of the run whose stages 0..2 score `averages` (both tasks) at KL to base `kls`."""
         copy = shutil.copytree(plain, tmp_path / name)
         for stage, (average, kl) in enumerate(zip(averages, kls)):
-            folder = store.stage_dir(copy, 1, stage)
+            folder = RunFolder(copy).stage(1, stage).path
             store.write_json(folder / "scores.json", {"stance": average, "sum": average, "reference": 0.5})
             store.write_json(folder / "reference_stats.json", {**store.read_json(folder / "reference_stats.json"),
                                                                "kl_mean": kl})

@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tiny import tiny_config, write_task_files
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir import schema, store
 from lorawatch.config import PLAIN_SWITCHES
 from lorawatch.analysis.metrics import compute_cl_metrics, read_matrix_csv
@@ -35,7 +36,7 @@ def test_run_folder_contents(tiny_run):
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["versions"]["torch"]
     for seed in (1, 2):
         for stage in range(3):
-            folder = store.stage_dir(run_dir, seed, stage)
+            folder = RunFolder(run_dir).stage(seed, stage).path
             for name in ("stage.json", "scores.json", "reference_drift.jsonl", "reference_stats.json",
                          "predictions/stance.jsonl", "predictions/sum.jsonl", "predictions/reference.jsonl"):
                 assert (folder / name).is_file(), folder / name
@@ -45,10 +46,10 @@ def test_run_folder_contents(tiny_run):
             assert (folder / "adapter" / "adapter_model.safetensors").is_file() == (stage > 0)
             assert (folder / "adapter" / "adapter_config.json").is_file() == (stage > 0)
         for name in ("accuracy_matrix.csv", "cl_metrics.json", "cl_metrics.csv", "stability.csv", "statistics.json"):
-            assert (store.seed_dir(run_dir, seed) / name).is_file()
+            assert (RunFolder(run_dir).seed(seed).path / name).is_file()
     for name in ("accuracy_matrix_mean.csv", "accuracy_matrix_std.csv", "cl_metrics_mean.csv", "stability_std.csv",
                  "summary.json"):
-        assert (store.summary_dir(run_dir) / name).is_file()
+        assert (RunFolder(run_dir).summary_folder / name).is_file()
     assert not list(run_dir.rglob("*.tmp"))
 
 
@@ -56,19 +57,19 @@ def test_numbers_are_consistent(tiny_run):
     run_dir, config, _ = tiny_run
     results = load_run(run_dir)
     for seed in (1, 2):
-        tasks, matrix = read_matrix_csv(store.seed_dir(run_dir, seed) / "accuracy_matrix.csv")
+        tasks, matrix = read_matrix_csv(RunFolder(run_dir).seed(seed).path / "accuracy_matrix.csv")
         assert tasks == ["stance", "sum"]
         for stage in range(3):
-            folder = store.stage_dir(run_dir, seed, stage)
+            folder = RunFolder(run_dir).stage(seed, stage).path
             scores = store.read_json(folder / "scores.json")
             for i, task in enumerate(tasks):
                 predictions = store.read_jsonl(folder / "predictions" / f"{task}.jsonl")
                 assert scores[task] == sum(p["correct"] for p in predictions) / len(predictions) == matrix[stage, i]
         expected = compute_cl_metrics(matrix, tasks).to_dict()
-        recorded = store.read_record(store.seed_dir(run_dir, seed) / "cl_metrics.json", schema.ClMetricsRecord)
+        recorded = store.read_record(RunFolder(run_dir).seed(seed).path / "cl_metrics.json", schema.ClMetricsRecord)
         assert recorded.body() == expected and recorded.schema_version == schema.SCHEMA_VERSION
         # the statistics record agrees with the matrix and the CL metrics it gives intervals to
-        statistics = store.read_record(store.seed_dir(run_dir, seed) / "statistics.json", schema.StatisticsRecord)
+        statistics = store.read_record(RunFolder(run_dir).seed(seed).path / "statistics.json", schema.StatisticsRecord)
         labels = ["base", *tasks]
         for cell in statistics.accuracy:
             assert cell.accuracy == matrix[labels.index(cell.checkpoint), tasks.index(cell.task)]
@@ -88,8 +89,8 @@ def test_numbers_are_consistent(tiny_run):
         assert (stability["kl_mean"].iloc[1:] > 0).all()
         assert stability["entropy_mean_delta"].iloc[0] == 0.0
     # the base stage does not depend on the seed
-    assert (store.stage_dir(run_dir, 1, 0) / "predictions" / "sum.jsonl").read_text() == \
-        (store.stage_dir(run_dir, 2, 0) / "predictions" / "sum.jsonl").read_text()
+    assert (RunFolder(run_dir).stage(1, 0).path / "predictions" / "sum.jsonl").read_text() == \
+        (RunFolder(run_dir).stage(2, 0).path / "predictions" / "sum.jsonl").read_text()
     mean = results.accuracy_matrix()
     per_seed = [results.accuracy_matrix(s) for s in (1, 2)]
     pd.testing.assert_frame_equal(mean[["stance", "sum"]], (per_seed[0][["stance", "sum"]] +
@@ -105,10 +106,10 @@ def test_saved_adapter_reproduces_the_recorded_drift(tiny_run, tiny_model_dir):
     data = load_data(config)
     encoded = encode(data, tokenizer, 512)
     ids, base_lp = answer_logprobs(base, encoded.reference, pad_id=tokenizer.pad_token_id, token_budget=100000, device="cpu")
-    model = PeftModel.from_pretrained(base, store.stage_dir(run_dir, 2, 2) / "adapter").eval()
+    model = PeftModel.from_pretrained(base, RunFolder(run_dir).stage(2, 2).path / "adapter").eval()
     _, stage_lp = answer_logprobs(model, encoded.reference, pad_id=tokenizer.pad_token_id, token_budget=100000, device="cpu")
     recomputed = per_example_drift(ids, [None] * len(ids), stage_lp, base_lp)
-    recorded = store.read_jsonl(store.stage_dir(run_dir, 2, 2) / "reference_drift.jsonl")
+    recorded = store.read_jsonl(RunFolder(run_dir).stage(2, 2).path / "reference_drift.jsonl")
     for mine, theirs in zip(recomputed, recorded):
         assert mine.id == theirs["id"] and math.isclose(mine.kl, theirs["kl"], rel_tol=1e-4, abs_tol=1e-6)
 
@@ -118,8 +119,8 @@ def test_same_seed_gives_identical_results(tiny_run, tiny_model_dir):
     again = run_experiment(tiny_config(tiny_model_dir, root / "data", seeds=(1,)), root / "again")
     for stage in range(3):
         for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "scores.json", "reference_drift.jsonl"):
-            assert (store.stage_dir(again, 1, stage) / name).read_text() == \
-                (store.stage_dir(run_dir, 1, stage) / name).read_text()
+            assert (RunFolder(again).stage(1, stage).path / name).read_text() == \
+                (RunFolder(run_dir).stage(1, stage).path / name).read_text()
 
 
 def test_training_lowers_the_loss_on_answer_tokens(tiny_model_dir):
@@ -149,7 +150,7 @@ def test_costs_are_recorded(tiny_run):
     assert {"model_load", "training", "evaluation", "tables"} <= set(costs["phase_seconds"])
     evaluation = costs["generation"]["evaluation"]
     # 2 seeds x 2 stages x (2 tasks x 4 + 4 reference) rows, and the base stage unless an earlier test's run cached it
-    base_reused = store.read_json(store.stage_dir(run_dir, 1, 0) / "stage.json")["reused_from_cache"]
+    base_reused = store.read_json(RunFolder(run_dir).stage(1, 0).path / "stage.json")["reused_from_cache"]
     assert evaluation["rows"] == 12 * 4 + (0 if base_reused else 12) and evaluation["generated_tokens"] > 0
     # every generated token is accounted for: a decoding step, an accepted draft or lookup token
     assert evaluation["decode_steps"] + evaluation["accepted_draft_tokens"] + evaluation["accepted_lookup_tokens"] \
@@ -161,13 +162,13 @@ def test_base_stage_is_reused_across_orders_and_runs(tiny_run, tiny_model_dir):
     run_dir, _, root = tiny_run
     reversed_run = run_experiment(tiny_config(tiny_model_dir, root / "data", seeds=(3,), order="reversed"),
                                   root / "reversed")
-    first, again = store.stage_dir(run_dir, 1, 0), store.stage_dir(reversed_run, 3, 0)
+    first, again = RunFolder(run_dir).stage(1, 0).path, RunFolder(reversed_run).stage(3, 0).path
     assert store.read_json(again / "stage.json")["reused_from_cache"] is True
     assert store.read_json(again / "stage.json")["base_stage_key"] == store.read_json(first / "stage.json")["base_stage_key"]
     for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "reference_drift.jsonl"):
         assert (again / name).read_text() == (first / name).read_text()
     assert list(store.read_record(again / "scores.json", schema.Scores).accuracy()) == ["sum", "stance", "reference"]
-    tasks, _ = read_matrix_csv(store.seed_dir(reversed_run, 3) / "accuracy_matrix.csv")
+    tasks, _ = read_matrix_csv(RunFolder(reversed_run).seed(3).path / "accuracy_matrix.csv")
     assert tasks == ["sum", "stance"]
 
 
@@ -181,12 +182,12 @@ def test_fast_path_is_faithful_to_the_plain_one(tiny_run, tiny_model_dir):
     for seed in (1, 2):
         for stage in range(3):
             for task in ("stance", "sum", "reference"):
-                a = store.read_jsonl(store.stage_dir(plain, seed, stage) / "predictions" / f"{task}.jsonl")
-                b = store.read_jsonl(store.stage_dir(fast, seed, stage) / "predictions" / f"{task}.jsonl")
+                a = store.read_jsonl(RunFolder(plain).stage(seed, stage).path / "predictions" / f"{task}.jsonl")
+                b = store.read_jsonl(RunFolder(fast).stage(seed, stage).path / "predictions" / f"{task}.jsonl")
                 same += sum(x["output_ids"] == y["output_ids"] for x, y in zip(a, b))
                 total += len(a)
-        _, m_plain = read_matrix_csv(store.seed_dir(plain, seed) / "accuracy_matrix.csv")
-        _, m_fast = read_matrix_csv(store.seed_dir(fast, seed) / "accuracy_matrix.csv")
+        _, m_plain = read_matrix_csv(RunFolder(plain).seed(seed).path / "accuracy_matrix.csv")
+        _, m_fast = read_matrix_csv(RunFolder(fast).seed(seed).path / "accuracy_matrix.csv")
         assert abs(m_plain - m_fast).max() <= 1 / 4 + 1e-9  # at most one example of 4 per cell
     assert same / total >= 0.98
     fast_costs = store.read_json(fast / "costs.json")["generation"]["evaluation"]
@@ -251,13 +252,13 @@ def test_two_runs_started_together_compute_the_base_stage_once(tmp_path, tiny_mo
     second = start("b")
     outputs = [process.communicate(timeout=600) for process in (first, second)]
     assert [process.returncode for process in (first, second)] == [0, 0], outputs
-    reused = [store.read_record(store.stage_dir(tmp_path / name, 1, 0) / "stage.json", schema.StageRecord)
+    reused = [store.read_record(RunFolder(tmp_path / name).stage(1, 0).path / "stage.json", schema.StageRecord)
               .reused_from_cache for name in ("a", "b")]
     assert reused == [False, True]
     assert "waiting to reuse it" in outputs[1][1]
     for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "reference_drift.jsonl"):
-        assert (store.stage_dir(tmp_path / "a", 1, 0) / name).read_bytes() == \
-            (store.stage_dir(tmp_path / "b", 1, 0) / name).read_bytes()
+        assert (RunFolder(tmp_path / "a").stage(1, 0).path / name).read_bytes() == \
+            (RunFolder(tmp_path / "b").stage(1, 0).path / name).read_bytes()
 
 
 def test_tasks_whose_files_share_row_ids(tiny_model_dir, tmp_path):
@@ -273,8 +274,8 @@ def test_tasks_whose_files_share_row_ids(tiny_model_dir, tmp_path):
     plain_dir = run_experiment(tiny_config(tiny_model_dir, tmp_path / "plain-data", seeds=(1,)), tmp_path / "own-ids")
     for stage in range(3):
         for task in ("stance", "sum"):
-            same = store.read_jsonl(store.stage_dir(run_dir, 1, stage) / "predictions" / f"{task}.jsonl")
-            own = store.read_jsonl(store.stage_dir(plain_dir, 1, stage) / "predictions" / f"{task}.jsonl")
+            same = store.read_jsonl(RunFolder(run_dir).stage(1, stage).path / "predictions" / f"{task}.jsonl")
+            own = store.read_jsonl(RunFolder(plain_dir).stage(1, stage).path / "predictions" / f"{task}.jsonl")
             assert [r["id"] for r in same] == [f"q{i}" for i in range(4)]
             assert [r["output_ids"] for r in same] == [r["output_ids"] for r in own]
             assert [r["gold"] for r in same] == [r["gold"] for r in own]

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import outcomes, reference_kl, write_run
 from tiny import cli
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.errors import UserError
@@ -61,7 +62,7 @@ def make_run(folder: Path, spec: str, tasks: list[str], order, stages_by_seed: d
         assert len(stages) == len(trained) + 1
         base = None
         for k, stage in enumerate(stages):
-            d = store.stage_dir(folder, seed, k)
+            d = RunFolder(folder).stage(seed, k).path
             stats = {}
             for name in ("kl", "entropy", "margin"):
                 stats[f"{name}_mean"] = stage[name]
@@ -255,9 +256,9 @@ def test_figure3_has_the_final_point_of_every_run_and_seed(paper, paper_report):
     assert len(finals) == 12 and set(finals["seed"]) == set(OFFSETS)
     assert sorted(finals[finals["order"] == "reversed"]["seed"]) == [33, 33, 33]
     for _, row in finals.iterrows():
-        matrix = pd.read_csv(store.seed_dir(Path(row["run_dir"]), int(row["seed"])) / "accuracy_matrix.csv")
+        matrix = pd.read_csv(RunFolder(Path(row["run_dir"])).seed(int(row["seed"])).path / "accuracy_matrix.csv")
         assert row["final_avg_accuracy"] == pytest.approx(matrix[list(PAPER_TASKS)].iloc[-1].mean(), abs=1e-9)
-        stats = json.loads((store.stage_dir(Path(row["run_dir"]), int(row["seed"]), 3) / "reference_stats.json")
+        stats = json.loads((RunFolder(Path(row["run_dir"])).stage(int(row["seed"]), 3).path / "reference_stats.json")
                            .read_text())
         assert row["final_kl_to_base"] == pytest.approx(stats["kl_mean"], abs=1e-9)
     assert "## Figure 3" in (paper_report.out / "report.md").read_text()
@@ -327,7 +328,7 @@ def test_bad_input_names_the_folder(tmp_path):
     with pytest.raises(UserError, match="unfinished: the run has not finished"):
         load_study([good, unfinished])
     partial = make_run(tmp_path / "partial", "org/model-d", ["a", "b"], "original", {1: toy_stages(["a", "b"])})
-    (store.stage_dir(partial, 1, 2) / "stage.json").unlink()
+    (RunFolder(partial).stage(1, 2).path / "stage.json").unlink()
     with pytest.raises(UserError, match="partial: the run has not finished .*stage-2/stage.json"):
         load_study([partial])
 

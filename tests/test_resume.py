@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from lorawatch.rundir import store
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.recipe.protocol import run_lock
 from tiny import SRC, assert_one_line_error, assert_same_results, config_file, lorawatch
 
@@ -55,7 +55,7 @@ def test_finished_units_are_not_redone(setup):
 
     # compare counts the stages of both sessions (costs.json holds only the last one's) and shows no wall time
     from lorawatch.report.compare import compare_runs
-    stages = [json.loads((store.stage_dir(out, 1, k) / "stage.json").read_text()) for k in range(3)]
+    stages = [json.loads((RunFolder(out).stage(1, k).path / "stage.json").read_text()) for k in range(3)]
     compute = compare_runs([out, setup[2]])["runs"][0]["compute"]
     assert compute["resumed"] is True and "wall_s" not in compute
     assert compute["training_s"] == pytest.approx(sum(s["training"]["seconds"] for s in stages[1:]))
@@ -101,9 +101,9 @@ def test_damaged_files_are_detected_and_redone(setup):
     root, config, reference = setup
     out = root / "damaged"
     assert lorawatch("run", config, "--out", out, "--seeds", "1").returncode == 0
-    predictions = store.stage_dir(out, 1, 2) / "predictions" / "sum.jsonl"
+    predictions = RunFolder(out).stage(1, 2).path / "predictions" / "sum.jsonl"
     predictions.write_text(predictions.read_text()[:40])  # truncated JSON
-    adapter = store.stage_dir(out, 1, 1) / "adapter" / "adapter_model.safetensors"
+    adapter = RunFolder(out).stage(1, 1).path / "adapter" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])  # damaged adapter
     result = lorawatch("run", config, "--out", out, "--seeds", "1")
     assert result.returncode == 0, result.stderr

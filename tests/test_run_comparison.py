@@ -13,6 +13,7 @@ from scipy import stats
 
 from tiny import assert_one_line_error, cli
 from helpers import outcomes, reference_kl, write_run
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir import store
 from lorawatch.config import StatisticsSettings
 from lorawatch.errors import UserError
@@ -138,7 +139,7 @@ def test_rows_that_differ_are_a_one_line_error_naming_the_file(runs, tmp_path):
     other = write_run(tmp_path / "other", final_like(FINAL["stance"]), [0.0, 0.2, 0.5])
     _rewrite_ids(other, "stance.jsonl", lambda i: i if i != "stance-3" else "stance-x")  # in every stage
     result = cli("compare", runs["base"], other)
-    assert_one_line_error(result, str(store.stage_dir(other, 1, 2) / "predictions" / "stance.jsonl"),
+    assert_one_line_error(result, str(RunFolder(other).stage(1, 2).path / "predictions" / "stance.jsonl"),
                           "rows are not those of", "2 example ids in only one of them")
     moved = write_run(tmp_path / "moved", final_like(FINAL["stance"]), [0.0, 0.2, 0.5],
                       reference_ids=[f"other-{i}" for i in range(20)])

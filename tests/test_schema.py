@@ -13,6 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
+from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir.check import check_run_folder
+from lorawatch.rundir import layout
 from lorawatch.rundir import schema, store
 from lorawatch.config import build_config
 from lorawatch.report.monitoring_view import interventions, monitor_series
@@ -34,15 +37,15 @@ def fresh_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def test_every_file_of_a_run_fits_its_schema_and_carries_its_version(fresh_run):
-    assert store.check_run_folder(fresh_run) == []
-    records = [p for p in fresh_run.rglob("*.json") if p.name in schema.RECORDS and "adapter" not in p.parts]
+    assert check_run_folder(fresh_run) == []
+    records = [p for p in fresh_run.rglob("*.json") if p.name in layout.RECORDS and "adapter" not in p.parts]
     # every kind of record was written, and checked (tracking.json: only with a tracker, test_tracking.py's)
-    assert {p.name for p in records} == set(schema.RECORDS) - {"tracking.json"}
+    assert {p.name for p in records} == set(layout.RECORDS) - {"tracking.json"}
     for path in records:
         data = json.loads(path.read_text())
         assert list(data)[-1] == "schema_version" and data["schema_version"] == schema.SCHEMA_VERSION, path
     # the version is not a task: the scores read back hold tasks and the reference set only
-    scores = store.read_record(store.stage_dir(fresh_run, 1, 1) / "scores.json", schema.Scores).accuracy()
+    scores = store.read_record(RunFolder(fresh_run).stage(1, 1).path / "scores.json", schema.Scores).accuracy()
     assert set(scores) == {"stance", "sum", "reference"}
 
 
@@ -56,14 +59,14 @@ def test_a_record_that_does_not_fit_is_a_bug_caught_before_it_is_written(tmp_pat
 
 
 def test_a_folder_written_before_versioned_records_still_loads(tmp_path):
-    assert store.check_run_folder(RUN_V0) == []
+    assert check_run_folder(RUN_V0) == []
     assert not any("schema_version" in json.loads(p.read_text()) for p in RUN_V0.rglob("*.json"))
 
     results = load_run(RUN_V0)
     assert results.seeds == [1, 2] and results.tasks == ["stance", "sum"]
     for seed in results.seeds:
         matrix = results.accuracy_matrix(seed)
-        recorded = [store.read_record(store.stage_dir(RUN_V0, seed, k) / "scores.json", schema.Scores).accuracy()
+        recorded = [store.read_record(RunFolder(RUN_V0).stage(seed, k).path / "scores.json", schema.Scores).accuracy()
                     for k in range(3)]
         assert matrix[["stance", "sum"]].to_numpy().tolist() == [[r["stance"], r["sum"]] for r in recorded]
         assert results.stage(seed, 1).training.optimizer_steps > 0
@@ -100,14 +103,14 @@ def test_a_record_from_a_newer_lorawatch_is_refused_never_redone(finished_cli_ru
     config, original = finished_cli_run
     run = tmp_path / "run"
     shutil.copytree(original, run)
-    stage_json = store.stage_dir(run, 1, 2) / "stage.json"
+    stage_json = RunFolder(run).stage(1, 2).path / "stage.json"
     record = json.loads(stage_json.read_text())
     stage_json.write_text(json.dumps({**record, "schema_version": schema.SCHEMA_VERSION + 1, "new_field": 1}))
-    before = {p: p.read_bytes() for p in store.stage_dir(run, 1, 2).rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in RunFolder(run).stage(1, 2).path.rglob("*") if p.is_file()}
 
     result = cli("run", config, "--out", run, "--seeds", "1")
     assert_one_line_error(result, "stage.json", "newer lorawatch", "upgrade")
-    assert {p: p.read_bytes() for p in store.stage_dir(run, 1, 2).rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in RunFolder(run).stage(1, 2).path.rglob("*") if p.is_file()} == before
     assert_one_line_error(cli("report", run, "--out", tmp_path / "report"), "stage.json", "newer lorawatch")
 
 
@@ -115,7 +118,7 @@ def test_a_field_that_does_not_fit_is_named_and_a_resumed_run_redoes_it(finished
     config, original = finished_cli_run
     run = tmp_path / "run"
     shutil.copytree(original, run)
-    scores = store.stage_dir(run, 1, 1) / "scores.json"
+    scores = RunFolder(run).stage(1, 1).path / "scores.json"
     good = scores.read_bytes()
     scores.write_text(json.dumps({**json.loads(good), "stance": "high"}))  # valid JSON, a field of the wrong type
 

@@ -8,6 +8,8 @@ import json
 import pytest
 
 from tiny import assert_one_line_error, cli, config_file
+from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir import layout
 from lorawatch.rundir import store
 
 
@@ -34,10 +36,10 @@ def test_a_run_built_to_diverge_stops_at_the_step_and_records_nothing_of_the_sta
     for fragment in ("error: seed 1, stage 1 (stance): training diverged at optimizer step 2 of 2", "not finite",
                      "train.learning_rate", "this one is not recorded"):
         assert fragment in last, last
-    assert (store.stage_dir(run, 1, 0) / "stage.json").is_file()  # the base stage finished and is kept
-    stage1 = store.stage_dir(run, 1, 1)
+    assert (RunFolder(run).stage(1, 0).path / "stage.json").is_file()  # the base stage finished and is kept
+    stage1 = RunFolder(run).stage(1, 1).path
     assert not (stage1 / "stage.json").exists() and not (stage1 / "training.json").exists()
-    assert not (store.summary_dir(run) / "summary.json").exists()
+    assert not (RunFolder(run).summary_folder / "summary.json").exists()
     assert json.loads((run / "config.json").read_text())["train"]["learning_rate"] == 1e30
 
 
@@ -52,7 +54,7 @@ def built_run(tmp_path):
     (True, "field 'stance'"), ("0.5", "field 'stance'"), (1.5, "less than or equal to 1"),
 ])
 def test_check_and_show_refuse_records_that_do_not_fit_the_schema(built_run, value, fragment):
-    path = store.stage_dir(built_run, 1, 1) / "scores.json"
+    path = RunFolder(built_run).stage(1, 1).path / "scores.json"
     scores = json.loads(path.read_text())
     scores["stance"] = value
     path.write_text(json.dumps(scores))
@@ -63,7 +65,7 @@ def test_check_and_show_refuse_records_that_do_not_fit_the_schema(built_run, val
 
 
 def test_check_finds_the_files_a_finished_stage_needs(built_run):
-    missing = store.stage_dir(built_run, 1, 1) / "predictions" / "science.jsonl"
+    missing = RunFolder(built_run).stage(1, 1).path / "predictions" / "science.jsonl"
     missing.unlink()
     result = cli("check", built_run)
     assert result.returncode == 1
@@ -72,7 +74,7 @@ def test_check_finds_the_files_a_finished_stage_needs(built_run):
 
 
 def test_check_on_a_record_from_a_newer_lorawatch_is_one_line(built_run):
-    path = store.stage_dir(built_run, 1, 0) / "reference_stats.json"
+    path = RunFolder(built_run).stage(1, 0).path / "reference_stats.json"
     record = json.loads(path.read_text())
     record["schema_version"] = 99
     path.write_text(json.dumps(record))
@@ -180,12 +182,11 @@ def test_the_metrics_reader_gives_a_matrix_or_one_data_error(tmp_path, content):
 @given(st.sampled_from(["stage.json", "scores.json", "reference_stats.json", "statistics.json", "summary.json",
                         "costs.json", "cl_metrics.json"]), json_values | st.binary(max_size=60))
 def test_the_record_reader_gives_a_record_or_one_line(tmp_path, name, content):
-    from lorawatch.rundir import schema
     from lorawatch.errors import UserError
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
     try:
-        store.load_record(path, schema.RECORDS[name])
+        store.load_record(path, layout.RECORDS[name])
     except UserError as exc:
         assert "\n" not in str(exc) and str(path) in str(exc)
 

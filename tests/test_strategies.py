@@ -15,17 +15,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tiny import assert_one_line_error, assert_same_results, cli, config_file, tiny_config, write_task_files
-from lorawatch.rundir import store
+from lorawatch.rundir.layout import EWC_FISHER, TASK_ADAPTER, RunFolder
+from lorawatch.rundir.check import check_run_folder
 from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.data.prompts import encode_train_example
 from lorawatch.recipe.protocol import lora_config, run_experiment
 from lorawatch.report.study import _protocol_fingerprint, _variant_labels, load_study
 from lorawatch.rundir.lifecycle import config_changes
-from lorawatch.recipe.strategies.ewc import FISHER_FILE, diagonal_fisher, ewc_penalty, trainable_parameters
+from lorawatch.recipe.strategies.ewc import diagonal_fisher, ewc_penalty, trainable_parameters
 from lorawatch.recipe.strategies.kl_anchor import kl_to_base
 from lorawatch.recipe.strategies.adapters import reset_adapter
-from lorawatch.recipe.strategies.merging import TASK_ADAPTER, magmax, magmax_states, peft_merge
+from lorawatch.recipe.strategies.merging import magmax, magmax_states, peft_merge
 from lorawatch.recipe.strategies.olora import OLoRA, olora_penalty
 from lorawatch.recipe.strategies.replay import Replay, replay_rows
 from lorawatch.recipe.training import TrainParams, _collate, answer_loss, train_stage
@@ -79,7 +80,7 @@ def runs(tiny_model_dir, root):
 
 
 def _training(run_dir, stage):
-    return json.loads((store.stage_dir(run_dir, 1, stage) / "training.json").read_text())
+    return json.loads((RunFolder(run_dir).stage(1, stage).path / "training.json").read_text())
 
 
 def _peft_model(model_dir, seed=0):
@@ -167,7 +168,7 @@ def test_strategy_none_is_the_plain_protocol(runs):
         assert "strategy" not in logs[0] and "extra_losses" not in logs[0]
         assert {k: v for k, v in logs[0].items() if k != "seconds"} == \
             {k: v for k, v in logs[1].items() if k != "seconds"}
-        assert not (store.stage_dir(explicit, 1, stage) / FISHER_FILE).exists()
+        assert not (RunFolder(explicit).stage(1, stage).path / EWC_FISHER).exists()
 
 
 def test_a_run_folder_from_before_the_section_resumes_but_a_strategy_change_is_refused(tiny_model_dir, root, runs):
@@ -239,8 +240,8 @@ def test_replay_run_records_its_rows_per_stage(runs):
     # stage 1 trains exactly as the plain protocol does
     plain = _training(runs("plain"), 1)
     assert first["step_losses"] == plain["step_losses"]
-    assert (store.stage_dir(run, 1, 1) / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (store.stage_dir(runs("plain"), 1, 1) / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (RunFolder(run).stage(1, 1).path / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (RunFolder(runs("plain")).stage(1, 1).path / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
 # --- KL anchor -------------------------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ def test_kl_anchor_run_records_its_term_and_cost_and_holds_the_model_near_the_ba
                                                             abs=1e-3)
 
     def reference_kl(run):
-        return json.loads((store.stage_dir(run, 1, 2) / "reference_stats.json").read_text())["kl_mean"]
+        return json.loads((RunFolder(run).stage(1, 2).path / "reference_stats.json").read_text())["kl_mean"]
 
     assert reference_kl(anchored) < reference_kl(runs("plain"))
 
@@ -329,16 +330,16 @@ def test_ewc_run_saves_the_fisher_and_penalises_moving_away(runs, tiny_model_dir
     first, second = _training(run, 1), _training(run, 2)
     assert first["strategy"]["fisher_rows"] == 5 and "extra_losses" not in first  # nothing to protect yet
     assert second["extra_losses"][0] == 0.0 and second["extra_losses"][-1] > 0  # it starts at the anchor
-    assert not (store.stage_dir(run, 1, 2) / FISHER_FILE).exists()  # no stage after the last
-    fisher = load_file(store.stage_dir(run, 1, 1) / FISHER_FILE)
-    adapter = load_file(store.stage_dir(run, 1, 1) / "adapter" / "adapter_model.safetensors")
+    assert not (RunFolder(run).stage(1, 2).path / EWC_FISHER).exists()  # no stage after the last
+    fisher = load_file(RunFolder(run).stage(1, 1).path / EWC_FISHER)
+    adapter = load_file(RunFolder(run).stage(1, 1).path / "adapter" / "adapter_model.safetensors")
     assert len(fisher) == len(adapter) and all(f.min() >= 0 for f in fisher.values())
     assert sum(f.sum() for f in fisher.values()) > 0
 
     # the penalty pulls stage 2 towards stage 1's adapter: it moves less than without it
     def moved(run_dir):
-        before = load_file(store.stage_dir(run_dir, 1, 1) / "adapter" / "adapter_model.safetensors")
-        after = load_file(store.stage_dir(run_dir, 1, 2) / "adapter" / "adapter_model.safetensors")
+        before = load_file(RunFolder(run_dir).stage(1, 1).path / "adapter" / "adapter_model.safetensors")
+        after = load_file(RunFolder(run_dir).stage(1, 2).path / "adapter" / "adapter_model.safetensors")
         return sum(((after[k] - before[k]) ** 2).sum().item() for k in before)
 
     assert moved(run) < moved(runs("plain"))
@@ -348,14 +349,15 @@ def test_ewc_run_with_a_lost_fisher_redoes_that_stage_and_gives_the_same_results
     run = runs("ewc")
     resumed = root / "ewc-resumed"
     shutil.copytree(run, resumed)
-    shutil.rmtree(store.stage_dir(resumed, 1, 2))
-    (store.stage_dir(resumed, 1, 1) / FISHER_FILE).unlink()
-    trained = (store.stage_dir(resumed, 1, 1) / "training.json").stat().st_mtime_ns
+    shutil.rmtree(RunFolder(resumed).stage(1, 2).path)
+    (RunFolder(resumed).stage(1, 1).path / EWC_FISHER).unlink()
+    trained = (RunFolder(resumed).stage(1, 1).path / "training.json").stat().st_mtime_ns
     run_experiment(_config(tiny_model_dir, root, STRATEGIES["ewc"]), resumed)
-    assert (store.stage_dir(resumed, 1, 1) / "training.json").stat().st_mtime_ns != trained  # stage 1 was redone
+    assert (RunFolder(resumed).stage(1, 1).path / "training.json").stat().st_mtime_ns != trained  # stage 1 was redone
     assert_same_results(resumed, run)
-    for name in (FISHER_FILE, "adapter/adapter_model.safetensors"):
-        assert (store.stage_dir(resumed, 1, 1) / name).read_bytes() == (store.stage_dir(run, 1, 1) / name).read_bytes()
+    for name in (EWC_FISHER, "adapter/adapter_model.safetensors"):
+        assert (RunFolder(resumed).stage(1, 1).path / name).read_bytes() == \
+            (RunFolder(run).stage(1, 1).path / name).read_bytes()
 
 
 # --- per-task adapters, merged ---------------------------------------------------------------------------------
@@ -440,8 +442,8 @@ def _initial_adapter(config, seed):
 def test_merge_run_evaluates_the_merge_of_its_task_adapters(runs, tiny_model_dir, root):
     strategy = STRATEGIES["magmax"]
     run = runs("magmax")
-    tasks = [load_file(store.stage_dir(run, 1, k) / TASK_ADAPTER) for k in (1, 2)]
-    checkpoints = [load_file(store.stage_dir(run, 1, k) / "adapter" / "adapter_model.safetensors") for k in (1, 2)]
+    tasks = [load_file(RunFolder(run).stage(1, k).path / TASK_ADAPTER) for k in (1, 2)]
+    checkpoints = [load_file(RunFolder(run).stage(1, k).path / "adapter" / "adapter_model.safetensors") for k in (1, 2)]
     initial = _initial_adapter(_config(tiny_model_dir, root, strategy), 1)
     assert any(not torch.equal(tasks[1][name], tasks[0][name]) for name in initial)  # two adapters, one per task
     # each trained from `initial`: the checkpoint is MagMax of the two task vectors from there
@@ -454,8 +456,8 @@ def test_merge_run_evaluates_the_merge_of_its_task_adapters(runs, tiny_model_dir
 
 def test_linear_merge_of_one_adapter_is_that_adapter(runs):
     run = runs("linear")
-    task = load_file(store.stage_dir(run, 1, 1) / TASK_ADAPTER)
-    checkpoint = load_file(store.stage_dir(run, 1, 1) / "adapter" / "adapter_model.safetensors")
+    task = load_file(RunFolder(run).stage(1, 1).path / TASK_ADAPTER)
+    checkpoint = load_file(RunFolder(run).stage(1, 1).path / "adapter" / "adapter_model.safetensors")
     for name in task:
         if ".lora_A." in name:  # the update B @ A is the same (PEFT splits the scaling over A and B)
             b = name.replace(".lora_A.", ".lora_B.")
@@ -467,12 +469,12 @@ def test_merge_run_with_a_lost_task_adapter_redoes_that_stage_and_gives_the_same
     run = runs("magmax")
     resumed = root / "magmax-resumed"
     shutil.copytree(run, resumed)
-    shutil.rmtree(store.stage_dir(resumed, 1, 2))
-    (store.stage_dir(resumed, 1, 1) / TASK_ADAPTER).unlink()
+    shutil.rmtree(RunFolder(resumed).stage(1, 2).path)
+    (RunFolder(resumed).stage(1, 1).path / TASK_ADAPTER).unlink()
     run_experiment(_config(tiny_model_dir, root, strategy), resumed)
     assert_same_results(resumed, run)
-    assert (store.stage_dir(resumed, 1, 1) / TASK_ADAPTER).read_bytes() == \
-        (store.stage_dir(run, 1, 1) / TASK_ADAPTER).read_bytes()
+    assert (RunFolder(resumed).stage(1, 1).path / TASK_ADAPTER).read_bytes() == \
+        (RunFolder(run).stage(1, 1).path / TASK_ADAPTER).read_bytes()
 
 
 # --- O-LoRA ----------------------------------------------------------------------------------------------------
@@ -511,8 +513,8 @@ def _overlap(a_states, b_states):
 def test_olora_run_freezes_earlier_adapters_and_learns_an_orthogonal_one(runs, tiny_model_dir, root):
     strategy = STRATEGIES["olora"]
     run = runs("olora")
-    first = load_file(store.stage_dir(run, 1, 1) / "adapter" / "adapter_model.safetensors")
-    second_folder = store.stage_dir(run, 1, 2) / "adapter"
+    first = load_file(RunFolder(run).stage(1, 1).path / "adapter" / "adapter_model.safetensors")
+    second_folder = RunFolder(run).stage(1, 2).path / "adapter"
     second = load_file(second_folder / "adapter_model.safetensors")
     # stage 2's checkpoint holds stage 1's adapter, unchanged (frozen), beside its own
     kept = load_file(second_folder / "task-1" / "adapter_model.safetensors")
@@ -532,12 +534,12 @@ def test_olora_plan_adds_the_earlier_adapters_active_and_frozen(runs, tiny_model
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                            lora_config(config))
     plan = OLoRA({"stance": [], "sum": []}, lambda_orth=50.0, lambda_l2=0.0).plan(
-        model, 2, 1, [store.stage_dir(run, 1, k) for k in (0, 1)])
+        model, 2, 1, [RunFolder(run).stage(1, k).path for k in (0, 1)])
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     assert layers and all(layer.active_adapters == ["default", "task-1"] for layer in layers)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n for n in trainable)
-    first = load_file(store.stage_dir(run, 1, 1) / "adapter" / "adapter_model.safetensors")
+    first = load_file(RunFolder(run).stage(1, 1).path / "adapter" / "adapter_model.safetensors")
     loaded = get_peft_model_state_dict(model, adapter_name="task-1")
     assert all(torch.equal(loaded[n], first[n]) for n in first)
     fresh = get_peft_model_state_dict(model)
@@ -549,7 +551,7 @@ def test_olora_plan_adds_the_earlier_adapters_active_and_frozen(runs, tiny_model
 
 def test_every_strategy_writes_a_run_folder_that_fits_the_schema(runs):
     for name in STRATEGIES:
-        assert store.check_run_folder(runs(name)) == [], name
+        assert check_run_folder(runs(name)) == [], name
 
 
 def test_olora_stage_read_back_is_evaluated_with_the_earlier_adapters(runs, tiny_model_dir, root):
@@ -558,10 +560,10 @@ def test_olora_stage_read_back_is_evaluated_with_the_earlier_adapters(runs, tiny
     resumed = root / "olora-resumed"
     shutil.copytree(run, resumed)
     # as if killed after stage 2 trained, before its evaluation: a fresh process reads the stage back
-    for path in store.stage_dir(resumed, 1, 2).iterdir():
+    for path in RunFolder(resumed).stage(1, 2).path.iterdir():
         if path.name not in ("training.json", "adapter"):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    trained = (store.stage_dir(resumed, 1, 2) / "training.json").read_bytes()
+    trained = (RunFolder(resumed).stage(1, 2).path / "training.json").read_bytes()
     run_experiment(_config(tiny_model_dir, root, strategy), resumed)
-    assert (store.stage_dir(resumed, 1, 2) / "training.json").read_bytes() == trained  # not retrained
+    assert (RunFolder(resumed).stage(1, 2).path / "training.json").read_bytes() == trained  # not retrained
     assert_same_results(resumed, run)

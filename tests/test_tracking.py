@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from tiny import assert_one_line_error, cli, config_file, lorawatch, tiny_config, write_task_files
+from lorawatch.rundir.layout import TRACKING, RunFolder
+from lorawatch.rundir.check import check_run_folder
+from lorawatch.rundir import layout
 from lorawatch.rundir import schema, store
 from lorawatch.report import verdict_view
 from lorawatch.analysis import verdicts
@@ -20,7 +23,7 @@ from lorawatch.config import TrackingSettings, build_config, load_config, with_c
 from lorawatch.errors import UserError
 from lorawatch.recipe.protocol import run_experiment
 from lorawatch.report.tables import load_run_config
-from lorawatch.integrations.tracking import RECORD, RunLogger, export_run, export_settings, open_parent, resolve
+from lorawatch.integrations.tracking import RunLogger, export_run, export_settings, open_parent, resolve
 
 mlflow = pytest.importorskip("mlflow")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -50,7 +53,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 def _recorded(run_dir, backend="mlflow"):
-    runs = store.read_record(run_dir / RECORD, schema.TrackingRecord).runs
+    runs = store.read_record(run_dir / TRACKING, schema.TrackingRecord).runs
     return [r for r in runs if r.destination.backend == backend]
 
 
@@ -64,12 +67,12 @@ def _history(client, run_id, key):
 
 def _expected_losses(run_dir, seed=1, stages=2):
     losses = [loss for k in range(1, stages + 1) for loss in
-              store.read_record(store.stage_dir(run_dir, seed, k) / "training.json", schema.TrainingRecord).step_losses]
+              RunFolder(run_dir).stage(seed, k).training.read().step_losses]
     return list(enumerate(losses, 1))
 
 
 def _read(run_dir, seed, stage, name, record):
-    return store.read_record(store.stage_dir(run_dir, seed, stage) / name, record)
+    return store.read_record(RunFolder(run_dir).stage(seed, stage).path / name, record)
 
 
 def test_a_live_mlflow_run_holds_what_the_run_folder_holds(runs):
@@ -89,7 +92,7 @@ def test_a_live_mlflow_run_holds_what_the_run_folder_holds(runs):
     losses = _expected_losses(run_dir)
     assert len(losses) == 4 and _history(client, entry.run_id, "train/loss") == losses  # exact, one per step
     drift = [(k, p.step, p.kl_mean) for k in (1, 2)
-             for p in store.read_rows(store.stage_dir(run_dir, 1, k) / "monitor.jsonl", schema.MonitorPoint)]
+             for p in store.read_rows(RunFolder(run_dir).stage(1, k).path / "monitor.jsonl", schema.MonitorPoint)]
     assert [v for _, v in _history(client, entry.run_id, "drift/kl_mean")] == [kl for *_, kl in drift]
     assert [s for s, _ in _history(client, entry.run_id, "drift/kl_mean")] == [1, 2, 3, 4]  # one axis with the loss
     for stage in range(3):
@@ -99,28 +102,28 @@ def test_a_live_mlflow_run_holds_what_the_run_folder_holds(runs):
         stats = _read(run_dir, 1, stage, "reference_stats.json", schema.ReferenceStats).body()
         for key, field in STATS.items():
             assert dict(_history(client, entry.run_id, f"stage/{key}"))[stage] == stats[field], key
-    metrics = store.read_record(store.seed_dir(run_dir, 1) / "cl_metrics.json", schema.ClMetricsRecord)
+    metrics = store.read_record(RunFolder(run_dir).seed(1).path / "cl_metrics.json", schema.ClMetricsRecord)
     for name in ("op", "bwt", "fwt", "avg_all"):
         expected = [(k, getattr(row, name)) for k, row in enumerate(metrics.per_checkpoint)
                     if getattr(row, name) is not None]
         assert expected and _history(client, entry.run_id, f"cl/{name}") == expected, name
-    summary = store.read_record(store.summary_dir(run_dir) / "summary.json", schema.Summary).per_seed["1"]
+    summary = store.read_record(RunFolder(run_dir).summary_folder / "summary.json", schema.Summary).per_seed["1"]
     assert run.data.metrics["summary/final_kl_to_base"] == summary["final_kl_to_base"]
 
     artifacts = {a.path for folder in ("", "seed-1", "summary") for a in client.list_artifacts(entry.run_id, folder)}
     assert {"config.json", "seed-1/accuracy_matrix.csv", "seed-1/cl_metrics.csv", "seed-1/stability.csv",
             "summary/cl_metrics_mean.csv"} <= artifacts
     # the artifacts went beside the database, and the folder still reads as a run folder
-    assert (run_dir / "mlartifacts").is_dir() and store.check_run_folder(run_dir) == []
+    assert (run_dir / "mlartifacts").is_dir() and check_run_folder(run_dir) == []
 
 
 def _comparable(run_dir):
     """Every result file: bytes, or for JSON the data without timings and without the tracking section."""
-    skipped = {RECORD, "costs.json", "environment.json", "environment_history.jsonl", "mlflow.db", ".lock"}
+    skipped = {TRACKING, "costs.json", "environment.json", "environment_history.jsonl", "mlflow.db", ".lock"}
     files = {}
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         relative = path.relative_to(run_dir)
-        if path.name in skipped or relative.parts[0] in store.TRACKER_STORES:
+        if path.name in skipped or relative.parts[0] in layout.TRACKER_STORES:
             continue
         files[str(relative)] = _untimed(json.loads(path.read_text())) if path.suffix == ".json" else path.read_bytes()
     return files
@@ -158,7 +161,7 @@ def test_a_tensorboard_export_holds_the_same_numbers_and_is_not_repeated(runs):
         assert dict(scalars["stage/kl_to_base"])[stage] == pytest.approx(kl, rel=1e-6, abs=1e-7)
         accuracy = _read(run_dir, 1, stage, "scores.json", schema.Scores).accuracy()["sum"]
         assert dict(scalars["stage/accuracy/sum"])[stage] == pytest.approx(accuracy)
-    bwt = store.read_record(store.seed_dir(run_dir, 1) / "cl_metrics.json", schema.ClMetricsRecord).summary["bwt"]
+    bwt = store.read_record(RunFolder(run_dir).seed(1).path / "cl_metrics.json", schema.ClMetricsRecord).summary["bwt"]
     assert scalars["cl/bwt"][-1][1] == pytest.approx(bwt)
     texts = events.Tags()["tensors"]
     assert {"params/text_summary", "seed-1/accuracy_matrix.csv/text_summary", "config.json/text_summary"} <= set(texts)
@@ -169,7 +172,7 @@ def test_a_tensorboard_export_holds_the_same_numbers_and_is_not_repeated(runs):
     event_files = sorted(p.name for p in log_dir.iterdir())
     assert export_run(run_dir, TENSORBOARD).endswith("(logged before)")
     assert sorted(p.name for p in log_dir.iterdir()) == event_files
-    assert [r.destination.backend for r in store.read_record(run_dir / RECORD, schema.TrackingRecord).runs] == \
+    assert [r.destination.backend for r in store.read_record(run_dir / TRACKING, schema.TrackingRecord).runs] == \
         ["mlflow", "tensorboard"]
 
 
@@ -258,7 +261,7 @@ def test_lorawatch_track_on_the_command_line(runs, tmp_path):
     client = mlflow.MlflowClient(uri)
     assert _history(client, entry.run_id, "train/loss") == _expected_losses(folder)
     assert (tmp_path / "elsewhere" / "mlartifacts").is_dir()  # beside that database, not in the working folder
-    assert store.check_run_folder(folder) == []
+    assert check_run_folder(folder) == []
 
     (tmp_path / "loose").mkdir()
     (tmp_path / "loose" / "notes.txt").write_text("not a run")
@@ -276,7 +279,7 @@ def _plant_regression(run_dir, rows=40):
     for k in range(3):
         right = {"stance": [k == 0 or i >= 20 for i in range(rows)], "sum": [k == 2 and i < 30 for i in range(rows)]}
         for task, outcomes in right.items():
-            store.write_jsonl(store.stage_dir(run_dir, 1, k) / "predictions" / f"{task}.jsonl",
+            store.write_jsonl(RunFolder(run_dir).stage(1, k).path / "predictions" / f"{task}.jsonl",
                               [{"id": f"{task}/test/{i}", "task": task, "gold": "A", "correct": r,
                                 "prediction": "A" if r else "B", "output_ids": None, "raw_output": "A" if r else "B"}
                                for i, r in enumerate(outcomes)])
@@ -308,7 +311,7 @@ def test_the_verdicts_and_intervals_are_tracked_once(runs, tmp_path):
     # live: the seed's statistics arrive with the run's end, one point per step
     [entry] = _recorded(tracked)
     client = _client(tracked)
-    record = store.read_record(store.seed_dir(tracked, 1) / verdicts.STATISTICS, schema.StatisticsRecord)
+    record = store.read_record(RunFolder(tracked).seed(1).path / layout.STATISTICS, schema.StatisticsRecord)
     for key, step, value in _expected_statistics(record):
         history = _history(client, entry.run_id, key)
         assert dict(history)[step] == pytest.approx(value, abs=1e-12), key
@@ -345,7 +348,7 @@ def test_several_seeds_track_each_seed_and_the_interval_over_seeds(tmp_path):
     export_run(folder, MLFLOW)
     [entry] = _recorded(folder)
     metrics = _client(folder).get_run(entry.run_id).data.metrics
-    summary = store.read_record(store.summary_dir(folder) / "summary.json", schema.Summary)
+    summary = store.read_record(RunFolder(folder).summary_folder / "summary.json", schema.Summary)
     values = [summary.per_seed[s]["final_avg_accuracy"] for s in ("1", "2")]
     mean, half = sum(values) / 2, 12.7062047 * abs(values[0] - values[1]) / 2  # t(0.975, 1 df) · sd / √2
     assert metrics["summary/final_avg_accuracy_ci_low"] == pytest.approx(mean - half)
@@ -357,4 +360,4 @@ def test_several_seeds_track_each_seed_and_the_interval_over_seeds(tmp_path):
         assert metrics[f"seed{seed}/summary/bwt_ci_low"] == bwt.low
         assert metrics[f"seed{seed}/verdict/vs_base/regressed_tasks"] == len(record.comparison(2, "base").regressed())
         assert f"seed{seed}/verdict/vs_previous/stance/p_adjusted" in metrics
-    assert not (store.seed_dir(folder, 1) / verdicts.STATISTICS).exists()  # exporting writes nothing in the folder
+    assert not (RunFolder(folder).seed(1).path / layout.STATISTICS).exists()  # exporting writes nothing in the folder

@@ -244,15 +244,17 @@ def assert_same_results(run, reference, seed=1):
     """Two run folders of the tiny two-task config hold the same results (adapters compared by value)."""
     import filecmp
 
-    from lorawatch.rundir import store
+    from lorawatch.rundir.layout import RunFolder
 
     for name in RESULT_FILES:
-        assert filecmp.cmp(store.seed_dir(run, seed) / name, store.seed_dir(reference, seed) / name, shallow=False), name
+        assert filecmp.cmp(RunFolder(run).seed(seed).path / name, RunFolder(reference).seed(seed).path / name,
+                           shallow=False), name
     for stage in range(3):
         for name in STAGE_FILES:
             if stage == 0 and name.startswith("adapter"):
                 continue
-            mine, theirs = store.stage_dir(run, seed, stage) / name, store.stage_dir(reference, seed, stage) / name
+            mine = RunFolder(run).stage(seed, stage).path / name
+            theirs = RunFolder(reference).stage(seed, stage).path / name
             if name.endswith(".safetensors"):
                 from safetensors.torch import load_file
                 a, b = load_file(mine), load_file(theirs)

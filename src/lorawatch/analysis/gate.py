@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.report import verdict_view
 from lorawatch.errors import UserError
 from lorawatch.rundir.lifecycle import is_run_folder
@@ -50,11 +50,11 @@ def run_folders(path: Path) -> list[Path]:
     """The run folders a gate covers: RUN itself, or every unit of a study folder."""
     if not path.is_dir():
         raise UserError(f"{path}: no such folder (expected a run or study folder)")
-    if is_run_folder(path) or (path / "config.json").is_file():
+    if is_run_folder(path) or RunFolder(path).config.is_file():
         return [path]
     units = path / "runs"
     if (path / "study.json").is_file() and units.is_dir():
-        found = sorted(p for p in units.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        found = sorted(p for p in units.iterdir() if p.is_dir() and RunFolder(p).config.is_file())
         if found:
             return found
         raise UserError(f"{path}: a study folder whose units have not run yet")
@@ -87,8 +87,7 @@ def _gate_seed(result: GateResult, run_dir: Path, seed: int, stage: str | int, a
     if other == k:
         raise UserError(f"{run_dir}: seed {seed}: --against names the gated stage {k} itself")
     comparison = compare_stages(outcomes, k, other, kind, settings)
-    stats_path = store.stage_dir(run_dir, seed, k) / "reference_stats.json"
-    kl = store.load_record(stats_path, schema.ReferenceStats).kl_mean
+    kl = RunFolder(run_dir).stage(seed, k).reference_stats.load().kl_mean
     where = (f"{run_dir} seed {seed}: stage {k} ({comparison.checkpoint}) against stage {other} "
              f"({comparison.against_checkpoint})")
     reasons = []

@@ -28,13 +28,14 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic
+from lorawatch.rundir.schema import CheckpointMetrics
 from lorawatch.errors import DataError, file_problem
 
 # Accuracies that differ by less than this are equal: seed means of fractions carry float noise
@@ -57,19 +58,6 @@ _PERCENT_HINT = "accuracies are fractions in [0, 1]; if these are percentages, d
 
 
 @dataclass(frozen=True)
-class CheckpointMetrics:
-    """The metrics of one row of R. `checkpoint` is "base", then the task names in training order."""
-
-    checkpoint: str
-    op: float | None
-    bwt: float | None
-    fwt: float | None
-    avg_all: float
-    gain: float | None
-    delta_vs_base: float | None
-
-
-@dataclass(frozen=True)
 class ClMetrics:
     tasks: tuple[str, ...]
     per_checkpoint: tuple[CheckpointMetrics, ...]
@@ -80,13 +68,13 @@ class ClMetrics:
         """A JSON-ready dict; undefined metrics stay None so that they serialize as null."""
         return {
             "tasks": list(self.tasks),
-            "per_checkpoint": [asdict(row) for row in self.per_checkpoint],
+            "per_checkpoint": [row.model_dump() for row in self.per_checkpoint],
             "summary": dict(self.summary),
         }
 
     def to_frame(self) -> pd.DataFrame:
         """One row per checkpoint; undefined metrics are NaN so that the metric columns stay float."""
-        frame = pd.DataFrame([asdict(row) for row in self.per_checkpoint], columns=list(FRAME_COLUMNS))
+        frame = pd.DataFrame([row.model_dump() for row in self.per_checkpoint], columns=list(FRAME_COLUMNS))
         # A column that is None in every row (e.g. bwt when T=1) would otherwise be dtype object.
         for column in METRIC_COLUMNS:
             frame[column] = frame[column].astype(float)
@@ -353,7 +341,7 @@ def write_matrix_csv(path: str | Path, tasks: Sequence[str], matrix: np.ndarray)
     for label, row in zip([BASE_CHECKPOINT, *task_names], R):
         # repr of a Python float is the shortest string that parses back to the same float.
         writer.writerow([label, *(repr(float(value)) for value in row)])
-    store.atomic_write_text(Path(path), text.getvalue())  # readers see the old matrix or the new one, never half
+    atomic.write_text(Path(path), text.getvalue())  # readers see the old matrix or the new one, never half
 
 
 # --- aggregating over seeds -----------------------------------------------------------------------

@@ -22,15 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import schema
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.analysis import significance
 from lorawatch.config import StatisticsSettings
 from lorawatch.errors import UserError
 from lorawatch.analysis.metrics import METRIC_COLUMNS, compute_cl_metrics, compute_unordered_metrics
-from lorawatch.engine.drift import ExampleDrift
-from lorawatch.data.tasks.scoring import Prediction
-
-STATISTICS = "statistics.json"
 HEADLINE_METRICS = ("final_avg_accuracy", "bwt", "fwt", "learning_accuracy", "mean_gain")
 
 
@@ -58,16 +55,14 @@ class SeedOutcomes:
 
 def seed_outcomes(run_dir: Path, seed: int) -> SeedOutcomes:
     """Read a seed's finished stages (those with stage.json) and their predictions."""
-    stages = [k for k in store.stages_on_disk(run_dir, seed)
-              if (store.stage_dir(run_dir, seed, k) / "stage.json").is_file()]
+    seed_folder = RunFolder(run_dir).seed(seed)
+    stages = [k for k in seed_folder.stages_on_disk() if seed_folder.stage(k).finished()]
     if not stages:
-        raise UserError(f"{store.seed_dir(run_dir, seed)}: no finished stage")
+        raise UserError(f"{seed_folder.path}: no finished stage")
     if stages != list(range(len(stages))):
-        raise UserError(f"{store.seed_dir(run_dir, seed)}: stages {stages} are not 0..{len(stages) - 1} in a row")
-    records = [store.load_record(store.stage_dir(run_dir, seed, k) / "stage.json", schema.StageRecord)
-               for k in stages]
-    folder0 = store.stage_dir(run_dir, seed, 0)
-    scores = store.load_record(folder0 / "scores.json", schema.Scores).accuracy()
+        raise UserError(f"{seed_folder.path}: stages {stages} are not 0..{len(stages) - 1} in a row")
+    records = [seed_folder.stage(k).record.load() for k in stages]
+    scores = seed_folder.stage(0).scores.load().accuracy()
     trained = [r.task for r in records[1:]]
     ordered = bool(trained) and None not in trained and len(set(trained)) == len(trained)
     tasks = [name for name in scores if name != "reference"]
@@ -80,8 +75,8 @@ def seed_outcomes(run_dir: Path, seed: int) -> SeedOutcomes:
     for task in tasks:
         rows = []
         for k in stages:
-            path = store.stage_dir(run_dir, seed, k) / "predictions" / f"{task}.jsonl"
-            predictions = store.load_rows(path, Prediction)
+            rows_file = seed_folder.stage(k).predictions(task)
+            path, predictions = rows_file.path, rows_file.load()
             by_id = {p.id: p.correct for p in predictions}
             if k == 0:
                 ids[task] = [p.id for p in predictions]
@@ -90,14 +85,13 @@ def seed_outcomes(run_dir: Path, seed: int) -> SeedOutcomes:
                                 "compared on the same rows")
             rows.append([by_id[i] for i in ids[task]])
         if not ids[task]:
-            raise UserError(f"{folder0 / 'predictions' / f'{task}.jsonl'}: no rows")
+            raise UserError(f"{seed_folder.stage(0).predictions(task).path}: no rows")
         correct[task] = np.array(rows, dtype=bool)
-    drift = [store.load_rows(store.stage_dir(run_dir, seed, k) / "reference_drift.jsonl", ExampleDrift)
-             for k in stages]
+    drift = [seed_folder.stage(k).drift.load() for k in stages]
     reference_ids = [row.id for row in drift[0]]
     for k, rows in zip(stages, drift):
         if [row.id for row in rows] != reference_ids:
-            raise UserError(f"{store.stage_dir(run_dir, seed, k) / 'reference_drift.jsonl'}: its rows are not the "
+            raise UserError(f"{seed_folder.stage(k).drift.path}: its rows are not the "
                             "base model's reference rows")
     kl = np.array([[row.kl for row in rows] for rows in drift], dtype=float)
     return SeedOutcomes(seed, [r.checkpoint for r in records], tasks, ordered and len(stages) == len(tasks) + 1,
@@ -185,16 +179,16 @@ def seed_statistics(outcomes: SeedOutcomes, settings: StatisticsSettings) -> sch
 
 def write_seed_statistics(run_dir: Path, seed: int, settings: StatisticsSettings) -> schema.StatisticsRecord:
     record = seed_statistics(seed_outcomes(run_dir, seed), settings)
-    store.write_record(store.seed_dir(run_dir, seed) / STATISTICS, schema.StatisticsRecord, record.body())
+    RunFolder(run_dir).seed(seed).statistics.write(record)
     return record
 
 
 def load_seed_statistics(run_dir: Path, seed: int, settings: StatisticsSettings) -> schema.StatisticsRecord:
     """seed-S/statistics.json when it was computed with `settings`; otherwise (a folder written before version 2,
     or other settings) computed from the predictions, without writing into the folder."""
-    path = store.seed_dir(run_dir, seed) / STATISTICS
-    if path.is_file():
-        record = store.load_record(path, schema.StatisticsRecord)
+    recorded = RunFolder(run_dir).seed(seed).statistics
+    if recorded.exists():
+        record = recorded.load()
         if record.settings.model_dump() == settings.model_dump():
             return record
     return seed_statistics(seed_outcomes(run_dir, seed), settings)

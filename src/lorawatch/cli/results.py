@@ -63,7 +63,7 @@ def check(run_dirs: Annotated[list[Path], typer.Argument(help="run folders, fini
     """Read every file of run folders against the run-folder schema; one line per problem (exit 1 if any)."""
     from lorawatch.rundir.lifecycle import is_run_folder
     from lorawatch.rundir.schema import SCHEMA_VERSION
-    from lorawatch.rundir.store import check_run_folder
+    from lorawatch.rundir.check import check_run_folder
 
     problems = 0
     for run_dir in run_dirs:

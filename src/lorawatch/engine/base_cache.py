@@ -3,23 +3,21 @@ order, so it is computed once per model, data and settings and copied into every
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager
 
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic, locks
 from lorawatch.engine.checkpoint_eval import EvalParams
 from lorawatch.engine.generation import GENERATION_RULES_VERSION
 from lorawatch.data.inputs import Encoded, RunData
 from lorawatch.models.loading import LoadedModel, default_cache_dir
-from lorawatch.rundir.stage_files import BASE_LOGPROBS
+from lorawatch.rundir.layout import CachedBaseStage, Stage
 from lorawatch.data.tasks.scoring import SCORING_RULES_VERSION
 
 
@@ -50,62 +48,40 @@ def base_stage_cache(key: str) -> Path:
     return (Path(root).expanduser() if root else default_cache_dir().parent / "base-stages") / key
 
 
-BASE_UNITS = ("predictions", "reference_drift.jsonl")  # what the cache holds, beside the base log-probs
-
-
-@contextmanager
-def base_stage_lock(cache: Path | None, on_wait: Callable[[], None]) -> Iterator[None]:
+def base_stage_lock(cache: Path | None, on_wait: Callable[[], None]) -> ContextManager[None]:
     """While held, this process alone computes or reads the cached base stage of this key: runs started together
     (a study's units, two terminals) compute it once, the others wait, then reuse it. The OS drops the lock when
     its holder dies. Without a usable cache folder there is nothing to share, and no lock."""
-    if cache is None:
-        yield
-        return
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(cache.with_name(cache.name + ".lock"), "a+", encoding="utf-8")
-    except OSError:
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    return locks.waiting_lock(None if cache is None else CachedBaseStage(cache).lock, on_wait)
 
 
-def restore_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> bool:
+def restore_base_stage(cache: Path, base: Stage, base_lp_path: Path) -> bool:
     """Put a cached base evaluation's units into this run; the usual resume path then reads them back."""
-    if not (cache / "complete").is_file():
+    entry = CachedBaseStage(cache)
+    if not entry.complete_marker.is_file():
         return False
     try:
-        base_dir.mkdir(parents=True, exist_ok=True)
-        for unit in BASE_UNITS:
-            source, target = cache / unit, base_dir / unit
+        base.path.mkdir(parents=True, exist_ok=True)
+        for source, target in zip(entry.stage.base_units(), base.base_units()):
             if source.is_dir():
-                store.atomic_copytree(source, target)
+                atomic.copy_folder(source, target)
             else:
-                store.atomic_write_bytes(target, source.read_bytes())
-        store.atomic_write_bytes(base_lp_path, (cache / BASE_LOGPROBS).read_bytes())
+                atomic.write_bytes(target, source.read_bytes())
+        atomic.write_bytes(base_lp_path, entry.logprobs.read_bytes())
     except OSError:
         warnings.warn(f"{cache}: cached base stage unreadable, computing it", stacklevel=2)
         return False
     return True
 
 
-def save_base_stage(cache: Path, base_dir: Path, base_lp_path: Path) -> None:
+def save_base_stage(cache: Path, base: Stage, base_lp_path: Path) -> None:
     try:
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for unit in BASE_UNITS:
-            source = base_dir / unit
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp / unit)
-        shutil.copy2(base_lp_path, tmp / BASE_LOGPROBS)
-        (tmp / "complete").write_text("")
-        shutil.rmtree(cache, ignore_errors=True)
-        tmp.rename(cache)
+        with atomic.replace_folder(cache) as tmp:
+            entry = CachedBaseStage(tmp)
+            tmp.mkdir(parents=True)
+            for source, target in zip(base.base_units(), entry.stage.base_units()):
+                (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+            shutil.copy2(base_lp_path, entry.logprobs)
+            entry.complete_marker.write_text("")
     except OSError as exc:  # a cache is optional: a full or read-only disk must not fail the run
         warnings.warn(f"{cache}: could not cache the base stage ({exc.strerror or exc})", stacklevel=2)

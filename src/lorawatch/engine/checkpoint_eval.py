@@ -5,20 +5,20 @@ back (not recomputed) when the run is resumed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from lorawatch.rundir import store
 from lorawatch.rundir.costs import Costs
+from lorawatch.rundir.layout import Stage
 from lorawatch.engine.generation import FastPath, Generated, decode_text, generate
-from lorawatch.data.tasks.scoring import Prediction, accuracy, score
+from lorawatch.data.tasks.scoring import accuracy, score
 from lorawatch.data.inputs import Encoded, RunData
 from lorawatch.progress import RunProgress
 from lorawatch.data.prompts import EncodedPrompt
-from lorawatch.rundir.stage_files import crash_point, read_unit
-from lorawatch.engine.drift import ExampleDrift, answer_logprobs, per_example_drift
+from lorawatch.rundir.schema import ExampleDrift
+from lorawatch.rundir.stage_files import crash_point
+from lorawatch.engine.drift import answer_logprobs, per_example_drift
 from lorawatch.data.tasks.base import Example
 
 
@@ -32,7 +32,7 @@ class EvalParams:
     fast: FastPath  # the evaluation shortcuts in use, already resolved for the model and dtype
 
 
-def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folder: Path, params: EvalParams, *,
+def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, stage: Stage, params: EvalParams, *,
                         base_logprobs: torch.Tensor | None, drafts: dict[str, list[int]] | None, costs: Costs,
                         progress: RunProgress, label: str, crash_prefix: str) -> tuple[dict, list[ExampleDrift],
                                                                                        torch.Tensor | None]:
@@ -43,8 +43,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
     """
     scores: dict[str, float] = {}
     kinds = {t.name: t.kind for t in data.tasks}
-    drift_path = folder / "reference_drift.jsonl"
-    drift = read_unit(drift_path, [e.id for e in data.reference], ExampleDrift)
+    drift = stage.drift.unit([e.id for e in data.reference])
     logprobs = None
     options = dict(max_new_tokens=params.max_new_tokens, device=params.device, token_budget=params.token_budget,
                    batch_rows=params.batch_rows, drafts=drafts, fast=params.fast, on_rows=progress.advance)
@@ -56,8 +55,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
     # row ids are generated one by one instead: results are keyed by id.
     parts = [(t.name, t.test, encoded.test[t.name]) for t in data.tasks]
     parts.append(("reference", data.reference, encoded.reference))
-    on_disk = {name: read_unit(folder / "predictions" / f"{name}.jsonl", [e.id for e in examples], Prediction)
-               for name, examples, _ in parts}
+    on_disk = {name: stage.predictions(name).unit([e.id for e in examples]) for name, examples, _ in parts}
     ids = [e.id for _, examples, _ in parts for e in examples]
     if len(set(ids)) == len(ids) and any(rows is None for rows in on_disk.values()):
         calls, on_disk = [parts], {}
@@ -87,8 +85,8 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
                 # would have to be recomputed by a different path (and so with different round-off).
                 logprobs = torch.stack([generated[e.id].first_logprobs for e in examples])
                 drift = drift_rows(data, logprobs, base_logprobs)
-                store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
-            store.write_rows(folder / "predictions" / f"{name}.jsonl", Prediction, (r.to_dict() for r in rows))
+                stage.drift.write(d.to_dict() for d in drift)
+            stage.predictions(name).write(r.to_dict() for r in rows)
             crash_point(f"{crash_prefix}:eval:{name}")
             scores[name] = accuracy(rows)
     scores = {name: scores[name] for name, _, _ in parts}
@@ -102,7 +100,7 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, folde
                                            device=params.device,
                                            position=params.reference_position)[1]
             drift = drift_rows(data, logprobs, base_logprobs)
-            store.write_rows(drift_path, ExampleDrift, (d.to_dict() for d in drift))
+            stage.drift.write(d.to_dict() for d in drift)
         crash_point(f"{crash_prefix}:drift")
     progress.advance(len(data.reference))
     return scores, drift, logprobs

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lorawatch.engine import passes
+from lorawatch.rundir.schema import GenerationCounts
 
 # n-gram sizes looked up, longest first: a 3-gram match is specific; a 2-gram match still predicts well in
 # the repetitive text of reasoning outputs and in answers copied from the prompt.
@@ -215,7 +216,7 @@ def window_for(rows: Sequence[PoolRow], proposals: Sequence[list[int]], fixed: i
 
 
 def step(model, pool: Block, *, lookup: bool, max_new_tokens: int, stops: set[int], pad_id: int, fixed: int,
-         logits_budget: int, vocab: int, counters: passes.GenerationCounters) -> None:
+         logits_budget: int, vocab: int, counters: GenerationCounts) -> None:
     """One forward pass: every row feeds its last token and, with `lookup`, proposed continuations; each row's
     output grows by the proposed tokens greedy decoding confirms plus greedy's own next token. A proposal
     never reaches past a stop token or the row's last allowed token, so every confirmed token is kept."""
@@ -257,7 +258,7 @@ def step(model, pool: Block, *, lookup: bool, max_new_tokens: int, stops: set[in
 
 def generate(model, groups: list[list[passes.Row]], drafts: Mapping[str, Sequence[int]], *, stops: set[int],
              max_new_tokens: int, pad_id: int, device: str, token_budget: int, batch_rows: int | None,
-             counters: passes.GenerationCounters, finish: Callable[[passes.Row], None],
+             counters: GenerationCounts, finish: Callable[[passes.Row], None],
              share_prefix: bool, in_place: bool, vocab: int, lookup: bool) -> None:
     """evaluation.generate's pooled decoding (see the module docstring): every unfinished row in one decoding
     batch; rows whose drafts diverged join it with the draft pass's cache, rows without drafts are prefilled

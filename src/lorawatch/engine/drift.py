@@ -8,15 +8,14 @@ inside the prompt for every row shorter than the longest; `reference.position: p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from pydantic import AllowInfNan, Strict, StrictInt, StrictStr
 
 from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET, budget_batches, left_pad, position_ids
 from lorawatch.data.prompts import EncodedPrompt
+from lorawatch.rundir.schema import ExampleDrift
 
 STAT_NAMES = ("kl", "entropy", "margin")
 
@@ -63,25 +62,6 @@ def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *,
             rows[prompt.id] = row
     ids_in_order = [p.id for p in prompts]
     return ids_in_order, torch.stack([rows[i] for i in ids_in_order])
-
-
-# A JSON number (an int too), never a bool, a string, NaN or infinity.
-FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
-
-
-@dataclass(frozen=True)
-class ExampleDrift:
-    # Strict, finite types: a row read back with a string or a NaN where a number belongs is damage.
-    id: StrictStr
-    task: StrictStr | None
-    kl: FiniteFloat
-    entropy: FiniteFloat
-    margin: FiniteFloat
-    top1_token: StrictInt
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "task": self.task, "kl": self.kl, "entropy": self.entropy, "margin": self.margin,
-                "top1_token": self.top1_token}
 
 
 def per_example_drift(ids: Sequence[str], tasks: Sequence[str | None], logprobs: torch.Tensor,

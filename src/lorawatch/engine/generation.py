@@ -39,7 +39,6 @@ from transformers import PreTrainedTokenizerBase
 from lorawatch.engine import decode_pool
 from lorawatch.engine.passes import (
     DEFAULT_TOKEN_BUDGET,
-    GenerationCounters,
     Row,
     budget_batches,
     check_drafts,
@@ -48,6 +47,7 @@ from lorawatch.engine.passes import (
 )
 from lorawatch.data.prompts import EncodedPrompt
 from lorawatch.engine.fast_path import FastPath
+from lorawatch.rundir.schema import GenerationCounts
 
 # End-of-turn markers of the chat formats in use; generation also stops at them.
 CHAT_END_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
@@ -119,7 +119,7 @@ def generate(
     batch_rows: int | None = None,
     drafts: Mapping[str, Sequence[int]] | None = None,
     first_logprobs: bool | Collection[str] = False,
-    counters: GenerationCounters | None = None,
+    counters: GenerationCounts | None = None,
     on_rows: Callable[[int], None] | None = None,
     fast: FastPath = FastPath(),
     groups: Mapping[str, str | None] | None = None,
@@ -134,7 +134,7 @@ def generate(
     """
     model.eval()
     fast = fast_path_for(model, model.dtype, fast)[0]  # whatever is asked, never a shortcut inexact here
-    counters = counters if counters is not None else GenerationCounters()
+    counters = counters if counters is not None else GenerationCounts()
     stops = set(stop_token_ids(tokenizer, model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -179,7 +179,7 @@ def generate(
 
 
 def _decode(model, rows: list[Row], *, max_new_tokens: int, pad_id: int, device: str, token_budget: int,
-            batch_rows: int | None, counters: GenerationCounters, finish: Callable[[Row], None], share_prefix: bool,
+            batch_rows: int | None, counters: GenerationCounts, finish: Callable[[Row], None], share_prefix: bool,
             in_place: bool, drop_finished: bool) -> None:
     """Incremental greedy decoding. With `drop_finished` a row leaves the batch (and its cache) once it is
     finished; without it, it is carried along until the whole batch is done and its tokens are ignored."""

@@ -1,12 +1,12 @@
 """One forward pass over a batch of rows, and what every way of generating shares: left padding with each
 row's own position ids, batches sized by a token budget, a prefix common to a batch's prompts computed once,
 and the pass that checks drafts. evaluation.generate and decode_pool build on these; what they cost is
-counted in `GenerationCounters`.
+counted in a `GenerationCounts` (rundir/schema: costs.json holds them).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -14,36 +14,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lorawatch.data.prompts import EncodedPrompt
+from lorawatch.rundir.schema import GenerationCounts
 
 # Rows x padded width of one batch. Bigger batches make decoding steps cheaper per row; the key/value cache
 # of a SmolLM2 batch at this budget stays under ~0.5 GB.
 DEFAULT_TOKEN_BUDGET = 8192
 # Rows x kept positions x vocabulary of the logits of one draft-checking pass (float32: 4 bytes each).
 LOGITS_BUDGET = 48_000_000
-
-
-@dataclass
-class GenerationCounters:
-    """What a generation call cost, in tokens; the benchmark reports these."""
-    rows: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0  # each row up to and including its own stop token: the decoding work needed
-    # row-steps computed by incremental decoding (the first token of a prefill, or the token after a checked draft,
-    # included): generated tokens = decode steps + accepted draft tokens + accepted lookup tokens
-    decode_steps: int = 0
-    draft_tokens: int = 0  # draft tokens checked in a single pass
-    accepted_draft_tokens: int = 0
-    forward_tokens: int = 0  # every position run through the model, padding included
-    forward_passes: int = 0
-    lookup_tokens: int = 0  # tokens proposed by lookup (pooled decoding) and checked in a decoding step
-    accepted_lookup_tokens: int = 0
-
-    def add(self, other: "GenerationCounters") -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass
@@ -179,7 +156,7 @@ def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def prefill(model, seqs: Sequence[Sequence[int]], prompts: Sequence[EncodedPrompt], *, pad_id: int, device: str,
-            keep: int, use_cache: bool, counters: GenerationCounters, share_prefix: bool,
+            keep: int, use_cache: bool, counters: GenerationCounts, share_prefix: bool,
             in_place: bool) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, torch.Tensor]:
     """One pass over a batch of rows (each a prompt and what follows it): (logits of the last `keep` positions,
     cache, attention mask, each row's last position id). With `share_prefix`, a prefix common to all prompts
@@ -216,7 +193,7 @@ def usable_drafts(rows: list[Row], drafts: Mapping[str, Sequence[int]], max_new_
 
 
 def check_drafts(model, rows: list[Row], guesses: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                  device: str, vocab: int, token_budget: int, batch_rows: int | None, counters: GenerationCounters,
+                  device: str, vocab: int, token_budget: int, batch_rows: int | None, counters: GenerationCounts,
                   finish: Callable[[Row], None], share_prefix: bool, in_place: bool,
                   use_cache: bool) -> Iterator[tuple[list[int], DynamicCache | None, torch.Tensor, torch.Tensor]]:
     """One pass over prompt + draft per row: keep the draft's prefix that greedy decoding agrees with, plus

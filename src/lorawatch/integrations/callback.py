@@ -39,18 +39,12 @@ from pathlib import Path
 from pydantic import ValidationError
 from transformers import TrainerCallback
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir.layout import monitor_series
+from lorawatch.rundir.schema import Intervention
 from lorawatch.config import MonitorSettings, describe_error
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.data.inputs import RunData, load_data
-from lorawatch.recipe.monitor import (
-    Intervention,
-    MonitorParams,
-    StageMonitor,
-    measure_drift,
-    reference_logprobs,
-    resolve_threshold,
-)
+from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift, reference_logprobs, resolve_threshold
 from lorawatch.presets import preset
 from lorawatch.data.prompts import EncodedPrompt, encode_prompt, user_message
 from lorawatch.data.tasks.loading import load_examples
@@ -198,4 +192,4 @@ class DriftMonitorCallback(TrainerCallback):
             self.stage_monitor.model.save_pretrained(self.folder / KEPT_ADAPTER)
 
     def _write_series(self) -> None:
-        store.write_rows(self.folder / "monitor.jsonl", schema.MonitorPoint, self.stage_monitor.series)
+        monitor_series(self.folder).write(self.stage_monitor.series)

@@ -14,6 +14,7 @@ from typing import Protocol
 from lorawatch.config import TrackingSettings
 from lorawatch.errors import UserError
 from lorawatch.integrations.tracking_destination import destination, require, sqlite_file
+from lorawatch.rundir.layout import MLFLOW_ARTIFACTS
 
 # MLflow's limits (mlflow.utils.validation): longer values are refused, not truncated, by the server.
 _MAX_PARAM_VALUE, _MAX_KEY, _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 6000, 250, 100, 1000
@@ -80,7 +81,7 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             # Beside the database, not MLflow's default ./mlartifacts in whatever folder the command ran from.
-            location = None if database is None else (database.parent / "mlartifacts").as_uri()
+            location = None if database is None else (database.parent / MLFLOW_ARTIFACTS).as_uri()
             return self.client.create_experiment(name, artifact_location=location)
         if found.lifecycle_stage == "deleted":
             raise UserError(f"mlflow: experiment {name!r} is deleted; restore it (mlflow experiments restore) or "

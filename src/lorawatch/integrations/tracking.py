@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import schema
+from lorawatch.rundir.layout import RunFolder, Stage
 from lorawatch.analysis import significance, verdicts
 from lorawatch.config import ExperimentConfig, TrackingSettings
 from lorawatch.errors import UserError
@@ -25,10 +26,9 @@ from lorawatch.integrations.trackers import Tracker, flatten_params, open_parent
 from lorawatch.integrations.tracking_destination import BACKENDS, check_destination, destination, require, resolve
 
 # The Python API of docs/tracking.md, the trackers and their destinations included
-__all__ = ["RECORD", "RunLogger", "Tracker", "check_destination", "check_finished", "export_run", "export_settings",
+__all__ = ["RunLogger", "Tracker", "check_destination", "check_finished", "export_run", "export_settings",
            "open_parent", "open_tracker", "require", "resolve", "statistics_metrics"]
 
-RECORD = "tracking.json"
 _ARTIFACT_TABLES = ("accuracy_matrix", "cl_metrics", "stability")
 
 
@@ -50,9 +50,9 @@ class RunLogger:
         name = name or config.name
         home = self.run_dir if home is None else Path(home)
         key = destination(settings, home, name, parent)
-        path = self.run_dir / RECORD
-        self.entries = [e.model_dump() for e in store.load_record(path, schema.TrackingRecord).runs] \
-            if path.is_file() else []
+        self.folder = RunFolder(self.run_dir)
+        record = self.folder.tracking
+        self.entries = [e.model_dump() for e in record.load().runs] if record.exists() else []
         self.entry = next((e for e in self.entries if e["destination"] == key), None)
         self.tracker = None
         if self.entry is not None and self.entry["finished"]:
@@ -75,7 +75,7 @@ class RunLogger:
         return self.entry["where"] + ("" if self.tracker else " (logged before)")
 
     def _save(self) -> None:
-        store.write_record(self.run_dir / RECORD, schema.TrackingRecord, {"runs": self.entries})
+        self.folder.tracking.write({"runs": self.entries})
 
     def _prefix(self, seed: int) -> str:
         return f"seed{seed}/" if len(self.seeds) > 1 else ""
@@ -88,27 +88,27 @@ class RunLogger:
         logged = self.entry["logged"].setdefault(str(seed), [])
         offset = 0  # optimizer steps of the earlier stages: train/loss and drift/* run on one axis per seed
         for k in range(stage + 1):
-            folder = store.stage_dir(self.run_dir, seed, k)
-            if not (folder / "stage.json").is_file():
+            folder = self.folder.stage(seed, k)
+            if not folder.finished():
                 return  # not finished: neither it nor a later stage is final
-            record = store.load_record(folder / "stage.json", schema.StageRecord)
+            record = folder.record.load()
             if k not in logged:
                 self._log_stage(seed, k, folder, record, offset)
                 logged.append(k)
                 self._save()
             offset += record.training.optimizer_steps if record.training else 0
 
-    def _log_stage(self, seed: int, stage: int, folder: Path, record: schema.StageRecord, offset: int) -> None:
+    def _log_stage(self, seed: int, stage: int, folder: Stage, record: schema.StageRecord, offset: int) -> None:
         prefix, log = self._prefix(seed), self.tracker.log_metrics
         for i, loss in enumerate(record.training.step_losses if record.training else []):
             log({f"{prefix}train/loss": loss}, offset + i + 1)
-        if (folder / "monitor.jsonl").is_file():
-            for point in store.load_rows(folder / "monitor.jsonl", schema.MonitorPoint):
+        if folder.monitor_series.exists():
+            for point in folder.monitor_series.load():
                 drift = {"kl_mean": point.kl_mean, "entropy_mean": point.entropy_mean,
                          "margin_mean": point.margin_mean, "threshold": point.threshold}
                 log({f"{prefix}drift/{k}": v for k, v in drift.items() if v is not None}, offset + point.step)
-        scores = store.load_record(folder / "scores.json", schema.Scores).accuracy()
-        stats = store.load_record(folder / "reference_stats.json", schema.ReferenceStats).body()
+        scores = folder.scores.load().accuracy()
+        stats = folder.reference_stats.load().body()
         log({**{f"{prefix}stage/accuracy/{task}": value for task, value in scores.items()},
              **{f"{prefix}stage/{_stat_name(key)}": value for key, value in stats.items()}}, stage)
 
@@ -117,11 +117,10 @@ class RunLogger:
         the tracker run as FINISHED."""
         if self.tracker is None:
             return
-        summary = store.load_record(store.summary_dir(self.run_dir) / "summary.json", schema.Summary)
+        summary = self.folder.summary.load()
         for seed in self.seeds:
             self.stage(seed, len(self.tasks))
-            metrics = store.load_record(store.seed_dir(self.run_dir, seed) / "cl_metrics.json",
-                                        schema.ClMetricsRecord)
+            metrics = self.folder.seed(seed).cl_metrics.load()
             for step, row in enumerate(metrics.per_checkpoint):
                 self.tracker.log_metrics({f"{self._prefix(seed)}cl/{k}": v for k, v in row.model_dump().items()
                                           if isinstance(v, float)}, step)
@@ -159,10 +158,12 @@ class RunLogger:
                                      step)
 
     def _artifacts(self) -> list[tuple[Path, str]]:
-        found = [(self.run_dir / "config.json", ""), (self.run_dir / "report.html", "")]
+        run = self.folder
+        found = [(run.config, ""), (self.run_dir / "report.html", "")]
         for seed in self.seeds:
-            found += [(store.seed_dir(self.run_dir, seed) / f"{t}.csv", f"seed-{seed}") for t in _ARTIFACT_TABLES]
-        found += [(store.summary_dir(self.run_dir) / f"{t}_{s}.csv", "summary")
+            seed_folder = run.seed(seed)
+            found += [(seed_folder.table(t).path, seed_folder.path.name) for t in _ARTIFACT_TABLES]
+        found += [(run.summary_table(t, s).path, run.summary_folder.name)
                   for t in _ARTIFACT_TABLES for s in ("mean", "std")]
         return [(path, folder) for path, folder in found if path.is_file()]
 
@@ -252,11 +253,12 @@ def _run_config(run_dir: Path) -> ExperimentConfig:
 def check_finished(run_dir: Path) -> None:
     """A one-line error unless `run_dir` is a finished run folder (naming the first stage that is missing)."""
     config = _run_config(run_dir)
-    if (store.summary_dir(run_dir) / "summary.json").is_file():
+    run = RunFolder(run_dir)
+    if run.summary.exists():
         return  # written once every seed's every stage is
     missing = next((f"seed {seed} stage {stage} has not finished" for seed in config.seeds
-                    for stage in range(len(config.tasks) + 1)
-                    if not (store.stage_dir(run_dir, seed, stage) / "stage.json").is_file()), "no summary/summary.json")
+                    for stage in range(len(config.tasks) + 1) if not run.stage(seed, stage).finished()),
+                   f"no {run.summary.path.relative_to(run_dir).as_posix()}")
     raise UserError(f"{run_dir}: the run has not finished ({missing}); run the same command again to finish it "
                     "before tracking it")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lorawatch.config import TrackingSettings
 from lorawatch.errors import UserError
+from lorawatch.rundir.layout import tracker_store
 
 _INSTALL = {"mlflow": ("mlflow", "pip install 'lorawatch[mlflow]'"),
             "tensorboard": ("tensorboard", "pip install 'lorawatch[tensorboard]'")}
@@ -90,7 +91,8 @@ def resolve(settings: TrackingSettings, home: Path) -> TrackingSettings:
     if settings.uri is not None:
         return settings
     home = Path(home).resolve()
-    uri = f"sqlite:///{(home / 'mlflow.db').as_posix()}" if settings.backend == "mlflow" else str(home / "tensorboard")
+    where = tracker_store(home, settings.backend)
+    uri = f"sqlite:///{where.as_posix()}" if settings.backend == "mlflow" else str(where)
     return settings.model_copy(update={"uri": uri})
 
 

@@ -30,13 +30,14 @@ from transformers import AutoModelForCausalLM
 from rich.console import Console
 from safetensors import SafetensorError, safe_open
 
-from lorawatch.rundir import store
+from lorawatch.rundir import schema, store
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import UserError
 from lorawatch.data.inputs import load_data
 from lorawatch.recipe.protocol import Recipe, data_inputs, run_recipe
 from lorawatch.rundir.lifecycle import plan_run_dir
-from lorawatch.rundir.stage_files import ADAPTER_WEIGHTS, load_adapter_weights, stage_complete
+from lorawatch.rundir.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lorawatch.rundir.stage_files import load_adapter_weights, stage_complete
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$")
@@ -64,7 +65,7 @@ def find_adapters(paths: Sequence[Path]) -> list[Adapter]:
             raise UserError(f"{path}: {what} (expected a PEFT adapter folder or a training output folder)")
         if not path.is_dir():
             raise UserError(f"{path}: not a folder (expected a PEFT adapter folder or a training output folder)")
-        if (path / "adapter_config.json").is_file():
+        if (path / ADAPTER_CONFIG).is_file():
             folders.append(path)
             continue
         named = [(int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT.fullmatch(p.name))]
@@ -77,7 +78,7 @@ def find_adapters(paths: Sequence[Path]) -> list[Adapter]:
         steps = sorted(named)
         if not steps:
             what = "empty folder" if not any(path.iterdir()) else "no adapter here"
-            raise UserError(f"{path}: {what}; expected adapter_config.json and {ADAPTER_WEIGHTS} (a PEFT adapter) "
+            raise UserError(f"{path}: {what}; expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a PEFT adapter) "
                             "or checkpoint-N/ folders holding them (a Trainer output folder)")
         folders += [p for _, p in steps]
     seen: dict[Path, Path] = {}
@@ -101,14 +102,14 @@ def _show(value) -> str:
 
 
 def _read_adapter(folder: Path) -> Adapter:
-    config_path, weights = folder / "adapter_config.json", folder / ADAPTER_WEIGHTS
+    config_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not config_path.is_file():
-        raise UserError(f"{folder}: no adapter_config.json; a PEFT adapter folder holds it and {ADAPTER_WEIGHTS}")
+        raise UserError(f"{folder}: no {ADAPTER_CONFIG}; a PEFT adapter folder holds it and {ADAPTER_WEIGHTS}")
     if not weights.is_file():
         found = " (only adapter_model.bin: save with safe_serialization=True)" \
             if (folder / "adapter_model.bin").is_file() else ""
         raise UserError(f"{folder}: no {ADAPTER_WEIGHTS}{found}; a PEFT adapter folder holds it and "
-                        "adapter_config.json")
+                        f"{ADAPTER_CONFIG}")
     try:
         config = store.read_json(config_path)
     except (OSError, ValueError):
@@ -160,7 +161,7 @@ def expected_adapter_tensors(model, adapter_path: Path) -> dict[str, tuple[int, 
     try:
         peft_model = get_peft_model(skeleton, LoraConfig.from_pretrained(str(adapter_path)))
     except (NoMatchingPeftModuleError, ValueError) as exc:
-        raise UserError(f"{adapter_path / 'adapter_config.json'}: its target modules do not fit this model "
+        raise UserError(f"{adapter_path / ADAPTER_CONFIG}: its target modules do not fit this model "
                         f"({' '.join(str(exc).split())[:160]})") from None
     return {key: tuple(value.shape) for key, value in get_peft_model_state_dict(peft_model).items()}
 
@@ -172,23 +173,23 @@ def check_tensors(adapter_path: Path, found: dict[str, tuple[int, ...]], expecte
     weights = adapter_path / ADAPTER_WEIGHTS
     for key, shape in found.items():
         if key not in expected:
-            raise UserError(f"{weights}: tensor '{key}' has no place in the adapter that adapter_config.json builds on "
+            raise UserError(f"{weights}: tensor '{key}' has no place in the adapter that {ADAPTER_CONFIG} builds on "
                             f"this model (its tensors are named like '{next(iter(expected))}'); PEFT would load "
                             "the adapter as nothing")
         if shape != expected[key]:
-            raise UserError(f"{weights}: tensor '{key}' has shape {list(shape)}, but adapter_config.json (r = "
+            raise UserError(f"{weights}: tensor '{key}' has shape {list(shape)}, but {ADAPTER_CONFIG} (r = "
                             f"{_config_rank(adapter_path)}) on this model gives {list(expected[key])}: the config "
                             "contradicts the weights")
     missing = [key for key in expected if key not in found]
     if missing:
         raise UserError(f"{weights}: lacks tensor '{missing[0]}'"
                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                        + " that adapter_config.json's target modules put on this model")
+                        + f" that {ADAPTER_CONFIG}'s target modules put on this model")
 
 
 def _config_rank(adapter_path: Path):
     try:
-        return store.read_json(adapter_path / "adapter_config.json").get("r")
+        return store.read_json(adapter_path / ADAPTER_CONFIG).get("r")
     except (OSError, ValueError, AttributeError):
         return "?"
 
@@ -249,7 +250,7 @@ class AdapterRecipe(Recipe):
         """Every adapter whose stage is not complete: each is evaluated on its own, so a finished one is kept."""
         todo = []
         for stage in range(1, len(self.adapters) + 1):
-            if stage_complete(store.stage_dir(self.run_dir, seed, stage), self.data, adapter=False):
+            if stage_complete(self.folder.stage(seed, stage), self.data, adapter=False):
                 self.progress.advance(self.checkpoint_rows())
             else:
                 todo.append(stage)
@@ -270,7 +271,7 @@ class AdapterRecipe(Recipe):
     def stage_extra(self, stage: int) -> dict:
         return {"adapter": str(self.adapters[stage - 1].path)}
 
-    def stage_heading(self, seed: int, stage: int, log: dict | None) -> str:
+    def stage_heading(self, seed: int, stage: int, log: schema.TrainingLog | None) -> str:
         return f"stage {stage} ({self.adapters[stage - 1].path}): "
 
     def stage_label(self, seed: int, stage: int) -> str:

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import store
+from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir.schema import Intervention
 from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
 from lorawatch.engine.drift import summarize
 from lorawatch.engine.generation import FastPath
@@ -95,16 +97,17 @@ def calibrated_threshold(source: str | Path) -> tuple[float, str]:
                             f"healthy checkpoint(s); at least {MIN_CHECKPOINTS_PER_LABEL} of each are needed to "
                             "calibrate from it")
         return float(value), f"failure-zone threshold fitted in {path}"
-    if path.is_dir() and (path / "config.json").is_file():
+    run = RunFolder(path)
+    if path.is_dir() and run.config.is_file():
         healthy = []
-        for seed in store.seeds_on_disk(path):
-            for stage in store.stages_on_disk(path, seed)[1:]:
-                folder = store.stage_dir(path, seed, stage)
+        for seed in run.seeds_on_disk():
+            for k in run.seed(seed).stages_on_disk()[1:]:
+                stage = run.stage(seed, k)
                 try:
-                    store.read_record(folder / "stage.json", schema.StageRecord)  # only finished stages count
-                    scores = store.read_record(folder / "scores.json", schema.Scores).accuracy()
-                    kl = store.read_record(folder / "reference_stats.json", schema.ReferenceStats).kl_mean
-                    base = store.read_record(folder.parent / "stage-0" / "scores.json", schema.Scores).accuracy()
+                    stage.record.read()  # only finished stages count
+                    scores = stage.scores.read().accuracy()
+                    kl = stage.reference_stats.read().kl_mean
+                    base = run.stage(seed, 0).scores.read().accuracy()
                 except (OSError, ValueError):
                     continue
                 tasks = [t for t in scores if t != "reference"]
@@ -138,22 +141,6 @@ def measure_drift(model: torch.nn.Module, tokenizer, data: RunData, prompts: Seq
     position, averaged over the reference rows (`generation`: reference_logprobs' batching and fast path)."""
     logprobs = reference_logprobs(model, tokenizer, data.reference, prompts, **generation)
     return summarize(drift_rows(data, logprobs, base_logprobs))
-
-
-@dataclass
-class Intervention:
-    stage: int
-    task: str
-    action: str
-    step: int  # the optimizer step whose measurement set the action off (with patience: the streak's last)
-    kl: float  # KL to base measured there
-    threshold: float
-    kept_step: int  # the step whose adapter the stage keeps (0: the start of the stage)
-    kept_kl: float | None
-    steps_trained: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -9,7 +9,7 @@
       finish   stage-k's summary files (stage.json last: the stage is complete)
     tables     accuracy matrix, CL metrics and stability per seed; mean/std over seeds
 
-Every step writes its units into the run folder (units.py) as soon as they are done, and a rerun reads
+Every step writes its units into the run folder (rundir/) as soon as they are done, and a rerun reads
 finished units back instead of recomputing them, so a resumed run gives the same files as an uninterrupted one.
 The base stage does not depend on the seed (greedy decoding, no adapter): computed once, copied to every seed.
 """
@@ -29,7 +29,8 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 from safetensors.torch import save as save_safetensors
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import atomic, schema
+from lorawatch.rundir.layout import RunFolder, Stage
 from lorawatch.report import tables
 from lorawatch.engine.base_cache import (
     base_stage_cache,
@@ -49,13 +50,11 @@ from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift,
 from lorawatch.progress import RunProgress
 from lorawatch.rundir.lifecycle import FolderPlan, abandon_run_dir, plan_run_dir, run_lock, start_run_dir
 from lorawatch.rundir.stage_files import (
-    BASE_LOGPROBS,
     crash_point,
     environment,
     finish_stage,
     load_adapter_weights,
     read_drafts,
-    read_intact,
     read_logprobs,
     save_adapter,
     stage_complete,
@@ -92,7 +91,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
 
     def after_start() -> None:
         if monitor is not None:
-            store.write_record(run_dir / "monitor.json", schema.MonitorSettings, monitor)
+            RunFolder(run_dir).monitor_settings.write(monitor)
         if config.tracking is not None:
             recipe.tracker = RunLogger(run_dir, config.tracking, name=tracking_name, parent=tracking_parent)
             console.print(f"lorawatch: tracking to {recipe.tracker.where}")
@@ -166,6 +165,7 @@ class Recipe:
     def __init__(self, config: ExperimentConfig, run_dir: Path, data: RunData, console: Console, resuming: bool,
                  monitor: MonitorParams | None):
         self.config, self.run_dir, self.data, self.console = config, run_dir, data, console
+        self.folder = RunFolder(run_dir)
         self.resuming, self.monitor = resuming, monitor
         self.costs = Costs()
         self.costs.notes["resumed"] = resuming
@@ -181,7 +181,7 @@ class Recipe:
                     tables.write_seed_tables(self.run_dir, seed, self.config.statistics)
             with self.costs.phase("tables"):
                 tables.write_summary(self.run_dir)
-        store.write_record(self.run_dir / "costs.json", schema.CostsRecord, self.costs.to_dict())
+        self.folder.costs.write(self.costs.to_dict())
         if self.tracker is not None:
             self.tracker.finish()
 
@@ -234,54 +234,54 @@ class Recipe:
     def base_stage(self) -> None:
         """Evaluate the base model once (or reuse a cached evaluation), then copy it into every seed's folder."""
         config, data, progress = self.config, self.data, self.progress
-        base_dir = store.stage_dir(self.run_dir, config.seeds[0], 0)
-        lp_path = self.run_dir / BASE_LOGPROBS
+        base = self.folder.stage(config.seeds[0], 0)
+        lp_path = self.folder.base_logprobs
         key = base_stage_key(self.loaded, self.weights, data, self.encoded, self.eval_params)
         cache = base_stage_cache(key) if config.eval.reuse_base_stage else None
         self.base_logprobs = read_logprobs(lp_path, len(data.reference))
-        if self.base_logprobs is None or not stage_complete(base_dir, data, adapter=False):
+        if self.base_logprobs is None or not stage_complete(base, data, adapter=False):
             def waiting() -> None:
                 progress.log(f"base: another run is computing this base stage; waiting to reuse it ({cache})")
 
             with base_stage_lock(cache, on_wait=waiting):
-                self.compute_base_stage(base_dir, lp_path, key, cache)
+                self.compute_base_stage(base, lp_path, key, cache)
         else:
             progress.advance(self.checkpoint_rows())
         self.costs.notes["base_stage_key"] = key
-        self.base_stats = store.read_record(base_dir / "reference_stats.json", schema.ReferenceStats).statistics()
+        self.base_stats = base.reference_stats.read().statistics()
         for seed in config.seeds[1:]:
-            copy_dir = store.stage_dir(self.run_dir, seed, 0)
-            if not stage_complete(copy_dir, data, adapter=False):
-                store.atomic_copytree(base_dir, copy_dir)
+            copy = self.folder.stage(seed, 0)
+            if not stage_complete(copy, data, adapter=False):
+                atomic.copy_folder(base.path, copy.path)
 
-    def compute_base_stage(self, base_dir: Path, lp_path: Path, key: str, cache: Path | None) -> None:
+    def compute_base_stage(self, base: Stage, lp_path: Path, key: str, cache: Path | None) -> None:
         """Stage 0's units: restored from the cache when it holds them, else computed (and then cached)."""
         data, progress = self.data, self.progress
-        reused = cache is not None and restore_base_stage(cache, base_dir, lp_path)
+        reused = cache is not None and restore_base_stage(cache, base, lp_path)
         if reused:
             self.base_logprobs = read_logprobs(lp_path, len(data.reference))
             progress.log(f"base: reusing the base evaluation cached under {cache}")
         started = time.perf_counter()
         if self.base_logprobs is None:
-            (base_dir / "reference_drift.jsonl").unlink(missing_ok=True)
+            base.drift.path.unlink(missing_ok=True)
         scores, drift, computed = evaluate_checkpoint(
-            self.loaded.model, self.loaded.tokenizer, data, self.encoded, base_dir, self.eval_params,
+            self.loaded.model, self.loaded.tokenizer, data, self.encoded, base, self.eval_params,
             base_logprobs=None, drafts=None, costs=self.costs, progress=progress, label="base", crash_prefix="base")
         if computed is not None:
-            store.atomic_write_bytes(lp_path, save_safetensors({"logprobs": computed.contiguous()}))
+            atomic.write_bytes(lp_path, save_safetensors({"logprobs": computed.contiguous()}))
             self.base_logprobs = computed
-        finish_stage(base_dir, stage=0, checkpoint="base", task=None, scores=scores, drift=drift, base_stats=None,
+        finish_stage(base, index=0, checkpoint="base", task=None, scores=scores, drift=drift, base_stats=None,
                      extra={"eval_seconds": round(time.perf_counter() - started, 3), "base_stage_key": key,
                             "reused_from_cache": reused, "fast_path": self.eval_params.fast.to_dict()})
         if cache is not None and not reused:
-            save_base_stage(cache, base_dir, lp_path)
+            save_base_stage(cache, base, lp_path)
         progress.log("base: " + _scores_line(scores))
 
     # --- one seed ----------------------------------------------------------------------------------------
 
     def run_seed(self, seed: int, *, fresh_model: bool) -> None:
         """The seed's stages from the first one not complete: each trains on the adapter the one before left."""
-        stages = [store.stage_dir(self.run_dir, seed, k) for k in range(len(self.data.tasks) + 1)]
+        stages = [self.folder.stage(seed, k) for k in range(len(self.data.tasks) + 1)]
         first = next((k for k in range(1, len(stages)) if not stage_complete(stages[k], self.data, adapter=True)),
                      None)
         if first is None:
@@ -295,7 +295,7 @@ class Recipe:
             # resume from the last stage whose adapter is intact (redo it too if it is damaged), and whatever its
             # strategy kept for later stages (checked first: a stage to redo must not start from its own adapter)
             while first > 1 and not (self.strategy.intact(stages[first - 1], first - 1)
-                                     and load_adapter_weights(model, stages[first - 1] / "adapter")):
+                                     and load_adapter_weights(model, stages[first - 1].adapter)):
                 first -= 1
             self.run_stages(model, seed, range(first, len(stages)))
             del model
@@ -309,20 +309,20 @@ class Recipe:
             if self.tracker is not None:
                 self.tracker.stage(seed, stage)
 
-    def train(self, model, seed: int, stage: int) -> dict:
+    def train(self, model, seed: int, stage: int) -> schema.TrainingLog:
         """Train stage `stage`'s task into the adapter and save it, or read back a stage trained before."""
         task = self.data.tasks[stage - 1]
-        folder = store.stage_dir(self.run_dir, seed, stage)
-        log_path = folder / "training.json"
+        folder = self.folder.stage(seed, stage)
         # Also for a stage read back: a strategy shapes the model for the stage here (O-LoRA adds the earlier
         # tasks' adapters), and the stage's own adapter is loaded into that shape.
-        plan = self.strategy.plan(model, stage, seed, [store.stage_dir(self.run_dir, seed, k) for k in range(stage)])
-        trained = read_intact(log_path, schema.TrainingRecord)
+        plan = self.strategy.plan(model, stage, seed, [self.folder.stage(seed, k) for k in range(stage)])
+        trained = folder.training.intact()
         if (trained is not None and self.strategy.intact(folder, stage)
-                and load_adapter_weights(model, folder / "adapter")):
+                and load_adapter_weights(model, folder.adapter)):
             self.progress.advance(len(task.train) * self.train_params.epochs)
-            return trained.body()
-        shutil.rmtree(folder, ignore_errors=True)  # whatever this stage evaluated before belonged to another adapter
+            return schema.TrainingLog.model_validate(trained.body())
+        # whatever this stage evaluated before belonged to another adapter
+        shutil.rmtree(folder.path, ignore_errors=True)
         label = self.stage_label(seed, stage)
         self.progress.phase(f"{label} · train {task.name}")
         advance = _advance_by_delta(self.progress)
@@ -337,17 +337,17 @@ class Recipe:
                 log = train_stage(model, plan.rows, self.train_params, seed=plan.seed,
                                   pad_id=self.loaded.tokenizer.pad_token_id, device=self.eval_params.device,
                                   on_micro_batch=on_micro_batch, on_step=None if watch is None else watch.on_step,
-                                  extra_loss=plan.extra_loss).to_dict()
+                                  extra_loss=plan.extra_loss)
             except TrainingDiverged as exc:
                 raise TrainingDiverged(f"seed {seed}, stage {stage} ({task.name}): {exc}; finished stages are kept, "
                                        "this one is not recorded") from None
             if watch is not None:
-                log["monitor"] = self.finish_monitor(watch, log, folder, seed, stage)
-            strategy_log = self.strategy.finish(model, plan, log["optimizer_steps"], folder)
+                log.monitor = self.finish_monitor(watch, log, folder, seed, stage)
+            strategy_log = self.strategy.finish(model, plan, log.optimizer_steps, folder)
             if strategy_log is not None:
-                log["strategy"] = strategy_log
-            save_adapter(model, folder / "adapter")
-            store.write_record(log_path, schema.TrainingRecord, log)
+                log.strategy = strategy_log
+            save_adapter(model, folder.adapter)
+            folder.training.write(log)
         crash_point(f"{seed}:{stage}:trained")
         return log
 
@@ -356,19 +356,21 @@ class Recipe:
         started = time.perf_counter()
         with merged_adapter(model) if self.eval_params.fast.merge_adapter else nullcontext():
             scores, drift, _ = evaluate_checkpoint(
-                model, self.loaded.tokenizer, self.data, self.encoded, store.stage_dir(self.run_dir, seed, stage),
+                model, self.loaded.tokenizer, self.data, self.encoded, self.folder.stage(seed, stage),
                 self.eval_params, base_logprobs=self.base_logprobs,
-                drafts=read_drafts(store.stage_dir(self.run_dir, seed, stage - 1)), costs=self.costs,
+                drafts=read_drafts(self.folder.stage(seed, stage - 1)), costs=self.costs,
                 progress=self.progress, label=self.stage_label(seed, stage), crash_prefix=f"{seed}:{stage}")
         return scores, drift, time.perf_counter() - started
 
-    def finish(self, seed: int, stage: int, log: dict | None, scores: dict, drift: list, eval_seconds: float) -> None:
+    def finish(self, seed: int, stage: int, log: schema.TrainingLog | None, scores: dict, drift: list,
+               eval_seconds: float) -> None:
         """The stage's summary files (stage.json last: the stage is complete), and its line in the log."""
         checkpoint, task = self.checkpoint_of(stage)
-        stats = finish_stage(store.stage_dir(self.run_dir, seed, stage), stage=stage, checkpoint=checkpoint,
+        intervention = None if log is None or log.monitor is None else log.monitor.intervention
+        stats = finish_stage(self.folder.stage(seed, stage), index=stage, checkpoint=checkpoint,
                              task=task, scores=scores, drift=drift, base_stats=self.base_stats,
-                             extra={"training": log,
-                                    "intervention": ((log or {}).get("monitor") or {}).get("intervention"),
+                             extra={"training": None if log is None else log.body(),
+                                    "intervention": None if intervention is None else intervention.body(),
                                     "fast_path": self.eval_params.fast.to_dict(),
                                     "eval_seconds": round(eval_seconds, 3), **self.stage_extra(stage)})
         crash_point(f"{seed}:{stage}:done")
@@ -384,18 +386,18 @@ class Recipe:
         """What stage.json records of the stage besides the recipe's fields."""
         return {}
 
-    def stage_heading(self, seed: int, stage: int, log: dict | None) -> str:
+    def stage_heading(self, seed: int, stage: int, log: schema.TrainingLog | None) -> str:
         """The stage's line in the log up to its scores."""
-        losses = log["step_losses"]
-        return (f"seed {seed} stage {stage} ({self.data.tasks[stage - 1].name}): {log['optimizer_steps']} steps, "
+        losses = log.step_losses
+        return (f"seed {seed} stage {stage} ({self.data.tasks[stage - 1].name}): {log.optimizer_steps} steps, "
                 f"loss {_fmt(losses[0] if losses else None)} → {_fmt(losses[-1] if losses else None)} · ")
 
     # --- the live drift monitor ----------------------------------------------------------------------------
 
     def stage_monitor(self, model, seed: int, stage: int) -> StageMonitor:
         task, data, loaded = self.data.tasks[stage - 1], self.data, self.loaded
-        previous = store.stage_dir(self.run_dir, seed, stage - 1) / "reference_stats.json"
-        previous_kl = store.read_record(previous, schema.ReferenceStats).kl_mean if stage > 1 else 0.0
+        previous = self.folder.stage(seed, stage - 1).reference_stats
+        previous_kl = previous.read().kl_mean if stage > 1 else 0.0
         threshold = self.monitor.stage_threshold(previous_kl)
         label = self.stage_label(seed, stage)
 
@@ -412,20 +414,21 @@ class Recipe:
         return StageMonitor(model=model, measure=measure, params=self.monitor, stage=stage, task=task.name,
                             threshold=threshold, start_kl=previous_kl, on_point=show)
 
-    def finish_monitor(self, watch: StageMonitor, log: dict, folder: Path, seed: int, stage: int) -> dict:
+    def finish_monitor(self, watch: StageMonitor, log: schema.TrainingLog, folder: Stage, seed: int,
+                       stage: int) -> schema.MonitorLog:
         """Apply the monitor's action at the stage's end; its record for the training log."""
-        intervention = watch.finish(log["optimizer_steps"])
+        intervention = watch.finish(log.optimizer_steps)
         monitor = self.monitor
         self.costs.seconds["monitor"] += watch.seconds
-        store.write_rows(folder / "monitor.jsonl", schema.MonitorPoint, watch.series)
+        folder.monitor_series.write(watch.series)
         if intervention is not None:
             self.progress.log(f"[bold]monitor[/bold]: seed {seed} stage {stage} ({self.data.tasks[stage - 1].name}): "
                               f"KL to base {intervention.kl:.4f} > {intervention.threshold:.4f} at step "
                               f"{intervention.step} → {intervention.action}"
                               + ("" if intervention.action == "warn" else f", keeping step {intervention.kept_step}"))
-        return {"threshold": watch.threshold, "action": monitor.action, "every": monitor.every,
-                "patience": monitor.patience, "measurements": len(watch.series), "seconds": round(watch.seconds, 3),
-                "intervention": None if intervention is None else intervention.to_dict()}
+        return schema.MonitorLog(threshold=watch.threshold, action=monitor.action, every=monitor.every,
+                                 patience=monitor.patience, measurements=len(watch.series),
+                                 seconds=round(watch.seconds, 3), intervention=intervention)
 
     # --- progress arithmetic ------------------------------------------------------------------------------
 

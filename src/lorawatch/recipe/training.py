@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from lorawatch.errors import UserError
 from lorawatch.data.prompts import EncodedTrainExample
+from lorawatch.rundir.schema import TrainingLog
 
 
 class GapDropout(torch.nn.Module):
@@ -84,36 +85,6 @@ class TrainParams:
     loss_weighting: str = "micro_batch"  # "micro_batch" (the published loop) | "tokens"
 
 
-@dataclass
-class TrainingLog:
-    optimizer_steps: int = 0
-    micro_batches: int = 0
-    answer_tokens: int = 0
-    total_tokens: int = 0
-    seconds: float = 0.0
-    step_losses: list[float] = field(default_factory=list)  # mean answer-token loss per optimizer step
-    learning_rates: list[float] = field(default_factory=list)
-    stopped_early: bool = False
-    # With an added loss term (a strategy's, strategies/): its share of each optimizer step's objective.
-    extra_losses: list[float] | None = None
-
-    def to_dict(self) -> dict:
-        extra = {} if self.extra_losses is None else {"extra_losses": self.extra_losses}
-        return {
-            "optimizer_steps": self.optimizer_steps,
-            "stopped_early": self.stopped_early,
-            "micro_batches": self.micro_batches,
-            "answer_tokens": self.answer_tokens,
-            "total_tokens": self.total_tokens,
-            "seconds": round(self.seconds, 3),
-            "first_loss": self.step_losses[0] if self.step_losses else None,
-            "last_loss": self.step_losses[-1] if self.step_losses else None,
-            "step_losses": self.step_losses,
-            "learning_rates": self.learning_rates,
-            **extra,
-        }
-
-
 def _collate(batch: Sequence[EncodedTrainExample], pad_id: int, device: str) -> dict[str, torch.Tensor]:
     # Right padding: training positions then start at 0 for every row, as in the model's pre-training.
     width = max(len(e.input_ids) for e in batch)
@@ -177,7 +148,7 @@ def train_stage(
     `extra_loss` (a strategy's added term) is weighted like the task loss; `step_losses` stay the task loss alone,
     the term's share of each step goes to `extra_losses`.
     """
-    log = TrainingLog(extra_losses=None if extra_loss is None else [])
+    log = TrainingLog.begin(extra_losses=extra_loss is not None)
     start = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
@@ -262,5 +233,5 @@ def train_stage(
         if log.stopped_early:
             break
     model.eval()
-    log.seconds = time.perf_counter() - start
+    log.end(time.perf_counter() - start)
     return log

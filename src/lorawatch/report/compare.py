@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorawatch.report import labels, run_comparison
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic
 from lorawatch.errors import UserError
 from lorawatch.report.monitoring_view import interventions, interventions_markdown
 from lorawatch.report import figures
@@ -211,9 +211,9 @@ def write_comparison(result: dict, out: str | Path) -> list[Path]:
     else:
         figure += figures.figure3(study, final_points(study), out)
         text += "![final accuracy against final KL](figure3.png)\n\nOne point per run and seed.\n"
-    store.atomic_write_text(files[0], text)
+    atomic.write_text(files[0], text)
     as_json = {**result, "paired": [c.model_dump(mode="json") for c in result.get("paired", [])]}
-    store.atomic_write_text(files[1], json.dumps(as_json, indent=2, default=float) + "\n")
+    atomic.write_text(files[1], json.dumps(as_json, indent=2, default=float) + "\n")
     return files + figure
 
 

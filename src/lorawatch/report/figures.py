@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic
 from lorawatch.report.monitoring_view import monitor_series
 from lorawatch.report.study import Group, Study, slug
 
@@ -71,7 +71,7 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
             metadata = {"Date": None} if fmt == "svg" else {"Software": None}
             fig.savefig(buffer, format=fmt, dpi=150, metadata=metadata)
             path = out_dir / f"{stem}.{fmt}"
-            store.atomic_write_bytes(path, buffer.getvalue())
+            atomic.write_bytes(path, buffer.getvalue())
             paths.append(path)
     return paths
 

@@ -21,7 +21,8 @@ from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 
 from lorawatch.analysis.metrics import METRIC_COLUMNS
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import atomic, schema
+from lorawatch.rundir.layout import MONITOR_SETTINGS
 from lorawatch.analysis import significance
 from lorawatch.report import html_figures, labels, verdict_view
 from lorawatch.report.monitoring_view import interventions, monitor_series
@@ -225,7 +226,7 @@ def _monitor(results: RunResults) -> Markup | None:
     rows = [[e["seed"], e["stage"], e["task"], e["action"], e["step"], f"{e['kl']:.4f}", f"{e['threshold']:.4f}",
              e["kept_step"], _number(e["kept_kl"], 4)] for e in interventions(results.path)]
     settings = results.monitor_settings()
-    said = json.dumps(settings.body(), indent=1) if settings else "(no monitor.json)"
+    said = json.dumps(settings.body(), indent=1) if settings else f"(no {MONITOR_SETTINGS})"
     return _RUN.monitor(svg, ["seed", "stage", "task", "action", "step", "KL", "threshold", "kept step", "kept KL"],
                         rows, said)
 
@@ -256,12 +257,11 @@ def _costs(results: RunResults) -> Markup:
 
 def _config(results: RunResults) -> Markup:
     shown = []
-    for name in ("config.json", "environment.json", "inputs.json", "monitor.json", "environment_history.jsonl",
-                 "config_history.jsonl"):
-        path = results.path / name
+    for path in results.folder.described_files():
+        name = path.name
         if path.is_file():
             text = path.read_text(encoding="utf-8", errors="replace")
-            if name.endswith(".json"):
+            if path.suffix == ".json":
                 try:
                     text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
                 except ValueError:
@@ -309,7 +309,7 @@ def _page(title: str, subtitle: str, nav: list[tuple[str, str]], body: str) -> s
 def _write(out_file: Path, page: str) -> Path:
     out_file = Path(out_file)
     # errors="replace": a lone surrogate in a model's output must not stop the page from being written
-    store.atomic_write_bytes(out_file, page.encode("utf-8", errors="replace"))
+    atomic.write_bytes(out_file, page.encode("utf-8", errors="replace"))
     return out_file
 
 

@@ -20,11 +20,10 @@ import warnings
 from pathlib import Path
 from urllib.parse import quote
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir.files import RowsFile
+from lorawatch.rundir.layout import INPUTS, RunFolder
 from lorawatch.errors import UserError
-from lorawatch.engine.drift import ExampleDrift
 from lorawatch.report.tables import RunResults
-from lorawatch.data.tasks.scoring import Prediction
 
 REFERENCE_MOVERS = 10  # reference rows kept per (seed, pair): those whose KL to base moved most
 # Words, single punctuation marks and runs of whitespace: "(A)." against "(B)." highlights the letter alone.
@@ -60,20 +59,21 @@ def checkpoint_pairs(stages: list[int]) -> list[tuple[int, int]]:
 
 
 def finished_stages(run_dir: Path, seed: int) -> list[int]:
-    return [k for k in store.stages_on_disk(run_dir, seed)
-            if (store.stage_dir(run_dir, seed, k) / "stage.json").is_file()]
+    seed_folder = RunFolder(run_dir).seed(seed)
+    return [k for k in seed_folder.stages_on_disk() if seed_folder.stage(k).finished()]
 
 
-def _rows(path: Path, row_type: type) -> dict[str, object]:
+def _rows(rows: RowsFile) -> dict[str, object]:
     """A stage's rows by id; {} when the file is absent (a run folder from before it was written)."""
-    return {r.id: r for r in store.load_rows(path, row_type)} if path.is_file() else {}
+    return {r.id: r for r in rows.load()} if rows.exists() else {}
 
 
 def flipped_examples(run_dir: Path, seed: int, a: int, b: int, task: str) -> list[dict]:
     """The examples of `task` whose correctness differs between stages `a` and `b`, in the order of stage b's
     file; examples present at only one of the stages are not compared."""
-    before = _rows(store.stage_dir(run_dir, seed, a) / "predictions" / f"{task}.jsonl", Prediction)
-    after = _rows(store.stage_dir(run_dir, seed, b) / "predictions" / f"{task}.jsonl", Prediction)
+    run = RunFolder(run_dir)
+    before = _rows(run.stage(seed, a).predictions(task))
+    after = _rows(run.stage(seed, b).predictions(task))
     flips = []
     for example_id, new in after.items():
         old = before.get(example_id)
@@ -85,8 +85,9 @@ def flipped_examples(run_dir: Path, seed: int, a: int, b: int, task: str) -> lis
 
 def reference_movers(run_dir: Path, seed: int, a: int, b: int, limit: int = REFERENCE_MOVERS) -> list[dict]:
     """The reference rows whose KL to base changed most (either way) from stage `a` to stage `b`."""
-    drift_a = _rows(store.stage_dir(run_dir, seed, a) / "reference_drift.jsonl", ExampleDrift)
-    drift_b = _rows(store.stage_dir(run_dir, seed, b) / "reference_drift.jsonl", ExampleDrift)
+    run = RunFolder(run_dir)
+    drift_a = _rows(run.stage(seed, a).drift)
+    drift_b = _rows(run.stage(seed, b).drift)
     moved = [{"id": i, "task": d.task, "kl_before": drift_a[i].kl, "kl_after": d.kl}
              for i, d in drift_b.items() if i in drift_a and math.isfinite(d.kl) and math.isfinite(drift_a[i].kl)]
     moved.sort(key=lambda m: -abs(m["kl_after"] - m["kl_before"]))
@@ -106,11 +107,11 @@ def load_prompts(results: RunResults) -> tuple[dict[str, dict[str, str]], dict[s
         return {}, {}, f"the run's data files could not be read ({reason[:200]}), so examples show their ids only"
     prompts = {t.name: {e.id: e.prompt for e in t.test} for t in data.tasks}
     reference = {e.id: e.prompt for e in data.reference}
-    inputs_path = results.path / "inputs.json"
-    if not inputs_path.is_file():
+    inputs = results.folder.inputs
+    if not inputs.exists():
         return prompts, reference, None
     # The files are there, but they may hold other rows than the run read: show a prompt only if unchanged.
-    recorded = store.load_record(inputs_path, schema.Inputs).data
+    recorded = inputs.load().data
     now = data_fingerprint(data)
     changed = [name for name in prompts
                if name not in recorded.tasks or recorded.tasks[name].test != now["tasks"][name]["test"]]
@@ -119,7 +120,7 @@ def load_prompts(results: RunResults) -> tuple[dict[str, dict[str, str]], dict[s
     if recorded.reference != now["reference"]:
         changed.append("reference set")
         reference = {}
-    note = (f"the data of {', '.join(changed)} changed since the run (inputs.json), so those examples show their "
+    note = (f"the data of {', '.join(changed)} changed since the run ({INPUTS}), so those examples show their "
             "ids only") if changed else None
     return prompts, reference, note
 
@@ -151,8 +152,7 @@ def browser_data(results: RunResults) -> dict:
                                  *word_diff(old.raw_output, new.raw_output)])
                     if flip["id"] in prompts.get(task, {}):
                         used.setdefault(task, {})[flip["id"]] = prompts[task][flip["id"]]
-            outputs = [_rows(store.stage_dir(run_dir, seed, k) / "predictions" / "reference.jsonl", Prediction)
-                       for k in (a, b)]
+            outputs = [_rows(RunFolder(run_dir).stage(seed, k).predictions("reference")) for k in (a, b)]
             for m in reference_movers(run_dir, seed, a, b):
                 old, new = (o.get(m["id"]) for o in outputs)
                 diff = word_diff(old.raw_output, new.raw_output) if old and new else ("", "")

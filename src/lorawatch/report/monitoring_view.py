@@ -11,21 +11,22 @@ from typing import Sequence
 
 import pandas as pd
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir.layout import RunFolder
 
 
 def monitor_series(run_dir: Path) -> pd.DataFrame:
     """One row per live measurement: seed, stage, task, step, cumulative step, KL, entropy, margin, threshold."""
     rows = []
-    for seed in store.seeds_on_disk(run_dir):
+    run = RunFolder(run_dir)
+    for seed in run.seeds_on_disk():
         offset = 0
-        for stage in store.stages_on_disk(run_dir, seed)[1:]:
-            folder = store.stage_dir(run_dir, seed, stage)
-            if not (folder / "stage.json").is_file():
+        for stage in run.seed(seed).stages_on_disk()[1:]:
+            folder = run.stage(seed, stage)
+            if not folder.finished():
                 continue  # an unfinished stage: its series is not final
-            info = store.load_record(folder / "stage.json", schema.StageRecord)
-            if (folder / "monitor.jsonl").is_file():
-                for point in store.load_rows(folder / "monitor.jsonl", schema.MonitorPoint):
+            info = folder.record.load()
+            if folder.monitor_series.exists():
+                for point in folder.monitor_series.load():
                     rows.append({"seed": seed, "stage": stage, "task": info.task,
                                  "cumulative_step": offset + point.step, **point.model_dump()})
             offset += info.training.optimizer_steps if info.training else 0
@@ -34,10 +35,11 @@ def monitor_series(run_dir: Path) -> pd.DataFrame:
 
 def interventions(run_dir: Path) -> list[dict]:
     found = []
-    for seed in store.seeds_on_disk(run_dir):
-        for stage in store.stages_on_disk(run_dir, seed):
-            path = store.stage_dir(run_dir, seed, stage) / "stage.json"
-            entry = store.load_record(path, schema.StageRecord).intervention if path.is_file() else None
+    run = RunFolder(run_dir)
+    for seed in run.seeds_on_disk():
+        for stage in run.seed(seed).stages_on_disk():
+            record = run.stage(seed, stage).record
+            entry = record.load().intervention if record.exists() else None
             if entry is not None:
                 found.append({"seed": seed, **entry.model_dump()})
     return found

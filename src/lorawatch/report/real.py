@@ -15,6 +15,7 @@ import pandas as pd
 
 from lorawatch.report import run_comparison, verdict_view
 from lorawatch.rundir import schema
+from lorawatch.rundir.layout import STATISTICS
 from lorawatch.report.study import Group, Study, setting_pairs
 from lorawatch.analysis.verdicts import load_seed_statistics
 
@@ -32,7 +33,7 @@ def verdicts_section(study: Study) -> str:
              "Per group and seed, every trained checkpoint against the previous one and the base model on the same "
              "test rows: Δ accuracy with its paired bootstrap interval, flips (↓ right→wrong, ↑ wrong→right), exact "
              "McNemar p adjusted over the tasks and the verdict; the same numbers as `lorawatch show` and "
-             "`lorawatch gate` (each seed's statistics.json).", ""]
+             f"`lorawatch gate` (each seed's {STATISTICS}).", ""]
     for group in study.groups:
         records = group_records(group)
         regressions = verdict_view.regression_lines(records)

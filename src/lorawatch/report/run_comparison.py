@@ -26,12 +26,12 @@ import numpy as np
 from pydantic import NonNegativeInt, PositiveInt
 from rich.table import Table
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import schema
 from lorawatch.analysis import significance
 from lorawatch.config import StatisticsSettings
 from lorawatch.errors import UserError
 from lorawatch.rundir.schema import Part
-from lorawatch.engine.drift import ExampleDrift
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.report.verdict_view import comparison_cells, comparison_columns, compact_cell, number, with_interval
 from lorawatch.analysis.verdicts import SeedOutcomes, seed_outcomes, task_comparisons
 
@@ -121,8 +121,8 @@ def compare_final(baseline_dir: Path, run_dir: Path, seed: int, settings: Statis
 def _aligned(base: SeedOutcomes, other: SeedOutcomes, task: str, baseline_dir: Path, run_dir: Path,
              b_stage: int, r_stage: int) -> np.ndarray:
     """The run's final right/wrong of `task` in the baseline's row order; refused unless the rows are the same."""
-    theirs = store.stage_dir(run_dir, base.seed, r_stage) / "predictions" / f"{task}.jsonl"
-    ours = store.stage_dir(baseline_dir, base.seed, b_stage) / "predictions" / f"{task}.jsonl"
+    theirs = RunFolder(run_dir).stage(base.seed, r_stage).predictions(task).path
+    ours = RunFolder(baseline_dir).stage(base.seed, b_stage).predictions(task).path
     if task not in other.correct:
         raise UserError(f"{theirs}: missing; {baseline_dir} has predictions for {task!r}, so the runs cannot be "
                         "compared on the same rows")
@@ -156,11 +156,12 @@ def _difference_of_averages(R: np.ndarray) -> dict[str, float]:
 def _kl_difference(baseline_dir: Path, run_dir: Path, seed: int, stages: tuple[int, int],
                    settings: StatisticsSettings) -> tuple[PairedNumber | None, str | None]:
     """Final KL to base of both runs, as the mean over reference rows matched by id, and its paired interval."""
-    ours = store.stage_dir(baseline_dir, seed, stages[0]) / "reference_drift.jsonl"
-    theirs = store.stage_dir(run_dir, seed, stages[1]) / "reference_drift.jsonl"
+    ours_rows = RunFolder(baseline_dir).stage(seed, stages[0]).drift
+    theirs_rows = RunFolder(run_dir).stage(seed, stages[1]).drift
+    ours, theirs = ours_rows.path, theirs_rows.path
     # both exist (seed_outcomes read every stage's); matched by id, since the runs may keep their rows in other orders
-    base_kl = {d.id: d.kl for d in store.load_rows(ours, ExampleDrift)}
-    run_kl = {d.id: d.kl for d in store.load_rows(theirs, ExampleDrift)}
+    base_kl = {d.id: d.kl for d in ours_rows.load()}
+    run_kl = {d.id: d.kl for d in theirs_rows.load()}
     if set(base_kl) != set(run_kl):
         raise UserError(f"{theirs}: its reference rows are not those of {ours} "
                         f"({len(set(base_kl) ^ set(run_kl))} ids in only one of them); the final KL to base is "

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from lorawatch.rundir import store
+from lorawatch.rundir.layout import CONFIG, REFERENCE_STATS, SCORES, RunFolder
 from lorawatch.config import ExperimentConfig
 from lorawatch.errors import UserError
 from lorawatch.analysis.metrics import mean_std_frames
@@ -175,15 +175,15 @@ def _short(value) -> str:
 
 def _read_seed(run_dir: Path, seed: int, tasks: list[str]) -> SeedResult:
     for k in range(len(tasks) + 1):
-        folder = store.stage_dir(run_dir, seed, k)
-        for name in ("stage.json", "scores.json", "reference_stats.json"):
-            if not (folder / name).is_file():
+        stage = RunFolder(run_dir).stage(seed, k)
+        for record in (stage.record, stage.scores, stage.reference_stats):
+            if not record.exists():
                 raise UserError(f"{run_dir}: the run has not finished (seed {seed} has no "
-                                f"{folder.name}/{name})")
+                                f"{stage.path.name}/{record.path.name})")
     try:
         matrix, metrics, stability = seed_tables(run_dir, seed)
     except KeyError as exc:
-        raise UserError(f"{run_dir}: seed {seed}: a stage's scores.json has no accuracy for task {exc}") from None
+        raise UserError(f"{run_dir}: seed {seed}: a stage's {SCORES} has no accuracy for task {exc}") from None
     except (OSError, ValueError) as exc:  # unreadable JSON, or a matrix compute_cl_metrics rejects
         raise UserError(f"{run_dir}: seed {seed}: cannot read its results ({exc})") from None
     if not is_ordered(matrix):
@@ -191,11 +191,11 @@ def _read_seed(run_dir: Path, seed: int, tasks: list[str]) -> SeedResult:
                         "--trained-on); the paper's tables need it: run `lorawatch evaluate` again with --trained-on")
     found = list(matrix.columns[1:])
     if found != tasks:
-        raise UserError(f"{run_dir}: seed {seed} has stages for tasks {', '.join(found)} but config.json trains "
+        raise UserError(f"{run_dir}: seed {seed} has stages for tasks {', '.join(found)} but {CONFIG} trains "
                         f"{', '.join(tasks)}")
     missing = [c for c in _REQUIRED_STABILITY if c not in stability.columns]
     if missing:
-        raise UserError(f"{run_dir}: seed {seed}: reference_stats.json lacks {', '.join(missing)}")
+        raise UserError(f"{run_dir}: seed {seed}: {REFERENCE_STATS} lacks {', '.join(missing)}")
     R = matrix[tasks].to_numpy(dtype=float)
     learned = [math.nan] + [R[k, k - 1] for k in range(1, len(tasks) + 1)]
     steps = pd.DataFrame({"checkpoint": matrix["checkpoint"].to_list(), "learned_acc": learned})
@@ -225,7 +225,7 @@ def load_study(run_dirs: Sequence[str | Path]) -> Study:
         try:
             results = load_run(run_dir)
         except (OSError, ValueError) as exc:
-            raise UserError(f"{run_dir}: cannot read config.json ({exc})") from None
+            raise UserError(f"{run_dir}: cannot read {CONFIG} ({exc})") from None
         config = results.config
         tasks = results.tasks
         if task_set is None:

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic
 from lorawatch.errors import UserError
 from lorawatch.report.monitoring_view import interventions, interventions_markdown
 from lorawatch.report import real
@@ -102,7 +102,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
     files: list[Path] = []
 
     def text(name: str, content: str) -> None:
-        store.atomic_write_text(out / name, content)
+        atomic.write_text(out / name, content)
         files.append(out / name)
 
     tables = build_tables(study)

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lorawatch.rundir import schema, store
+from lorawatch.rundir.check import missing_stage_files
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.analysis import significance, verdicts
 from lorawatch.report import verdict_view
 from lorawatch.report.labels import HEADLINE, METRIC_HEADERS, mean_sd
@@ -28,8 +30,6 @@ from lorawatch.analysis.metrics import (
     mean_std_frames,
     write_matrix_csv,
 )
-from lorawatch.engine.drift import ExampleDrift
-from lorawatch.data.tasks.scoring import Prediction
 
 STABILITY_COLUMNS = ("reference_accuracy", "kl_mean", "kl_p10", "kl_p95", "entropy_mean", "entropy_p10",
                      "entropy_p95", "margin_mean", "margin_p10", "margin_p95", "entropy_mean_delta",
@@ -38,10 +38,11 @@ STABILITY_COLUMNS = ("reference_accuracy", "kl_mean", "kl_p10", "kl_p95", "entro
 
 def seed_tables(run_dir: Path, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(accuracy matrix, CL metrics, stability) of one seed, read from its finished stage folders."""
-    folders = [store.stage_dir(run_dir, seed, k) for k in store.stages_on_disk(run_dir, seed)]
-    folders = [f for f in folders if (f / "stage.json").is_file()]
-    stages = [store.load_record(f / "stage.json", schema.StageRecord) for f in folders]
-    scores = [store.load_record(f / "scores.json", schema.Scores).accuracy() for f in folders]
+    seed_folder = RunFolder(run_dir).seed(seed)
+    folders = [seed_folder.stage(k) for k in seed_folder.stages_on_disk()]
+    folders = [f for f in folders if f.finished()]
+    stages = [f.record.load() for f in folders]
+    scores = [f.scores.load().accuracy() for f in folders]
     # The columns are the tasks in training order; adapters evaluated without knowing what each was trained
     # on (`lorawatch evaluate` without --trained-on) keep the config's task order instead.
     tasks = [s.task for s in stages[1:]]
@@ -52,7 +53,7 @@ def seed_tables(run_dir: Path, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, p
     metrics = seed_metrics(matrix).to_frame()
     stability_rows = []
     for folder, stage, row in zip(folders, stages, scores):
-        stats = store.load_record(folder / "reference_stats.json", schema.ReferenceStats).body()
+        stats = folder.reference_stats.load().body()
         stability_rows.append({"checkpoint": stage.checkpoint, "reference_accuracy": row["reference"],
                                **{k: stats[k] for k in STABILITY_COLUMNS if k in stats}})
     return matrix, metrics, pd.DataFrame(stability_rows)
@@ -76,29 +77,29 @@ def seed_metrics(matrix: pd.DataFrame) -> ClMetrics:
 def write_seed_tables(run_dir: Path, seed: int, settings: StatisticsSettings) -> None:
     """The seed's CSV tables and cl_metrics.json, and its intervals and verdicts (statistics.json)."""
     matrix, _, stability = seed_tables(run_dir, seed)
-    folder = store.seed_dir(run_dir, seed)
+    folder = RunFolder(run_dir).seed(seed)
     tasks = list(matrix.columns[1:])
     if is_ordered(matrix):
-        write_matrix_csv(folder / "accuracy_matrix.csv", tasks, matrix[tasks].to_numpy(dtype=float))
+        write_matrix_csv(folder.table("accuracy_matrix").path, tasks, matrix[tasks].to_numpy(dtype=float))
     else:  # not the (T+1) x T shape `lorawatch metrics` reads; the same columns
-        store.write_csv(folder / "accuracy_matrix.csv", matrix)
+        folder.table("accuracy_matrix").write(matrix)
     metrics = seed_metrics(matrix)
-    store.write_record(folder / "cl_metrics.json", schema.ClMetricsRecord, metrics.to_dict())
-    store.write_csv(folder / "cl_metrics.csv", metrics.to_frame())
-    store.write_csv(folder / "stability.csv", stability)
+    folder.cl_metrics.write(metrics.to_dict())
+    folder.table("cl_metrics").write(metrics.to_frame())
+    folder.table("stability").write(stability)
     verdicts.write_seed_statistics(run_dir, seed, settings)
 
 
 def write_summary(run_dir: Path) -> None:
     """Mean and std over seeds of every per-seed table, plus the headline numbers in summary.json."""
     config = load_run_config(run_dir)
-    out = store.summary_dir(run_dir)
+    run = RunFolder(run_dir)
     per_seed = [seed_tables(run_dir, s) for s in config.seeds]
     summaries = []
     for name, index in (("accuracy_matrix", 0), ("cl_metrics", 1), ("stability", 2)):
         mean, std = mean_std_frames([t[index] for t in per_seed], index_col="checkpoint")
-        store.write_csv(out / f"{name}_mean.csv", mean)
-        store.write_csv(out / f"{name}_std.csv", std)
+        run.summary_table(name, "mean").write(mean)
+        run.summary_table(name, "std").write(std)
     for seed, (matrix, _, stability) in zip(config.seeds, per_seed):
         summary = seed_metrics(matrix).summary
         summaries.append({**summary, "final_kl_to_base": float(stability["kl_mean"].iloc[-1]),
@@ -113,15 +114,14 @@ def write_summary(run_dir: Path) -> None:
                           "std": float(defined.std(ddof=1)) if len(defined) > 1 else (0.0 if len(defined) else None),
                           "ci_low": None if interval is None else interval[0],
                           "ci_high": None if interval is None else interval[1]}
-    store.write_record(out / "summary.json", schema.Summary,
-                       {"seeds": config.seeds, "per_seed": dict(zip(map(str, config.seeds), summaries)),
-                        "mean_std": aggregate})
+    run.summary.write({"seeds": config.seeds, "per_seed": dict(zip(map(str, config.seeds), summaries)),
+                       "mean_std": aggregate})
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
-    path = Path(run_dir) / "config.json"
+    path = RunFolder(run_dir).config
     if not path.is_file():
-        raise UserError(f"{run_dir}: not a lorawatch run folder (no config.json)")
+        raise UserError(f"{run_dir}: not a lorawatch run folder (no {path.name})")
     data = store.read_run_file(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: damaged (not a mapping of config fields)")
@@ -136,6 +136,10 @@ class RunResults:
     config: ExperimentConfig
 
     @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.path)
+
+    @property
     def seeds(self) -> list[int]:
         return list(self.config.seeds)
 
@@ -145,8 +149,8 @@ class RunResults:
 
     def _table(self, name: str, seed: int | None, stat: str = "mean") -> pd.DataFrame:
         if seed is None:
-            return store.load_table(store.summary_dir(self.path) / f"{name}_{stat}.csv", name)
-        return store.load_table(store.seed_dir(self.path, seed) / f"{name}.csv", name)
+            return self.folder.summary_table(name, stat).load()
+        return self.folder.seed(seed).table(name).load()
 
     def accuracy_matrix(self, seed: int | None = None, stat: str = "mean") -> pd.DataFrame:
         return self._table("accuracy_matrix", seed, stat)
@@ -159,38 +163,37 @@ class RunResults:
 
     def summary(self) -> dict:
         """summary.json as written (headline numbers per seed and their mean_std), without its version."""
-        return store.load_record(store.summary_dir(self.path) / "summary.json", schema.Summary).body()
+        return self.folder.summary.load().body()
 
     def stage(self, seed: int, stage: int) -> schema.StageRecord:
-        return store.load_record(store.stage_dir(self.path, seed, stage) / "stage.json", schema.StageRecord)
+        return self.folder.stage(seed, stage).record.load()
 
     def costs(self) -> schema.CostsRecord | None:
-        path = self.path / "costs.json"
-        return store.load_record(path, schema.CostsRecord) if path.is_file() else None
+        record = self.folder.costs
+        return record.load() if record.exists() else None
 
     def monitor_settings(self) -> schema.MonitorSettings | None:
-        path = self.path / "monitor.json"
-        return store.load_record(path, schema.MonitorSettings) if path.is_file() else None
+        record = self.folder.monitor_settings
+        return record.load() if record.exists() else None
 
     def predictions(self, seed: int, stage: int, task: str) -> pd.DataFrame:
-        path = store.stage_dir(self.path, seed, stage) / "predictions" / f"{task}.jsonl"
-        return pd.DataFrame([r.to_dict() for r in store.load_rows(path, Prediction)])
+        return pd.DataFrame([r.to_dict() for r in self.folder.stage(seed, stage).predictions(task).load()])
 
     def statistics(self, seed: int) -> schema.StatisticsRecord:
         """The seed's intervals and verdicts (computed from its predictions for a folder older than them)."""
         return verdicts.load_seed_statistics(self.path, seed, self.config.statistics)
 
     def reference_drift(self, seed: int, stage: int) -> pd.DataFrame:
-        path = store.stage_dir(self.path, seed, stage) / "reference_drift.jsonl"
-        return pd.DataFrame([r.to_dict() for r in store.load_rows(path, ExampleDrift)])
+        return pd.DataFrame([r.to_dict() for r in self.folder.stage(seed, stage).drift.load()])
 
 
 def load_run(run_dir: str | Path) -> RunResults:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    if not (store.summary_dir(run_dir) / "summary.json").is_file():
-        raise UserError(f"{run_dir}: the run has not finished (no summary/summary.json)")
-    missing = store.missing_stage_files(run_dir)
+    summary = RunFolder(run_dir).summary.path
+    if not summary.is_file():
+        raise UserError(f"{run_dir}: the run has not finished (no {summary.relative_to(run_dir).as_posix()})")
+    missing = missing_stage_files(run_dir)
     if missing:  # a table would be read from files that are not there, or its examples silently dropped
         more = f" (and {len(missing) - 1} more; `lorawatch check {run_dir}` lists them)" if len(missing) > 1 else ""
         raise UserError(missing[0] + more)

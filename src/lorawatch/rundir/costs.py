@@ -12,7 +12,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
-from lorawatch.engine.passes import GenerationCounters
+from lorawatch.rundir.schema import GenerationCounts
 
 
 def peak_rss_bytes() -> int:
@@ -24,7 +24,7 @@ def peak_rss_bytes() -> int:
 class Costs:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self.generation: dict[str, GenerationCounters] = defaultdict(GenerationCounters)
+        self.generation: dict[str, GenerationCounts] = defaultdict(GenerationCounts)
         self.notes: dict[str, object] = {}
         self._started = time.perf_counter()
 

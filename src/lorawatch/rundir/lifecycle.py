@@ -1,24 +1,25 @@
 """The run folder's life cycle: checking a folder against the command before any model work, creating,
 resuming or clearing it (--overwrite, --force), what a run records of itself (config, inputs, histories), and
-the lock that makes one process its only writer.
+the lock that makes one process its only writer (locks.py).
 
-The layout itself (which file is where) and every read and write are store.py's; a stage's files are stage_files.py's.
+Which file is where is layout.py's, every read and write store.py's; a stage's files are stage_files.py's.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import atomic, locks, store
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import ConfigError, UserError
+from lorawatch.rundir.files import RecordFile, RowsFile
+from lorawatch.rundir.layout import ADAPTER_FOLDER, LOCK, RECORDS, RunFolder
 from lorawatch.rundir.store import DAMAGED
 
 
@@ -36,10 +37,6 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return fields
 
 
-RUN_MARKER = ".lorawatch-run"  # in every run folder: --overwrite deletes only folders that have it
-INPUTS = "inputs.json"  # what the results were computed from: data, model weights, scoring and generation rules
-CONFIG_HISTORY = "config_history.jsonl"  # one line per --force: what changed and what was kept
-ENVIRONMENT_HISTORY = "environment_history.jsonl"  # one line per start or resume of the run
 # Config fields whose change would make finished stages mean something else: --force never resumes over them.
 MEANING_FIELDS = ("order", "tasks", "reference", "lora", "train", "strategy", "model.dtype")
 MOVABLE_FIELDS = ("tasks.*.train", "tasks.*.test", "reference.path")  # data may move if its rows do not change
@@ -48,10 +45,10 @@ MOVABLE_FIELDS = ("tasks.*.train", "tasks.*.test", "reference.path")  # data may
 def is_run_folder(path: Path) -> bool:
     """A folder lorawatch wrote: its marker, or (written before the marker existed) a config.json beside the
     environment or seed folders that only a run writes."""
-    if (path / RUN_MARKER).is_file():
+    run = RunFolder(path)
+    if run.marker.is_file():
         return True
-    return (path / "config.json").is_file() and ((path / "environment.json").is_file() or
-                                                 any(p.is_dir() for p in path.glob("seed-*")))
+    return run.config.is_file() and (run.environment.exists() or bool(run.seeds_on_disk()))
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overw
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a folder")
     created = not run_dir.exists()
-    contents = [p for p in run_dir.iterdir() if p.name != ".lock"] if run_dir.is_dir() else []
+    contents = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
     if not contents:
         mode, forced = "new", ()
     elif not is_run_folder(run_dir):
@@ -99,11 +96,12 @@ def plan_run_dir(run_dir: Path, config: ExperimentConfig, inputs: dict, *, overw
     return FolderPlan(mode, created, tuple(forced))
 
 
-def _read_record(path: Path, record: type[schema.Record] | None = None) -> dict:
-    """A run's own record (config.json, or a typed one such as inputs.json): a mapping, or a one-line error if it
-    is damaged."""
+def _read_record(record: RecordFile | Path) -> dict:
+    """A run's own record (a typed one such as inputs.json, or the config at its path): a mapping, or a one-line
+    error if it is damaged."""
+    path = record.path if isinstance(record, RecordFile) else record
     try:
-        recorded = store.read_json(path) if record is None else store.read_record(path, record).body()
+        recorded = record.read().body() if isinstance(record, RecordFile) else store.read_json(path)
     except DAMAGED:
         recorded = None
     if not isinstance(recorded, dict):
@@ -114,28 +112,28 @@ def _read_record(path: Path, record: type[schema.Record] | None = None) -> dict:
 def _check_versions(run_dir: Path) -> None:
     """A record from a newer lorawatch is refused before any model work (a damaged one is the run's to redo)."""
     for path in run_dir.rglob("*.json"):
-        if path.name in schema.RECORDS and "adapter" not in path.parts:
+        if path.name in RECORDS and ADAPTER_FOLDER not in path.parts:
             try:
-                store.read_record(path, schema.RECORDS[path.name])
+                store.read_record(path, RECORDS[path.name])
             except (OSError, ValueError):
                 continue
 
 
 def _check_same_job(run_dir: Path, inputs: dict) -> None:
     """`run` trains its adapters, `evaluate` reads them from elsewhere: neither resumes the other's folder."""
-    path = run_dir / INPUTS
-    evaluated = path.is_file() and bool(_read_record(path, schema.Inputs).get("adapters"))
+    record = RunFolder(run_dir).inputs
+    evaluated = record.exists() and bool(_read_record(record).get("adapters"))
     if evaluated and "adapters" not in inputs:
         raise UserError(f"{run_dir}: made by `lorawatch evaluate` (adapters trained elsewhere); `lorawatch run` does "
                         "not resume it: use another --out, or evaluate it again with `lorawatch evaluate`")
-    if not evaluated and "adapters" in inputs and path.is_file():
+    if not evaluated and "adapters" in inputs and record.exists():
         raise UserError(f"{run_dir}: made by `lorawatch run`; `lorawatch evaluate` does not write into it: use "
                         "another --out")
 
 
 def config_changes(run_dir: Path, config: ExperimentConfig) -> list[str]:
     """The fields in which `config` differs from the one the run folder was started with."""
-    config_path = run_dir / "config.json"
+    config_path = RunFolder(run_dir).config
     recorded = _read_record(config_path)
     try:  # read through today's schema, so that a field added since (with its default) is no difference
         recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
@@ -171,7 +169,7 @@ def clear_run_dir(run_dir: Path) -> None:
     """--overwrite, with the lock held: everything but the lock file goes (deleting the lock file would let a
     second writer lock a new one)."""
     for path in run_dir.iterdir():
-        if path.name == ".lock":
+        if path.name == LOCK:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -184,36 +182,35 @@ def start_run_dir(run_dir: Path, plan: FolderPlan, config: ExperimentConfig, fin
     """With the lock held and the model loaded: clear (--overwrite), record the config and inputs (a new run),
     or check them (a resumed one). Returns lines to tell the user."""
     notes = []
+    run = RunFolder(run_dir)
     if plan.mode == "overwrite":
         clear_run_dir(run_dir)
     if plan.mode == "resume":
         check_inputs(run_dir, fingerprint)
         if plan.forced:
-            previous = store.read_json(run_dir / "config.json")
-            _append_row(run_dir / CONFIG_HISTORY, schema.ConfigChange, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                                        "changed": list(plan.forced),
-                                                                        "previous": previous})
+            previous = run.read_config()
+            _append_row(run.config_history, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                             "changed": list(plan.forced), "previous": previous})
             notes.append(f"--force: resuming with changed {', '.join(plan.forced)}; finished stages keep what they "
                          "were computed with, unfinished ones use the new values (recorded in "
-                         f"{CONFIG_HISTORY})")
+                         f"{run.config_history.path.name})")
     if plan.mode != "resume" or plan.forced:
-        store.write_json(run_dir / "config.json", config.model_dump(mode="json"))
-    if plan.mode != "resume" or not (run_dir / INPUTS).is_file():
-        store.write_record(run_dir / INPUTS, schema.Inputs, fingerprint)
-    store.atomic_write_text(run_dir / RUN_MARKER, "a lorawatch run folder\n")
-    store.write_record(run_dir / "environment.json", schema.Environment, env)
-    _append_row(run_dir / ENVIRONMENT_HISTORY, schema.EnvironmentEntry,
-                {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode, **env})
+        run.write_config(config.model_dump(mode="json"))
+    if plan.mode != "resume" or not run.inputs.exists():
+        run.inputs.write(fingerprint)
+    atomic.write_text(run.marker, "a lorawatch run folder\n")
+    run.environment.write(env)
+    _append_row(run.environment_history, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode, **env})
     return notes
 
 
 def check_inputs(run_dir: Path, inputs: dict) -> None:
     """Refuse to resume a run whose inputs (the parts of `inputs` given) differ from those it recorded: its
     finished stages were computed from the old ones, and --force does not change that."""
-    path = run_dir / INPUTS
-    if not path.is_file():
+    record = RunFolder(run_dir).inputs
+    if not record.exists():
         return  # written by a version before fingerprints: recorded from now on
-    recorded = _read_record(path, schema.Inputs)
+    recorded = _read_record(record)
     changed = config_differences({k: recorded.get(k) for k in inputs}, inputs)
     if changed:
         raise UserError(f"{run_dir}: the run's inputs changed since it started (changed: {', '.join(changed)}); "
@@ -221,51 +218,28 @@ def check_inputs(run_dir: Path, inputs: dict) -> None:
                         "start again")
 
 
-def _append_row(path: Path, row_type: type, row: dict) -> None:
+def _append_row(history: RowsFile, row: dict) -> None:
     """History files grow by one line; rewritten whole (atomically) so that a crash never leaves half a line.
     The new line is checked; earlier ones are kept as they were written."""
-    store.check_rows(row_type, [row])
-    rows = store.read_jsonl(path) if path.is_file() else []
-    store.write_jsonl(path, [*rows, row])
+    store.check_rows(history.row_type, [row])
+    rows = store.read_jsonl(history.path) if history.exists() else []
+    store.write_jsonl(history.path, [*rows, row])
 
 
 def abandon_run_dir(run_dir: Path, plan: FolderPlan) -> None:
     """A check failed before anything was recorded: leave no folder behind that would refuse the corrected
     command (only a folder this command created, holding nothing but the lock)."""
-    if plan.created and run_dir.is_dir() and all(p.name == ".lock" for p in run_dir.iterdir()):
+    if plan.created and run_dir.is_dir() and all(p.name == LOCK for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def is_locked(run_dir: Path) -> bool:
     """Whether a process holds the run folder's lock (`run_lock`) now: it is being written."""
-    lock = run_dir / ".lock"
-    if not lock.is_file():
-        return False
-    with open(lock, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    return locks.is_held(RunFolder(run_dir).lock)
 
 
 @contextmanager
-def run_lock(run_dir: Path):
-    """One writer per run folder. The OS drops the lock when its holder dies, so a crash never leaves it stuck."""
-    handle = open(run_dir / ".lock", "a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(f"{run_dir}: already being written by {holder}; wait for it to finish or use another --out")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"lorawatch pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One writer per run folder: a second one is refused with a one-line error naming the holder."""
+    with locks.writer_lock(RunFolder(run_dir).lock, run_dir):
         yield
-    finally:
-        handle.close()

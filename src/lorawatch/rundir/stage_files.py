@@ -4,7 +4,8 @@ run used.
 
 Only the errors that mean "this file is damaged" (unreadable JSON, a record or rows that do not fit the schema, a
 damaged safetensors file, rows that do not match the data) mark a unit for recomputation; any other error is a
-bug and is raised. The run folder's life cycle (creating, resuming, the lock) is lifecycle.py's.
+bug and is raised. Where each file is, is layout.py's; the run folder's life cycle (creating, resuming, the lock)
+is lifecycle.py's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import shutil
 import signal
 import time
 import warnings
@@ -22,15 +22,12 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file as load_safetensors
 
-from lorawatch.rundir import schema, store
+from lorawatch.rundir import atomic, store
+from lorawatch.rundir.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Stage
 from lorawatch.rundir.store import DAMAGED
 from lorawatch.data.inputs import RunData
 from lorawatch.models.loading import LoadedModel
-from lorawatch.engine.drift import ExampleDrift, summarize
-from lorawatch.data.tasks.scoring import Prediction
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-BASE_LOGPROBS = "base_reference_logprobs.safetensors"
+from lorawatch.engine.drift import summarize
 
 
 def environment(loaded: LoadedModel) -> dict:
@@ -70,51 +67,34 @@ def crash_point(name: str) -> None:
         time.sleep(float(os.environ.get("LORAWATCH_PAUSE_SECONDS", "5")))
 
 
-def read_unit(path: Path, expected_ids: list[str], row_type: type) -> list | None:
-    """A unit's saved rows (predictions or drift), or None when missing or damaged: then it is redone."""
-    if not path.is_file():
-        return None
-    try:
-        rows = store.read_rows(path, row_type)
-    except ValueError:  # unreadable JSON or rows that do not fit (pydantic's ValidationError is a ValueError)
-        warnings.warn(f"{path}: damaged, recomputing it", stacklevel=2)
-        return None
-    if [r.id for r in rows] != expected_ids:
-        warnings.warn(f"{path}: does not match the data, recomputing it", stacklevel=2)
-        return None
-    return rows
-
-
-def finish_stage(folder: Path, *, stage: int, checkpoint: str, task: str | None, scores: dict, drift: list,
+def finish_stage(stage: Stage, *, index: int, checkpoint: str, task: str | None, scores: dict, drift: list,
                  base_stats: dict | None, extra: dict) -> dict:
     """Write the stage's summary files; stage.json goes last and marks the stage complete."""
     stats = summarize(drift)
     base_stats = base_stats or stats
     deltas = {f"{key}_delta": value - base_stats[key] for key, value in stats.items()}
-    store.write_record(folder / "reference_stats.json", schema.ReferenceStats, {**stats, **deltas})
-    store.write_record(folder / "scores.json", schema.Scores, scores)
-    store.write_record(folder / "stage.json", schema.StageRecord,
-                       {"stage": stage, "checkpoint": checkpoint, "task": task, **extra})
+    stage.reference_stats.write({**stats, **deltas})
+    stage.scores.write(scores)
+    stage.record.write({"stage": index, "checkpoint": checkpoint, "task": task, **extra})
     return stats
 
 
-def stage_complete(folder: Path, data: RunData, *, adapter: bool) -> bool:
+def stage_complete(stage: Stage, data: RunData, *, adapter: bool) -> bool:
     """A stage is complete when every file it wrote is intact; damaged ones are reported and redone."""
     try:
-        for name, record in (("stage.json", schema.StageRecord), ("scores.json", schema.Scores),
-                             ("reference_stats.json", schema.ReferenceStats)):
-            store.read_record(folder / name, record)
+        for record in (stage.record, stage.scores, stage.reference_stats):
+            record.read()
     except FileNotFoundError:
         return False
     except (OSError, ValueError):  # unreadable, or fields that do not fit the schema
-        warnings.warn(f"{folder}: damaged summary file, redoing that stage's missing parts", stacklevel=2)
+        warnings.warn(f"{stage.path}: damaged summary file, redoing that stage's missing parts", stacklevel=2)
         return False
     parts = [(t.name, [e.id for e in t.test]) for t in data.tasks] + [("reference", [e.id for e in data.reference])]
-    if any(read_unit(folder / "predictions" / f"{name}.jsonl", ids, Prediction) is None for name, ids in parts):
+    if any(stage.predictions(name).unit(ids) is None for name, ids in parts):
         return False
-    if read_unit(folder / "reference_drift.jsonl", [e.id for e in data.reference], ExampleDrift) is None:
+    if stage.drift.unit([e.id for e in data.reference]) is None:
         return False
-    return not adapter or adapter_intact(folder / "adapter")
+    return not adapter or adapter_intact(stage.adapter)
 
 
 def adapter_intact(folder: Path) -> bool:
@@ -125,22 +105,19 @@ def adapter_intact(folder: Path) -> bool:
     except DAMAGED:
         warnings.warn(f"{folder}: damaged adapter, redoing that stage", stacklevel=2)
         return False
-    return readable_json(folder / "adapter_config.json")
+    return readable_json(folder / ADAPTER_CONFIG)
 
 
 def save_adapter(model, folder: Path) -> None:
     # Written beside the final name, then renamed: a crash never leaves a half-written adapter in place.
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    # PEFT writes the target modules in set order, which changes with the interpreter's hash seed: sorted, the
-    # same adapter is the same bytes in every run. (Subfolders: the earlier tasks' adapters of strategy olora.)
-    for config_path in sorted(tmp.rglob("adapter_config.json")):
-        config = store.read_json(config_path)
-        if isinstance(config.get("target_modules"), list):
-            store.write_json(config_path, {**config, "target_modules": sorted(config["target_modules"])})
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic.replace_folder(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        # PEFT writes the target modules in set order, which changes with the interpreter's hash seed: sorted, the
+        # same adapter is the same bytes in every run. (Subfolders: the earlier tasks' adapters of strategy olora.)
+        for config_path in sorted(tmp.rglob(ADAPTER_CONFIG)):
+            config = store.read_json(config_path)
+            if isinstance(config.get("target_modules"), list):
+                store.write_json(config_path, {**config, "target_modules": sorted(config["target_modules"])})
 
 
 def load_adapter_weights(model, folder: Path) -> bool:
@@ -166,12 +143,12 @@ def load_adapter_weights(model, folder: Path) -> bool:
     return True
 
 
-def read_drafts(folder: Path) -> dict[str, list[int]]:
+def read_drafts(stage: Stage) -> dict[str, list[int]]:
     """A finished checkpoint's generated tokens by example id: the next checkpoint's drafts."""
     drafts: dict[str, list[int]] = {}
-    for path in sorted((folder / "predictions").glob("*.jsonl")):
+    for predictions in stage.prediction_files():
         try:
-            rows = store.read_rows(path, Prediction)
+            rows = predictions.read()
         except (OSError, ValueError):
             continue  # a draft is only a speed-up; a damaged file just means no drafts
         drafts.update({r.id: r.output_ids for r in rows if r.output_ids})
@@ -188,17 +165,6 @@ def readable_json(path: Path) -> bool:
     except (OSError, ValueError):
         warnings.warn(f"{path}: damaged, redoing that unit", stacklevel=2)
         return False
-
-
-def read_intact(path: Path, record: type[schema.Record]) -> schema.Record | None:
-    """A unit's record, or None when it is missing or damaged (reported): then the unit is redone."""
-    if not path.is_file():
-        return None
-    try:
-        return store.read_record(path, record)
-    except (OSError, ValueError):
-        warnings.warn(f"{path}: damaged, redoing that unit", stacklevel=2)
-        return None
 
 
 def read_logprobs(path: Path, rows: int) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic
 from lorawatch.config import TrackingSettings
 from lorawatch.study.folder import study_states, write_plan
 from lorawatch.study.spec import Study, Unit, load_study_file
@@ -83,8 +83,8 @@ class StudyTracker:
                                    {"study": study.spec.model_dump(mode="json", exclude={"tracking"}),
                                     "units": len(study.units)},
                                    run_id=recorded.get("run_id") if same else None)
-        store.atomic_write_text(record, json.dumps({"settings": self.settings.model_dump(mode="json"),
-                                                    "run_id": self.tracker.run_id}, indent=2) + "\n")
+        atomic.write_text(record, json.dumps({"settings": self.settings.model_dump(mode="json"),
+                                              "run_id": self.tracker.run_id}, indent=2) + "\n")
 
     def unit(self, unit: Unit) -> None:
         """A finished unit as a child (nothing is logged twice: its tracking.json says what was)."""

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.config import build_config
 from lorawatch.errors import UserError
 from lorawatch.rundir.lifecycle import config_changes, is_locked
@@ -27,9 +28,9 @@ def write_plan(study: Study, study_dir: Path) -> Path:
               "units": [{"name": u.name, "folder": str(u.folder(study_dir)), "changes": u.changes,
                          "command": u.command(study_dir), "config": u.config().model_dump(mode="json")}
                         for u in study.units]}
-    store.atomic_write_text(study_dir / STUDY_RECORD, json.dumps(record, indent=2) + "\n")
+    atomic.write_text(study_dir / STUDY_RECORD, json.dumps(record, indent=2) + "\n")
     lines = [u.command(study_dir) for u in study.units]
-    store.atomic_write_text(study_dir / "units.txt", "\n".join(lines) + "\n")
+    atomic.write_text(study_dir / "units.txt", "\n".join(lines) + "\n")
     return study_dir / "units.txt"
 
 
@@ -49,13 +50,14 @@ def write_status(study_dir: Path, unit_name: str, **fields: Any) -> dict:
     status = {**read_status(study_dir, unit_name), **fields}
     path = status_path(study_dir, unit_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_text(path, json.dumps(status, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(status, indent=2) + "\n")
     return status
 
 
 def run_finished(run_dir: Path) -> bool:
     """A run folder whose run got to its end: costs.json is the last file a run writes."""
-    return (run_dir / "costs.json").is_file() and (run_dir / "summary").is_dir()
+    run = RunFolder(run_dir)
+    return run.costs.exists() and run.summary_folder.is_dir()
 
 
 @dataclass
@@ -72,11 +74,11 @@ class UnitState:
 def stages_done(run_dir: Path) -> tuple[int, int] | None:
     """How far a run folder is: its finished stages, of all it will have."""
     try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(RunFolder(run_dir).config.read_text(encoding="utf-8"))
         total = (len(config["tasks"]) + 1) * len(config["seeds"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return len(list(run_dir.glob("seed-*/stage-*/stage.json"))), total
+    return RunFolder(run_dir).finished_stages(), total
 
 
 def unit_state(study_dir: Path, name: str, folder: Path, config: dict | None = None) -> UnitState:
@@ -130,7 +132,7 @@ def _changes(folder: Path, config: dict | None) -> list[str] | None:
 
 def _finished_at(folder: Path) -> float:
     try:
-        return (folder / "costs.json").stat().st_mtime
+        return RunFolder(folder).costs.path.stat().st_mtime
     except OSError:
         return 0.0
 

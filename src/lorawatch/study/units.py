@@ -12,6 +12,7 @@ from typing import Callable
 
 from lorawatch.config import TrackingSettings
 from lorawatch.errors import UserError
+from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir.lifecycle import config_changes
 from lorawatch.study.folder import read_status, run_finished, write_status
 from lorawatch.study.spec import Resources, Study, Unit
@@ -41,7 +42,7 @@ def run_unit(unit: Unit, study_dir: Path, *, console=None, tracking: TrackingSet
 
     try:
         config = unit.config()
-        if (folder / "config.json").is_file():
+        if RunFolder(folder).config.is_file():
             # `run` would refuse it too, but advise its own options (--overwrite, --force), not the study's way
             changed = config_changes(folder, config)
             if changed:

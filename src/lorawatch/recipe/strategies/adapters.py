@@ -1,6 +1,6 @@
 """The model's LoRA adapters as the strategies that train one adapter per task handle them (merging, O-LoRA).
 
-PEFT (and the stage files, which import it) are imported where they are used, here and in those strategies: the
+PEFT is imported where it is used, here and in those strategies: the
 config imports every strategy module for its settings, and PEFT would add seconds to every command's start.
 """
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lorawatch.recipe.strategies.base import read_tensors
+from lorawatch.rundir.layout import ADAPTER_WEIGHTS
 
 ADAPTER = "default"  # the model's own adapter: the one trained, saved and loaded by the protocol
 
@@ -38,7 +39,6 @@ def add_frozen_adapter(model, name: str, folder: Path) -> None:
     it inactive and frozen."""
     from peft import set_peft_model_state_dict
 
-    from lorawatch.rundir.stage_files import ADAPTER_WEIGHTS
 
     state = read_tensors(folder / ADAPTER_WEIGHTS)
     if state is None:  # the stage is complete: the protocol checked its adapter

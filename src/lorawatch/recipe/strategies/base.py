@@ -14,8 +14,10 @@ from typing import Literal, Sequence
 import torch
 from safetensors.torch import load_file, save
 
-from lorawatch.rundir import store
+from lorawatch.rundir import atomic
 from lorawatch.data.prompts import EncodedTrainExample
+from lorawatch.rundir.layout import Stage
+from lorawatch.rundir.schema import StrategyLog
 from lorawatch.rundir.store import DAMAGED
 from lorawatch.recipe.strategies.registry import StrategyConfig, register
 from lorawatch.recipe.training import ExtraLoss, training_seed
@@ -30,7 +32,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    store.atomic_write_bytes(path, save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}))
+    atomic.write_bytes(path, save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}))
 
 
 class TimedTerm:
@@ -55,7 +57,7 @@ class StagePlan:
 
     stage: int
     run_seed: int
-    earlier: list[Path]  # the folders of stages 0 .. stage-1, with what each kept for later stages
+    earlier: list[Stage]  # stages 0 .. stage-1, with what each kept for later stages
     rows: list[EncodedTrainExample]
     extra_loss: TimedTerm | None = None
     record: dict = field(default_factory=dict)  # for the stage's training log (schema.StrategyLog)
@@ -67,7 +69,7 @@ class StagePlan:
         return training_seed(self.run_seed, self.stage)
 
     @property
-    def previous(self) -> Path:
+    def previous(self) -> Stage:
         return self.earlier[-1]
 
 
@@ -84,11 +86,11 @@ class Strategy:
     def task_rows(self, stage: int) -> list[EncodedTrainExample]:
         return list(self.train_rows[self.tasks[stage - 1]])
 
-    def plan(self, model: torch.nn.Module, stage: int, run_seed: int, earlier: list[Path]) -> StagePlan:
-        """Stage `stage`'s plan; `earlier` are the folders of the stages before it (0 .. stage-1)."""
+    def plan(self, model: torch.nn.Module, stage: int, run_seed: int, earlier: list[Stage]) -> StagePlan:
+        """Stage `stage`'s plan; `earlier` are the stages before it (0 .. stage-1)."""
         return StagePlan(stage=stage, run_seed=run_seed, earlier=earlier, rows=self.task_rows(stage))
 
-    def finish(self, model: torch.nn.Module, plan: StagePlan, steps: int, folder: Path) -> dict | None:
+    def finish(self, model: torch.nn.Module, plan: StagePlan, steps: int, folder: Stage) -> StrategyLog | None:
         """After the stage trained (`steps` optimizer steps): keep what later stages need in `folder`; the record
         for the stage's training log, None for `none` (whose training.json is the plain protocol's)."""
         if self.name == "none":
@@ -97,9 +99,9 @@ class Strategy:
         if plan.extra_loss is not None:
             record["loss_seconds"] = round(plan.extra_loss.seconds, 3)
             record["loss_seconds_per_step"] = round(plan.extra_loss.seconds / max(steps, 1), 6)
-        return record
+        return StrategyLog.model_validate(record)
 
-    def intact(self, folder: Path, stage: int) -> bool:
+    def intact(self, folder: Stage, stage: int) -> bool:
         """Whether what stage `stage` kept for later stages is in `folder` and readable (else the stage is redone)."""
         return True
 

@@ -6,14 +6,13 @@ tasks learned so far. theta* is the adapter as the previous stage left it. Summi
 online EWC without decay (Schwarz et al., 2018), which with one cumulative adapter is the natural form: every earlier
 task's optimum is the adapter it left, carried forward.
 
-Each stage's summed Fisher is saved beside its adapter (FISHER_FILE), and the next stage reads it from there, so a
+Each stage's summed Fisher is saved beside its adapter (Stage.ewc_fisher), and the next stage reads it from there, so a
 resumed run uses the same numbers as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -23,8 +22,8 @@ from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, TimedTerm, read_tensors, write_tensors
 from lorawatch.recipe.strategies.registry import StrategyConfig, register
 from lorawatch.recipe.training import _collate, answer_loss
-
-FISHER_FILE = "ewc_fisher.safetensors"
+from lorawatch.rundir.layout import Stage
+from lorawatch.rundir.schema import StrategyLog
 
 
 class EWCConfig(StrategyConfig):
@@ -76,10 +75,10 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]
     return 0.5 * weight * total
 
 
-def _earlier_fisher(previous: Path) -> dict[str, torch.Tensor]:
-    fisher = read_tensors(previous / FISHER_FILE)
+def _earlier_fisher(previous: Stage) -> dict[str, torch.Tensor]:
+    fisher = read_tensors(previous.ewc_fisher)
     if fisher is None:  # the protocol redoes a stage whose Fisher is not intact() before it trains the next one
-        raise RuntimeError(f"{previous / FISHER_FILE}: missing or damaged, yet the stage after it is being trained")
+        raise RuntimeError(f"{previous.ewc_fisher}: missing or damaged, yet the stage after it is being trained")
     return fisher
 
 
@@ -90,7 +89,7 @@ class EWC(Strategy):
         super().__init__(train_rows)
         self.weight, self.fisher_rows, self.pad_id, self.device = weight, fisher_rows, pad_id, device
 
-    def plan(self, model, stage: int, run_seed: int, earlier: list[Path]) -> StagePlan:
+    def plan(self, model, stage: int, run_seed: int, earlier: list[Stage]) -> StagePlan:
         plan = super().plan(model, stage, run_seed, earlier)
         if stage == 1:
             return plan  # nothing learned yet to hold on to
@@ -107,7 +106,7 @@ class EWC(Strategy):
         plan.extra_loss = TimedTerm(term)
         return plan
 
-    def finish(self, model, plan: StagePlan, steps: int, folder: Path) -> dict | None:
+    def finish(self, model, plan: StagePlan, steps: int, folder: Stage) -> StrategyLog | None:
         record = super().finish(model, plan, steps, folder)
         if plan.stage == len(self.tasks):
             return record  # no later stage to protect this task from
@@ -119,11 +118,12 @@ class EWC(Strategy):
         if plan.stage > 1:  # summed over the tasks learned so far
             earlier = _earlier_fisher(plan.previous)
             fisher = {name: f + earlier[name].to(f.device) for name, f in fisher.items()}
-        write_tensors(folder / FISHER_FILE, fisher)
-        return {**record, "fisher_rows": len(sample), "fisher_seconds": round(time.perf_counter() - started, 3)}
+        write_tensors(folder.ewc_fisher, fisher)
+        record.fisher_rows, record.fisher_seconds = len(sample), round(time.perf_counter() - started, 3)
+        return record
 
-    def intact(self, folder: Path, stage: int) -> bool:
-        return stage == len(self.tasks) or read_tensors(folder / FISHER_FILE) is not None
+    def intact(self, folder: Stage, stage: int) -> bool:
+        return stage == len(self.tasks) or read_tensors(folder.ewc_fisher) is not None
 
 
 @register(EWCConfig)

@@ -11,7 +11,6 @@ reports is the other direction, KL(p_adapted || p_base); both are zero exactly w
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -19,6 +18,7 @@ from pydantic import Field
 
 from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, TimedTerm
+from lorawatch.rundir.layout import Stage
 from lorawatch.recipe.strategies.registry import StrategyConfig, register
 
 
@@ -47,7 +47,7 @@ class KLAnchor(Strategy):
         super().__init__(train_rows)
         self.weight = weight
 
-    def plan(self, model, stage: int, run_seed: int, earlier: list[Path]) -> StagePlan:
+    def plan(self, model, stage: int, run_seed: int, earlier: list[Stage]) -> StagePlan:
         plan = super().plan(model, stage, run_seed, earlier)
         weight = self.weight
 

@@ -2,7 +2,7 @@
 
 Every task's adapter starts from the same initial adapter (drawn from the run's seed), as task vectors in model
 merging all start from the same pre-trained weights. After stage k its trained adapter is saved in the stage's folder
-(TASK_ADAPTER), and the merge of adapters 1..k is written into the model's adapter: that is the stage's checkpoint,
+(its task_adapter), and the merge of adapters 1..k is written into the model's adapter: that is the stage's checkpoint,
 evaluated, saved and resumed like any other.
 
 `linear`, `ties` and `dare_linear` are PEFT's own `add_weighted_adapter`, with equal weights 1/k: like every PEFT
@@ -15,7 +15,6 @@ entries of B @ A instead would give a full-rank update that no rank-r adapter ca
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar, Literal, Sequence
 
 import torch
@@ -25,8 +24,8 @@ from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.adapters import ADAPTER, adapter_state, reset_adapter
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, read_tensors, write_tensors
 from lorawatch.recipe.strategies.registry import StrategyConfig, register
-
-TASK_ADAPTER = "task_adapter.safetensors"
+from lorawatch.rundir.layout import Stage
+from lorawatch.rundir.schema import StrategyLog
 
 
 class MergeConfig(StrategyConfig):
@@ -90,22 +89,22 @@ class Merge(Strategy):
         super().__init__(train_rows)
         self.method, self.density = method, density
 
-    def plan(self, model, stage: int, run_seed: int, earlier: list[Path]) -> StagePlan:
+    def plan(self, model, stage: int, run_seed: int, earlier: list[Stage]) -> StagePlan:
         plan = super().plan(model, stage, run_seed, earlier)
         reset_adapter(model, run_seed)  # the same start for every task, as task vectors share the pre-trained model
         plan.carry["initial"] = adapter_state(model)  # where every task vector starts (MagMax's origin)
         return plan
 
-    def finish(self, model, plan: StagePlan, steps: int, folder: Path) -> dict | None:
+    def finish(self, model, plan: StagePlan, steps: int, folder: Stage) -> StrategyLog | None:
         from peft import set_peft_model_state_dict  # (adapters.py says why here)
 
         trained = adapter_state(model)
-        write_tensors(folder / TASK_ADAPTER, trained)
+        write_tensors(folder.task_adapter, trained)
         states = []
         for stage_folder in plan.earlier[1:]:
-            state = read_tensors(stage_folder / TASK_ADAPTER)
+            state = read_tensors(stage_folder.task_adapter)
             if state is None:  # the protocol redoes a stage whose task adapter is not intact() before the next one
-                raise RuntimeError(f"{stage_folder / TASK_ADAPTER}: missing or damaged, yet a later stage is trained")
+                raise RuntimeError(f"{stage_folder.task_adapter}: missing or damaged, yet a later stage is trained")
             states.append({name: t.to(trained[name].device) for name, t in state.items()})
         states.append(trained)
         if self.method == "magmax":
@@ -115,8 +114,8 @@ class Merge(Strategy):
         set_peft_model_state_dict(model, merged, adapter_name=ADAPTER)
         return super().finish(model, plan, steps, folder)
 
-    def intact(self, folder: Path, stage: int) -> bool:
-        return read_tensors(folder / TASK_ADAPTER) is not None
+    def intact(self, folder: Stage, stage: int) -> bool:
+        return read_tensors(folder.task_adapter) is not None
 
 
 @register(MergeConfig)

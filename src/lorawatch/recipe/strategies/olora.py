@@ -15,7 +15,6 @@ adapters of stages 1..t-1 are loaded from their folders beside it, frozen, and t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
 
 import torch
@@ -26,6 +25,7 @@ from lorawatch.recipe.strategies.adapters import ADAPTER, activate_with, add_fro
 from lorawatch.recipe.strategies.base import StagePlan, Strategy, TimedTerm
 from lorawatch.recipe.strategies.registry import StrategyConfig, register
 from lorawatch.recipe.training import use_gap_dropout
+from lorawatch.rundir.layout import Stage
 
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
@@ -60,14 +60,14 @@ class OLoRA(Strategy):
         super().__init__(train_rows)
         self.lambda_orth, self.lambda_l2 = lambda_orth, lambda_l2
 
-    def plan(self, model, stage: int, run_seed: int, earlier: list[Path]) -> StagePlan:
+    def plan(self, model, stage: int, run_seed: int, earlier: list[Stage]) -> StagePlan:
         from peft.tuners.lora import LoraLayer  # (adapters.py says why here)
 
         plan = super().plan(model, stage, run_seed, earlier)
         frozen = [task_adapter_name(k) for k in range(1, stage)]
         for k, name in enumerate(frozen, start=1):
             if name not in model.peft_config:  # added by an earlier stage of this seed, or loaded here on resume
-                add_frozen_adapter(model, name, earlier[k] / "adapter")
+                add_frozen_adapter(model, name, earlier[k].adapter)
         reset_adapter(model, plan.seed)  # a new subspace: the task's adapter starts afresh
         activate_with(model, frozen)
         use_gap_dropout(model)  # the frozen adapters' dropout too (see training.GapDropout)

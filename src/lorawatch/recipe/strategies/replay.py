@@ -6,7 +6,6 @@ task and the seed), so a stage's rows can be rebuilt from its training log.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Sequence, TypeVar
 
 import torch
@@ -15,6 +14,7 @@ from pydantic import Field, model_validator
 from lorawatch.data.prompts import EncodedTrainExample
 from lorawatch.recipe.strategies.base import StagePlan, Strategy
 from lorawatch.recipe.strategies.registry import StrategyConfig, register
+from lorawatch.rundir.layout import Stage
 
 Row = TypeVar("Row")
 
@@ -59,7 +59,7 @@ class Replay(Strategy):
         super().__init__(train_rows)
         self.fraction, self.count = fraction, count
 
-    def plan(self, model, stage: int, run_seed: int, earlier: list[Path]) -> StagePlan:
+    def plan(self, model, stage: int, run_seed: int, earlier: list[Stage]) -> StagePlan:
         plan = super().plan(model, stage, run_seed, earlier)
         tasks = {task: self.train_rows[task] for task in self.tasks[:stage - 1]}
         extra, taken = replay_rows(tasks, seed=plan.seed, fraction=self.fraction, count=self.count)
