@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from lorawatch.rundir import atomic
 from lorawatch.report.monitoring_view import monitor_series
-from lorawatch.report.study import Group, Study, slug
+from lorawatch.report.study import Group, StudyResults, slug
 
 LINESTYLES = {"original": "-", "reversed": "--"}
 MARKERS = {"original": "o", "reversed": "^"}
@@ -25,7 +25,7 @@ _OTHER_LINESTYLES = (":", "-.")
 _OTHER_MARKERS = ("s", "D", "v", "P")
 
 
-def _style(study: Study, order: str) -> tuple[str, str]:
+def _style(study: StudyResults, order: str) -> tuple[str, str]:
     others = [o for o in study.orders if o not in LINESTYLES]
     if order in LINESTYLES:
         return LINESTYLES[order], MARKERS[order]
@@ -33,7 +33,7 @@ def _style(study: Study, order: str) -> tuple[str, str]:
     return _OTHER_LINESTYLES[i % len(_OTHER_LINESTYLES)], _OTHER_MARKERS[i % len(_OTHER_MARKERS)]
 
 
-def model_colors(study: Study) -> dict[str, str]:
+def model_colors(study: StudyResults) -> dict[str, str]:
     palette = matplotlib.colormaps["tab10"].colors
     return {m: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, m in enumerate(study.models)}
 
@@ -50,7 +50,7 @@ def _side_legend(fig: Figure, ax) -> None:
     fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncols=1, frameon=False)
 
 
-def _base_accuracy_lines(ax, study: Study, colors: dict[str, str]) -> None:
+def _base_accuracy_lines(ax, study: StudyResults, colors: dict[str, str]) -> None:
     """Each model's base average accuracy, dotted: what a checkpoint below it lost."""
     for model in study.models:
         base = study.groups_of(model)[0].mean["avg_all"].iloc[0]
@@ -86,7 +86,7 @@ def _fmt_p(value: float | None) -> str:
     return f"{value:.1e}" if value < 1e-3 else f"{value:.3f}"
 
 
-def figure1(study: Study, points: pd.DataFrame, corr: dict, zone: dict, out_dir: Path) -> list[Path]:
+def figure1(study: StudyResults, points: pd.DataFrame, corr: dict, zone: dict, out_dir: Path) -> list[Path]:
     """KL to base against average accuracy over all tasks, every checkpoint, model and order."""
     fig = _new_figure(8.0, 5.4)
     ax = fig.add_subplot()
@@ -135,7 +135,7 @@ def figure1(study: Study, points: pd.DataFrame, corr: dict, zone: dict, out_dir:
     return _save(fig, out_dir, "figure1")
 
 
-def figure2(study: Study, out_dir: Path) -> list[Path]:
+def figure2(study: StudyResults, out_dir: Path) -> list[Path]:
     """KL to base per step, one line per model and order (original solid, reversed dashed)."""
     fig = _new_figure(7.5, 4.6)
     ax = fig.add_subplot()
@@ -161,7 +161,7 @@ def figure2(study: Study, out_dir: Path) -> list[Path]:
 
 
 
-def figure3(study: Study, finals: pd.DataFrame, out_dir: Path) -> list[Path]:
+def figure3(study: StudyResults, finals: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Final average accuracy against final KL to base, one point per run and seed: where each model, setting or
     strategy ends on the trade-off between what it learned and how far it moved from its base."""
     fig = _new_figure(8.0, 5.0)
@@ -186,7 +186,7 @@ def figure3(study: Study, finals: pd.DataFrame, out_dir: Path) -> list[Path]:
     _side_legend(fig, ax)
     return _save(fig, out_dir, "figure3")
 
-def matrix_heatmap(study: Study, model: str, out_dir: Path, stem: str | None = None) -> list[Path]:
+def matrix_heatmap(study: StudyResults, model: str, out_dir: Path, stem: str | None = None) -> list[Path]:
     """The accuracy matrix (seed mean, ± std when there are several seeds), one panel per task order."""
     groups = study.groups_of(model)
     fig = _new_figure(1.2 + 3.9 * len(groups), 3.9)
@@ -213,7 +213,7 @@ def matrix_heatmap(study: Study, model: str, out_dir: Path, stem: str | None = N
     return _save(fig, out_dir, stem or f"model-{slug(model)}-matrix")
 
 
-def accuracy_and_kl(study: Study, model: str, out_dir: Path, stem: str | None = None) -> list[Path]:
+def accuracy_and_kl(study: StudyResults, model: str, out_dir: Path, stem: str | None = None) -> list[Path]:
     """Average accuracy over all tasks (left axis) and KL to base (right axis) per step, per task order."""
     groups: list[Group] = study.groups_of(model)
     fig = _new_figure(7.2, 4.3)

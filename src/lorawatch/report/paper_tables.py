@@ -8,7 +8,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from lorawatch.report.labels import METRIC_HEADERS, TRANSFER_METRICS, mean_sd
-from lorawatch.report.study import ORDER_RANK, Study
+from lorawatch.report.study import ORDER_RANK, StudyResults
 
 
 
@@ -82,7 +82,7 @@ def _latex(text: str) -> str:
     return "".join(_LATEX.get(ch, ch) for ch in str(text))
 
 
-def _per_step_table(study: Study, name: str, title: str, note: str, headers: list[str],
+def _per_step_table(study: StudyResults, name: str, title: str, note: str, headers: list[str],
                     columns: list[tuple[str, str]], learned_task_column: bool) -> ReportTable:
     """Rows: every group, steps 1..T. `columns` = (step column, CSV name)."""
     with_order = len(study.orders) > 1
@@ -108,7 +108,7 @@ def _per_step_table(study: Study, name: str, title: str, note: str, headers: lis
     return ReportTable(name, title, shown, rows, starts, pd.DataFrame(records), note)
 
 
-def _seeds_note(study: Study) -> str:
+def _seeds_note(study: StudyResults) -> str:
     counts = sorted({len(g.per_seed) for g in study.groups})
     if counts == [1]:
         return "one seed per model and order"
@@ -116,7 +116,7 @@ def _seeds_note(study: Study) -> str:
     return note if counts[0] > 1 else note + "; one-seed rows show the mean only"
 
 
-def table3(study: Study) -> ReportTable:
+def table3(study: StudyResults) -> ReportTable:
     return _per_step_table(
         study, "table3", "Table 3: sequential adaptation per model and step",
         "After learning = R[k,k]; immediate gain = R[k,k] − R[k−1,k]; vs. base = R[k,k] − R[0,k]; "
@@ -126,7 +126,7 @@ def table3(study: Study) -> ReportTable:
          ("avg_all", "avg_accuracy")], learned_task_column=True)
 
 
-def table4(study: Study) -> ReportTable:
+def table4(study: StudyResults) -> ReportTable:
     return _per_step_table(
         study, "table4", "Table 4: continual-learning metrics per checkpoint",
         "OP_k = mean_{i≤k} R[k,i]; BWT_k = mean_{i<k} (R[k,i] − R[i,i]); FWT_k = mean_{i>k} (R[k,i] − R[0,i]); "
@@ -134,7 +134,7 @@ def table4(study: Study) -> ReportTable:
         [METRIC_HEADERS[m] for m in TRANSFER_METRICS], [(m, m) for m in TRANSFER_METRICS], learned_task_column=False)
 
 
-def table5(study: Study) -> ReportTable:
+def table5(study: StudyResults) -> ReportTable:
     return _per_step_table(
         study, "table5", "Table 5: stability on the reference set, relative to the base checkpoint",
         "Δ entropy and Δ margin: mean over the reference set minus the base checkpoint's; KL to base: mean "
@@ -144,7 +144,7 @@ def table5(study: Study) -> ReportTable:
         learned_task_column=False)
 
 
-def table6(study: Study) -> ReportTable:
+def table6(study: StudyResults) -> ReportTable:
     orders = study.orders
     headers = ["Model"] + [o.capitalize() if o in ORDER_RANK else o for o in orders] * 2
     rows, records = [], []
@@ -173,7 +173,7 @@ def table6(study: Study) -> ReportTable:
                        header_groups=groups)
 
 
-def build_tables(study: Study) -> list[ReportTable]:
+def build_tables(study: StudyResults) -> list[ReportTable]:
     return [table3(study), table4(study), table5(study), table6(study)]
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from lorawatch.report import run_comparison, verdict_view
 from lorawatch.rundir import schema
 from lorawatch.rundir.layout import STATISTICS
-from lorawatch.report.study import Group, Study, setting_pairs
+from lorawatch.report.study import Group, StudyResults, setting_pairs
 from lorawatch.analysis.verdicts import load_seed_statistics
 
 PAIRED_CSV = "paired.csv"
@@ -28,7 +28,7 @@ def group_records(group: Group) -> dict[int, schema.StatisticsRecord]:
     return {s.seed: load_seed_statistics(s.run_dir, s.seed, group.config.statistics) for s in group.per_seed}
 
 
-def verdicts_section(study: Study) -> str:
+def verdicts_section(study: StudyResults) -> str:
     lines = ["## Is it real?", "",
              "Per group and seed, every trained checkpoint against the previous one and the base model on the same "
              "test rows: Δ accuracy with its paired bootstrap interval, flips (↓ right→wrong, ↑ wrong→right), exact "
@@ -46,7 +46,7 @@ def verdicts_section(study: Study) -> str:
     return "\n".join(lines)
 
 
-def setting_comparisons(study: Study) -> list[tuple[Group, Group, run_comparison.RunComparison]]:
+def setting_comparisons(study: StudyResults) -> list[tuple[Group, Group, run_comparison.RunComparison]]:
     """(baseline, group, their comparison) for every group that differs in a setting from its baseline group."""
     out = []
     for baseline, group in setting_pairs(study):

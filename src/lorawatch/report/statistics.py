@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 
 from lorawatch.analysis.metrics import ACCURACY_TOLERANCE, MIN_CHECKPOINTS_PER_LABEL
-from lorawatch.report.study import Study
+from lorawatch.report.study import StudyResults
 
 
 
-def kl_accuracy_points(study: Study) -> pd.DataFrame:
+def kl_accuracy_points(study: StudyResults) -> pd.DataFrame:
     """Every checkpoint after a training step (seed means): KL to base, average accuracy over all tasks, and
     whether that accuracy fell below the same group's base model. Base checkpoints (KL = 0 by definition,
     the same model in every order) are left out."""

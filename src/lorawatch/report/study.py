@@ -77,7 +77,9 @@ class Group:
 
 
 @dataclass
-class Study:
+class StudyResults:
+    """Finished run folders grouped by model, task order and settings, each group's seeds read back."""
+
     groups: list[Group]
     task_set: frozenset[str]
 
@@ -206,7 +208,7 @@ def _read_seed(run_dir: Path, seed: int, tasks: list[str]) -> SeedResult:
     return SeedResult(run_dir, seed, matrix, metrics, stability, steps)
 
 
-def load_study(run_dirs: Sequence[str | Path]) -> Study:
+def load_study(run_dirs: Sequence[str | Path]) -> StudyResults:
     """Read and group finished run folders. Bad input raises UserError naming the folder."""
     if not run_dirs:
         raise UserError("give at least one run folder")
@@ -264,7 +266,7 @@ def load_study(run_dirs: Sequence[str | Path]) -> Study:
     # models in the order they were first given, then original, reversed, other orders
     first = {m: i for i, m in reversed(list(enumerate(g.model for g in ordered)))}
     ordered.sort(key=lambda g: (first[g.model], ORDER_RANK.get(g.order, 2)))
-    return Study(ordered, task_set or frozenset())
+    return StudyResults(ordered, task_set or frozenset())
 
 
 # --- settings against a baseline ----------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def is_plain(group: Group) -> bool:
     return group.settings.get("strategy.name") == "none" and group.settings.get("monitor") == "none"
 
 
-def setting_pairs(study: Study) -> list[tuple[Group, Group]]:
+def setting_pairs(study: StudyResults) -> list[tuple[Group, Group]]:
     """(baseline, group) for every other group of a model and task order that has groups differing in a setting.
     The baseline is the first plain group (is_plain), else the first group in the study's order."""
     pairs = []

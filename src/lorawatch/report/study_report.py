@@ -46,17 +46,17 @@ from lorawatch.report.statistics import (
     fit_failure_threshold,
     kl_accuracy_points,
 )
-from lorawatch.report.study import Group, Study, load_study, model_display_name, slug
+from lorawatch.report.study import Group, StudyResults, load_study, model_display_name, slug
 from lorawatch.report.run_comparison import RunComparison
 
-__all__ = ["FAILURE_ZONE_METHOD", "Report", "ReportTable", "Study", "build_tables", "correlation", "correlations",
+__all__ = ["FAILURE_ZONE_METHOD", "Report", "ReportTable", "StudyResults", "build_tables", "correlation", "correlations",
            "fit_failure_threshold", "kl_accuracy_points", "load_study", "model_display_name", "write_report"]
 
 
 @dataclass
 class Report:
     out: Path
-    study: Study
+    study: StudyResults
     tables: list[ReportTable]
     correlation: dict       # the content of correlation.json
     files: list[Path]
@@ -77,7 +77,7 @@ def _clean(value):
     return value
 
 
-def _model_stems(study: Study) -> dict[str, str]:
+def _model_stems(study: StudyResults) -> dict[str, str]:
     stems: dict[str, str] = {}
     for model in study.models:
         stem, n = slug(model), 2
@@ -161,7 +161,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
     return Report(out, study, tables, corr_json, files, paired)
 
 
-def final_points(study: Study) -> pd.DataFrame:
+def final_points(study: StudyResults) -> pd.DataFrame:
     """Figure 3's points: every run's final average accuracy and final KL to base, per seed."""
     rows = [{"model": g.model, "spec": g.spec, "order": g.order, "seed": s.seed, "run_dir": str(s.run_dir),
              "final_avg_accuracy": s.steps["avg_all"].iloc[-1], "final_kl_to_base": s.steps["kl_mean"].iloc[-1]}
@@ -170,7 +170,7 @@ def final_points(study: Study) -> pd.DataFrame:
                                        "final_kl_to_base"])
 
 
-def _index(study: Study, tables: list[ReportTable], corr: dict, zone: dict, stems: dict[str, str]) -> str:
+def _index(study: StudyResults, tables: list[ReportTable], corr: dict, zone: dict, stems: dict[str, str]) -> str:
     def r_line(entries: dict, label: str) -> str:
         parts = []
         for name in ("pearson", "spearman"):

@@ -172,7 +172,7 @@ class RunResults:
         record = self.folder.costs
         return record.load() if record.exists() else None
 
-    def monitor_settings(self) -> schema.MonitorSettings | None:
+    def monitor_settings(self) -> schema.MonitorRecord | None:
         record = self.folder.monitor_settings
         return record.load() if record.exists() else None
 

@@ -92,7 +92,7 @@ RECORDS: dict[str, type[Record]] = {
     SCORES: schema.Scores,
     REFERENCE_STATS: schema.ReferenceStats,
     COSTS: schema.CostsRecord,
-    MONITOR_SETTINGS: schema.MonitorSettings,
+    MONITOR_SETTINGS: schema.MonitorRecord,
     INPUTS: schema.Inputs,
     ENVIRONMENT: schema.Environment,
     CL_METRICS: schema.ClMetricsRecord,
@@ -282,8 +282,8 @@ class RunFolder:
         return RowsFile(self.path / CONFIG_HISTORY, schema.ConfigChange)
 
     @property
-    def monitor_settings(self) -> RecordFile[schema.MonitorSettings]:
-        return RecordFile(self.path / MONITOR_SETTINGS, schema.MonitorSettings)
+    def monitor_settings(self) -> RecordFile[schema.MonitorRecord]:
+        return RecordFile(self.path / MONITOR_SETTINGS, schema.MonitorRecord)
 
     @property
     def costs(self) -> RecordFile[schema.CostsRecord]:

@@ -13,7 +13,7 @@ from rich.table import Table
 from lorawatch.rundir import atomic
 from lorawatch.config import TrackingSettings
 from lorawatch.study.folder import study_states, write_plan
-from lorawatch.study.spec import Study, Unit, load_study_file
+from lorawatch.study.spec import StudyPlan, Unit, load_study_file
 from lorawatch.study.units import pending_units, run_local, unit_finished
 
 
@@ -67,7 +67,7 @@ class StudyTracker:
     """The study as a parent tracker run (reopened by a rerun, from DIR/tracking.json); its units as children,
     logged live on the local backend and exported by this process when they finish on Ray."""
 
-    def __init__(self, study: Study, study_dir: Path, settings: TrackingSettings):
+    def __init__(self, study: StudyPlan, study_dir: Path, settings: TrackingSettings):
         from lorawatch.integrations.tracking import check_destination, open_parent, resolve
 
         check_destination(settings, study_dir)
@@ -93,7 +93,7 @@ class StudyTracker:
         export_run(unit.folder(self.study_dir), self.settings, home=self.study_dir, name=unit.name,
                    parent=self.tracker.run_id)
 
-    def finish(self, study: Study, report_dir: Path | None, done: bool) -> None:
+    def finish(self, study: StudyPlan, report_dir: Path | None, done: bool) -> None:
         for unit in study.units:
             if unit_finished(unit, self.study_dir):
                 self.unit(unit)
@@ -104,7 +104,7 @@ class StudyTracker:
         self.tracker.close("FINISHED" if done else "FAILED")
 
 
-def _unit_reporter(study: Study, count: int, console: Console):
+def _unit_reporter(study: StudyPlan, count: int, console: Console):
     """A line per finished unit: how far the study is and how long the rest should take."""
     started, finished = time.perf_counter(), [0]
 
@@ -121,7 +121,7 @@ def _unit_reporter(study: Study, count: int, console: Console):
     return on_unit
 
 
-def _finish(study: Study, study_dir: Path, study_file: Path, report_dir: Path, as_html: bool,
+def _finish(study: StudyPlan, study_dir: Path, study_file: Path, report_dir: Path, as_html: bool,
             console: Console, parent: StudyTracker | None, failed_now: dict[str, str]) -> int:
     """The report, over every unit, once every unit is finished with the config the study gives it; else which
     units are not (a unit that failed in this invocation never counts as finished, whatever its folder holds)

@@ -14,12 +14,12 @@ from lorawatch.rundir.layout import RunFolder
 from lorawatch.config import build_config
 from lorawatch.errors import UserError
 from lorawatch.rundir.lifecycle import config_changes, is_locked
-from lorawatch.study.spec import Study
+from lorawatch.study.spec import StudyPlan
 
 STUDY_RECORD = "study.json"
 
 
-def write_plan(study: Study, study_dir: Path) -> Path:
+def write_plan(study: StudyPlan, study_dir: Path) -> Path:
     """study.json (what `study status` reads) and units.txt: one `lorawatch run` line per unit, for any
     scheduler (`parallel < units.txt`, a SLURM array running line $SLURM_ARRAY_TASK_ID)."""
     study_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Callable
 
 from lorawatch.errors import UserError
 from lorawatch.study.folder import read_status, write_status
-from lorawatch.study.spec import Study, Unit
+from lorawatch.study.spec import StudyPlan, Unit
 from lorawatch.study.units import pending_units, run_unit, unit_threads
 
 # What a worker must see as the driver does: the caches, the data folder, and the test-only fault injection.
@@ -65,7 +65,7 @@ def _unit_task(unit: Unit, study_dir: str, threads: int) -> dict:
         return run_unit(unit, Path(study_dir), console=console)
 
 
-def run_on_ray(study: Study, study_dir: Path, *, address: str | None, workers: int | None, console,
+def run_on_ray(study: StudyPlan, study_dir: Path, *, address: str | None, workers: int | None, console,
                on_unit: Callable[[Unit, dict], None]) -> None:
     """Submit every unfinished unit and collect them as they finish."""
     ray = import_ray()

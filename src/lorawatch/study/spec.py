@@ -125,14 +125,16 @@ def _as_option(value: Any) -> str:
 
 
 @dataclass
-class Study:
+class StudyPlan:
+    """A study file expanded: its grid points times its seeds, each unit one run folder to make."""
+
     name: str
     spec: StudySpec
     units: list[Unit]
     source: Path
 
 
-def load_study_file(path: str | Path) -> Study:
+def load_study_file(path: str | Path) -> StudyPlan:
     """Read STUDY.yaml and expand its grid into units; every unit's config is built (and so checked) here."""
     path = Path(path)
     data = read_mapping_file(path, "study file", "a mapping of study fields (preset or config, set, grid, seeds, ...)")
@@ -148,7 +150,7 @@ def load_study_file(path: str | Path) -> Study:
             unit.config()
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    return Study(spec.name or path.stem, spec, units, path)
+    return StudyPlan(spec.name or path.stem, spec, units, path)
 
 
 # Config fields the study sets in every unit itself: a value for one in `set` or the grid would be replaced

@@ -15,7 +15,7 @@ from lorawatch.errors import UserError
 from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir.lifecycle import config_changes
 from lorawatch.study.folder import read_status, run_finished, write_status
-from lorawatch.study.spec import Resources, Study, Unit
+from lorawatch.study.spec import Resources, StudyPlan, Unit
 
 
 def run_unit(unit: Unit, study_dir: Path, *, console=None, tracking: TrackingSettings | None = None,
@@ -75,7 +75,7 @@ def unit_finished(unit: Unit, study_dir: Path) -> bool:
         return False
 
 
-def pending_units(study: Study, study_dir: Path) -> list[Unit]:
+def pending_units(study: StudyPlan, study_dir: Path) -> list[Unit]:
     return [u for u in study.units if not unit_finished(u, study_dir)]
 
 
@@ -83,7 +83,7 @@ def unit_threads(resources: Resources, default: int) -> int:
     return default if resources.cpus is None else max(1, int(resources.cpus))
 
 
-def run_local(study: Study, study_dir: Path, *, console, on_unit: Callable[[Unit, dict], None],
+def run_local(study: StudyPlan, study_dir: Path, *, console, on_unit: Callable[[Unit, dict], None],
               tracking: TrackingSettings | None = None, tracking_parent: str | None = None) -> None:
     """The units one after the other in this process, each with the usual live progress (and live tracking)."""
     import torch

@@ -39,7 +39,7 @@ from lorawatch.rundir.schema.run import (  # noqa: F401
     CostsRecord,
     MonitorParamsRecord,
     Calibration,
-    MonitorSettings,
+    MonitorRecord,
     TaskInputs,
     DataInputs,
     AdapterInput,

@@ -64,7 +64,7 @@ class Calibration(Part):
     from_: str = Field(alias="from")  # how it was obtained
 
 
-class MonitorSettings(Record):
+class MonitorRecord(Record):
     """monitor.json: the live monitor's settings, with a calibrated threshold worked out."""
 
     params: MonitorParamsRecord
