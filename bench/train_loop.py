@@ -38,7 +38,7 @@ def stage_rows(name: str):
 def fresh_adapter(config, loaded, seed: int):
     from peft import get_peft_model
 
-    from lorawatch.recipe.protocol import lora_config
+    from lorawatch.recipe.lora import lora_config
     torch.manual_seed(seed)  # LoRA's A matrices: the same initialisation for both loops
     return get_peft_model(loaded.model, lora_config(config))
 

@@ -17,7 +17,7 @@ from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir.check import check_run_folder
 from lorawatch.rundir import schema, store
 from lorawatch.recipe.external_adapters import evaluate_adapters
-from lorawatch.recipe.protocol import run_experiment
+from lorawatch.recipe.run import run_experiment
 from lorawatch.report.tables import load_run
 
 

@@ -76,7 +76,7 @@ def expected_flips(seeds) -> set[tuple]:
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A fresh monitored run of the tiny model (its data files still there: prompts shown), flips planted."""
-    from lorawatch.recipe.protocol import run_experiment
+    from lorawatch.recipe.run import run_experiment
 
     root = tmp_path_factory.mktemp("html-tiny")
     write_task_files(root / "data")

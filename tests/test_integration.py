@@ -10,7 +10,7 @@ from lorawatch.rundir import store
 from lorawatch.config import build_config
 from lorawatch.analysis.metrics import read_matrix_csv
 from lorawatch.models.loading import load_model
-from lorawatch.recipe.protocol import run_experiment
+from lorawatch.recipe.run import run_experiment
 from lorawatch.report.tables import load_run
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,8 @@ from lorawatch.report.compare import compare_runs, write_comparison
 from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.recipe.monitor import calibrated_threshold
-from lorawatch.recipe.protocol import lora_config, run_experiment
+from lorawatch.recipe.lora import lora_config
+from lorawatch.recipe.run import run_experiment
 from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
 
 ADAPTER = "adapter/adapter_model.safetensors"

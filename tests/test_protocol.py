@@ -15,7 +15,8 @@ from lorawatch.rundir import schema, store
 from lorawatch.config import PLAIN_SWITCHES
 from lorawatch.analysis.metrics import compute_cl_metrics, read_matrix_csv
 from lorawatch.data.prompts import encode_train_example
-from lorawatch.recipe.protocol import encode, load_data, run_experiment
+from lorawatch.recipe.protocol import encode, load_data
+from lorawatch.recipe.run import run_experiment
 from lorawatch.engine.drift import answer_logprobs, per_example_drift
 from lorawatch.report.tables import load_run
 from lorawatch.recipe.training import TrainParams, train_stage

@@ -19,7 +19,7 @@ from lorawatch.rundir import layout
 from lorawatch.rundir import schema, store
 from lorawatch.config import build_config
 from lorawatch.report.monitoring_view import interventions, monitor_series
-from lorawatch.recipe.protocol import run_experiment
+from lorawatch.recipe.run import run_experiment
 from lorawatch.report.tables import load_run
 
 # Written by lorawatch at commit f5aeb08, the last release before versioned records: the tiny model, two seeds,

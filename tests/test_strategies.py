@@ -20,7 +20,8 @@ from lorawatch.rundir.check import check_run_folder
 from lorawatch.config import build_config
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.data.prompts import encode_train_example
-from lorawatch.recipe.protocol import lora_config, run_experiment
+from lorawatch.recipe.lora import lora_config
+from lorawatch.recipe.run import run_experiment
 from lorawatch.report.study import _protocol_fingerprint, _variant_labels, load_study
 from lorawatch.rundir.lifecycle import config_changes
 from lorawatch.recipe.strategies.ewc import diagonal_fisher, ewc_penalty, trainable_parameters

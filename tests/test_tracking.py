@@ -21,7 +21,7 @@ from lorawatch.report import verdict_view
 from lorawatch.analysis import verdicts
 from lorawatch.config import TrackingSettings, build_config, load_config, with_changes
 from lorawatch.errors import UserError
-from lorawatch.recipe.protocol import run_experiment
+from lorawatch.recipe.run import run_experiment
 from lorawatch.report.tables import load_run_config
 from lorawatch.integrations.tracking import RunLogger, export_run, export_settings, open_parent, resolve
 

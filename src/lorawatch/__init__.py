@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 
 
 def run(config: ExperimentConfig, run_dir, *, overwrite: bool = False):
-    """Run the protocol into `run_dir` (see lorawatch.recipe.protocol.run_experiment); returns the run folder."""
-    from lorawatch.recipe.protocol import run_experiment
+    """Run the protocol into `run_dir` (see lorawatch.recipe.run.run_experiment); returns the run folder."""
+    from lorawatch.recipe.run import run_experiment
 
     return run_experiment(config, run_dir, overwrite=overwrite)
 

@@ -53,7 +53,7 @@ def run(
     """
     from lorawatch.config import PLAIN_SWITCHES, with_changes
     from lorawatch.presets import base_config
-    from lorawatch.recipe.protocol import run_experiment
+    from lorawatch.recipe.run import run_experiment
 
     with long_command():
         config = base_config(config_file, preset_name)

@@ -34,7 +34,8 @@ from lorawatch.rundir import schema, store
 from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import UserError
 from lorawatch.data.inputs import load_data
-from lorawatch.recipe.protocol import Recipe, data_inputs, run_recipe
+from lorawatch.recipe.protocol import Recipe, data_inputs
+from lorawatch.recipe.run import run_recipe
 from lorawatch.rundir.lifecycle import plan_run_dir
 from lorawatch.rundir.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorawatch.rundir.stage_files import load_adapter_weights, stage_complete

@@ -20,13 +20,11 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+from peft import get_peft_model
 from rich.console import Console
-from transformers import AutoModelForCausalLM
 from safetensors.torch import save as save_safetensors
 
 from lorawatch.rundir import atomic, schema
@@ -42,16 +40,14 @@ from lorawatch.engine.base_cache import (
 from lorawatch.engine.checkpoint_eval import EvalParams, evaluate_checkpoint, generate_by_task
 from lorawatch.config import ExperimentConfig
 from lorawatch.rundir.costs import Costs
-from lorawatch.errors import UserError
 from lorawatch.engine.generation import GENERATION_RULES_VERSION, FastPath, fast_path_for, merged_adapter
 from lorawatch.data.inputs import RunData, data_fingerprint, encode, load_data, weights_digest
 from lorawatch.models.loading import LoadedModel, load_model
-from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift, resolve_threshold
+from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift
 from lorawatch.progress import RunProgress
-from lorawatch.rundir.lifecycle import FolderPlan, abandon_run_dir, plan_run_dir, run_lock, start_run_dir
+from lorawatch.rundir.lifecycle import run_lock
 from lorawatch.rundir.stage_files import (
     crash_point,
-    environment,
     finish_stage,
     load_adapter_weights,
     read_drafts,
@@ -60,102 +56,18 @@ from lorawatch.rundir.stage_files import (
     stage_complete,
 )
 from lorawatch.data.tasks.scoring import SCORING_RULES_VERSION
-from lorawatch.integrations.tracking import RunLogger, check_destination as check_tracking
+from lorawatch.integrations.tracking import RunLogger
 from lorawatch.recipe.strategies import build_strategy
+from lorawatch.recipe.lora import check_lora_targets, lora_config
 from lorawatch.recipe.training import TrainingDiverged, TrainParams, train_stage, use_gap_dropout
 
-__all__ = ["Recipe", "encode", "generate_by_task", "load_data", "lora_config", "resolve_monitor", "run_experiment",
-           "run_lock", "run_recipe"]
-
-
-def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Console | None = None,
-                   overwrite: bool = False, force: bool = False, tracking_parent: str | None = None,
-                   tracking_name: str | None = None) -> Path:
-    """Run (or resume) the whole protocol into `run_dir` and return it.
-
-    Data problems surface before any model work. A run folder that already holds this config is resumed:
-    finished units (a stage's training, a task's evaluation, a reference pass) are read back, the rest is
-    computed, and the results are identical to an uninterrupted run. With `config.tracking`, each finished stage
-    is also logged to MLflow or TensorBoard (tracking.py), as a child of `tracking_parent` when given, named
-    `tracking_name` (default: the config's name).
-    """
-    console = console or Console(stderr=True)
-    run_dir = Path(run_dir)
-    if config.tracking is not None:
-        check_tracking(config.tracking, run_dir)
-    data = load_data(config)
-    monitor = resolve_monitor(config)
-    plan = plan_run_dir(run_dir, config, data_inputs(data), overwrite=overwrite, force=force)
-    recipe = Recipe(config, run_dir, data, console, plan.mode == "resume",
-                    None if monitor is None else MonitorParams(**monitor["params"]))
-
-    def after_start() -> None:
-        if monitor is not None:
-            RunFolder(run_dir).monitor_settings.write(monitor)
-        if config.tracking is not None:
-            recipe.tracker = RunLogger(run_dir, config.tracking, name=tracking_name, parent=tracking_parent)
-            console.print(f"lorawatch: tracking to {recipe.tracker.where}")
-
-    try:
-        run_recipe(recipe, plan, after_start=after_start)
-    except BaseException as error:
-        if recipe.tracker is not None:
-            recipe.tracker.abort(error)
-        raise
-    return run_dir
-
-
-def run_recipe(recipe: "Recipe", plan: FolderPlan, *, after_start: Callable[[], None] | None = None) -> None:
-    """With the folder's lock held: set up (model, checks), start the folder (clear, record or resume it), then
-    run. A command that fails before it recorded anything leaves no folder behind."""
-    run_dir = recipe.run_dir
-    try:
-        with run_lock(run_dir):
-            recipe.setup()
-            # Every check has passed and the lock is held: only now is the folder cleared, recorded or resumed.
-            for note in start_run_dir(run_dir, plan, recipe.config, recipe.fingerprint(), environment(recipe.loaded)):
-                recipe.console.print(f"lorawatch: {note}")
-            if after_start is not None:
-                after_start()
-            recipe.run()
-    except BaseException:
-        abandon_run_dir(run_dir, plan)
-        raise
-
-
-def resolve_monitor(config: ExperimentConfig) -> dict | None:
-    """The monitor's settings with any calibrated threshold worked out (before any model work)."""
-    if config.monitor is None:
-        return None
-    settings = config.monitor
-    threshold, calibration = resolve_threshold(settings.threshold, settings.calibrate_from)
-    return {"params": {"every": settings.every, "action": settings.action, "threshold": threshold,
-                       "relative": settings.relative, "patience": settings.patience}, "calibration": calibration}
+__all__ = ["Recipe", "data_inputs", "encode", "generate_by_task", "load_data", "run_lock"]
 
 
 def data_inputs(data: RunData) -> dict:
     """The inputs known before the model is loaded: every row read, and the scoring and generation rules."""
     return {"data": data_fingerprint(data),
             "rules": {"scoring": SCORING_RULES_VERSION, "generation": GENERATION_RULES_VERSION}}
-
-
-def lora_config(config: ExperimentConfig) -> LoraConfig:
-    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=config.lora.target_modules, bias=config.lora.bias, task_type="CAUSAL_LM")
-
-
-def check_lora_targets(model: torch.nn.Module, lora: LoraConfig) -> None:
-    """The adapter's target modules exist in this model: checked on a weightless copy (meta device) before the
-    base stage, not found out when the first stage starts."""
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model.config)
-    try:
-        get_peft_model(skeleton, lora)
-    except NoMatchingPeftModuleError:
-        names = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
-                        if isinstance(module, torch.nn.Linear)})
-        raise UserError(f"lora.target_modules {lora.target_modules!r} names no layer of this model; its linear "
-                        f"layers are {', '.join(names)} (or use all-linear)") from None
 
 
 class Recipe:

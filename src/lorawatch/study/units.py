@@ -24,7 +24,7 @@ def run_unit(unit: Unit, study_dir: Path, *, console=None, tracking: TrackingSet
     worker. A user's mistake (bad data, a model that does not load) is a failed unit with its one-line error:
     retrying would repeat it. Anything else is raised, for the backend to retry. With `tracking`, the unit is
     logged live as a child of `tracking_parent`."""
-    from lorawatch.recipe.protocol import run_experiment
+    from lorawatch.recipe.run import run_experiment
 
     folder = unit.folder(study_dir)
     previous = read_status(study_dir, unit.name)
