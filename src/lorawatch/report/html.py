@@ -26,8 +26,8 @@ from lorawatch.rundir.layout import MONITOR_SETTINGS
 from lorawatch.analysis import significance
 from lorawatch.report import html_figures, labels, verdict_view
 from lorawatch.report.monitoring_view import interventions, monitor_series
-from lorawatch.report.html_examples import BROWSER_CSS, BROWSER_JS, browser_section, finished_stages
-from lorawatch.report.html_verdicts import VERDICT_CSS, verdicts_section
+from lorawatch.report.html_examples import browser_section, finished_stages
+from lorawatch.report.html_verdicts import verdicts_section
 from lorawatch.report.tables import RunResults, load_run
 
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -41,9 +41,13 @@ _RUN = _TEMPLATES.get_template("run.html.j2").module
 _STUDY = _TEMPLATES.get_template("study.html.j2").module
 
 
+def _static(name: str) -> str:
+    """A stylesheet or script of the page, shipped beside the templates."""
+    return files("lorawatch.report").joinpath("templates", name).read_text(encoding="utf-8")
+
+
 def _css() -> Markup:
-    return Markup(files("lorawatch.report").joinpath("templates", "page.css").read_text(encoding="utf-8")
-                  + BROWSER_CSS + VERDICT_CSS)
+    return Markup(_static("page.css") + _static("browser.css") + _static("verdicts.css"))
 
 
 # --- small builders ----------------------------------------------------------------------------------------------
@@ -303,7 +307,7 @@ def _run_line(results: RunResults) -> str:
 def _page(title: str, subtitle: str, nav: list[tuple[str, str]], body: str) -> str:
     return _TEMPLATES.get_template("page.html.j2").render(
         csp=Markup(CSP), css=_css(), title=title, subtitle=subtitle, nav=nav, body=Markup(body),
-        script=Markup(BROWSER_JS)) + "\n"
+        script=Markup(_static("browser.js"))) + "\n"
 
 
 def _write(out_file: Path, page: str) -> Path:

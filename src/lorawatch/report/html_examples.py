@@ -170,7 +170,7 @@ def browser_link(prefix: str, seed: int, before: int, after: int, task: str, dir
     between stages `before` and `after` in one direction (lost: right -> wrong, gained: wrong -> right).
 
     Stages and the task travel by value, not as the blob's indices: the link does not depend on how
-    browser_data orders its pairs. A fragment that names no element scrolls nowhere by itself, so BROWSER_JS
+    browser_data orders its pairs. A fragment that names no element scrolls nowhere by itself, so browser.js
     reads it (on a click, on load and on hashchange): the same link works from the page and pasted as a URL."""
     query = f"seed={seed}&a={before}&b={after}&task={quote(task, safe='')}&dir={int(direction == 'gained')}"
     return f"#{prefix}examples?{query}"
@@ -185,7 +185,7 @@ def blob_script(data: dict, element_id: str) -> str:
 
 
 def browser_section(results: RunResults, prefix: str, heading: str = "h2") -> str:
-    """The example browser: filters built here, cards rendered by BROWSER_JS from the blob."""
+    """The example browser: filters built here, cards rendered by templates/browser.js from the blob."""
     data = browser_data(results)
     esc = html.escape
 
@@ -217,153 +217,6 @@ def browser_section(results: RunResults, prefix: str, heading: str = "h2") -> st
             f'{blob_script(data, blob_id)}</section>')
 
 
-BROWSER_CSS = """
-.xb-filters{display:flex;flex-wrap:wrap;gap:8px 16px;margin:8px 0} .xb-filters select{font:inherit;max-width:100%}
-.xb-filters label{display:flex;gap:6px;align-items:center;max-width:100%}
-.xb-card{border:1px solid var(--line);border-left:4px solid var(--bad);border-radius:6px;padding:8px 10px;margin:8px 0}
-.xb-card.gained{border-left-color:var(--good)}
-.xb-card header{display:flex;flex-wrap:wrap;gap:4px 10px;align-items:baseline}
-.badge{font-size:.78rem;font-weight:600;padding:1px 7px;border-radius:10px;background:#fbe4e2;color:var(--bad)}
-.gained .badge{background:#e1f3e6;color:var(--good)} .xb-meta{color:var(--mute);font-size:.85rem;overflow-wrap:anywhere}
-.xb-prompt{white-space:pre-wrap;overflow-wrap:anywhere;margin:6px 0;font-size:.9rem;max-height:14em;overflow:auto}
-.missing{color:var(--mute);font-style:italic} .xb-label{font-size:.8rem;color:var(--mute)}
-.xb-outs{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:8px}
-.diff{white-space:pre-wrap;overflow-wrap:anywhere;margin:2px 0;max-height:260px}
-td.diff{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8rem;min-width:180px}
-td.prompt{min-width:220px;max-width:420px}
-.xb .sub{margin-top:1.2em;font-size:1.05rem}
-del{background:#fbd3d0;text-decoration:line-through} ins{background:#c9efd4;text-decoration:none}
-.xb-more{font:inherit;padding:6px 14px;border:1px solid var(--accent);color:var(--accent);background:#fff;
-  border-radius:6px;cursor:pointer}
-"""
 
 # Plain JS, no framework: the rows stay in the JSON blob; a filter change renders the first PAGE matches, and
 # "show more" the next PAGE, so thousands of flips never become thousands of DOM nodes at once.
-BROWSER_JS = r"""
-(function () {
-  "use strict";
-  var PAGE = 200;
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    return e;
-  }
-  function diffCell(tag, markup) {  // markup was escaped in Python: its only tags are <del> and <ins>
-    var e = el(tag, "diff");
-    e.innerHTML = markup;
-    return e;
-  }
-  function init(root) {
-    var data = JSON.parse(document.getElementById(root.getAttribute("data-blob")).textContent);
-    var f = {};
-    ["task", "pair", "dir", "seed"].forEach(function (n) { f[n] = root.querySelector("select[name=" + n + "]"); });
-    var list = root.querySelector(".xb-list"), more = root.querySelector(".xb-more"),
-        count = root.querySelector(".xb-count"), refBody = root.querySelector(".xb-ref tbody");
-    var matches = [], shown = 0;
-    function is(select, value) { return !select || select.value === "" || value === Number(select.value); }
-    function keep(r) { return is(f.seed, r[0]) && is(f.pair, r[1]) && is(f.task, r[2]) && is(f.dir, r[4]); }
-    function output(label, markup, parsed) {
-      var box = el("div", "xb-out");
-      box.appendChild(el("div", "xb-label", label + " · parsed: " + (parsed === "" ? "(nothing)" : parsed)));
-      box.appendChild(diffCell("pre", markup));
-      return box;
-    }
-    function card(r) {
-      var task = data.tasks[r[2]], pair = data.pairs[r[1]], dir = r[4] ? "gained" : "lost";
-      var c = el("article", "xb-card " + dir);
-      c.setAttribute("data-task", task);
-      c.setAttribute("data-dir", dir);
-      c.setAttribute("data-pair", String(r[1]));
-      c.setAttribute("data-seed", String(r[0]));
-      var head = el("header");
-      head.appendChild(el("span", "badge", r[4] ? "wrong → right" : "right → wrong"));
-      head.appendChild(el("b", null, task));
-      head.appendChild(el("span", "xb-meta", r[3] + " · seed " + r[0] + " · " + pair.label + " · gold: " + r[5]));
-      c.appendChild(head);
-      var prompt = (data.prompts[task] || {})[r[3]];
-      c.appendChild(prompt === undefined ? el("p", "xb-prompt missing", "(prompt not available: id only)")
-                                         : el("p", "xb-prompt", prompt));
-      var outs = el("div", "xb-outs");
-      outs.appendChild(output(pair.before, r[8], r[6]));
-      outs.appendChild(output(pair.after, r[9], r[7]));
-      c.appendChild(outs);
-      return c;
-    }
-    function showMore() {
-      var end = Math.min(matches.length, shown + PAGE), frag = document.createDocumentFragment();
-      for (; shown < end; shown++) frag.appendChild(card(matches[shown]));
-      list.appendChild(frag);
-      count.textContent = matches.length + " flipped example" + (matches.length === 1 ? "" : "s") +
-        (matches.length ? " (showing " + shown + ")" : " match these filters");
-      more.hidden = shown >= matches.length;
-      more.textContent = "show " + Math.min(PAGE, matches.length - shown) + " more";
-    }
-    function references() {
-      var task = f.task.value === "" ? null : data.tasks[Number(f.task.value)];
-      var rows = data.ref.filter(function (r) {
-        return is(f.seed, r[0]) && is(f.pair, r[1]) && (task === null || r[3] === task);
-      });
-      rows.sort(function (x, y) { return Math.abs(y[5] - y[4]) - Math.abs(x[5] - x[4]); });
-      refBody.textContent = "";
-      rows.slice(0, 20).forEach(function (r) {
-        var tr = el("tr"), prompt = data.refPrompts[r[2]];
-        [data.pairs[r[1]].label, r[0], r[2] + (r[3] ? " (" + r[3] + ")" : ""),
-         prompt === undefined ? "(not available)" : prompt, r[4].toFixed(4), r[5].toFixed(4),
-         (r[5] - r[4] >= 0 ? "+" : "") + (r[5] - r[4]).toFixed(4)].forEach(function (v, i) {
-          tr.appendChild(el("td", i === 3 ? "prompt" : (i >= 4 ? "num" : null), v));
-        });
-        tr.appendChild(diffCell("td", r[6]));
-        tr.appendChild(diffCell("td", r[7]));
-        refBody.appendChild(tr);
-      });
-      if (!rows.length) {
-        var td = el("td", null, "no reference rows for these filters");
-        td.colSpan = 9;
-        refBody.appendChild(el("tr")).appendChild(td);
-      }
-    }
-    function update() {
-      matches = data.rows.filter(keep);
-      shown = 0;
-      list.textContent = "";
-      showMore();
-      references();
-    }
-    function select(want) {  // a browser_link's selection: every filter set to it, whatever it showed before
-      var pair = data.pairs.findIndex(function (p) { return p.a === want.a && p.b === want.b; }),
-          task = data.tasks.indexOf(want.task);
-      if (f.seed) f.seed.value = String(want.seed);
-      f.pair.value = pair < 0 ? "" : String(pair);
-      f.task.value = task < 0 ? "" : String(task);
-      f.dir.value = want.dir;
-      update();
-    }
-    Object.keys(f).forEach(function (n) { if (f[n]) f[n].addEventListener("change", update); });
-    more.addEventListener("click", showMore);
-    root.addEventListener("xb-select", function (e) { select(e.detail); });
-    update();
-  }
-  // A flip link (html_examples.browser_link): #<prefix>examples?seed=S&a=A&b=B&task=T&dir=0|1
-  function follow(hash) {
-    var m = /^#([^?]*examples)\?(.*)$/.exec(hash || "");
-    var section = m && document.getElementById(decodeURIComponent(m[1]));
-    var root = section && section.querySelector(".xb");
-    if (!root) return false;
-    var q = new URLSearchParams(m[2]);
-    for (var p = section.parentElement; p; p = p.parentElement) if (p.tagName === "DETAILS") p.open = true;
-    root.dispatchEvent(new CustomEvent("xb-select", {detail: {seed: Number(q.get("seed")), a: Number(q.get("a")),
-      b: Number(q.get("b")), task: q.get("task"), dir: q.get("dir") === "1" ? "1" : "0"}}));
-    root.scrollIntoView({block: "start"});
-    return true;
-  }
-  Array.prototype.forEach.call(document.querySelectorAll(".xb"), init);
-  // on the click itself too: following the link the page already shows changes no hash, so no hashchange
-  document.addEventListener("click", function (e) {
-    var a = e.target.closest ? e.target.closest("a.xb-link") : null;
-    if (a) follow(a.getAttribute("href"));
-  });
-  window.addEventListener("hashchange", function () { follow(location.hash); });
-  follow(location.hash);
-})();
-"""

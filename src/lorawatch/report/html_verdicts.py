@@ -20,20 +20,6 @@ AGAINST = (("previous", "vs previous checkpoint"), ("base", "vs base"))
 FLIPS = (("regressed", "lost", "↓", "right → wrong"), ("improved", "gained", "↑", "wrong → right"))
 VERDICT_CLASS = {"regressed": "verdict v-regressed", "improved": "verdict v-improved"}
 
-VERDICT_CSS = """
-table.verdicts th[colspan]{text-align:center} table.verdicts tbody th,table.verdicts td.flips{white-space:nowrap}
-.xb{scroll-margin-top:12px}
-table.verdicts td.flips a{font-weight:600;text-decoration:none;border-bottom:1px dotted}
-table.verdicts a.lost{color:var(--bad)} table.verdicts a.gained{color:var(--good)} .xb-none{color:var(--mute)}
-table.verdicts td.verdict{white-space:nowrap;color:var(--mute)}
-table.verdicts td.v-regressed{background:#fbe4e2;color:var(--bad);font-weight:700}
-table.verdicts td.v-improved{color:var(--good);font-weight:600}
-table.verdicts tr.regressed th{box-shadow:inset 4px 0 0 var(--bad)}
-table.verdicts tr.block th{border-top:2px solid #aab}
-.alert{border-left:4px solid var(--bad);background:#fdf0ef;padding:6px 12px;border-radius:6px;margin:8px 0}
-.allclear{border-left:4px solid var(--good);background:#eef8f1;padding:6px 12px;border-radius:6px;margin:8px 0}
-.alert ul,.allclear ul{margin:4px 0;padding-left:20px}
-"""
 
 
 def _flip_links(t: schema.TaskComparison, prefix: str, seed: int, before: int, after: int) -> str:
