@@ -16,6 +16,9 @@ def _switch(description: str) -> Any:
     return field(default=True, metadata={"description": description})
 
 
+RECORDED_FIRST = ("shared_prefix", "drop_finished")
+
+
 @dataclass(frozen=True)
 class FastPath:
     """The evaluation shortcuts in use (see generation.py's docstring). Where `fast_path_for` leaves one on, it
@@ -43,7 +46,11 @@ class FastPath:
         return cls(**{name: getattr(settings, name) for name in switch_descriptions()})
 
     def to_dict(self) -> dict[str, bool]:
-        return asdict(self)
+        # Run folders have always recorded the two oldest switches first (stage.json, costs.json): the same run
+        # writes the same bytes whatever order the config lists them in.
+        switches = asdict(self)
+        order = (*RECORDED_FIRST, *(name for name in switches if name not in RECORDED_FIRST))
+        return {name: switches[name] for name in order}
 
 
 def switch_descriptions() -> dict[str, str]:
