@@ -56,7 +56,7 @@ def base_stage_lock(cache: Path | None, on_wait: Callable[[], None]) -> ContextM
 
 
 def restore_base_stage(cache: Path, base: Stage, base_lp_path: Path) -> bool:
-    """Put a cached base evaluation's units into this run; the usual resume path then reads them back."""
+    """Put a cached base evaluation's parts into this run; the usual resume path then reads them back."""
     entry = CachedBaseStage(cache)
     if not entry.complete_marker.is_file():
         return False

@@ -1,5 +1,5 @@
 """One checkpoint's evaluation: every task's test set, the reference set's answers, and its drift from the base
-model at the answer position. Each part is a unit written to the stage folder as soon as it is done, and read
+model at the answer position. Each part is written to the stage folder as soon as it is done, and read
 back (not recomputed) when the run is resumed."""
 
 from __future__ import annotations
@@ -38,24 +38,24 @@ def evaluate_checkpoint(model, tokenizer, data: RunData, encoded: Encoded, stage
                                                                                        torch.Tensor | None]:
     """Every task's test set, the reference set's accuracy and its drift against the base distribution.
 
-    Each part is a unit written as soon as it is done and reused when the run is resumed. Returns the
+    Each part is written as soon as it is done and reused when the run is resumed. Returns the
     scores, the per-row drift, and the reference log-probabilities when they had to be computed.
     """
     scores: dict[str, float] = {}
     kinds = {t.name: t.kind for t in data.tasks}
-    drift = stage.drift.unit([e.id for e in data.reference])
+    drift = stage.drift.intact_rows([e.id for e in data.reference])
     logprobs = None
     options = dict(max_new_tokens=params.max_new_tokens, device=params.device, token_budget=params.token_budget,
                    batch_rows=params.batch_rows, drafts=drafts, fast=params.fast, on_rows=progress.advance)
 
     # The test sets and the reference set are generated in one call: with pooled decoding, every diverged row
-    # of the checkpoint decodes in one batch. Each part is then written as a unit of its own; when a crash left
+    # of the checkpoint decodes in one batch. Each part is then written on its own; when a crash left
     # only some of them, all are generated again in the same call, so that every row is computed in the batch
     # it would have had without the crash (batches change float round-off). Parts whose files give the same
     # row ids are generated one by one instead: results are keyed by id.
     parts = [(t.name, t.test, encoded.test[t.name]) for t in data.tasks]
     parts.append(("reference", data.reference, encoded.reference))
-    on_disk = {name: stage.predictions(name).unit([e.id for e in examples]) for name, examples, _ in parts}
+    on_disk = {name: stage.predictions(name).intact_rows([e.id for e in examples]) for name, examples, _ in parts}
     ids = [e.id for _, examples, _ in parts for e in examples]
     if len(set(ids)) == len(ids) and any(rows is None for rows in on_disk.values()):
         calls, on_disk = [parts], {}

@@ -9,8 +9,8 @@
       finish   stage-k's summary files (stage.json last: the stage is complete)
     tables     accuracy matrix, CL metrics and stability per seed; mean/std over seeds
 
-Every step writes its units into the run folder (rundir/) as soon as they are done, and a rerun reads
-finished units back instead of recomputing them, so a resumed run gives the same files as an uninterrupted one.
+Every step writes its parts into the run folder (rundir/) as soon as they are done, and a rerun reads
+finished parts back instead of recomputing them, so a resumed run gives the same files as an uninterrupted one.
 The base stage does not depend on the seed (greedy decoding, no adapter): computed once, copied to every seed.
 """
 
@@ -167,7 +167,7 @@ class Recipe:
                 atomic.copy_folder(base.path, copy.path)
 
     def compute_base_stage(self, base: Stage, lp_path: Path, key: str, cache: Path | None) -> None:
-        """Stage 0's units: restored from the cache when it holds them, else computed (and then cached)."""
+        """Stage 0's parts: restored from the cache when it holds them, else computed (and then cached)."""
         data, progress = self.data, self.progress
         reused = cache is not None and restore_base_stage(cache, base, lp_path)
         if reused:

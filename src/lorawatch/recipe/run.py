@@ -26,7 +26,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     """Run (or resume) the whole protocol into `run_dir` and return it.
 
     Data problems surface before any model work. A run folder that already holds this config is resumed:
-    finished units (a stage's training, a task's evaluation, a reference pass) are read back, the rest is
+    finished parts (a stage's training, a task's evaluation, a reference pass) are read back, the rest is
     computed, and the results are identical to an uninterrupted run. With `config.tracking`, each finished stage
     is also logged to MLflow or TensorBoard (tracking.py), as a child of `tracking_parent` when given, named
     `tracking_name` (default: the config's name).

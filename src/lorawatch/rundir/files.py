@@ -1,7 +1,7 @@
 """A typed handle on one run file: where it is, what it holds, and the two ways to read it: `read` for a run
-(missing raises FileNotFoundError, damaged a ValueError: the unit is redone) and `load` for a report, `show` or
-`compare` (either is the user's one-line error naming the file); `intact` and `unit` are a run's reads that answer
-None for a missing or damaged unit. layout.py hands them out."""
+(missing raises FileNotFoundError, damaged a ValueError: the part is redone) and `load` for a report, `show` or
+`compare` (either is the user's one-line error naming the file); `intact` and `intact_rows` are a run's reads
+that answer None for a missing or damaged part. layout.py hands them out."""
 
 from __future__ import annotations
 
@@ -36,13 +36,13 @@ class RecordFile(Generic[R]):
         return store.load_record(self.path, self.schema)
 
     def intact(self) -> R | None:
-        """The record, or None when it is missing or damaged (reported): then the unit is redone."""
+        """The record, or None when it is missing or damaged (reported): then the part is redone."""
         if not self.path.is_file():
             return None
         try:
             return self.read()
         except (OSError, ValueError):
-            warnings.warn(f"{self.path}: damaged, redoing that unit", stacklevel=2)
+            warnings.warn(f"{self.path}: damaged, redoing that part", stacklevel=2)
             return None
 
     def write(self, data: dict | Part) -> None:
@@ -68,8 +68,8 @@ class RowsFile(Generic[T]):
     def write(self, rows: Iterable[dict]) -> None:
         store.write_rows(self.path, self.row_type, rows)
 
-    def unit(self, expected_ids: list[str]) -> list[T] | None:
-        """A unit's saved rows, or None when missing, damaged or not those of `expected_ids`: then it is redone."""
+    def intact_rows(self, expected_ids: list[str]) -> list[T] | None:
+        """A part's saved rows, or None when missing, damaged or not those of `expected_ids`: then it is redone."""
         if not self.path.is_file():
             return None
         try:

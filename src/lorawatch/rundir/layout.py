@@ -190,7 +190,7 @@ _NUMBERED = re.compile(r"(seed|stage)-(\d+)")
 
 
 def _numbered(folder: Path, pattern: str) -> list[int]:
-    """The numbers of the folders named `pattern` (temporary folders such as stage-1.tmp are not units)."""
+    """The numbers of the folders named `pattern` (temporary folders such as stage-1.tmp are not stages)."""
     kind = pattern.split("-")[0]
     found = [_NUMBERED.fullmatch(p.name) for p in folder.glob(pattern.format("*")) if p.is_dir()] \
         if folder.is_dir() else []
@@ -316,7 +316,7 @@ class RunFolder:
 
 
 class CachedBaseStage:
-    """An entry of the base-stage cache (engine/base_cache.py): stage 0's units and the base log-probabilities,
+    """An entry of the base-stage cache (engine/base_cache.py): stage 0's parts and the base log-probabilities,
     shared by every run of the same key."""
 
     def __init__(self, path: Path):

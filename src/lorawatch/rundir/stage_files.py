@@ -1,9 +1,9 @@
-"""A stage's units in the run folder: writing a finished stage, telling a complete unit from a missing or damaged
+"""A stage's parts in the run folder: writing a finished stage, telling a complete part from a missing or damaged
 one, the adapter of a stage, the drafts and base log-probabilities a later stage reads, and the environment a
 run used.
 
 Only the errors that mean "this file is damaged" (unreadable JSON, a record or rows that do not fit the schema, a
-damaged safetensors file, rows that do not match the data) mark a unit for recomputation; any other error is a
+damaged safetensors file, rows that do not match the data) mark a part for recomputation; any other error is a
 bug and is raised. Where each file is, is layout.py's; the run folder's life cycle (creating, resuming, the lock)
 is lifecycle.py's.
 """
@@ -90,9 +90,9 @@ def stage_complete(stage: Stage, data: RunData, *, adapter: bool) -> bool:
         warnings.warn(f"{stage.path}: damaged summary file, redoing that stage's missing parts", stacklevel=2)
         return False
     parts = [(t.name, [e.id for e in t.test]) for t in data.tasks] + [("reference", [e.id for e in data.reference])]
-    if any(stage.predictions(name).unit(ids) is None for name, ids in parts):
+    if any(stage.predictions(name).intact_rows(ids) is None for name, ids in parts):
         return False
-    if stage.drift.unit([e.id for e in data.reference]) is None:
+    if stage.drift.intact_rows([e.id for e in data.reference]) is None:
         return False
     return not adapter or adapter_intact(stage.adapter)
 
@@ -163,7 +163,7 @@ def readable_json(path: Path) -> bool:
         store.read_json(path)
         return True
     except (OSError, ValueError):
-        warnings.warn(f"{path}: damaged, redoing that unit", stacklevel=2)
+        warnings.warn(f"{path}: damaged, redoing that part", stacklevel=2)
         return False
 
 
