@@ -535,7 +535,7 @@ def test_olora_plan_adds_the_earlier_adapters_active_and_frozen(runs, tiny_model
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                            lora_config(config))
     plan = OLoRA({"stance": [], "sum": []}, lambda_orth=50.0, lambda_l2=0.0).plan(
-        model, 2, 1, [RunFolder(run).stage(1, k).path for k in (0, 1)])
+        model, 2, 1, [RunFolder(run).stage(1, k) for k in (0, 1)])
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     assert layers and all(layer.active_adapters == ["default", "task-1"] for layer in layers)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
