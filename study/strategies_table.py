@@ -65,10 +65,16 @@ def main(study_dir: Path) -> None:
               f"{sum(len(r['interventions']) for r in group)} |")
 
 
+def _signed(value: float) -> str:
+    return f"{value + 0.0:+.3f}" if round(value, 3) != 0 else "0.000"  # no "-0.000"
+
+
 def _cell(row: dict) -> str:
     low, high = float(row["ci_low"]), float(row["ci_high"])
+    if low == high and not row["seed"]:  # seeds that agree exactly give a t interval of width 0: no evidence
+        return f"{_signed(float(row['difference']))} (the seeds agree: no spread to estimate)"
     bold = "**" if low > 0 or high < 0 else ""  # the interval excludes 0
-    return f"{bold}{float(row['difference']):+.3f} [{low:+.3f}, {high:+.3f}]{bold}"
+    return f"{bold}{_signed(float(row['difference']))} [{_signed(low)}, {_signed(high)}]{bold}"
 
 
 def paired_table(paired_csv: Path) -> None:
@@ -78,10 +84,11 @@ def paired_table(paired_csv: Path) -> None:
         rows = list(csv.DictReader(f))
     by_run: dict[str, dict[str, dict]] = {}
     for row in rows:
-        if not row["seed"]:
-            continue
         run = re.search(r"\[(.*)\]", row["run"]).group(1)  # the setting the report names the group by
-        cell = by_run.setdefault(run, {}).setdefault(row["seed"], {"regressed": [], "improved": []})
+        seed = row["seed"] or "mean (t over seeds)"
+        if not row["seed"] and row["measure"] not in ("final_avg_accuracy", "final_kl_to_base"):
+            continue
+        cell = by_run.setdefault(run, {}).setdefault(seed, {"regressed": [], "improved": []})
         if row["measure"] == "final_avg_accuracy":
             cell["avg"] = row
         elif row["measure"] == "final_kl_to_base":
@@ -95,8 +102,9 @@ def paired_table(paired_csv: Path) -> None:
     print("|---|---|---|---|---|")
     for run, seeds in by_run.items():
         for seed, cell in sorted(seeds.items()):
-            print(f"| {run} | {seed} | {_cell(cell['avg'])} | {_cell(cell['kl'])} | "
-                  f"{', '.join(cell['regressed']) or '—'} / {', '.join(cell['improved']) or '—'} |")
+            verdicts = "" if not seed[0].isdigit() else \
+                f"{', '.join(cell['regressed']) or '—'} / {', '.join(cell['improved']) or '—'}"
+            print(f"| {run} | {seed} | {_cell(cell['avg'])} | {_cell(cell['kl'])} | {verdicts} |")
 
 
 if __name__ == "__main__":
