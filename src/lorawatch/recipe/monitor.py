@@ -30,10 +30,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from pydantic import ConfigDict
 
 from lorawatch.rundir import store
 from lorawatch.rundir.layout import RunFolder
-from lorawatch.rundir.schema import Intervention
+from lorawatch.rundir.schema import Intervention, MonitorParamsRecord
 from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
 from lorawatch.engine.drift import summarize
 from lorawatch.engine.generation import FastPath
@@ -47,13 +48,11 @@ from lorawatch.data.tasks.base import Example
 ACTIONS = ("warn", "stop", "revert", "rollback")
 
 
-@dataclass(frozen=True)
-class MonitorParams:
-    every: int
-    action: str
-    threshold: float | None  # absolute, calibration already folded in
-    relative: float | None
-    patience: int = 1
+class MonitorParams(MonitorParamsRecord):
+    """The monitor's settings as a run applies them (monitor.json records exactly these fields; the threshold is
+    absolute, any calibration already folded in), and its rules."""
+
+    model_config = ConfigDict(frozen=True)
 
     def stage_threshold(self, previous_kl: float) -> float | None:
         candidates = [t for t in (self.threshold, None if self.relative is None else self.relative * previous_kl)

@@ -14,6 +14,7 @@ from lorawatch.integrations.tracking import RunLogger, check_destination as chec
 from lorawatch.recipe.monitor import MonitorParams, resolve_threshold
 from lorawatch.recipe.protocol import Recipe, data_inputs
 from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir.schema import MonitorRecord
 from lorawatch.rundir.lifecycle import FolderPlan, abandon_run_dir, plan_run_dir, run_lock, start_run_dir
 from lorawatch.rundir.stage_files import environment
 
@@ -39,7 +40,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     monitor = resolve_monitor(config)
     plan = plan_run_dir(run_dir, config, data_inputs(data), overwrite=overwrite, force=force)
     recipe = Recipe(config, run_dir, data, console, plan.mode == "resume",
-                    None if monitor is None else MonitorParams(**monitor["params"]))
+                    None if monitor is None else monitor.params)
 
     def after_start() -> None:
         if monitor is not None:
@@ -75,11 +76,12 @@ def run_recipe(recipe: "Recipe", plan: FolderPlan, *, after_start: Callable[[], 
         raise
 
 
-def resolve_monitor(config: ExperimentConfig) -> dict | None:
-    """The monitor's settings with any calibrated threshold worked out (before any model work)."""
+def resolve_monitor(config: ExperimentConfig) -> MonitorRecord | None:
+    """monitor.json: the monitor's settings with any calibrated threshold worked out (before any model work)."""
     if config.monitor is None:
         return None
     settings = config.monitor
     threshold, calibration = resolve_threshold(settings.threshold, settings.calibrate_from)
-    return {"params": {"every": settings.every, "action": settings.action, "threshold": threshold,
-                       "relative": settings.relative, "patience": settings.patience}, "calibration": calibration}
+    params = MonitorParams(every=settings.every, action=settings.action, threshold=threshold,
+                           relative=settings.relative, patience=settings.patience)
+    return MonitorRecord(params=params, calibration=calibration)

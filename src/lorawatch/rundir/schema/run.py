@@ -53,7 +53,7 @@ class CostsRecord(Record):
 class MonitorParamsRecord(Part):
     every: int
     action: str
-    threshold: float | None
+    threshold: int | float | None  # an int given to the Trainer callback is recorded as it was given
     relative: float | None
     patience: int
 
