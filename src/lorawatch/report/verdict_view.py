@@ -15,16 +15,20 @@ from lorawatch.rundir import schema
 MINUS = "\u2212"
 
 
+def _rounded(value: float, digits: int) -> float:
+    return round(value, digits) + 0.0  # + 0.0: a value that rounds to zero reads 0.000, never −0.000
+
+
 def number(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    return f"{value:.{digits}f}".replace("-", MINUS)
+    return f"{_rounded(value, digits):.{digits}f}".replace("-", MINUS)
 
 
 def signed(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    return f"{value:+.{digits}f}".replace("-", MINUS)
+    return f"{_rounded(value, digits):+.{digits}f}".replace("-", MINUS)
 
 
 def with_interval(value: float | None, low: float | None, high: float | None, digits: int = 3,
