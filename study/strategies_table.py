@@ -25,6 +25,8 @@ from pathlib import Path
 
 from lorawatch.rundir.layout import RunFolder
 from lorawatch.report.compare import compare_runs
+from lorawatch.report.run_comparison import AVERAGE, KL
+from lorawatch.report.verdict_view import signed
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -65,16 +67,12 @@ def main(study_dir: Path) -> None:
               f"{sum(len(r['interventions']) for r in group)} |")
 
 
-def _signed(value: float) -> str:
-    return f"{value + 0.0:+.3f}" if round(value, 3) != 0 else "0.000"  # no "-0.000"
-
-
 def _cell(row: dict) -> str:
     low, high = float(row["ci_low"]), float(row["ci_high"])
     if low == high and not row["seed"]:  # seeds that agree exactly give a t interval of width 0: no evidence
-        return f"{_signed(float(row['difference']))} (the seeds agree: no spread to estimate)"
+        return f"{signed(float(row['difference']))} (the seeds agree: no spread to estimate)"
     bold = "**" if low > 0 or high < 0 else ""  # the interval excludes 0
-    return f"{bold}{_signed(float(row['difference']))} [{_signed(low)}, {_signed(high)}]{bold}"
+    return f"{bold}{signed(float(row['difference']))} [{signed(low)}, {signed(high)}]{bold}"
 
 
 def paired_table(paired_csv: Path) -> None:
@@ -86,12 +84,12 @@ def paired_table(paired_csv: Path) -> None:
     for row in rows:
         run = re.search(r"\[(.*)\]", row["run"]).group(1)  # the setting the report names the group by
         seed = row["seed"] or "mean (t over seeds)"
-        if not row["seed"] and row["measure"] not in ("final_avg_accuracy", "final_kl_to_base"):
+        if not row["seed"] and row["measure"] not in (AVERAGE, KL):
             continue
         cell = by_run.setdefault(run, {}).setdefault(seed, {"regressed": [], "improved": []})
-        if row["measure"] == "final_avg_accuracy":
+        if row["measure"] == AVERAGE:
             cell["avg"] = row
-        elif row["measure"] == "final_kl_to_base":
+        elif row["measure"] == KL:
             cell["kl"] = row
         elif row["verdict"] == "regressed":
             cell["regressed"].append(row["task"])
