@@ -231,12 +231,16 @@ def test_two_runs_started_together_compute_the_base_stage_once(tmp_path, tiny_mo
     path = config_file(tmp_path, tiny_model_dir)
     env = {**os.environ, "PYTHONPATH": str(SRC), "LORAWATCH_BASE_STAGE_CACHE": str(tmp_path / "cache")}
 
-    def start(name: str, **extra) -> subprocess.Popen:
+    def start(name: str, stderr=subprocess.PIPE, **extra) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "lorawatch", "run", str(path), "--out", str(tmp_path / name),
                                  "--seeds", "1"], env={**env, **extra}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=stderr, text=True)
 
-    first = start("a", LORAWATCH_PAUSE_AT="base:eval:stance", LORAWATCH_PAUSE_SECONDS="6")
+    # The first run holds the lock at a pause point until the test has seen the second one wait on it: a fixed
+    # pause raced the second run's start-up on a loaded machine (it came late, found the cache, and never waited).
+    resume = tmp_path / "resume"
+    first = start("a", LORAWATCH_PAUSE_AT="base:eval:stance", LORAWATCH_PAUSE_SECONDS="300",
+                  LORAWATCH_RESUME_FILE=str(resume))
     deadline = time.monotonic() + 120
     while True:  # until the first run holds the lock, i.e. is computing the base stage
         held = False
@@ -250,13 +254,19 @@ def test_two_runs_started_together_compute_the_base_stage_once(tmp_path, tiny_mo
         if held:
             break
         time.sleep(0.1)
-    second = start("b")
-    outputs = [process.communicate(timeout=600) for process in (first, second)]
+    second_log = tmp_path / "second.err"
+    with open(second_log, "w") as log:
+        second = start("b", stderr=log)
+        deadline = time.monotonic() + 240
+        while "waiting to reuse it" not in second_log.read_text():
+            assert second.poll() is None and time.monotonic() < deadline, second_log.read_text()
+            time.sleep(0.1)
+        resume.touch()
+        outputs = [process.communicate(timeout=600) for process in (first, second)]
     assert [process.returncode for process in (first, second)] == [0, 0], outputs
     reused = [store.read_record(RunFolder(tmp_path / name).stage(1, 0).path / "stage.json", schema.StageRecord)
               .reused_from_cache for name in ("a", "b")]
     assert reused == [False, True]
-    assert "waiting to reuse it" in outputs[1][1]
     for name in ("predictions/stance.jsonl", "predictions/sum.jsonl", "reference_drift.jsonl"):
         assert (RunFolder(tmp_path / "a").stage(1, 0).path / name).read_bytes() == \
             (RunFolder(tmp_path / "b").stage(1, 0).path / name).read_bytes()

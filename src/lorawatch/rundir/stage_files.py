@@ -52,7 +52,8 @@ def environment(loaded: LoadedModel) -> dict:
 def crash_point(name: str) -> None:
     """Fault injection for the resume and concurrency tests: SIGKILL this process when LORAWATCH_CRASH_AT names
     this point; sleep LORAWATCH_PAUSE_SECONDS there when LORAWATCH_PAUSE_AT names it (with LORAWATCH_PAUSE_FILE,
-    only the first process that gets there, writing its pid into that file)."""
+    only the first process that gets there, writing its pid into that file; with LORAWATCH_RESUME_FILE, the pause
+    ends as soon as that file exists, so a test can hold a process here until it has seen what it waits for)."""
     if os.environ.get("LORAWATCH_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("LORAWATCH_PAUSE_AT") == name:
@@ -64,7 +65,10 @@ def crash_point(name: str) -> None:
                 return
             os.write(handle, str(os.getpid()).encode())
             os.close(handle)
-        time.sleep(float(os.environ.get("LORAWATCH_PAUSE_SECONDS", "5")))
+        until = time.monotonic() + float(os.environ.get("LORAWATCH_PAUSE_SECONDS", "5"))
+        resume = os.environ.get("LORAWATCH_RESUME_FILE")
+        while time.monotonic() < until and not (resume and os.path.exists(resume)):
+            time.sleep(0.05)
 
 
 def finish_stage(stage: Stage, *, index: int, checkpoint: str, task: str | None, scores: dict, drift: list,
