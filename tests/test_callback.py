@@ -94,7 +94,7 @@ def train(setup, name, *, every=EVERY, logging_steps=1000, dtype=torch.float32, 
 
 def lorawatch_measure(model_dir, reference, adapter_dir, route="answer"):
     """lorawatch's own reading of an adapter saved to disk, on freshly loaded models: the base distributions
-    from the base model itself (not the adapter switched off), by `stability.answer_logprobs` or by the
+    from the base model itself (not the adapter switched off), by `drift.answer_logprobs` or by the
     generation's first pass (`checkpoint_eval.generate_by_task`)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = load_examples(reference, task="reference", split="reference", keep_task_field=True)
@@ -109,7 +109,7 @@ def lorawatch_measure(model_dir, reference, adapter_dir, route="answer"):
 
     base = logprobs(AutoModelForCausalLM.from_pretrained(model_dir))
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
-    return summarize(drift_rows(RunData([], rows), logprobs(adapted), base))
+    return summarize(drift_rows(RunData([], rows), prompts, logprobs(adapted), base))
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +259,18 @@ def test_bad_settings_and_models_are_refused(setup):
                       callbacks=[callback])
     with pytest.raises(UserError, match="train a PEFT model"):
         trainer.train()
+
+
+def test_callback_watches_another_signal(setup):
+    """signal='kl_forward': the forward KL is measured, logged and recorded beside the KL, and the threshold
+    applies to it: a threshold under its first measurement sets `stop` off there."""
+    trainer, callback, reporter, out = train(setup, "forward", signal="kl_forward")
+    series = store.read_rows(out / "monitor.jsonl", schema.MonitorPoint)
+    assert all(p.signal_value is not None and p.signal_value > 0 for p in series)
+    assert [e["drift/kl_forward"] for e in trainer.state.log_history if "drift/kl_forward" in e] == \
+        [p.signal_value for p in series]
+    first = series[0].signal_value
+    trainer, callback, reporter, out = train(setup, "forward-stop", signal="kl_forward", action="stop",
+                                             threshold=first / 2)
+    assert callback.intervention.signal == "kl_forward" and callback.intervention.step == series[0].step
+    assert callback.intervention.value == pytest.approx(first, rel=1e-4)

@@ -197,3 +197,9 @@ def test_fast_and_plain_runs_agree_and_record_their_parts(tmp_path, family_dirs)
         kl = [json.loads((tmp_path / run / "seed-3" / f"stage-{stage}" / "reference_stats.json").read_text())["kl_mean"]
               for run in ("fast", "plain")]
         assert abs(kl[0] - kl[1]) <= 0.02 * max(kl) + 1e-4
+        # The drift on the task just trained: from the generation's first pass (fast) or a pass of its own (plain).
+        task_kl = [[json.loads(line)["kl"] for line in (tmp_path / run / "seed-3" / f"stage-{stage}" /
+                                                         "task_drift.jsonl").read_text().splitlines()]
+                   for run in ("fast", "plain")]
+        assert len(task_kl[0]) == len(task_kl[1]) == 4
+        assert abs(sum(task_kl[0]) - sum(task_kl[1])) <= 0.02 * max(map(sum, task_kl)) + 1e-4

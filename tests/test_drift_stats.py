@@ -117,3 +117,42 @@ def test_delta_p_rms_and_its_error():
     assert summarize_delta_p(draws[0].tolist())["rms_se"] == pytest.approx(spread, rel=0.25)
     with pytest.raises(ValueError, match="no values"):
         summarize_delta_p([None, None])
+
+
+def test_a_run_records_every_drift_statistic_and_the_trained_tasks_drift(tmp_path, tiny_model_dir):
+    """A real (tiny) run: the reference rows carry drift_stats' statistics, the base model's rows are its identity
+    against itself, and each trained stage holds the drift on its own task's test prompts, which equals a by-hand
+    comparison of the checkpoint's and the base's distributions there (the adapter switched off)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorawatch.data.inputs import encode, load_data
+    from lorawatch.engine.drift import answer_logprobs
+    from lorawatch.recipe.run import run_experiment
+    from lorawatch.rundir.layout import RunFolder
+    from tiny import tiny_config, write_task_files
+
+    write_task_files(tmp_path / "data")
+    config = tiny_config(tiny_model_dir, tmp_path / "data", seeds=(1,))
+    run = RunFolder(run_experiment(config, tmp_path / "run"))
+    base_rows = run.stage(1, 0).drift.read()
+    assert all(r.kl_forward == 0 and r.same_top1 and r.top5_overlap == 1 and r.dp_gold == 0 for r in base_rows)
+    assert not run.stage(1, 0).task_drift.exists()
+    data = load_data(config)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoded = encode(data, tokenizer, config.train.max_length)
+    for stage, task in ((1, "stance"), (2, "sum")):
+        rows = run.stage(1, stage).task_drift.read()
+        assert [r.id for r in rows] == [e.id for e in data.tasks[stage - 1].test] and {r.task for r in rows} == {task}
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                          run.stage(1, stage).adapter)
+        options = dict(pad_id=tokenizer.pad_token_id, device="cpu")
+        ours = answer_logprobs(model, encoded.test[task], **options)[1]
+        with model.disable_adapter():
+            base = answer_logprobs(model, encoded.test[task], **options)[1]
+        expected = compare_distributions(ours, base, [p.answer_ids[0] for p in encoded.test[task]])
+        for i, row in enumerate(rows):
+            assert row.kl == pytest.approx(float((ours[i].exp() * (ours[i] - base[i])).sum()), abs=1e-5)
+            assert row.kl_forward == pytest.approx(expected["kl_forward"][i], abs=1e-5)
+            assert row.dp_gold == pytest.approx(expected["dp_gold"][i], abs=1e-6)
+        assert sum(r.kl for r in rows) > 0  # the stage moved the model on its own task

@@ -251,3 +251,70 @@ def test_monitor_from_the_command_line(tmp_path, tiny_model_dir):
     assert info["training"]["optimizer_steps"] == 2 and not info["training"]["stopped_early"]
     assert_one_line_error(cli("run", path, "--out", tmp_path / "r2", "--monitor", "explode"),
                           "monitor.action")
+
+
+@pytest.fixture(scope="module")
+def watched_signals(tiny_model_dir, tmp_path_factory):
+    """For each signal besides KL, the run watched with it (action warn, no threshold): its live series."""
+    root = tmp_path_factory.mktemp("signals")
+    write_task_files(root / "data")
+    # Built to drift on every signal: for gold_drop, reference golds that training never teaches (option E, a
+    # negative number), whose probability falls as the tasks' own answers take the mass.
+    write_task_files(root / "zebra")
+    reference = json.loads((root / "zebra" / "reference.json").read_text())
+    (root / "zebra" / "reference.json").write_text(json.dumps([
+        {**row, "prompt": row["prompt"].replace("neutral.", "neutral, D. mixed, E. unclear."), "answer": "E"}
+        if row.get("task") == "stance" else {**row, "answer": "-5"} for row in reference]))
+    return root, {signal: run_experiment(monitored(tiny_model_dir, root / data_for(signal), action="warn",
+                                                   signal=signal), root / signal)
+                  for signal in ("kl_forward", "top1_change", "top5_change", "gold_drop")}
+
+
+def data_for(signal):
+    return "zebra" if signal == "gold_drop" else "data"
+
+
+@pytest.mark.parametrize("signal", ["kl_forward", "top1_change", "top5_change", "gold_drop"])
+def test_each_signal_is_measured_live_and_sets_off_its_action(watched_signals, tiny_model_dir, signal):
+    from lorawatch.engine.signals import signal_value
+    from lorawatch.rundir.schema import ExampleDrift
+
+    root, runs = watched_signals
+    warn = runs[signal]
+    assert store.read_json(warn / "monitor.json")["params"]["signal"] == signal
+    points = series(warn, 1)
+    values = [p["signal_value"] for p in points]
+    # the last live measurement is the evaluated checkpoint's value (same weights, another code path)
+    rows = [ExampleDrift(**row) for row in store.read_jsonl(RunFolder(warn).stage(1, 1).path / "reference_drift.jsonl")]
+    assert math.isclose(values[-1], signal_value(rows, signal), rel_tol=1e-3, abs_tol=1e-6)
+    # A threshold the series crosses (the run drifts on every signal): stop acts at the first measurement above
+    # it, on the signal, not on KL.
+    # The first measurement that is above every earlier one and above 0; the threshold halfway up to it.
+    crossing = next(i for i in range(len(values)) if values[i] > max([0.0] + values[:i]))
+    below = max([0.0] + values[:crossing])
+    threshold = below + (values[crossing] - below) / 2
+    run = run_experiment(monitored(tiny_model_dir, root / data_for(signal), action="stop", threshold=threshold,
+                                   signal=signal), root / f"{signal}-stop")
+    intervention = stage_info(run, 1)["intervention"]
+    assert (intervention["signal"], intervention["step"]) == (signal, points[crossing]["step"])
+    assert intervention["value"] == pytest.approx(values[crossing], rel=1e-3, abs=1e-6)
+    assert intervention["value"] > threshold
+
+
+def test_a_signal_without_values_is_refused_in_one_line(watched, tmp_path):
+    from lorawatch.engine.signals import signal_value
+    from lorawatch.rundir.schema import ExampleDrift
+
+    old = [ExampleDrift("r1", None, 0.1, 1.0, 0.5, 3)]  # a row written before the drift statistics
+    assert signal_value(old, "kl") == 0.1
+    with pytest.raises(ValueError, match="top1_change"):
+        signal_value(old, "top1_change")
+    root, _, warn = watched
+    with pytest.raises(UserError, match="a report's failure-zone threshold is a KL"):
+        calibrated_threshold(_correlation_file(tmp_path), "gold_drop")
+
+
+def _correlation_file(folder):
+    path = folder / "correlation.json"
+    path.write_text(json.dumps({"failure_zone": {"threshold": 0.5, "n_failed": 3, "n_healthy": 3}}))
+    return path

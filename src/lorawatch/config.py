@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, create_model, StrictInt, ValidationError, field_validator, model_validator
 
 from lorawatch.engine.fast_path import switch_descriptions
+from lorawatch.engine.signals import DEFAULT_SIGNAL, SIGNALS, SignalName
 from lorawatch.errors import ConfigError, file_problem
 from lorawatch.recipe.strategies import STRATEGIES, StrategySettings
 from lorawatch.recipe.strategies.base import NoneConfig
@@ -138,8 +139,11 @@ class MonitorSettings(_Strict):
     See recipe/monitor.py for the exact semantics of each action."""
     every: int = Field(10, gt=0, description="optimizer steps between two live measurements")
     action: Literal["warn", "stop", "revert", "rollback"] = "warn"
-    threshold: float | None = Field(None, gt=0, description="absolute KL to base")
-    relative: float | None = Field(None, gt=0, description="threshold = this x the previous checkpoint's KL")
+    signal: SignalName = Field(DEFAULT_SIGNAL, description="what the threshold applies to: "
+                               + "; ".join(f"{name}: {text}" for name, text in SIGNALS.items()))
+    threshold: float | None = Field(None, gt=0, description="absolute value of the signal (KL to base by default)")
+    relative: float | None = Field(None, gt=0, description="threshold = this x the previous checkpoint's value of "
+                                                           "the signal")
     calibrate_from: str | None = Field(None, description="a report folder / correlation.json (fitted failure-zone "
                                                          "threshold) or a run folder (largest KL without accuracy loss)")
     patience: int = Field(1, gt=0, description="act after this many consecutive measurements above the threshold "

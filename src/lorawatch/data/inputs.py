@@ -46,13 +46,16 @@ class Encoded:
 
 def encode(data: RunData, tokenizer, max_length: int) -> Encoded:
     instruction = {t.name: t.instruction for t in data.tasks}
+    kind = {t.name: t.kind for t in data.tasks}
     return Encoded(
-        test={t.name: [encode_prompt(tokenizer, e.id, user_message(t.instruction, e.prompt), max_length)
+        test={t.name: [encode_prompt(tokenizer, e.id, user_message(t.instruction, e.prompt), max_length,
+                                     answer=training_target(t.kind, e.answer) if e.answer else None)
                        for e in t.test] for t in data.tasks},
         train={t.name: [encode_train_example(tokenizer, user_message(t.instruction, e.prompt),
                                              training_target(t.kind, e.answer), max_length)
                         for e in t.train] for t in data.tasks},
-        reference=[encode_prompt(tokenizer, e.id, user_message(instruction[e.task], e.prompt), max_length)
+        reference=[encode_prompt(tokenizer, e.id, user_message(instruction[e.task], e.prompt), max_length,
+                                 answer=training_target(kind[e.task], e.answer) if e.answer else None)
                    for e in data.reference],
     )
 

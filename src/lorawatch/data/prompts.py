@@ -62,6 +62,9 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 class EncodedPrompt:
     id: str
     input_ids: tuple[int, ...]
+    # The gold answer's tokens as training renders them after this prompt (reference rows only; empty where the
+    # row has no gold): the drift statistics read the first one's probability (engine/drift_stats.py).
+    answer_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,19 @@ class EncodedTrainExample:
     labels: tuple[int, ...]  # -100 on prompt tokens: the loss covers the answer tokens only
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, example_id: str, message: str, max_length: int) -> EncodedPrompt:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, example_id: str, message: str, max_length: int, *,
+                  answer: str | None = None) -> EncodedPrompt:
+    """The prompt's token ids; with `answer`, also the answer's tokens as they would follow it (no end marker)."""
     ids = _prompt_ids(tokenizer, render_prompt(tokenizer, message))
+    answer_ids = ()
+    if answer:
+        rendered = render_answer(tokenizer, message, answer)
+        # Only the answer's own tokens: the end marker the template appends is not part of the gold.
+        cut = rendered.find(answer)
+        text = rendered[:cut + len(answer)] if cut >= 0 else answer
+        answer_ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
     # Keep the end: the question and the generation prompt sit at the end of the text.
-    return EncodedPrompt(example_id, tuple(ids[-max_length:]))
+    return EncodedPrompt(example_id, tuple(ids[-max_length:]), answer_ids)
 
 
 def encode_train_example(tokenizer: PreTrainedTokenizerBase, message: str, answer: str,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from lorawatch.rundir import atomic, locks
+from lorawatch.engine.drift import DRIFT_RULES_VERSION
 from lorawatch.engine.checkpoint_eval import EvalParams
 from lorawatch.engine.generation import GENERATION_RULES_VERSION
 from lorawatch.data.inputs import Encoded, RunData
@@ -32,6 +33,7 @@ def base_stage_key(loaded: LoadedModel, weights: str, data: RunData, encoded: En
     reference = [(e.id, e.task, e.answer, list(p.input_ids)) for e, p in zip(data.reference, encoded.reference)]
     versions["scoring_rules"] = SCORING_RULES_VERSION
     versions["generation_rules"] = GENERATION_RULES_VERSION
+    versions["drift_rules"] = DRIFT_RULES_VERSION
     payload = json.dumps({"model": [info.spec, info.path, info.dtype, info.device, info.num_parameters, weights],
                           "versions": versions, "tasks": tasks, "reference": reference,
                           "max_new_tokens": params.max_new_tokens, "token_budget": params.token_budget,

@@ -13,11 +13,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lorawatch.engine.drift_stats import compare_distributions
 from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET, budget_batches, left_pad, position_ids
 from lorawatch.data.prompts import EncodedPrompt
 from lorawatch.rundir.schema import ExampleDrift
 
 STAT_NAMES = ("kl", "entropy", "margin")
+# Bumped when a reference row's drift record gains or changes a statistic: a cached base stage from before is
+# then computed again rather than restored without it (engine/base_cache.py).
+DRIFT_RULES_VERSION = 2
 
 
 # The published implementation's reference pass: batches of 4 in file order, left-padded, default position
@@ -65,15 +69,22 @@ def answer_logprobs(model: torch.nn.Module, prompts: Sequence[EncodedPrompt], *,
 
 
 def per_example_drift(ids: Sequence[str], tasks: Sequence[str | None], logprobs: torch.Tensor,
-                      base_logprobs: torch.Tensor) -> list[ExampleDrift]:
-    """KL(p_k || p_0), entropy of p_k, and top-1 minus top-2 log-probability of p_k, per reference row."""
+                      base_logprobs: torch.Tensor, gold_ids: Sequence[int | None] | None = None) -> list[ExampleDrift]:
+    """Per reference row: KL(p_k || p_0), entropy of p_k, top-1 minus top-2 log-probability of p_k (the paper's
+    statistics), and drift_stats' comparison with the base (forward KL, same top-1, top-5 overlap, Δp of the
+    gold token `gold_ids[i]`, None where a row has none)."""
     probs = logprobs.exp()
+    # The headline KL stays in the input's precision, as the paper computes it (drift_stats' is float64).
     kl = (probs * (logprobs - base_logprobs)).sum(-1).clamp(min=0.0)  # clamp: float round-off below 0
     entropy = -(probs * logprobs).sum(-1)
     top2 = logprobs.topk(2, dim=-1)
     margin = top2.values[:, 0] - top2.values[:, 1]
-    return [ExampleDrift(i, t, float(k), float(h), float(m), int(top))
-            for i, t, k, h, m, top in zip(ids, tasks, kl, entropy, margin, top2.indices[:, 0])]
+    more = compare_distributions(logprobs, base_logprobs, gold_ids)
+    return [ExampleDrift(i, t, float(k), float(h), float(m), int(top), kl_forward=kf, same_top1=bool(same),
+                         top5_overlap=overlap, dp_gold=dp)
+            for i, t, k, h, m, top, kf, same, overlap, dp in
+            zip(ids, tasks, kl, entropy, margin, top2.indices[:, 0], more["kl_forward"], more["same_top1"],
+                more["top5_overlap"], more["dp_gold"])]
 
 
 def summarize(drift: Sequence[ExampleDrift]) -> dict[str, float]:

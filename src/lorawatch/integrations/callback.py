@@ -47,6 +47,7 @@ from lorawatch.data.inputs import RunData, load_data
 from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift, reference_logprobs, resolve_threshold
 from lorawatch.presets import preset
 from lorawatch.data.prompts import EncodedPrompt, encode_prompt, user_message
+from lorawatch.data.tasks.scoring import training_target
 from lorawatch.data.tasks.loading import load_examples
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,11 @@ def reference_set(reference: str | Path | None, tokenizer) -> tuple[RunData, lis
         data = RunData(tasks=[], reference=load_examples(reference, task="reference", split="reference",
                                                          keep_task_field=True))
     instructions = {t.name: t.instruction for t in data.tasks}
-    prompts = [encode_prompt(tokenizer, e.id, user_message(instructions.get(e.task, ""), e.prompt), MAX_PROMPT_TOKENS)
+    kinds = {t.name: t.kind for t in data.tasks}
+    # A file's rows have no task kind: their gold is the answer's first line as written.
+    prompts = [encode_prompt(tokenizer, e.id, user_message(instructions.get(e.task, ""), e.prompt), MAX_PROMPT_TOKENS,
+                             answer=(training_target(kinds[e.task], e.answer) if e.task in kinds
+                                     else e.answer.strip().split("\n", 1)[0].strip()) or None)
                for e in data.reference]
     return data, prompts
 
@@ -81,16 +86,18 @@ class DriftMonitorCallback(TrainerCallback):
 
     def __init__(self, tokenizer, reference: str | Path | None = None, *, every: int = 10, action: str = "warn",
                  threshold: float | None = None, relative: float | None = None,
-                 calibrate_from: str | Path | None = None, patience: int = 1, output_dir: str | Path | None = None):
+                 calibrate_from: str | Path | None = None, patience: int = 1, signal: str = "kl",
+                 output_dir: str | Path | None = None):
         try:
             settings = MonitorSettings(every=every, action=action, threshold=threshold, relative=relative,
                                        calibrate_from=None if calibrate_from is None else str(calibrate_from),
-                                       patience=patience)
+                                       patience=patience, signal=signal)
         except ValidationError as error:
             raise ConfigError(describe_error(error, "DriftMonitorCallback")) from None
-        threshold = resolve_threshold(threshold, settings.calibrate_from)[0]  # as `lorawatch run` resolves it
+        # as `lorawatch run` resolves it
+        threshold = resolve_threshold(threshold, settings.calibrate_from, signal)[0]
         self.params = MonitorParams(every=every, action=action, threshold=threshold, relative=relative,
-                                    patience=patience)
+                                    patience=patience, **({} if signal == "kl" else {"signal": signal}))
         self.tokenizer = tokenizer
         self.data, self.prompts = reference_set(reference, tokenizer)
         self.output_dir = output_dir
@@ -131,11 +138,12 @@ class DriftMonitorCallback(TrainerCallback):
         with model.disable_adapter():
             self._base = reference_logprobs(model, self.tokenizer, self.data.reference, self.prompts,
                                             device=str(model.device))
-        self.start_kl = self._measure(model)["kl_mean"]
+        start = self._measure(model)
+        self.start_kl = start["kl_mean"]
         self.intervention = None
         self.stage_monitor = StageMonitor(model=model, measure=lambda: self._measure(model), params=self.params,
-                                          stage=1, task="train", threshold=self.params.stage_threshold(self.start_kl),
-                                          start_kl=self.start_kl)
+                                          stage=1, task="train", threshold=None, start_kl=self.start_kl)
+        self.stage_monitor.threshold = self.params.stage_threshold(self.stage_monitor.value(start))
         self._finished = False
         self._loss_sum, self._loss_steps, self._logged_step = 0.0, 0, state.global_step
 
@@ -161,10 +169,14 @@ class DriftMonitorCallback(TrainerCallback):
         self._loss_sum, self._loss_steps = 0.0, 0
         point = watch.series[-1]
         values = {key: point[name] for name, key in LOG_KEYS.items()}
+        if self.params.signal != "kl":
+            values[f"drift/{self.params.signal}"] = point["signal_value"]
         logs.update(values)  # reaches the callbacks after this one: the reporters, when attached
         state.log_history[-1].update(values)  # the entry the Trainer appended for this log, before the callbacks
         if watch.trigger is point:
-            log.warning(f"drift monitor: KL to base {point['kl_mean']:.4f} > threshold {watch.threshold:.4f} at "
+            what = (f"KL to base {point['kl_mean']:.4f}" if self.params.signal == "kl"
+                    else f"{self.params.signal} {point['signal_value']:.4f}")
+            log.warning(f"drift monitor: {what} > threshold {watch.threshold:.4f} at "
                         f"step {point['step']} -> {self.params.action}")
         if state.is_world_process_zero:
             self._write_series()

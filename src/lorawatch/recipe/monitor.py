@@ -4,7 +4,10 @@ Every `every` optimizer steps (and at the stage's last step) the reference drift
 as it is at that moment: one forward pass over the reference prompts, only the answer-position logits,
 against the base distributions computed once per run. The series goes to stage-K/monitor.jsonl.
 
-Actions when the KL to base is above the stage's threshold:
+The watched signal is the KL to base unless `signal` names another (engine/signals.py: forward KL, top-1 or
+top-5 change, the gold token's probability drop); thresholds below are in the signal's units.
+
+Actions when the signal is above the stage's threshold:
 - warn      record and show an alert; change nothing.
 - stop      end the stage at the measurement that crossed; keep the adapter of the last measurement below
             the threshold (the start of the stage when there was none).
@@ -16,8 +19,8 @@ With `patience` k > 1 an action waits for k consecutive measurements above the t
 crossing (one measurement up, the next back down) is recorded but not acted on; a stage's last measurement
 above the threshold acts whatever the streak, since it is the checkpoint the stage would keep.
 
-The threshold of a stage is the largest of: `threshold` (absolute KL), `relative` x the previous
-checkpoint's KL, and the calibrated value (`calibrate_from`; see `calibrated_threshold`).
+The threshold of a stage is the largest of: `threshold` (absolute), `relative` x the previous checkpoint's value
+of the signal, and the calibrated value (`calibrate_from`; see `calibrated_threshold`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir.schema import Intervention, MonitorParamsRecord
 from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
 from lorawatch.engine.drift import summarize
+from lorawatch.engine.signals import signal_value, signal_values
 from lorawatch.engine.generation import FastPath
 from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET
 from lorawatch.errors import UserError
@@ -65,23 +69,27 @@ class MonitorParams(MonitorParamsRecord):
         return step > 0 and (step % self.every == 0 or step == total_steps)
 
 
-def resolve_threshold(threshold: float | None, calibrate_from: str | Path | None) -> tuple[float | None, dict | None]:
+def resolve_threshold(threshold: float | None, calibrate_from: str | Path | None,
+                      signal: str = "kl") -> tuple[float | None, dict | None]:
     """The absolute threshold with a calibrated one folded in (the larger of the two), and the calibration as
     monitor.json records it (None without `calibrate_from`). Worked out before any model work."""
     if calibrate_from is None:
         return threshold, None
-    value, how = calibrated_threshold(calibrate_from)
+    value, how = calibrated_threshold(calibrate_from, signal)
     return max(threshold or 0.0, value), {"threshold": value, "from": how}
 
 
-def calibrated_threshold(source: str | Path) -> tuple[float, str]:
-    """A threshold from earlier results: a report's correlation.json (its fitted failure-zone threshold), or a
-    run folder (the largest KL to base among its checkpoints whose average accuracy did not fall below the
-    base model's). Returns the value and how it was obtained."""
+def calibrated_threshold(source: str | Path, signal: str = "kl") -> tuple[float, str]:
+    """A threshold from earlier results: a report's correlation.json (its fitted failure-zone threshold, a KL), or
+    a run folder (the largest value of the signal among its checkpoints whose average accuracy did not fall below
+    the base model's). Returns the value and how it was obtained."""
     path = Path(source)
     if path.is_dir() and (path / "correlation.json").is_file():
         path = path / "correlation.json"
     if path.is_file():
+        if signal != "kl":
+            raise UserError(f"{path}: a report's failure-zone threshold is a KL to base; monitor.signal '{signal}' "
+                            "calibrates from a run folder")
         try:
             zone = store.read_json(path).get("failure_zone") or {}
         except (OSError, ValueError, AttributeError):
@@ -105,9 +113,10 @@ def calibrated_threshold(source: str | Path) -> tuple[float, str]:
                 try:
                     stage.record.read()  # only finished stages count
                     scores = stage.scores.read().accuracy()
-                    kl = stage.reference_stats.read().kl_mean
+                    kl = (stage.reference_stats.read().kl_mean if signal == "kl"
+                          else signal_value(stage.drift.read(), signal))
                     base = run.stage(seed, 0).scores.read().accuracy()
-                except (OSError, ValueError):
+                except (OSError, ValueError):  # ValueError too: drift rows written before the signal was measured
                     continue
                 tasks = [t for t in scores if t != "reference"]
                 if not all(t in base for t in tasks):
@@ -118,7 +127,8 @@ def calibrated_threshold(source: str | Path) -> tuple[float, str]:
         if not healthy:
             raise UserError(f"{path}: no trained checkpoint kept the base model's average accuracy; "
                             "cannot calibrate a threshold from this run")
-        return float(max(healthy)), f"largest KL of {len(healthy)} checkpoint(s) without accuracy loss in {path}"
+        what = "KL" if signal == "kl" else signal
+        return float(max(healthy)), f"largest {what} of {len(healthy)} checkpoint(s) without accuracy loss in {path}"
     raise UserError(f"{source}: monitor.calibrate_from must be a report folder, its correlation.json, or a run folder")
 
 
@@ -137,16 +147,18 @@ def reference_logprobs(model: torch.nn.Module, tokenizer, reference: Sequence[Ex
 def measure_drift(model: torch.nn.Module, tokenizer, data: RunData, prompts: Sequence[EncodedPrompt],
                   base_logprobs: torch.Tensor, **generation) -> dict:
     """The monitor's measurement of the adapter as it is now: KL to base, entropy and top-2 margin at the answer
-    position, averaged over the reference rows (`generation`: reference_logprobs' batching and fast path)."""
+    position, averaged over the reference rows (`kl_mean`, ...), and every signal of engine/signals.py by its name
+    (`generation`: reference_logprobs' batching and fast path)."""
     logprobs = reference_logprobs(model, tokenizer, data.reference, prompts, **generation)
-    return summarize(drift_rows(data, logprobs, base_logprobs))
+    rows = drift_rows(data, prompts, logprobs, base_logprobs)
+    return {**summarize(rows), **signal_values(rows)}
 
 
 @dataclass
 class StageMonitor:
     """Hooked into train_stage: measures, records, and decides whether training goes on."""
     model: torch.nn.Module
-    measure: Callable[[], dict]  # -> {"kl_mean", "entropy_mean", "margin_mean"}
+    measure: Callable[[], dict]  # -> {"kl_mean", "entropy_mean", "margin_mean", and each signal by name}
     params: MonitorParams
     stage: int
     task: str
@@ -180,10 +192,13 @@ class StageMonitor:
             return False
         started = time.perf_counter()
         stats = self.measure()
-        above = self.threshold is not None and stats["kl_mean"] > self.threshold
+        value = self.value(stats)
+        above = self.threshold is not None and value > self.threshold
         point = {"step": step, "kl_mean": stats["kl_mean"], "entropy_mean": stats["entropy_mean"],
                  "margin_mean": stats["margin_mean"], "train_loss": float(np.mean(self._losses)),
                  "threshold": self.threshold, "above": above}
+        if self.params.signal != "kl":
+            point["signal_value"] = value
         self._losses = []
         self.series.append(point)
         self._streak = self._streak + 1 if above else 0
@@ -199,6 +214,14 @@ class StageMonitor:
         if self.on_point:
             self.on_point(point)
         return acts and action in ("stop", "revert")
+
+    def value(self, stats: dict) -> float:
+        """The watched signal's value in a measurement."""
+        value = stats["kl_mean"] if self.params.signal == "kl" else stats.get(self.params.signal)
+        if value is None:
+            raise UserError(f"monitor.signal '{self.params.signal}' cannot be measured on this reference set "
+                            "(gold_drop needs reference rows with answers)")
+        return value
 
     def finish(self, steps_trained: int) -> Intervention | None:
         """Apply the action to the model's adapter; the intervention taken, or None."""
@@ -219,6 +242,8 @@ class StageMonitor:
             kept_step, kept_kl = point["step"], point["kl_mean"]
         self._start = None
         self._candidates = []
+        signal = {} if self.params.signal == "kl" else {"signal": self.params.signal,
+                                                        "value": self.trigger["signal_value"]}
         return Intervention(stage=self.stage, task=self.task, action=action, step=self.trigger["step"],
-                            kl=self.trigger["kl_mean"], threshold=float(self.threshold), kept_step=kept_step,
-                            kept_kl=kept_kl, steps_trained=steps_trained)
+                            kl=self.trigger["kl_mean"], threshold=float(self.threshold), **signal,
+                            kept_step=kept_step, kept_kl=kept_kl, steps_trained=steps_trained)

@@ -37,10 +37,12 @@ from lorawatch.engine.base_cache import (
     restore_base_stage,
     save_base_stage,
 )
-from lorawatch.engine.checkpoint_eval import EvalParams, evaluate_checkpoint, generate_by_task
+from lorawatch.engine.checkpoint_eval import EvalParams, TaskDriftInput, evaluate_checkpoint, generate_by_task
+from lorawatch.engine.drift import answer_logprobs
 from lorawatch.config import ExperimentConfig
 from lorawatch.rundir.costs import Costs
 from lorawatch.engine.generation import GENERATION_RULES_VERSION, FastPath, fast_path_for, merged_adapter
+from lorawatch.engine.signals import signal_value
 from lorawatch.data.inputs import RunData, data_fingerprint, encode, load_data, weights_digest
 from lorawatch.models.loading import LoadedModel, load_model
 from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift
@@ -266,13 +268,31 @@ class Recipe:
     def evaluate(self, model, seed: int, stage: int) -> tuple[dict, list, float]:
         """The checkpoint on every task and the reference set, with the previous checkpoint's outputs as drafts."""
         started = time.perf_counter()
+        task_drift = self.task_drift_input(model, seed, stage)  # before the merge: it switches the adapter off
         with merged_adapter(model) if self.eval_params.fast.merge_adapter else nullcontext():
             scores, drift, _ = evaluate_checkpoint(
                 model, self.loaded.tokenizer, self.data, self.encoded, self.folder.stage(seed, stage),
                 self.eval_params, base_logprobs=self.base_logprobs,
                 drafts=read_drafts(self.folder.stage(seed, stage - 1)), costs=self.costs,
-                progress=self.progress, label=self.stage_label(seed, stage), crash_prefix=f"{seed}:{stage}")
+                progress=self.progress, label=self.stage_label(seed, stage), crash_prefix=f"{seed}:{stage}",
+                task_drift=task_drift)
         return scores, drift, time.perf_counter() - started
+
+    def task_drift_input(self, model, seed: int, stage: int) -> TaskDriftInput | None:
+        """The base model's distributions on the trained task's test prompts, read through the same model with its
+        adapter switched off (one prompt pass, no second copy of the model); None when already on disk, or when
+        the checkpoint was not trained on one of the run's tasks."""
+        task = next((t for t in self.data.tasks if t.name == self.checkpoint_of(stage)[1]), None)
+        stage_folder = self.folder.stage(seed, stage)
+        if (task is None or not hasattr(model, "disable_adapter")
+                or stage_folder.task_drift.intact_rows([e.id for e in task.test]) is not None):
+            return None
+        params = self.eval_params
+        with self.costs.phase("task_drift"), model.disable_adapter():
+            base = answer_logprobs(model, self.encoded.test[task.name], pad_id=self.loaded.tokenizer.pad_token_id,
+                                   token_budget=params.token_budget, batch_rows=params.batch_rows,
+                                   device=params.device)[1]
+        return TaskDriftInput(task.name, base)
 
     def finish(self, seed: int, stage: int, log: schema.TrainingLog | None, scores: dict, drift: list,
                eval_seconds: float) -> None:
@@ -308,9 +328,12 @@ class Recipe:
 
     def stage_monitor(self, model, seed: int, stage: int) -> StageMonitor:
         task, data, loaded = self.data.tasks[stage - 1], self.data, self.loaded
-        previous = self.folder.stage(seed, stage - 1).reference_stats
-        previous_kl = previous.read().kl_mean if stage > 1 else 0.0
-        threshold = self.monitor.stage_threshold(previous_kl)
+        previous = self.folder.stage(seed, stage - 1)
+        previous_kl = previous.reference_stats.read().kl_mean if stage > 1 else 0.0
+        signal = self.monitor.signal
+        # Every signal is 0 at the base model, where the first stage starts.
+        previous_value = previous_kl if signal == "kl" or stage == 1 else signal_value(previous.drift.read(), signal)
+        threshold = self.monitor.stage_threshold(previous_value)
         label = self.stage_label(seed, stage)
 
         def measure() -> dict:
@@ -321,7 +344,9 @@ class Recipe:
 
         def show(point: dict) -> None:
             limit = "" if threshold is None else f" (threshold {threshold:.4f})"
-            self.progress.phase(f"{label} · train {task.name} · step {point['step']} KL {point['kl_mean']:.4f}{limit}")
+            watched = "" if signal == "kl" else f" · {signal} {point['signal_value']:.4f}"
+            self.progress.phase(f"{label} · train {task.name} · step {point['step']} KL {point['kl_mean']:.4f}"
+                                f"{watched}{limit}")
 
         return StageMonitor(model=model, measure=measure, params=self.monitor, stage=stage, task=task.name,
                             threshold=threshold, start_kl=previous_kl, on_point=show)
@@ -335,7 +360,9 @@ class Recipe:
         folder.monitor_series.write(watch.series)
         if intervention is not None:
             self.progress.log(f"[bold]monitor[/bold]: seed {seed} stage {stage} ({self.data.tasks[stage - 1].name}): "
-                              f"KL to base {intervention.kl:.4f} > {intervention.threshold:.4f} at step "
+                              + (f"KL to base {intervention.kl:.4f}" if intervention.signal == "kl"
+                                 else f"{intervention.signal} {intervention.value:.4f}")
+                              + f" > {intervention.threshold:.4f} at step "
                               f"{intervention.step} → {intervention.action}"
                               + ("" if intervention.action == "warn" else f", keeping step {intervention.kept_step}"))
         return schema.MonitorLog(threshold=watch.threshold, action=monitor.action, every=monitor.every,

@@ -81,7 +81,9 @@ def resolve_monitor(config: ExperimentConfig) -> MonitorRecord | None:
     if config.monitor is None:
         return None
     settings = config.monitor
-    threshold, calibration = resolve_threshold(settings.threshold, settings.calibrate_from)
+    threshold, calibration = resolve_threshold(settings.threshold, settings.calibrate_from, settings.signal)
+    # The default signal is left out of monitor.json, as in folders written before there was a choice.
+    signal = {} if settings.signal == "kl" else {"signal": settings.signal}
     params = MonitorParams(every=settings.every, action=settings.action, threshold=threshold,
-                           relative=settings.relative, patience=settings.patience)
+                           relative=settings.relative, patience=settings.patience, **signal)
     return MonitorRecord(params=params, calibration=calibration)

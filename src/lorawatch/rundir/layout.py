@@ -73,6 +73,7 @@ REFERENCE_STATS = "reference_stats.json"
 PREDICTIONS_FOLDER = "predictions"
 ROWS_FILE = "{}.jsonl"  # a task's predictions
 REFERENCE_DRIFT = "reference_drift.jsonl"
+TASK_DRIFT = "task_drift.jsonl"  # a trained stage's drift on its own task's test prompts (since schema 3)
 MONITOR_SERIES = "monitor.jsonl"
 ADAPTER_FOLDER = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's names inside an adapter folder
@@ -101,7 +102,8 @@ RECORDS: dict[str, type[Record]] = {
     TRACKING: schema.TrackingRecord,
 }
 # The JSON Lines files beside them, by name (a stage's predictions are found by their folder).
-ROWS: dict[str, type] = {REFERENCE_DRIFT: schema.ExampleDrift, MONITOR_SERIES: schema.MonitorPoint,
+ROWS: dict[str, type] = {REFERENCE_DRIFT: schema.ExampleDrift, TASK_DRIFT: schema.ExampleDrift,
+                         MONITOR_SERIES: schema.MonitorPoint,
                          ENVIRONMENT_HISTORY: schema.EnvironmentEntry, CONFIG_HISTORY: schema.ConfigChange}
 
 
@@ -141,6 +143,12 @@ class Stage:
     @property
     def drift(self) -> RowsFile[schema.ExampleDrift]:
         return RowsFile(self.path / REFERENCE_DRIFT, schema.ExampleDrift)
+
+    @property
+    def task_drift(self) -> RowsFile[schema.ExampleDrift]:
+        """The checkpoint against the base model on the test prompts of the task this stage trained (RL's Razor's
+        measurement); absent at stage 0, for `lorawatch evaluate`'s adapters and in folders from before schema 3."""
+        return RowsFile(self.path / TASK_DRIFT, schema.ExampleDrift)
 
     @property
     def monitor_series(self) -> RowsFile[schema.MonitorPoint]:
@@ -183,7 +191,8 @@ class Stage:
         """The files a finished stage's results are read from (its adapter is not among them: results are
         shared without their adapters)."""
         return [self.scores.path, self.reference_stats.path, self.drift.path, self.predictions("reference").path,
-                *(self.predictions(task).path for task in tasks)]
+                *(self.predictions(task).path for task in tasks),
+                *([self.task_drift.path] if self.task_drift.exists() else [])]
 
 
 _NUMBERED = re.compile(r"(seed|stage)-(\d+)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Part(BaseModel):

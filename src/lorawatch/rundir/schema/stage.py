@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import AllowInfNan, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, Strict, StrictInt, StrictStr
+from pydantic import (AllowInfNan, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, Strict, StrictBool, StrictInt,
+                      StrictStr)
 
 from lorawatch.rundir.schema.base import Part, Record
 
@@ -21,6 +22,8 @@ class Intervention(Part):
     step: int  # the optimizer step whose measurement set the action off (with patience: the streak's last)
     kl: float  # KL to base measured there
     threshold: float
+    signal: str = "kl"  # what the threshold applied to (engine/signals.py); written when it is not KL
+    value: float | None = None  # the signal's value there, when the signal is not KL
     kept_step: int  # the step whose adapter the stage keeps (0: the start of the stage)
     kept_kl: float | None
     steps_trained: int
@@ -152,6 +155,7 @@ class MonitorPoint(Part):
     train_loss: float
     threshold: float | None
     above: bool
+    signal_value: float | None = None  # the watched signal's value, when it is not KL (monitor.json's `signal`)
 
 
 # A JSON number (an int too), never a bool, a string, NaN or infinity.
@@ -170,7 +174,13 @@ class ExampleDrift:
     entropy: FiniteFloat
     margin: FiniteFloat
     top1_token: StrictInt
+    # Since schema 3 (engine/drift_stats.py); None in older run folders, and dp_gold where the row has no gold.
+    kl_forward: FiniteFloat | None = None
+    same_top1: StrictBool | None = None
+    top5_overlap: FiniteFloat | None = None
+    dp_gold: FiniteFloat | None = None
 
     def to_dict(self) -> dict:
         return {"id": self.id, "task": self.task, "kl": self.kl, "entropy": self.entropy, "margin": self.margin,
-                "top1_token": self.top1_token}
+                "top1_token": self.top1_token, "kl_forward": self.kl_forward, "same_top1": self.same_top1,
+                "top5_overlap": self.top5_overlap, "dp_gold": self.dp_gold}
