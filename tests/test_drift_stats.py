@@ -5,6 +5,7 @@ near-zero and zero probabilities."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.stats import entropy
@@ -119,7 +120,18 @@ def test_delta_p_rms_and_its_error():
         summarize_delta_p([None, None])
 
 
-def test_a_run_records_every_drift_statistic_and_the_trained_tasks_drift(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    from lorawatch.recipe.run import run_experiment
+    from tiny import tiny_config, write_task_files
+
+    root = tmp_path_factory.mktemp("drift-run")
+    write_task_files(root / "data")
+    config = tiny_config(tiny_model_dir, root / "data", seeds=(1,))
+    return config, run_experiment(config, root / "run")
+
+
+def test_a_run_records_every_drift_statistic_and_the_trained_tasks_drift(tiny_run, tiny_model_dir):
     """A real (tiny) run: the reference rows carry drift_stats' statistics, the base model's rows are its identity
     against itself, and each trained stage holds the drift on its own task's test prompts, which equals a by-hand
     comparison of the checkpoint's and the base's distributions there (the adapter switched off)."""
@@ -128,13 +140,10 @@ def test_a_run_records_every_drift_statistic_and_the_trained_tasks_drift(tmp_pat
 
     from lorawatch.data.inputs import encode, load_data
     from lorawatch.engine.drift import answer_logprobs
-    from lorawatch.recipe.run import run_experiment
     from lorawatch.rundir.layout import RunFolder
-    from tiny import tiny_config, write_task_files
 
-    write_task_files(tmp_path / "data")
-    config = tiny_config(tiny_model_dir, tmp_path / "data", seeds=(1,))
-    run = RunFolder(run_experiment(config, tmp_path / "run"))
+    config, folder = tiny_run
+    run = RunFolder(folder)
     base_rows = run.stage(1, 0).drift.read()
     assert all(r.kl_forward == 0 and r.same_top1 and r.top5_overlap == 1 and r.dp_gold == 0 for r in base_rows)
     assert not run.stage(1, 0).task_drift.exists()
@@ -156,3 +165,31 @@ def test_a_run_records_every_drift_statistic_and_the_trained_tasks_drift(tmp_pat
             assert row.kl_forward == pytest.approx(expected["kl_forward"][i], abs=1e-5)
             assert row.dp_gold == pytest.approx(expected["dp_gold"][i], abs=1e-6)
         assert sum(r.kl for r in rows) > 0  # the stage moved the model on its own task
+
+
+def test_the_report_summarises_each_checkpoints_drift_signals(tiny_run, tmp_path):
+    """report.md's drift-signals section and drift_signals.csv: the rows' statistics summarised per checkpoint and
+    set (checked against scipy's sem and the rows themselves); the base model against itself is 0 KL, 100% same
+    top-1."""
+    from scipy.stats import sem
+
+    from lorawatch.report.study_report import write_report
+    from lorawatch.rundir.layout import RunFolder
+
+    _, folder = tiny_run
+    write_report([folder], tmp_path / "report")
+    frame = pd.read_csv(tmp_path / "report" / "drift_signals.csv")
+    assert list(zip(frame["checkpoint"], frame["set"])) == [("base", "reference"), ("stance", "reference"),
+                                                           ("stance", "task"), ("sum", "reference"), ("sum", "task")]
+    base = frame.iloc[0]
+    assert base["kl_mean"] == 0 and base["same_top1_rate"] == 1 and base["dp_gold_mean"] == 0
+    rows = RunFolder(folder).stage(1, 2).task_drift.read()
+    task = frame.iloc[4]
+    assert task["n"] == len(rows) == 4
+    assert task["kl_forward_mean"] == pytest.approx(np.mean([r.kl_forward for r in rows]), rel=1e-9)
+    assert task["kl_forward_se"] == pytest.approx(sem([r.kl_forward for r in rows]), rel=1e-9)
+    assert task["same_top1_rate"] == pytest.approx(np.mean([r.same_top1 for r in rows]))
+    md = (tmp_path / "report" / "report.md").read_text()
+    section = md[md.index("## Drift signals"):]
+    assert f"| sum | task | 4 | {task['kl_mean']:.4f} ± {task['kl_se']:.4f} |" in section
+    assert "not measured" not in section

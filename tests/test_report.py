@@ -428,3 +428,12 @@ def test_report_compares_each_setting_with_its_baseline_on_the_same_rows(tmp_pat
     assert (mean["difference"], mean["interval"]) == (pytest.approx(-0.2), "t over 2 seeds")
     same = paired[paired["run"] == names["slower"]]
     assert set(same["difference"]) == {0.0} and set(same["verdict"].dropna()) == {"no detectable change"}
+
+
+def test_drift_signals_of_folders_from_before_the_statistics_show_the_kl_alone(paper_report):
+    md = (paper_report.out / "report.md").read_text()
+    section = md[md.index("## Drift signals"):]
+    assert "| base | reference |" in section and "| — | — | — | — |" in section
+    assert "written before lorawatch recorded the drift statistics" in section
+    frame = pd.read_csv(paper_report.out / "drift_signals.csv")
+    assert frame["kl_forward_mean"].isna().all() and set(frame["set"]) == {"reference"}

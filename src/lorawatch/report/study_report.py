@@ -37,7 +37,7 @@ import pandas as pd
 from lorawatch.rundir import atomic
 from lorawatch.errors import UserError
 from lorawatch.report.monitoring_view import interventions, interventions_markdown
-from lorawatch.report import real
+from lorawatch.report import drift_signals, real
 from lorawatch.report.paper_tables import ReportTable, build_tables
 from lorawatch.report.statistics import (
     FAILURE_ZONE_METHOD,
@@ -149,6 +149,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
     paired = real.setting_comparisons(study)
     text(real.PAIRED_CSV, real.paired_frame(paired).to_csv(index=False, float_format="%.10g"))
     index += "\n" + real.verdicts_section(study) + "\n" + real.settings_section(paired)
+    signals = drift_signals.signals_frame(study)
+    text(drift_signals.DRIFT_SIGNALS_CSV, signals.to_csv(index=False, float_format="%.10g"))
+    index += "\n" + drift_signals.signals_section(signals)
     run_folders = [(Path(d).name, Path(d)) for g in study.groups for d in g.run_dirs]
     monitored = figures.monitor_figure(run_folders, out)
     if monitored:
