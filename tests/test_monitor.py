@@ -239,7 +239,8 @@ def test_monitor_config_errors(tmp_path, tiny_model_dir):
 def test_monitor_from_the_command_line(tmp_path, tiny_model_dir):
     path = config_file(tmp_path, tiny_model_dir)
     result = cli("run", path, "--out", tmp_path / "run", "--seeds", "4", "--monitor", "revert",
-                       "--monitor-threshold", "1e-9", "--monitor-every", "1", "--monitor-patience", "2")
+                       "--monitor-threshold", "1e-9", "--monitor-every", "1", "--monitor-patience", "2",
+                       "--monitor-signal", "top5_change")
     assert result.returncode == 0, result.stderr
     assert "monitor" in result.stderr and "revert" in result.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -248,9 +249,12 @@ def test_monitor_from_the_command_line(tmp_path, tiny_model_dir):
     info = json.loads((tmp_path / "run" / "seed-4" / "stage-1" / "stage.json").read_text())
     # two optimizer steps per stage, both above the threshold: patience 2 acts at the second, not the first
     assert info["intervention"]["action"] == "revert" and info["intervention"]["step"] == 2
+    assert info["intervention"]["signal"] == "top5_change" and "top5_change" in result.stderr
     assert info["training"]["optimizer_steps"] == 2 and not info["training"]["stopped_early"]
     assert_one_line_error(cli("run", path, "--out", tmp_path / "r2", "--monitor", "explode"),
                           "monitor.action")
+    assert_one_line_error(cli("run", path, "--out", tmp_path / "r3", "--monitor", "warn", "--monitor-signal", "loud"),
+                          "monitor.signal")
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,13 @@ def run(
     max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length")] = None,
     monitor: Annotated[Optional[str], typer.Option(help="live drift monitor action: warn, stop, revert, "
                                                          "rollback")] = None,
-    monitor_threshold: Annotated[Optional[float], typer.Option(help="monitor: absolute KL threshold")] = None,
+    monitor_signal: Annotated[Optional[str], typer.Option(help="monitor: what the threshold applies to: kl "
+                                                               "(default), kl_forward, top1_change, top5_change, "
+                                                               "gold_drop")] = None,
+    monitor_threshold: Annotated[Optional[float], typer.Option(help="monitor: absolute threshold on the signal "
+                                                                    "(KL by default)")] = None,
     monitor_relative: Annotated[Optional[float], typer.Option(help="monitor: threshold as a multiple of the "
-                                                                   "previous checkpoint's KL")] = None,
+                                                                   "previous checkpoint's value")] = None,
     monitor_every: Annotated[Optional[int], typer.Option(help="monitor: optimizer steps between "
                                                               "measurements")] = None,
     monitor_calibrate_from: Annotated[Optional[str], typer.Option(help="monitor: threshold from a report folder "
@@ -66,7 +70,7 @@ def run(
                    **({f"eval.{part}": False for part in PLAIN_SWITCHES} if plain else {})}
         changes.update({"monitor.action": monitor, "monitor.threshold": monitor_threshold,
                         "monitor.relative": monitor_relative, "monitor.every": monitor_every,
-                        "monitor.patience": monitor_patience,
+                        "monitor.patience": monitor_patience, "monitor.signal": monitor_signal,
                         "monitor.calibrate_from": monitor_calibrate_from, "tracking.backend": track})
         changes.update(parse_set_options(set_fields or []))
         config = with_changes(config, changes, preset_name)
