@@ -280,7 +280,7 @@ def data_for(signal):
 
 @pytest.mark.parametrize("signal", ["kl_forward", "top1_change", "top5_change", "gold_drop"])
 def test_each_signal_is_measured_live_and_sets_off_its_action(watched_signals, tiny_model_dir, signal):
-    from lorawatch.engine.signals import signal_value
+    from lorawatch.analysis.signals import signal_value
     from lorawatch.rundir.schema import ExampleDrift
 
     root, runs = watched_signals
@@ -306,7 +306,7 @@ def test_each_signal_is_measured_live_and_sets_off_its_action(watched_signals, t
 
 
 def test_a_signal_without_values_is_refused_in_one_line(watched, tmp_path):
-    from lorawatch.engine.signals import signal_value
+    from lorawatch.analysis.signals import signal_value
     from lorawatch.rundir.schema import ExampleDrift
 
     old = [ExampleDrift("r1", None, 0.1, 1.0, 0.5, 3)]  # a row written before the drift statistics

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, create_model, StrictInt, ValidationError, field_validator, model_validator
 
 from lorawatch.engine.fast_path import switch_descriptions
-from lorawatch.engine.signals import DEFAULT_SIGNAL, SIGNALS, SignalName
+from lorawatch.analysis.signals import DEFAULT_SIGNAL, SIGNALS, SignalName
 from lorawatch.errors import ConfigError, file_problem
 from lorawatch.recipe.strategies import STRATEGIES, StrategySettings
 from lorawatch.recipe.strategies.base import NoneConfig

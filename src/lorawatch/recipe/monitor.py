@@ -4,7 +4,7 @@ Every `every` optimizer steps (and at the stage's last step) the reference drift
 as it is at that moment: one forward pass over the reference prompts, only the answer-position logits,
 against the base distributions computed once per run. The series goes to stage-K/monitor.jsonl.
 
-The watched signal is the KL to base unless `signal` names another (engine/signals.py: forward KL, top-1 or
+The watched signal is the KL to base unless `signal` names another (analysis/signals.py: forward KL, top-1 or
 top-5 change, the gold token's probability drop); thresholds below are in the signal's units.
 
 Actions when the signal is above the stage's threshold:
@@ -40,7 +40,7 @@ from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir.schema import Intervention, MonitorParamsRecord
 from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
 from lorawatch.engine.drift import summarize
-from lorawatch.engine.signals import signal_value, signal_values
+from lorawatch.analysis.signals import SIGNALS, signal_value, signal_values
 from lorawatch.engine.generation import FastPath
 from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET
 from lorawatch.errors import UserError
@@ -147,7 +147,7 @@ def reference_logprobs(model: torch.nn.Module, tokenizer, reference: Sequence[Ex
 def measure_drift(model: torch.nn.Module, tokenizer, data: RunData, prompts: Sequence[EncodedPrompt],
                   base_logprobs: torch.Tensor, **generation) -> dict:
     """The monitor's measurement of the adapter as it is now: KL to base, entropy and top-2 margin at the answer
-    position, averaged over the reference rows (`kl_mean`, ...), and every signal of engine/signals.py by its name
+    position, averaged over the reference rows (`kl_mean`, ...), and every signal of analysis/signals.py by its name
     (`generation`: reference_logprobs' batching and fast path)."""
     logprobs = reference_logprobs(model, tokenizer, data.reference, prompts, **generation)
     rows = drift_rows(data, prompts, logprobs, base_logprobs)
@@ -199,6 +199,7 @@ class StageMonitor:
                  "threshold": self.threshold, "above": above}
         if self.params.signal != "kl":
             point["signal_value"] = value
+        point["signals"] = {name: stats[name] for name in SIGNALS if name in stats}
         self._losses = []
         self.series.append(point)
         self._streak = self._streak + 1 if above else 0

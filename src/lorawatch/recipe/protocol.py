@@ -42,7 +42,7 @@ from lorawatch.engine.drift import answer_logprobs
 from lorawatch.config import ExperimentConfig
 from lorawatch.rundir.costs import Costs
 from lorawatch.engine.generation import GENERATION_RULES_VERSION, FastPath, fast_path_for, merged_adapter
-from lorawatch.engine.signals import signal_value
+from lorawatch.analysis.signals import signal_value
 from lorawatch.data.inputs import RunData, data_fingerprint, encode, load_data, weights_digest
 from lorawatch.models.loading import LoadedModel, load_model
 from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift

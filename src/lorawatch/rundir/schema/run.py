@@ -56,7 +56,7 @@ class MonitorParamsRecord(Part):
     threshold: int | float | None  # an int given to the Trainer callback is recorded as it was given
     relative: float | None
     patience: int
-    signal: str = "kl"  # engine/signals.py; written only when it is not the default (older folders have none)
+    signal: str = "kl"  # analysis/signals.py; written only when it is not the default (older folders have none)
 
 
 class Calibration(Part):

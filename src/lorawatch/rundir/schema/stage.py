@@ -22,7 +22,7 @@ class Intervention(Part):
     step: int  # the optimizer step whose measurement set the action off (with patience: the streak's last)
     kl: float  # KL to base measured there
     threshold: float
-    signal: str = "kl"  # what the threshold applied to (engine/signals.py); written when it is not KL
+    signal: str = "kl"  # what the threshold applied to (analysis/signals.py); written when it is not KL
     value: float | None = None  # the signal's value there, when the signal is not KL
     kept_step: int  # the step whose adapter the stage keeps (0: the start of the stage)
     kept_kl: float | None
@@ -156,6 +156,9 @@ class MonitorPoint(Part):
     threshold: float | None
     above: bool
     signal_value: float | None = None  # the watched signal's value, when it is not KL (monitor.json's `signal`)
+    # Every signal's value at this measurement (analysis/signals.py; None where the reference set cannot give one),
+    # since schema 3: what a study of which signal warns first reads.
+    signals: dict[str, float | None] | None = None
 
 
 # A JSON number (an int too), never a bool, a string, NaN or infinity.
