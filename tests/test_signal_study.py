@@ -4,6 +4,7 @@ bootstrap interval by coverage simulation, and the whole analysis on run folders
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import norm
 
@@ -71,3 +72,28 @@ def test_on_runs_built_to_forget_kl_separates_the_checkpoints_that_forgot(tmp_pa
     forward = table[table["signal"] == "kl_forward"].iloc[0]
     assert forward["checkpoints"] == 0 and math.isnan(forward["auroc"])
     assert MIN_PER_CLASS == 3
+
+    # The report's section, its files and figure, from the same folders.
+    from lorawatch.report.study_report import write_report
+
+    write_report([run], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    section = md[md.index("## Which drift signal warns best"):]
+    assert "12), labelled" in section and "3 forgot, 9 did not" in section
+    assert f"| kl | 12 | 3 | 1.000 | [1.000, 1.000] | {kl_row['cut']:.4f} |" in section
+    assert (tmp_path / "report" / "signals.png").stat().st_size > 5000
+    written = pd.read_csv(tmp_path / "report" / "signal_study.csv")
+    assert written.set_index("signal").loc["kl", "auroc"] == 1.0
+
+
+def test_too_few_checkpoints_of_a_kind_are_not_ranked(tmp_path):
+    from lorawatch.report.study_report import write_report
+
+    tasks = ["stance", "science", "sum"]
+    stays = [{t: outcomes(20) for t in tasks}] * 4
+    run = write_run(tmp_path / "run", stays, [0.0, 0.2, 0.3, 0.4], seeds=(1,), tasks=tasks)
+    write_report([run], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Not ranked: at least 3 checkpoints of each kind are needed; these runs have 0 that forgot and 2 that " \
+           "did not." in md
+    assert not (tmp_path / "report" / "signals.png").exists()

@@ -282,3 +282,25 @@ def monitor_figure(runs: Sequence[tuple[str, Path]], out_dir: Path, stem: str = 
     ax.set_title("Live drift during training (dashed: threshold, ×: above it)")
     ax.legend(fontsize=7)
     return _save(fig, out_dir, stem)
+
+
+def signal_figure(table: pd.DataFrame, out_dir: Path, stem: str = "signals") -> list[Path]:
+    """Each candidate drift signal's AUROC at telling the checkpoints that forgot an earlier task from those that
+    did not, with its bootstrap interval; the dashed line is chance."""
+    ranked = table[table["auroc"].notna()]
+    fig = _new_figure(8.0, 0.9 + 0.32 * max(len(ranked), 1))
+    ax = fig.add_subplot()
+    y = list(range(len(ranked)))[::-1]
+    ax.errorbar(ranked["auroc"], y, xerr=[ranked["auroc"] - ranked["ci_low"], ranked["ci_high"] - ranked["auroc"]],
+                fmt="o", color="#1f77b4", ecolor="#1f77b4", capsize=3)
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels(ranked["signal"])
+    ax.set_xlim(-0.02, 1.02)  # room for a point at 0 or 1
+    ax.set_ylim(-0.6, len(ranked) - 0.4)
+    ax.set_xlabel("AUROC: checkpoints that forgot an earlier task against those that did not")
+    forgot, did_not = (int(ranked[c].max()) if len(ranked) else 0 for c in ("forgot", "did_not"))
+    ax.set_title(f"Which drift signal warns best ({forgot} checkpoints forgot, {did_not} did not)\n"
+                 "bars: stratified bootstrap interval; dashed: chance", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, out_dir, stem)

@@ -38,6 +38,7 @@ from lorawatch.rundir import atomic
 from lorawatch.errors import UserError
 from lorawatch.report.monitoring_view import interventions, interventions_markdown
 from lorawatch.report import drift_signals, real
+from lorawatch.report.signal_study_view import write_signal_study
 from lorawatch.report.paper_tables import ReportTable, build_tables
 from lorawatch.report.statistics import (
     FAILURE_ZONE_METHOD,
@@ -152,6 +153,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
     signals = drift_signals.signals_frame(study)
     text(drift_signals.DRIFT_SIGNALS_CSV, signals.to_csv(index=False, float_format="%.10g"))
     index += "\n" + drift_signals.signals_section(signals)
+    section, signal_files = write_signal_study(study, out, text)
+    files += signal_files
+    index += "\n" + section
     run_folders = [(Path(d).name, Path(d)) for g in study.groups for d in g.run_dirs]
     monitored = figures.monitor_figure(run_folders, out)
     if monitored:
