@@ -193,3 +193,15 @@ def test_the_report_summarises_each_checkpoints_drift_signals(tiny_run, tmp_path
     section = md[md.index("## Drift signals"):]
     assert f"| sum | task | 4 | {task['kl_mean']:.4f} ± {task['kl_se']:.4f} |" in section
     assert "not measured" not in section
+
+
+def test_the_run_page_shows_the_drift_signals(tiny_run, tmp_path):
+    from lorawatch.report.drift_signals import cells, seed_signals
+    from lorawatch.report.html import write_run_html
+    from lorawatch.rundir.layout import RunFolder
+
+    _, folder = tiny_run
+    page = write_run_html(folder, tmp_path / "page.html").read_text()
+    assert 'id="signals"' in page and "Drift signals: each checkpoint against the base model" in page
+    sum_task = next(r for r in seed_signals(RunFolder(folder), 1) if (r["checkpoint"], r["set"]) == ("sum", "task"))
+    assert all(cell.replace("‖", "") in page for cell in cells(sum_task))

@@ -47,22 +47,41 @@ def summarize_rows(rows) -> dict[str, float | None]:
     return out
 
 
+def seed_signals(run: RunFolder, seed: int) -> list[dict]:
+    """One seed's rows: per finished checkpoint and set of prompts, the set's summary."""
+    records = []
+    for k in run.seed(seed).stages_on_disk():
+        stage = run.stage(seed, k)
+        if not stage.finished():
+            continue
+        checkpoint = stage.record.read().checkpoint
+        sets = [("reference", stage.drift.read())]
+        if stage.task_drift.exists():
+            sets.append(("task", stage.task_drift.read()))
+        records += [{"seed": seed, "checkpoint": checkpoint, "set": name, **summarize_rows(rows)}
+                    for name, rows in sets]
+    return records
+
+
 def signals_frame(study: StudyResults) -> pd.DataFrame:
     """One row per group, seed, checkpoint and set of prompts (COLUMNS)."""
     records = []
     for group in study.groups:
         for seed_result in group.per_seed:
-            run = RunFolder(seed_result.run_dir)
-            for k, checkpoint in enumerate(seed_result.steps["checkpoint"]):
-                stage = run.stage(seed_result.seed, k)
-                sets = [("reference", stage.drift.read())]
-                if stage.task_drift.exists():
-                    sets.append(("task", stage.task_drift.read()))
-                for name, rows in sets:
-                    records.append({"model": group.model, "spec": group.spec, "order": group.order,
-                                    "seed": seed_result.seed, "checkpoint": checkpoint, "set": name,
-                                    **summarize_rows(rows)})
+            records += [{"model": group.model, "spec": group.spec, "order": group.order, **row}
+                        for row in seed_signals(RunFolder(seed_result.run_dir), seed_result.seed)]
     return pd.DataFrame(records, columns=list(COLUMNS))
+
+
+def cells(row) -> list[str]:
+    """A summary row's cells as the tables show them: KL both ways, same top-1, top-5 overlap, Δp gold."""
+    return [_mean_se(row["kl_mean"], row["kl_se"]), _mean_se(row["kl_forward_mean"], row["kl_forward_se"]),
+            _mean_se(row["same_top1_rate"], row["same_top1_se"], 1, 100, "%"),
+            _mean_se(row["top5_overlap_mean"], row["top5_overlap_se"], 3),
+            _mean_se(row["dp_gold_mean"], row["dp_gold_se"])]
+
+
+HEADERS = ["KL(ckpt ‖ base)", "KL(base ‖ ckpt)", "same top-1", "top-5 overlap", "Δp gold"]
 
 
 def _mean_se(mean: float | None, se: float | None, digits: int = 4, scale: float = 1.0, unit: str = "") -> str:
@@ -90,12 +109,8 @@ def signals_section(frame: pd.DataFrame) -> str:
         lines += [f"### {model} · {order} · seed {seed}", "",
                   "| checkpoint | prompts | n | KL(ckpt ‖ base) | KL(base ‖ ckpt) | same top-1 | top-5 overlap | "
                   "Δp gold |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for row in part.itertuples():
-            lines.append(f"| {row.checkpoint} | {row.set} | {row.n} | {_mean_se(row.kl_mean, row.kl_se)} | "
-                         f"{_mean_se(row.kl_forward_mean, row.kl_forward_se)} | "
-                         f"{_mean_se(row.same_top1_rate, row.same_top1_se, 1, 100, '%')} | "
-                         f"{_mean_se(row.top5_overlap_mean, row.top5_overlap_se, 3)} | "
-                         f"{_mean_se(row.dp_gold_mean, row.dp_gold_se)} |")
+        for _, row in part.iterrows():
+            lines.append(f"| {row['checkpoint']} | {row['set']} | {row['n']} | " + " | ".join(cells(row)) + " |")
         lines.append("")
     if older.any():
         lines += ["—: not measured; these run folders were written before lorawatch recorded the drift statistics "

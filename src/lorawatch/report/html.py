@@ -24,7 +24,7 @@ from lorawatch.analysis.metrics import METRIC_COLUMNS
 from lorawatch.rundir import atomic, schema
 from lorawatch.rundir.layout import MONITOR_SETTINGS
 from lorawatch.analysis import significance
-from lorawatch.report import html_figures, labels, verdict_view
+from lorawatch.report import drift_signals, html_figures, labels, verdict_view
 from lorawatch.report.monitoring_view import interventions, monitor_series
 from lorawatch.report.html_examples import browser_section, finished_stages
 from lorawatch.report.html_verdicts import verdicts_section
@@ -222,6 +222,18 @@ def _drift(results: RunResults, records: Records) -> Markup:
                       verdict_view.drift_change_lines(records), level)
 
 
+def _drift_signals(results: RunResults) -> Markup:
+    """Each checkpoint against the base, seed by seed, on the reference set and the task just trained."""
+    rows = []
+    for seed in results.seeds:
+        for row in drift_signals.seed_signals(results.folder, seed):
+            rows.append([seed, row["checkpoint"], row["set"], row["n"], *drift_signals.cells(row)])
+    note = Markup("<p>Mean over the prompts ± its standard error, as llama.cpp's <code>--kl-divergence</code> "
+                  "reports a quantization: on the reference set, and on the test prompts of the task each checkpoint "
+                  "was just trained on. —: not measured (a run folder from before these statistics).</p>")
+    return note + _table(["seed", "checkpoint", "prompts", "n", *drift_signals.HEADERS], rows, numeric_from=3)
+
+
 def _monitor(results: RunResults) -> Markup | None:
     series = monitor_series(results.path)
     if series.empty:
@@ -285,6 +297,8 @@ def run_sections(results: RunResults, prefix: str = "", heading: str = "h2") -> 
              ("verdicts", "Is it real?", "Is it real? Each checkpoint against the previous one and the base",
               verdicts_section(records, prefix, heading)),
              ("drift", "KL, entropy, margin", "Drift on the reference set per stage", _drift(results, records)),
+             ("signals", "Drift signals", "Drift signals: each checkpoint against the base model",
+              _drift_signals(results)),
              ("monitor", "Live drift", "Live drift monitoring", monitor),
              ("examples", "Examples", None, browser_section(results, prefix, heading)),
              ("costs", "Costs", "Costs of the run", _costs(results)),
