@@ -307,3 +307,24 @@ def test_a_grid_axis_over_seeds_is_refused_before_anything_runs(tiny_model_dir, 
     study_file = write_study(tmp_path, grid={"order": ["original"]}, seeds=[1, 2])
     assert [(u.name, u.config().seeds) for u in load_study_file(study_file).units] == \
         [("original-seed1", [1]), ("original-seed2", [2])]
+
+
+def test_every_study_file_of_the_project_expands(tmp_path, monkeypatch):
+    """study/*.yaml, the studies the docs are made from: each expands into units whose configs build (the TRACE ones
+    with the paper's data fetched from the local copy)."""
+    from lorawatch.data.fetch import fetch_dataset
+    from lorawatch.study.spec import load_study_file
+    from tiny import TRACE_DIR, needs_trace
+
+    needs_trace()
+    monkeypatch.setenv("LORAWATCH_DATA", str(tmp_path / "data"))
+    fetch_dataset("trace-500", source=str(TRACE_DIR), log=lambda *a, **k: None)
+    files = sorted((Path(__file__).resolve().parents[1] / "study").glob("*.yaml"))
+    assert len(files) >= 6
+    for path in files:
+        plan = load_study_file(path)
+        assert plan.units, path
+    signals = load_study_file(files[0].parent / "signals-demo.yaml")
+    configs = [unit.config() for unit in signals.units]
+    assert len(configs) == 12 and {c.monitor.action for c in configs} == {"warn"}
+    assert sorted({c.train.learning_rate for c in configs}) == [1e-4, 5e-4, 2e-3]
