@@ -26,6 +26,7 @@ from lorawatch.rundir.schema.stage import (  # noqa: F401
     StrategyLog,
     TrainingLog,
     TrainingRecord,
+    AdapterCheck,
     StageRecord,
     Scores,
     ReferenceStats,
