@@ -100,7 +100,7 @@ def export(plan: ExportPlan, console: Console | None = None) -> list[Agreement]:
     say = lambda text: console.print(f"lorawatch: export: {text}")  # noqa: E731
     loaded = merge.load_base(plan.config, plan.weights)
     if plan.format == "gguf":
-        gguf.check_family(loaded.model.config.model_type, plan.config.model.spec)
+        gguf.check_family(loaded.model.config, plan.config.model.spec)
     prompts = merge.reference_prompts(plan.config, loaded.tokenizer)
     model = loaded.model if plan.adapter is None else PeftModel.from_pretrained(loaded.model, str(plan.adapter))
     measured = merge.reference_logits(model, prompts, loaded.tokenizer)

@@ -54,10 +54,25 @@ def parse_quants(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_family(model_type: str | None, spec: str) -> None:
+# llama.cpp's Gemma-3 does not read the layer types: every 6th layer is full attention, the others sliding
+# (set_swa_pattern(6)), as in every published Gemma-3. Another pattern converts without a word and computes another
+# model (seen on a 2-layer model: KL 4.5e-3 to the checkpoint, top-1 agreement 0%); it is refused instead.
+GEMMA3_FULL_EVERY = 6
+
+
+def check_family(config, spec: str) -> None:
+    """The model's family is one llama.cpp converts and runs as transformers does: refused in one line if not."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UserError(f"--format gguf: model {spec} is a {model_type!r} model; lorawatch exports GGUF for "
                         f"{', '.join(sorted(set(FAMILIES.values())))} ({', '.join(FAMILIES)})")
+    layers = getattr(config, "layer_types", None)
+    if model_type.startswith("gemma3") and layers is not None:
+        expected = ["full_attention" if (i + 1) % GEMMA3_FULL_EVERY == 0 else "sliding_attention"
+                    for i in range(len(layers))]
+        if list(layers) != expected:
+            raise UserError(f"--format gguf: model {spec} has Gemma-3 layer types {'/'.join(t[0] for t in layers)} "
+                            "(s: sliding, f: full); llama.cpp runs every Gemma-3 as 5 sliding layers then 1 full")
 
 
 def converter_folder() -> Path:
@@ -70,12 +85,19 @@ def converter_folder() -> Path:
     return folder
 
 
+_quiet = None  # llama.cpp's log callback, kept alive as long as the process (ctypes would free it otherwise)
+
+
 def llama_cpp_module():
+    global _quiet
     try:
         import llama_cpp
     except ImportError as exc:
         raise UserError(f"--format gguf needs llama-cpp-python (`make deploy`, or pip install 'lorawatch[deploy]' "
                         f"with the CMAKE_ARGS of the Makefile): {exc}") from None
+    if _quiet is None:  # the quantizer and the model loader log every tensor to stderr; lorawatch says what matters
+        _quiet = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
     return llama_cpp
 
 
