@@ -49,7 +49,7 @@ deploy: $(DEPLOY_STAMP)
 $(DEPLOY_STAMP): $(STAMP)
 	$(BIN)/python -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d $(VENV)/src
 	# Builds for some minutes (C++); the constraints keep every package already installed as it is.
-	$(BIN)/python -m pip freeze --exclude-editable > $(VENV)/constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable --exclude llama-cpp-python > $(VENV)/constraints.txt
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt "$(LLAMA_SDIST)" \
 		"sentencepiece>=0.1.98,<0.3"
 	rm -rf $(CONVERTER) && mkdir -p $(CONVERTER)
