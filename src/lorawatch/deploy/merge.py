@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lorawatch.config import ExperimentConfig
@@ -38,14 +37,6 @@ def reference_prompts(config: ExperimentConfig, tokenizer) -> list[EncodedPrompt
 def reference_logits(model, prompts: list[EncodedPrompt], tokenizer) -> torch.Tensor:
     """[rows, vocab] next-token log-probabilities at each reference row's answer position."""
     return answer_logprobs(model, prompts, pad_id=tokenizer.pad_token_id, device=str(model.device))[1]
-
-
-def merge(loaded: LoadedModel, adapter: Path | None):
-    """(merged model, the checkpoint's unmerged adapter model or None): merge_and_unload changes the base model's
-    weights in place, so the caller measures the checkpoint before calling `finish()`."""
-    if adapter is None:
-        return loaded.model
-    return PeftModel.from_pretrained(loaded.model, str(adapter))
 
 
 def save(model, tokenizer, folder: Path) -> None:
