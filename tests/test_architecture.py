@@ -15,6 +15,8 @@ FORBIDDEN = {
     "analysis": {"engine", "recipe", "models", "study", "integrations"},
     "models": {"engine", "recipe", "analysis", "report", "rundir", "study", "integrations", "data"},
     "data": {"engine", "recipe", "analysis", "report", "rundir", "study", "integrations", "models"},
+    # export reads a finished run (rundir, analysis) and loads its model (models, engine); it trains nothing
+    "deploy": {"recipe", "report", "study", "integrations", "cli"},
 }
 # optional dependencies -> the only places that may import them at module level
 OPTIONAL = {"ray": {"study/ray_backend.py"}, "mlflow": set(), "tensorboard": set(), "trl": set(),

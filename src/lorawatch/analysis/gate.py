@@ -3,8 +3,10 @@
 
 A checkpoint is compared with another of the same seed on the same test rows (verdicts.compare_stages): a task
 regressed when its exact McNemar p, adjusted over the tasks, is below alpha and its accuracy fell. Optional limits:
-the negative flip rate of any task (`max_nfr`) and the KL to base on the reference set (`max_kl`). RUN is a run
-folder (`lorawatch run` or `evaluate`) or a study folder, whose every unit is gated.
+the negative flip rate of any task (`max_nfr`) and the KL to base on the reference set (`max_kl`). A gated stage
+whose adapter had no effect (its stage.json's adapter check: the base model's distributions on every reference
+row) always fails: its numbers are the base model's. RUN is a run folder (`lorawatch run` or `evaluate`) or a
+study folder, whose every unit is gated.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ def _gate_seed(result: GateResult, run_dir: Path, seed: int, stage: str | int, a
     if other == k:
         raise UserError(f"{run_dir}: seed {seed}: --against names the gated stage {k} itself")
     comparison = compare_stages(outcomes, k, other, kind, settings)
-    kl = RunFolder(run_dir).stage(seed, k).reference_stats.load().kl_mean
+    folder = RunFolder(run_dir).stage(seed, k)
+    kl = folder.reference_stats.load().kl_mean
+    check = folder.record.load().adapter_check if k > 0 else None
     where = (f"{run_dir} seed {seed}: stage {k} ({comparison.checkpoint}) against stage {other} "
              f"({comparison.against_checkpoint})")
     reasons = []
@@ -102,6 +106,8 @@ def _gate_seed(result: GateResult, run_dir: Path, seed: int, stage: str | int, a
                            f"rows right → wrong) > --max-nfr {max_nfr:g}")
     if max_kl is not None and kl > max_kl:
         reasons.append(f"{where}: KL to base on the reference set {kl:.4f} > --max-kl {max_kl:g}")
+    if check is not None and not check.active:
+        reasons.append(f"{where}: {check.summary()}")
     worst = max(comparison.tasks, key=lambda t: t.negative_flip_rate)
     result.lines.append(f"{'FAIL' if reasons else 'pass'} {where}: "
                         f"{len(comparison.regressed())} of {len(comparison.tasks)} tasks regressed (α {settings.alpha:g}"
@@ -109,5 +115,5 @@ def _gate_seed(result: GateResult, run_dir: Path, seed: int, stage: str | int, a
                         f"{worst.negative_flip_rate:.3f} ({worst.task}); KL to base {kl:.4f}")
     result.reasons += reasons
     result.checks.append({"run_dir": str(run_dir), "seed": seed, "stage": k, "against_stage": other,
-                          "kl_to_base": kl, "alpha": settings.alpha, "correction": settings.correction,
+                          "kl_to_base": kl, "adapter_active": None if check is None else check.active, "alpha": settings.alpha, "correction": settings.correction,
                           "comparison": comparison.model_dump(mode="json"), "reasons": reasons})

@@ -1,9 +1,10 @@
-"""The `lorawatch` command line: run, evaluate, metrics, show, check, gate, report, compare, track, data.
+"""The `lorawatch` command line: run, evaluate, metrics, show, check, gate, report, compare, track, export, data.
 
 The commands live in one module per group, and are put together here, in the order `lorawatch --help` lists them:
 
     runs.py     run, evaluate: compute into a run folder
     results.py  metrics, show, check, report, compare, gate, track: read finished run folders
+    deploy.py   export: a stage as the files a user ships
     study.py    study: a grid of runs
     data.py     data fetch, data list: the paper's datasets
     common.py   one-line errors, interruptions, option parsing
@@ -16,7 +17,7 @@ import warnings
 
 import typer
 
-from lorawatch.cli import data, results, runs, study
+from lorawatch.cli import data, deploy, results, runs, study
 from lorawatch.cli.common import on_sigterm
 from lorawatch.errors import format_warning
 
@@ -25,7 +26,7 @@ __all__ = ["app", "main"]
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sequential LoRA personalization of small language models, with stability monitoring.")
 for command in (runs.run, runs.evaluate, results.metrics, results.show, results.check, results.report,
-                results.compare, results.gate, results.track, study.study):
+                results.compare, results.gate, results.track, deploy.export, study.study):
     app.command()(command)
 app.add_typer(data.data_app, name="data")
 

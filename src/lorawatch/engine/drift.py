@@ -16,12 +16,18 @@ import torch
 from lorawatch.engine.drift_stats import compare_distributions
 from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET, budget_batches, left_pad, position_ids
 from lorawatch.data.prompts import EncodedPrompt
-from lorawatch.rundir.schema import ExampleDrift
+from lorawatch.rundir.schema import AdapterCheck, ExampleDrift
 
 STAT_NAMES = ("kl", "entropy", "margin")
 # Bumped when a reference row's drift record gains or changes a statistic: a cached base stage from before is
 # then computed again rather than restored without it (engine/base_cache.py).
 DRIFT_RULES_VERSION = 2
+
+# The adapter-active check's tolerance on each row's KL to base, in nats. The base model's own distribution
+# computed in another batch differs from stage 0's only by float round-off, far below this in float32; a trained
+# adapter moves the reference distributions by orders of magnitude more. In half precision the round-off can
+# approach it: the check then errs towards "active", never towards a false alarm on a working adapter.
+ADAPTER_KL_TOLERANCE = 1e-5
 
 
 # The published implementation's reference pass: batches of 4 in file order, left-padded, default position
@@ -96,3 +102,23 @@ def summarize(drift: Sequence[ExampleDrift]) -> dict[str, float]:
         out[f"{name}_p10"] = float(np.percentile(values, 10))
         out[f"{name}_p95"] = float(np.percentile(values, 95))
     return out
+
+
+def adapter_check(drift: Sequence[ExampleDrift], base_top1: Sequence[int],
+                  tolerance: float = ADAPTER_KL_TOLERANCE) -> AdapterCheck:
+    """Is the adapter doing anything? Inactive when every reference row's KL to base is within `tolerance` and its
+    top-1 token is the base model's (`base_top1`, in the rows' order): one function for a trained stage (recipe),
+    an adapter loaded by `lorawatch evaluate`, and the Trainer callback's model at the end of training."""
+    if len(drift) != len(base_top1):
+        raise ValueError(f"adapter_check: {len(drift)} drift rows but {len(base_top1)} base tokens")
+    max_kl = max((d.kl for d in drift), default=0.0)
+    changed = sum(d.top1_token != int(t) for d, t in zip(drift, base_top1))
+    return AdapterCheck(active=max_kl > tolerance or changed > 0, max_kl=max_kl, top1_changed=changed,
+                        rows=len(drift), tolerance=tolerance)
+
+
+def adapter_check_of(logprobs: torch.Tensor, base_logprobs: torch.Tensor,
+                     tolerance: float = ADAPTER_KL_TOLERANCE) -> AdapterCheck:
+    """adapter_check from the two sets of reference log-probabilities ([rows, vocab], the same rows in order)."""
+    rows = per_example_drift([str(i) for i in range(len(logprobs))], [None] * len(logprobs), logprobs, base_logprobs)
+    return adapter_check(rows, base_logprobs.argmax(-1).tolist(), tolerance)

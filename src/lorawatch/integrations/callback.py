@@ -29,6 +29,11 @@ Written and logged:
   writes, one `schema.MonitorPoint` per measurement, rewritten after each one.
 - `drift/kl_to_base`, `drift/entropy`, `drift/margin` in the Trainer's log of each measurement step, beside its
   loss: in `trainer.state.log_history`, and sent to the `report_to` integrations (TensorBoard, MLflow, W&B).
+
+When training ends, the adapter the model holds is checked against the base model on the reference set
+(engine/drift.adapter_check, the check `lorawatch run` and `evaluate` make of every stage): an adapter that leaves
+every reference distribution as the base model's (zero weights, or layers that change nothing) is logged as a
+warning, and `monitor.adapter_check` holds the result either way.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from pydantic import ValidationError
 from transformers import TrainerCallback
 
 from lorawatch.rundir.layout import monitor_series
-from lorawatch.rundir.schema import Intervention
+from lorawatch.rundir.schema import AdapterCheck, Intervention
+from lorawatch.engine.drift import adapter_check_of
 from lorawatch.config import MonitorSettings, describe_error
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.data.inputs import RunData, load_data
@@ -104,6 +110,7 @@ class DriftMonitorCallback(TrainerCallback):
         self.stage_monitor: StageMonitor | None = None  # one per train(): its series, seconds, threshold
         self.start_kl: float | None = None
         self.intervention: Intervention | None = None
+        self.adapter_check: AdapterCheck | None = None  # of the adapter the model holds when training ends
         self._attached = False
 
     def attach(self, trainer) -> "DriftMonitorCallback":
@@ -185,9 +192,11 @@ class DriftMonitorCallback(TrainerCallback):
             self._finish(state)
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.stage_monitor is not None and not self._finished:
             self._finish(state)
+        if self.stage_monitor is not None:
+            self._check_adapter(model or self.stage_monitor.model)
         if self.stage_monitor is not None and state.is_world_process_zero:
             self._write_series()
         return control
@@ -202,6 +211,16 @@ class DriftMonitorCallback(TrainerCallback):
                     f"{i.kept_step} (KL to base {i.kept_kl:.4f}), also saved to {self.folder / KEPT_ADAPTER}")
         if state.is_world_process_zero:
             self.stage_monitor.model.save_pretrained(self.folder / KEPT_ADAPTER)
+
+    def _check_adapter(self, model) -> None:
+        """The adapter kept at the end (after the monitor's action) against the base distributions of the start."""
+        was_training = model.training
+        logprobs = reference_logprobs(model, self.tokenizer, self.data.reference, self.prompts,
+                                      device=str(model.device))
+        model.train(was_training)
+        self.adapter_check = adapter_check_of(logprobs, self._base)
+        if not self.adapter_check.active:
+            log.warning(f"adapter check: {self.adapter_check.summary()}")
 
     def _write_series(self) -> None:
         monitor_series(self.folder).write(self.stage_monitor.series)

@@ -38,7 +38,7 @@ from lorawatch.engine.base_cache import (
     save_base_stage,
 )
 from lorawatch.engine.checkpoint_eval import EvalParams, TaskDriftInput, evaluate_checkpoint, generate_by_task
-from lorawatch.engine.drift import answer_logprobs
+from lorawatch.engine.drift import adapter_check, answer_logprobs
 from lorawatch.config import ExperimentConfig
 from lorawatch.rundir.costs import Costs
 from lorawatch.engine.generation import GENERATION_RULES_VERSION, FastPath, fast_path_for, merged_adapter
@@ -299,15 +299,22 @@ class Recipe:
         """The stage's summary files (stage.json last: the stage is complete), and its line in the log."""
         checkpoint, task = self.checkpoint_of(stage)
         intervention = None if log is None or log.monitor is None else log.monitor.intervention
+        # Trained here or loaded (`lorawatch evaluate`): an adapter that leaves the base model's distributions as
+        # they were makes every number of this stage the base model's, so it is flagged, not silently measured.
+        check = adapter_check(drift, self.base_logprobs.argmax(-1).tolist())
         stats = finish_stage(self.folder.stage(seed, stage), index=stage, checkpoint=checkpoint,
                              task=task, scores=scores, drift=drift, base_stats=self.base_stats,
                              extra={"training": None if log is None else log.body(),
                                     "intervention": None if intervention is None else intervention.body(),
                                     "fast_path": self.eval_params.fast.to_dict(),
-                                    "eval_seconds": round(eval_seconds, 3), **self.stage_extra(stage)})
+                                    "eval_seconds": round(eval_seconds, 3), "adapter_check": check.body(),
+                                    **self.stage_extra(stage)})
         crash_point(f"{seed}:{stage}:done")
         self.progress.log(f"{self.stage_heading(seed, stage, log)}{_scores_line(scores)} · KL to base "
                           f"{stats['kl_mean']:.4f}")
+        if not check.active:
+            self.progress.log(f"[bold red]adapter check[/bold red]: seed {seed} stage {stage} ({checkpoint}): "
+                              f"{check.summary()}")
 
     def checkpoint_of(self, stage: int) -> tuple[str, str | None]:
         """The stage's checkpoint name in the tables, and the task it was trained on (None: not known)."""

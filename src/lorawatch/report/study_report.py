@@ -36,6 +36,8 @@ import pandas as pd
 
 from lorawatch.rundir import atomic
 from lorawatch.errors import UserError
+from lorawatch.analysis.adapter_flags import inactive_adapters
+from lorawatch.report.tables import load_run_config
 from lorawatch.report.monitoring_view import interventions, interventions_markdown
 from lorawatch.report import drift_signals, real
 from lorawatch.report.signal_study_view import write_signal_study
@@ -164,6 +166,12 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
         index += ("\n## Live drift monitoring\n\n![live drift](monitor.png)\n\nKL to base measured during "
                   "training, per run and seed (dashed: the stage's threshold; ×: above it).\n\n"
                   + (interventions_markdown(taken) if taken else "No interventions.") + "\n")
+    flagged = [(Path(d).name, f) for g in study.groups for d in g.run_dirs
+               for f in inactive_adapters(Path(d), load_run_config(Path(d)).seeds)]
+    if flagged:
+        index += ("\n## Adapters with no effect\n\nThese checkpoints give the base model's distribution on every "
+                  "reference row: their numbers describe the base model, not a fine-tune.\n\n"
+                  + "".join(f"- {run}: {f.line()}\n" for run, f in flagged))
     text("report.md", index)
     return Report(out, study, tables, corr_json, files, paired)
 

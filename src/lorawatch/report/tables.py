@@ -18,6 +18,7 @@ from lorawatch.rundir import schema, store
 from lorawatch.rundir.check import missing_stage_files
 from lorawatch.rundir.layout import RunFolder
 from lorawatch.analysis import significance, verdicts
+from lorawatch.analysis.adapter_flags import inactive_adapters
 from lorawatch.report import verdict_view
 from lorawatch.report.labels import HEADLINE, METRIC_HEADERS, mean_sd
 from lorawatch.config import ExperimentConfig, StatisticsSettings, build_config
@@ -274,6 +275,8 @@ def print_results(results: RunResults, console: Console) -> None:
     if drift:
         console.print(f"KL to base after each checkpoint (its change from the previous one, [{level} paired "
                       "bootstrap interval over reference rows]): " + "; ".join(drift))
+    for flagged in inactive_adapters(results.path, results.seeds):
+        console.print(f"[bold red]Adapter check[/bold red]: {flagged.line()}")
     console.print("What the test sizes can show: " + "; ".join(verdict_view.detectable_lines(first)))
     console.print("Summary: " + " · ".join(headline_parts(results, records)))
     console.print(f"Run folder: {results.path}")

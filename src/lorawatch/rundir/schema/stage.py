@@ -93,6 +93,27 @@ class TrainingRecord(TrainingLog, Record):
     """training.json: written once the stage's adapter is saved; a resumed run reads the stage back from it."""
 
 
+class AdapterCheck(Part):
+    """Does the stage's adapter change anything? Its reference-set distributions against the base model's
+    (engine/drift.adapter_check). An adapter whose weights are zero, or that sits on modules it cannot move, gives
+    the base model's outputs, and every measurement of the stage would then describe the base model."""
+
+    active: bool  # False: every row's KL to base is within the tolerance and every top-1 token is the base's
+    max_kl: float  # the largest per-row KL to base on the reference set
+    top1_changed: NonNegativeInt  # reference rows whose most likely next token differs from the base model's
+    rows: NonNegativeInt
+    tolerance: float
+
+    def summary(self) -> str:
+        """One wording for the log, the stage's notes, the report and the gate."""
+        if self.active:
+            return (f"the adapter changes the reference distributions (max KL to base {self.max_kl:.3g}, top-1 "
+                    f"token changed on {self.top1_changed} of {self.rows} rows)")
+        return (f"the adapter has no effect: on all {self.rows} reference rows the KL to base is at most "
+                f"{self.max_kl:.2g} (tolerance {self.tolerance:g}) and the top-1 token is the base model's "
+                "(zero LoRA weights, or an adapter on modules that do not change the output?)")
+
+
 class StageRecord(Record):
     """stage.json: written last, it marks the stage complete. Stage 0 is the base model."""
 
@@ -106,6 +127,8 @@ class StageRecord(Record):
     base_stage_key: str | None = None  # stage 0: the key of the base-stage cache
     reused_from_cache: bool | None = None  # stage 0
     adapter: str | None = None  # `lorawatch evaluate`: the folder of the adapter evaluated at this stage
+    # stages 1..T; absent in folders written before the check existed (they read the same, unchecked)
+    adapter_check: AdapterCheck | None = None
 
 
 class Scores(Record):
