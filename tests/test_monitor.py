@@ -147,6 +147,9 @@ def test_revert_keeps_the_previous_adapter_bit_for_bit(watched, tiny_model_dir):
     fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                            lora_config(config))
     initial = {k: v for k, v in fresh.state_dict().items() if "lora_" in k}
+    from lorawatch.analysis.adapter_flags import inactive_adapters
+
+    assert inactive_adapters(run, [1]) == []
     first, second = (load_file(RunFolder(run).stage(1, s).path / ADAPTER) for s in (1, 2))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     # stage 1 went back to the adapter as initialised; stage 2 started from it and went back to it too
@@ -157,6 +160,8 @@ def test_revert_keeps_the_previous_adapter_bit_for_bit(watched, tiny_model_dir):
         info = stage_info(run, stage)
         assert info["intervention"]["action"] == "revert" and info["intervention"]["kept_step"] == 0
         assert info["training"]["optimizer_steps"] == 1  # stopped at the first measurement
+        # the base model's distributions, as the monitor left them: recorded, but not flagged as a dead adapter
+        assert info["adapter_check"]["active"] is False
         for name in ("predictions/stance.jsonl", "predictions/sum.jsonl"):
             assert (RunFolder(run).stage(1, stage).path / name).read_text() == \
                 (RunFolder(run).stage(1, 0).path / name).read_text()

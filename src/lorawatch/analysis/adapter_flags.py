@@ -34,6 +34,10 @@ def inactive_adapters(run_dir: Path, seeds: Iterable[int]) -> list[InactiveAdapt
             if k == 0 or not stage.finished():
                 continue
             record = stage.record.load()
+            # The monitor put the stage's first adapter back (revert, or stop/rollback keeping step 0): at stage 1
+            # that is the base model by design, not an adapter that silently does nothing.
+            if record.intervention is not None and record.intervention.kept_step == 0:
+                continue
             if record.adapter_check is not None and not record.adapter_check.active:
                 found.append(InactiveAdapter(Path(run_dir), seed, k, record.checkpoint, record.adapter_check))
     return found

@@ -312,7 +312,10 @@ class Recipe:
         crash_point(f"{seed}:{stage}:done")
         self.progress.log(f"{self.stage_heading(seed, stage, log)}{_scores_line(scores)} · KL to base "
                           f"{stats['kl_mean']:.4f}")
-        if not check.active:
+        if not check.active and intervention is not None and intervention.kept_step == 0:
+            self.progress.log(f"adapter check: seed {seed} stage {stage} ({checkpoint}): the base model's "
+                              f"distributions, as the monitor's {intervention.action} left it")
+        elif not check.active:
             self.progress.log(f"[bold red]adapter check[/bold red]: seed {seed} stage {stage} ({checkpoint}): "
                               f"{check.summary()}")
 
