@@ -25,7 +25,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -160,7 +160,7 @@ def evaluate_deployed(plan: DeployPlan, console: Console | None = None) -> list[
                                                 f"seed{work.seed}-stage{work.stage}", formats)
                 for fmt in formats:
                     form = stage.deployed(fmt)
-                    record = evaluate_form(files[fmt], form, work, checkpoint, context,
+                    record = evaluate_form(files[fmt], stage, fmt, work, checkpoint, context,
                                            lambda part: progress.phase(f"{label} · {fmt} · {part}"), progress.advance)
                     files[fmt].unlink()
                     progress.log(f"{label} · {fmt}: {summary_line(record)}")
@@ -195,7 +195,7 @@ def work_folder() -> Iterator[Path]:
     often memory), removed when the stage is done."""
     root = default_cache_dir().parent / "deploy-work"
     root.mkdir(parents=True, exist_ok=True)
-    where = Path(tempfile.mkdtemp(prefix="stage-", dir=root))
+    where = Path(tempfile.mkdtemp(prefix="work-", dir=root))
     try:
         yield where
     finally:
@@ -229,8 +229,8 @@ def check_rows(stage: Stage, data: RunData) -> None:
                             f"reads now for task {task.name} (a data file changed since the run?)")
 
 
-def evaluate_form(path: Path, form: DeployedForm, work: StageWork, checkpoint: torch.Tensor, context: _Context,
-                  phase, advance) -> DeployedRecord:
+def evaluate_form(path: Path, stage: Stage, fmt: str, work: StageWork, checkpoint: torch.Tensor,
+                  context: _Context, phase: Callable[[str], None], advance: Callable[[int], None]) -> DeployedRecord:
     """One GGUF file through llama.cpp: every task's test rows and the reference rows, each part written as it is
     done (a part on disk is read back), deployed.json last."""
     data, encoded = context.data, context.encoded
@@ -238,7 +238,7 @@ def evaluate_form(path: Path, form: DeployedForm, work: StageWork, checkpoint: t
     parts = [(t.name, t.test, encoded.test[t.name]) for t in data.tasks]
     parts.append(("reference", data.reference, encoded.reference))
     longest = max(len(p.input_ids) for _, _, prompts in parts for p in prompts)
-    stored = Stage(form.path.parent.parent)  # the stage whose checkpoint this form is
+    form = stage.deployed(fmt)
     drift = form.drift.intact_rows([e.id for e in data.reference])
     scores: dict[str, float] = {}
     identical: dict[str, float | None] = {}
@@ -263,7 +263,7 @@ def evaluate_form(path: Path, form: DeployedForm, work: StageWork, checkpoint: t
             else:
                 advance(len(rows))
             scores[name] = accuracy(rows)
-            identical[name] = identical_share(rows, stored.predictions(name).load())
+            identical[name] = identical_share(rows, stage.predictions(name).load())
         if drift is None:  # the reference outputs were on disk and their drift was not
             phase("reference drift")
             drift = drift_rows(data, np.stack([runner.first_logits(p.input_ids) for p in encoded.reference]),
