@@ -143,3 +143,14 @@ def test_bad_input_is_one_line(run_dir, tmp_path, tiny_model_dir):
     assert_one_line_error(cli("deploy", tmp_path), "not a lorawatch run folder")
     assert_one_line_error(cli("run", config_file(tmp_path, tiny_model_dir, deploy={"formats": ["q9"]}),
                               "--out", tmp_path / "run"), "deploy.formats", "'q9'")
+
+
+def test_a_resumed_run_may_add_change_or_drop_the_deploy_section(run_dir):
+    """The deployed forms change none of the run's PyTorch results: like tracking, deploy is no config change."""
+    from lorawatch.config import build_config
+    from lorawatch.report.tables import load_run_config
+    from lorawatch.rundir.lifecycle import config_changes
+
+    recorded = load_run_config(run_dir).model_dump(mode="json", exclude_unset=True)
+    for deploy in (None, {"formats": ["q8_0"]}):
+        assert config_changes(run_dir, build_config({**recorded, "deploy": deploy})) == []
