@@ -12,12 +12,19 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorawatch"
 FORBIDDEN = {
     "engine": {"analysis", "report", "recipe", "study", "integrations"},
     "rundir": {"analysis", "report", "recipe", "study", "integrations"},
-    "analysis": {"engine", "recipe", "models", "study", "integrations"},
+    # deploy loads models and runs llama.cpp; analysis reads the deployed forms' files through rundir
+    "analysis": {"engine", "recipe", "models", "study", "integrations", "deploy"},
+    # the report reads finished run folders: no model, no training, no llama.cpp (the deployed forms through
+    # analysis/deployed.py)
+    "report": {"engine", "recipe", "models", "deploy"},
     "models": {"engine", "recipe", "analysis", "report", "rundir", "study", "integrations", "data"},
     "data": {"engine", "recipe", "analysis", "report", "rundir", "study", "integrations", "models"},
     # export reads a finished run (rundir, analysis) and loads its model (models, engine); it trains nothing
     "deploy": {"recipe", "report", "study", "integrations", "cli"},
 }
+# optional dependencies imported anywhere (inside a function too) -> the only modules that may: llama.cpp's
+# runtime is reached through deploy/gguf.llama_cpp_module (which silences its logging once, for every caller)
+ANYWHERE = {"llama_cpp": {"deploy/gguf.py"}}
 # optional dependencies -> the only places that may import them at module level
 OPTIONAL = {"ray": {"study/ray_backend.py"}, "mlflow": set(), "tensorboard": set(), "trl": set(),
             "llama_cpp": set()}
@@ -58,4 +65,15 @@ def test_optional_dependencies_are_imported_where_they_are_used():
             top = name.split(".")[0]
             if top in OPTIONAL and rel not in OPTIONAL[top]:
                 broken.append(f"{rel} imports {name} at module level")
+    assert not broken, "\n".join(broken)
+
+
+def test_llama_cpp_is_imported_in_one_place():
+    broken = []
+    for path in SRC.rglob("*.py"):
+        rel = str(path.relative_to(SRC))
+        for name in imports(path):
+            top = name.split(".")[0]
+            if top in ANYWHERE and rel not in ANYWHERE[top]:
+                broken.append(f"{rel} imports {name}")
     assert not broken, "\n".join(broken)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, create_model, StrictInt, ValidationError,
 
 from lorawatch.engine.fast_path import switch_descriptions
 from lorawatch.analysis.signals import DEFAULT_SIGNAL, SIGNALS, SignalName
+from lorawatch.deploy.formats import unknown_format
 from lorawatch.errors import ConfigError, file_problem
 from lorawatch.recipe.strategies import STRATEGIES, StrategySettings
 from lorawatch.recipe.strategies.base import NoneConfig
@@ -167,6 +168,23 @@ class TrackingSettings(_Strict):
     experiment: str | None = Field(None, description="MLflow experiment name (default: the run's or study's name)")
 
 
+class DeploySettings(_Strict):
+    """The checkpoints evaluated as they ship: merged, converted to GGUF and run by llama.cpp (deploy/deployed.py),
+    once the run's last stage is finished. Not part of what the run's PyTorch results depend on: a resumed run may
+    add, change or drop it."""
+    formats: list[str] = Field(min_length=1, description="GGUF types, e.g. [f16, q8_0, q4_k_m]: each checkpoint "
+                                                         "(the base model too) in each, through llama.cpp")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats: list[str]) -> list[str]:
+        formats = [f.lower() for f in formats]
+        problem = unknown_format(formats)
+        if problem:
+            raise ValueError(problem)
+        return formats
+
+
 class StatisticsSettings(_Strict):
     """How lorawatch decides whether a difference is real (analysis/significance.py): the verdict of every trained
     checkpoint, the intervals of accuracies and metrics, and what a test size can detect."""
@@ -193,6 +211,7 @@ class ExperimentConfig(_Strict):
     eval: EvalSettings = EvalSettings()
     monitor: MonitorSettings | None = None
     tracking: TrackingSettings | None = None
+    deploy: DeploySettings | None = None  # the deployed forms through llama.cpp, after the last stage
     strategy: StrategySettings = NoneConfig()  # against forgetting and drift (recipe/strategies/)
     statistics: StatisticsSettings = StatisticsSettings()
     # Strict: YAML's `yes`/`true` are not seeds. Bounded: the training seed is seed * 1000 + stage.

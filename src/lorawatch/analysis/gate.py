@@ -5,7 +5,11 @@ A checkpoint is compared with another of the same seed on the same test rows (ve
 regressed when its exact McNemar p, adjusted over the tasks, is below alpha and its accuracy fell. Optional limits:
 the negative flip rate of any task (`max_nfr`) and the KL to base on the reference set (`max_kl`). A gated stage
 whose adapter had no effect (its stage.json's adapter check: the base model's distributions on every reference
-row) always fails: its numbers are the base model's. RUN is a run folder (`lorawatch run` or `evaluate`) or a
+row) always fails: its numbers are the base model's. Where the gated stage has deployed forms (`lorawatch deploy`:
+the checkpoint through llama.cpp in a GGUF format), a form whose accuracy on a task regressed against the PyTorch
+checkpoint on the same rows (the same paired verdict) fails, and `max_deploy_kl` limits each form's mean
+KL(checkpoint ‖ deployed) on the reference set (asked for a stage without deployed forms, it is an error, never a
+silent pass). RUN is a run folder (`lorawatch run` or `evaluate`) or a
 study folder, whose every unit is gated.
 """
 
@@ -19,6 +23,7 @@ from lorawatch.report import verdict_view
 from lorawatch.errors import UserError
 from lorawatch.rundir.lifecycle import is_run_folder
 from lorawatch.report.tables import load_run_config
+from lorawatch.analysis.deployed import seed_results as deployed_results
 from lorawatch.analysis.verdicts import compare_stages, seed_outcomes
 
 
@@ -64,18 +69,19 @@ def run_folders(path: Path) -> list[Path]:
 
 
 def gate(path: Path, *, stage: str | int = "last", against: str | int = "previous", alpha: float | None = None,
-         max_nfr: float | None = None, max_kl: float | None = None) -> GateResult:
+         max_nfr: float | None = None, max_kl: float | None = None,
+         max_deploy_kl: float | None = None) -> GateResult:
     result = GateResult()
     for run_dir in run_folders(Path(path)):
         config = load_run_config(run_dir)
         settings = config.statistics if alpha is None else config.statistics.model_copy(update={"alpha": alpha})
         for seed in config.seeds:
-            _gate_seed(result, run_dir, seed, stage, against, settings, max_nfr, max_kl)
+            _gate_seed(result, run_dir, seed, stage, against, settings, max_nfr, max_kl, max_deploy_kl)
     return result
 
 
 def _gate_seed(result: GateResult, run_dir: Path, seed: int, stage: str | int, against: str | int, settings,
-               max_nfr: float | None, max_kl: float | None) -> None:
+               max_nfr: float | None, max_kl: float | None, max_deploy_kl: float | None) -> None:
     outcomes = seed_outcomes(run_dir, seed)
     k = outcomes.stage_index(stage)
     if against == "previous":
@@ -108,12 +114,41 @@ def _gate_seed(result: GateResult, run_dir: Path, seed: int, stage: str | int, a
         reasons.append(f"{where}: KL to base on the reference set {kl:.4f} > --max-kl {max_kl:g}")
     if check is not None and not check.active:
         reasons.append(f"{where}: {check.summary()}")
+    deployed = deployed_results(run_dir, seed, settings, stage=k)
+    if max_deploy_kl is not None and not deployed:
+        raise UserError(f"--max-deploy-kl: {run_dir} seed {seed} stage {k} has no deployed forms (`lorawatch deploy "
+                        f"{run_dir}` measures them)")
+    # the deployed forms are compared with this checkpoint, not with --against
+    reasons += deployed_reasons(f"{run_dir} seed {seed}: stage {k} ({comparison.checkpoint})", deployed, settings,
+                                max_deploy_kl)
     worst = max(comparison.tasks, key=lambda t: t.negative_flip_rate)
     result.lines.append(f"{'FAIL' if reasons else 'pass'} {where}: "
                         f"{len(comparison.regressed())} of {len(comparison.tasks)} tasks regressed (α {settings.alpha:g}"
                         f"{', Holm' if settings.correction == 'holm' else ''}); highest negative flip rate "
-                        f"{worst.negative_flip_rate:.3f} ({worst.task}); KL to base {kl:.4f}")
+                        f"{worst.negative_flip_rate:.3f} ({worst.task}); KL to base {kl:.4f}"
+                        + ("" if not deployed else "; deployed " + ", ".join(
+                            f"{d.format} KL(checkpoint ‖ deployed) {d.record.reference.kl_reverse_mean:.3g}"
+                            for d in deployed)))
     result.reasons += reasons
     result.checks.append({"run_dir": str(run_dir), "seed": seed, "stage": k, "against_stage": other,
                           "kl_to_base": kl, "adapter_active": None if check is None else check.active, "alpha": settings.alpha, "correction": settings.correction,
-                          "comparison": comparison.model_dump(mode="json"), "reasons": reasons})
+                          "comparison": comparison.model_dump(mode="json"),
+                          "deployed": [{"format": d.format, "kl_checkpoint_deployed": d.record.reference.kl_reverse_mean,
+                                        "tasks": [t.model_dump(mode="json") for t in d.tasks]} for d in deployed],
+                          "reasons": reasons})
+
+
+def deployed_reasons(where: str, deployed, settings, max_deploy_kl: float | None) -> list[str]:
+    """The gated stage's deployed forms: a task regressed against the PyTorch checkpoint, or KL above the limit."""
+    reasons = []
+    for form in deployed:
+        for t in form.regressed():
+            reasons.append(f"{where}: deployed {form.format} regressed on {t.task} against the PyTorch checkpoint, "
+                           f"{verdict_view.number(t.accuracy_before)} → {verdict_view.number(t.accuracy_after)} "
+                           f"({verdict_view.with_interval(t.difference, t.ci_low, t.ci_high, sign=True)}), "
+                           f"{verdict_view.flips(t)}, p {verdict_view.p_text(t.p_adjusted)} < α {settings.alpha:g}")
+        kl = form.record.reference.kl_reverse_mean
+        if max_deploy_kl is not None and kl > max_deploy_kl:
+            reasons.append(f"{where}: deployed {form.format} KL(checkpoint ‖ deployed) on the reference set {kl:.3g} > "
+                           f"--max-deploy-kl {max_deploy_kl:g}")
+    return reasons

@@ -1,10 +1,11 @@
-"""The `lorawatch` command line: run, evaluate, metrics, show, check, gate, report, compare, track, export, data.
+"""The `lorawatch` command line: run, evaluate, metrics, show, check, gate, report, compare, track, export, deploy,
+study, data.
 
 The commands live in one module per group, and are put together here, in the order `lorawatch --help` lists them:
 
     runs.py     run, evaluate: compute into a run folder
     results.py  metrics, show, check, report, compare, gate, track: read finished run folders
-    deploy.py   export: a stage as the files a user ships
+    deploy.py   export, deploy: a stage as the files a user ships; every checkpoint as it ships, through llama.cpp
     study.py    study: a grid of runs
     data.py     data fetch, data list: the paper's datasets
     common.py   one-line errors, interruptions, option parsing
@@ -26,7 +27,7 @@ __all__ = ["app", "main"]
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sequential LoRA personalization of small language models, with stability monitoring.")
 for command in (runs.run, runs.evaluate, results.metrics, results.show, results.check, results.report,
-                results.compare, results.gate, results.track, deploy.export, study.study):
+                results.compare, results.gate, results.track, deploy.export, deploy.deploy, study.study):
     app.command()(command)
 app.add_typer(data.data_app, name="data")
 

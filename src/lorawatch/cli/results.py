@@ -136,10 +136,17 @@ def gate(
                                                                        "rows) is above this")] = None,
     max_kl: Annotated[Optional[float], typer.Option("--max-kl", help="fail when the checkpoint's KL to base on the "
                                                                      "reference set is above this")] = None,
+    max_deploy_kl: Annotated[Optional[float], typer.Option("--max-deploy-kl", help="fail when a deployed form of "
+                                                                                   "the checkpoint (`lorawatch "
+                                                                                   "deploy`) has a mean KL(checkpoint "
+                                                                                   "‖ deployed) on the reference set "
+                                                                                   "above this")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False,
 ) -> None:
     """May this checkpoint ship? Exit 0 when no task regressed and every limit holds, 2 when a task regressed or a
     limit is exceeded (one line per reason), 1 on an error. Every seed of the run (every unit of a study) is gated.
+    A deployed form of the gated checkpoint (`lorawatch deploy`) that regressed on a task against the PyTorch
+    checkpoint fails it too.
     """
     from lorawatch.analysis.gate import gate as gate_run, parse_stage
 
@@ -150,9 +157,11 @@ def gate(
             raise UserError(f"--max-nfr: expected a rate between 0 and 1, got {max_nfr:g}")
         if max_kl is not None and not max_kl >= 0:
             raise UserError(f"--max-kl: expected a KL of 0 or more, got {max_kl:g}")
+        if max_deploy_kl is not None and not max_deploy_kl >= 0:
+            raise UserError(f"--max-deploy-kl: expected a KL of 0 or more, got {max_deploy_kl:g}")
         result = gate_run(run_dir, stage=parse_stage(stage, "--stage", ("last",)),
                           against=parse_stage(against, "--against", ("previous", "base")), alpha=alpha,
-                          max_nfr=max_nfr, max_kl=max_kl)
+                          max_nfr=max_nfr, max_kl=max_kl, max_deploy_kl=max_deploy_kl)
     except UserError as error:
         sys.stderr.write(f"error: {' '.join(str(error).split())}\n")
         raise typer.Exit(1)

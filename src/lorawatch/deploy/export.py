@@ -51,15 +51,39 @@ class ExportPlan:
     weights: str | None  # the digest of the base weights the run recorded
 
 
+def run_config(run_dir: Path) -> ExperimentConfig:
+    """The config of a run folder; refused in one line when `run_dir` is not one."""
+    folder = RunFolder(run_dir)
+    if not run_dir.is_dir() or not is_run_folder(run_dir) or not folder.config.is_file():
+        raise UserError(f"{run_dir}: not a lorawatch run folder")
+    return build_config(store.read_run_file(folder.config), source=str(folder.config))
+
+
+def recorded_weights(folder: RunFolder) -> str | None:
+    """The digest of the base weights the run recorded (inputs.json), for merge.load_base to check."""
+    inputs = folder.inputs.load() if folder.inputs.exists() else None
+    return inputs.model.get("weights") if inputs is not None and inputs.model else None
+
+
+def stage_adapter(folder: RunFolder, seed: int, stage: int) -> Path | None:
+    """The cumulative adapter of a finished stage (None for stage 0, the base model); refused when it is missing."""
+    if stage == 0:
+        return None
+    adapter = folder.stage(seed, stage).adapter
+    record = folder.stage(seed, stage).record.load()
+    if record.adapter:  # `lorawatch evaluate`: the adapter it loaded, kept where it was
+        adapter = Path(record.adapter)
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"seed {seed} stage {stage}: its adapter {adapter} is missing")
+    return adapter
+
+
 def plan_export(run_dir: Path, seed: int, stage: int, out: Path, fmt: str = "hf", quant: str | None = None,
                 overwrite: bool = False) -> ExportPlan:
     """Every refusal that needs no model, in one line each, before any work."""
     run_dir, out = Path(run_dir), Path(out)
     folder = RunFolder(run_dir)
-    if not run_dir.is_dir() or not is_run_folder(run_dir) or not folder.config.is_file():
-        raise UserError(f"{run_dir}: not a lorawatch run folder")
-    data = store.read_run_file(folder.config)
-    config = build_config(data, source=str(folder.config))
+    config = run_config(run_dir)
     if seed not in config.seeds:
         raise UserError(f"--seed {seed}: the run has seeds {', '.join(map(str, config.seeds))}")
     stages = [k for k in folder.seed(seed).stages_on_disk() if folder.stage(seed, k).finished()]
@@ -69,14 +93,7 @@ def plan_export(run_dir: Path, seed: int, stage: int, out: Path, fmt: str = "hf"
     if config.strategy.one_adapter_per_task:
         raise UserError(f"strategy '{config.strategy.name}' keeps one adapter per task; export merges the one "
                         "cumulative adapter of a stage (strategies none, replay, ewc, ...)")
-    adapter = None
-    if stage > 0:
-        adapter = folder.stage(seed, stage).adapter
-        record = folder.stage(seed, stage).record.load()
-        if record.adapter:  # `lorawatch evaluate`: the adapter it loaded, kept where it was
-            adapter = Path(record.adapter)
-        if not (adapter / ADAPTER_WEIGHTS).is_file():
-            raise UserError(f"seed {seed} stage {stage}: its adapter {adapter} is missing")
+    adapter = stage_adapter(folder, seed, stage)
     if fmt not in FORMATS:
         raise UserError(f"--format: expected {' or '.join(FORMATS)}, got {fmt!r}")
     if fmt == "hf" and quant:
@@ -87,8 +104,7 @@ def plan_export(run_dir: Path, seed: int, stage: int, out: Path, fmt: str = "hf"
         gguf.converter_folder()
     if out.exists() and not (out.is_dir() and (overwrite or not any(out.iterdir()))):
         raise UserError(f"--out {out}: exists and is not an empty folder (--overwrite replaces it)")
-    inputs = folder.inputs.load() if folder.inputs.exists() else None
-    weights = inputs.model.get("weights") if inputs is not None and inputs.model else None
+    weights = recorded_weights(folder)
     return ExportPlan(run_dir=run_dir, config=config, seed=seed, stage=stage,
                       checkpoint=folder.stage(seed, stage).record.load().checkpoint, adapter=adapter, out=out,
                       format=fmt, quants=quants, weights=weights)

@@ -31,27 +31,22 @@ from pathlib import Path
 import torch
 
 from lorawatch.data.prompts import EncodedPrompt
+from lorawatch.deploy.formats import QUANTS, split_formats, unknown_format
 from lorawatch.errors import UserError
 
 # The model types whose conversion and runtime llama.cpp supports and lorawatch's tests cover or the paper uses.
 FAMILIES = {"llama": "Llama / SmolLM2", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma-3",
             "gemma3_text": "Gemma-3"}
-# --quant names -> llama.cpp's file type (llama_ftype) names
-QUANTS = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q6_k": "MOSTLY_Q6_K",
-          "q5_k_m": "MOSTLY_Q5_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
-          "q4_k_m": "MOSTLY_Q4_K_M", "q4_k_s": "MOSTLY_Q4_K_S", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1",
-          "q3_k_m": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
 CONVERTER_ENV = "LORAWATCH_LLAMA_CPP_CONVERT"
 CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
 
 
 def parse_quants(text: str) -> list[str]:
-    names = [q.strip().lower() for q in text.split(",") if q.strip()]
-    unknown = [q for q in names if q not in QUANTS]
-    if not names or unknown:
-        raise UserError(f"--quant: {'no type given' if not names else 'unknown type ' + repr(unknown[0])}; known: "
-                        f"{', '.join(QUANTS)}")
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(split_formats(text)))  # a repeat is harmless here
+    problem = unknown_format(names)
+    if problem:
+        raise UserError(f"--quant: {problem}")
+    return names
 
 
 # llama.cpp's Gemma-3 does not read the layer types: every 6th layer is full attention, the others sliding

@@ -35,7 +35,7 @@ from lorawatch.config import ExperimentConfig, build_config
 from lorawatch.errors import UserError
 from lorawatch.data.inputs import load_data
 from lorawatch.recipe.protocol import Recipe, data_inputs
-from lorawatch.recipe.run import run_recipe
+from lorawatch.recipe.run import check_deploy_tools, deploy_finished_run, run_recipe
 from lorawatch.rundir.lifecycle import plan_run_dir
 from lorawatch.rundir.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorawatch.rundir.stage_files import load_adapter_weights, stage_complete
@@ -290,6 +290,8 @@ def evaluate_adapters(config: ExperimentConfig, adapter_paths: Sequence[Path], r
     run_dir = Path(run_dir)
     adapters = find_adapters(adapter_paths)
     config = evaluation_config(config, adapters, trained_on, seed)
+    if config.deploy is not None:
+        check_deploy_tools()
     data = load_data(config)
     plan = plan_run_dir(run_dir, config, {**data_inputs(data), "adapters": adapter_records(adapters, trained_on)},
                         overwrite=overwrite, force=force)
@@ -309,4 +311,5 @@ def evaluate_adapters(config: ExperimentConfig, adapter_paths: Sequence[Path], r
 
     run_recipe(recipe, plan, after_start=explain)
     console.print(f"lorawatch: evaluated {len(adapters)} adapter(s) in {time.perf_counter() - started:.1f}s")
+    deploy_finished_run(recipe, config, console)
     return run_dir

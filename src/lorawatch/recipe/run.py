@@ -10,6 +10,7 @@ from rich.console import Console
 
 from lorawatch.config import ExperimentConfig
 from lorawatch.data.inputs import load_data
+from lorawatch.deploy.deployed import check_tools as check_deploy_tools
 from lorawatch.integrations.tracking import RunLogger, check_destination as check_tracking
 from lorawatch.recipe.monitor import MonitorParams, resolve_threshold
 from lorawatch.recipe.protocol import Recipe, data_inputs
@@ -18,7 +19,7 @@ from lorawatch.rundir.schema import MonitorRecord
 from lorawatch.rundir.lifecycle import FolderPlan, abandon_run_dir, plan_run_dir, run_lock, start_run_dir
 from lorawatch.rundir.stage_files import environment
 
-__all__ = ["resolve_monitor", "run_experiment", "run_recipe"]
+__all__ = ["deploy_finished_run", "resolve_monitor", "run_experiment", "run_recipe"]
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Console | None = None,
@@ -36,6 +37,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
     run_dir = Path(run_dir)
     if config.tracking is not None:
         check_tracking(config.tracking, run_dir)
+    if config.deploy is not None:
+        check_deploy_tools()
     data = load_data(config)
     monitor = resolve_monitor(config)
     plan = plan_run_dir(run_dir, config, data_inputs(data), overwrite=overwrite, force=force)
@@ -55,7 +58,20 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, console: Co
         if recipe.tracker is not None:
             recipe.tracker.abort(error)
         raise
+    deploy_finished_run(recipe, config, console)
     return run_dir
+
+
+def deploy_finished_run(recipe: Recipe, config: ExperimentConfig, console: Console) -> None:
+    """The config's deploy section, once every stage is finished: the deployed forms are measured from the finished
+    run's files by the same code as `lorawatch deploy` (deploy/deployed.py), which reads the PyTorch checkpoints'
+    predictions it compares with, and a run's training and evaluation are not held up stage by stage by llama.cpp."""
+    if config.deploy is None:
+        return
+    from lorawatch.deploy.deployed import deploy_after_run
+
+    recipe.loaded = None  # the run's model (its adapter injected) is done with: the deployed forms load the base again
+    deploy_after_run(recipe.run_dir, config, console)
 
 
 def run_recipe(recipe: "Recipe", plan: FolderPlan, *, after_start: Callable[[], None] | None = None) -> None:

@@ -24,7 +24,7 @@ from lorawatch.analysis.metrics import METRIC_COLUMNS
 from lorawatch.rundir import atomic, schema
 from lorawatch.rundir.layout import MONITOR_SETTINGS
 from lorawatch.analysis import significance
-from lorawatch.report import drift_signals, html_figures, labels, verdict_view
+from lorawatch.report import deployed_view, drift_signals, html_figures, labels, verdict_view
 from lorawatch.report.monitoring_view import interventions, monitor_series
 from lorawatch.report.html_examples import browser_section, finished_stages
 from lorawatch.report.html_verdicts import verdicts_section
@@ -234,6 +234,22 @@ def _drift_signals(results: RunResults) -> Markup:
     return note + _table(["seed", "checkpoint", "prompts", "n", *drift_signals.HEADERS], rows, numeric_from=3)
 
 
+def _deployed(results: RunResults) -> Markup | None:
+    """The deployed forms (`lorawatch deploy`) against their PyTorch checkpoints; None when the run has none."""
+    frame = deployed_view.run_frame(results.path, results.seeds, results.config.statistics)
+    if frame.empty:
+        return None
+    parts = [Markup("<p>{}</p>").format(deployed_view.EXPLANATION.replace("`", ""))]  # format() escapes
+    for seed, part in frame.groupby("seed", sort=False):
+        parts.append(Markup("<h4>seed {}</h4>").format(seed))
+        parts.append(_table(deployed_view.ACCURACY_HEADERS,
+                            [deployed_view.accuracy_cells(row) for _, row in part.iterrows()], numeric_from=3))
+        forms = part.drop_duplicates(["stage", "format"])
+        parts.append(_table(deployed_view.DRIFT_HEADERS,
+                            [deployed_view.drift_cells(row) for _, row in forms.iterrows()], numeric_from=2))
+    return Markup("").join(parts)
+
+
 def _monitor(results: RunResults) -> Markup | None:
     series = monitor_series(results.path)
     if series.empty:
@@ -299,11 +315,13 @@ def run_sections(results: RunResults, prefix: str = "", heading: str = "h2") -> 
              ("drift", "KL, entropy, margin", "Drift on the reference set per stage", _drift(results, records)),
              ("signals", "Drift signals", "Drift signals: each checkpoint against the base model",
               _drift_signals(results)),
+             ("deployed", "Deployed form", "Deployed form: each checkpoint through llama.cpp against PyTorch",
+              _deployed(results)),
              ("monitor", "Live drift", "Live drift monitoring", monitor),
              ("examples", "Examples", None, browser_section(results, prefix, heading)),
              ("costs", "Costs", "Costs of the run", _costs(results)),
              ("config", "Config", "Config and environment", _config(results))]
-    parts = [p for p in parts if p[3] is not None]  # no live drift without a monitor
+    parts = [p for p in parts if p[3] is not None]  # no live drift without a monitor, no deployed forms unmeasured
     body = Markup("").join(Markup(content) if title is None else _section(prefix + ident, title, content, heading)
                            for ident, _, title, content in parts)
     return body, [(prefix + ident, label) for ident, label, _, _ in parts]

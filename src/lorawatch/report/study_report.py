@@ -16,6 +16,8 @@ Writes into the output folder:
     figure1.png/.svg, figure1.csv   KL to base vs average accuracy, every checkpoint; correlation; failure zone
     correlation.json             Pearson and Spearman r and p, the failure-zone threshold and how it was fitted
     figure2.png/.svg, figure2.csv   KL to base per step, per model and order
+    deployed.csv                 each checkpoint's deployed forms (GGUF through llama.cpp) against the PyTorch
+                                 checkpoint, when the runs have them (report/deployed_view.py)
     model-<name>-matrix.png/.svg    the accuracy matrix as an annotated heatmap, one panel per order
     model-<name>-steps.png/.svg     average accuracy and KL to base per step on twin axes
 
@@ -39,7 +41,7 @@ from lorawatch.errors import UserError
 from lorawatch.analysis.adapter_flags import inactive_adapters
 from lorawatch.report.tables import load_run_config
 from lorawatch.report.monitoring_view import interventions, interventions_markdown
-from lorawatch.report import drift_signals, real
+from lorawatch.report import deployed_view, drift_signals, real
 from lorawatch.report.signal_study_view import write_signal_study
 from lorawatch.report.paper_tables import ReportTable, build_tables
 from lorawatch.report.statistics import (
@@ -155,6 +157,10 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
     signals = drift_signals.signals_frame(study)
     text(drift_signals.DRIFT_SIGNALS_CSV, signals.to_csv(index=False, float_format="%.10g"))
     index += "\n" + drift_signals.signals_section(signals)
+    deployed = deployed_view.deployed_frame(study)
+    if not deployed.empty:  # runs with deployed forms (`lorawatch deploy`, the config's deploy section)
+        text(deployed_view.DEPLOYED_CSV, deployed.to_csv(index=False, float_format="%.10g"))
+        index += "\n" + deployed_view.deployed_section(deployed)
     section, signal_files = write_signal_study(study, out, text)
     files += signal_files
     index += "\n" + section

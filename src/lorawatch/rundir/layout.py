@@ -23,6 +23,8 @@ spells a run file's name; everything else asks a `RunFolder`, a `SeedFolder` or 
           reference_stats.json     mean/p10/p95 of each, and deltas against stage 0
           monitor.jsonl      the live monitor's measurements during training, when one is configured
           adapter/           the cumulative LoRA adapter after this stage (PEFT format)
+          deployed/<format>/ the checkpoint as llama.cpp runs it in one GGUF format (`lorawatch deploy`):
+                             deployed.json (written last), deployed_drift.jsonl, predictions/<task>.jsonl
           ewc_fisher.safetensors, task_adapter.safetensors   what a strategy keeps for later stages
         accuracy_matrix.csv  cl_metrics.json  cl_metrics.csv  stability.csv  statistics.json
       summary/               mean and std over seeds of the tables above (<table>_mean.csv, <table>_std.csv),
@@ -85,6 +87,9 @@ MLFLOW_ARTIFACTS = "mlartifacts"
 TENSORBOARD = "tensorboard"
 TRACKER_STORES = (MLFLOW_ARTIFACTS, TENSORBOARD)  # folders of a tracker's own files, not the run's
 BASE_CACHE_COMPLETE = "complete"  # written last into a base-stage cache entry
+DEPLOYED_FOLDER = "deployed"  # a stage's deployed forms, one folder per GGUF format (schema/deployed.py)
+DEPLOYED = "deployed.json"
+DEPLOYED_DRIFT = "deployed_drift.jsonl"
 
 # Every JSON record of a run folder, by file name: what `lorawatch check` and the tests walk.
 RECORDS: dict[str, type[Record]] = {
@@ -100,10 +105,11 @@ RECORDS: dict[str, type[Record]] = {
     SUMMARY: schema.Summary,
     STATISTICS: schema.StatisticsRecord,
     TRACKING: schema.TrackingRecord,
+    DEPLOYED: schema.DeployedRecord,
 }
 # The JSON Lines files beside them, by name (a stage's predictions are found by their folder).
 ROWS: dict[str, type] = {REFERENCE_DRIFT: schema.ExampleDrift, TASK_DRIFT: schema.ExampleDrift,
-                         MONITOR_SERIES: schema.MonitorPoint,
+                         MONITOR_SERIES: schema.MonitorPoint, DEPLOYED_DRIFT: schema.DeployedDrift,
                          ENVIRONMENT_HISTORY: schema.EnvironmentEntry, CONFIG_HISTORY: schema.ConfigChange}
 
 
@@ -113,6 +119,36 @@ def monitor_series(folder: Path) -> RowsFile[schema.MonitorPoint]:
 
 
 # --- the folders ----------------------------------------------------------------------------------------------------
+
+class DeployedForm:
+    """stage-<k>/deployed/<format>/: the stage's checkpoint merged, converted to GGUF in one format and evaluated
+    through llama.cpp. deployed.json is written last: the format is done for the stage."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"DeployedForm({str(self.path)!r})"
+
+    @property
+    def format(self) -> str:
+        return self.path.name
+
+    @property
+    def record(self) -> RecordFile[schema.DeployedRecord]:
+        return RecordFile(self.path / DEPLOYED, schema.DeployedRecord)
+
+    @property
+    def drift(self) -> RowsFile[schema.DeployedDrift]:
+        return RowsFile(self.path / DEPLOYED_DRIFT, schema.DeployedDrift)
+
+    def predictions(self, task: str) -> RowsFile[Prediction]:
+        """One task's outputs under llama.cpp ("reference": the reference set's)."""
+        return RowsFile(self.path / PREDICTIONS_FOLDER / ROWS_FILE.format(task), Prediction)
+
+    def finished(self) -> bool:
+        return self.record.exists()
+
 
 class Stage:
     """stage-<k>/ of a seed: one checkpoint's training, evaluation and drift."""
@@ -170,6 +206,20 @@ class Stage:
     def adapter(self) -> Path:
         """The cumulative adapter after this stage (a PEFT folder)."""
         return self.path / ADAPTER_FOLDER
+
+    @property
+    def deployed_folder(self) -> Path:
+        return self.path / DEPLOYED_FOLDER
+
+    def deployed(self, fmt: str) -> DeployedForm:
+        """The stage in one deployed format (a GGUF type: f16, q8_0, q4_k_m, ...)."""
+        return DeployedForm(self.deployed_folder / fmt)
+
+    def deployed_formats(self) -> list[str]:
+        """The formats finished for this stage, in name order (none in folders from before `lorawatch deploy`)."""
+        if not self.deployed_folder.is_dir():
+            return []
+        return sorted(p.name for p in self.deployed_folder.iterdir() if p.is_dir() and DeployedForm(p).finished())
 
     @property
     def ewc_fisher(self) -> Path:

@@ -139,9 +139,10 @@ def config_changes(run_dir: Path, config: ExperimentConfig) -> list[str]:
         recorded = build_config(recorded, source=str(config_path)).model_dump(mode="json")
     except ConfigError:
         pass  # an older or hand-edited config: compare what is there
-    # Where a run is also logged (tracking) changes no result: a resume may add, change or drop it.
+    # Where a run is also logged (tracking) changes no result, nor do the deployed forms measured after its last
+    # stage (deploy, each in files of its own): a resume may add, change or drop them.
     return [field for field in config_differences(recorded, config.model_dump(mode="json"))
-            if not _matches(field, ("tracking", "overrides.tracking"))]
+            if not _matches(field, ("tracking", "overrides.tracking", "deploy", "overrides.deploy"))]
 
 
 def _check_config(run_dir: Path, config: ExperimentConfig, force: bool) -> list[str]:

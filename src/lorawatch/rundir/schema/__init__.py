@@ -17,7 +17,8 @@ line saying so, never mistaken for a damaged file (which a run would recompute).
 Bump SCHEMA_VERSION when a record changes meaning or shape, and teach `store.read_record` to read the old one.
 
 The records are split by what they describe: base.py (Part, Record, the version), stage.py (a stage's files), run.py
-(the run's own files), tables.py (the per-seed and summary tables), statistics.py (seed-S/statistics.json). Which
+(the run's own files), tables.py (the per-seed and summary tables), statistics.py (seed-S/statistics.json),
+deployed.py (a stage's deployed forms: optional files added within schema 3, absent from older folders). Which
 file holds which record is layout.py's (`RECORDS`).
 """
 
@@ -62,6 +63,7 @@ from lorawatch.rundir.schema.tables import (  # noqa: F401
     MeanStd,
     Summary,
 )
+from lorawatch.rundir.schema.deployed import DeployedDrift, DeployedDriftSummary, DeployedRecord  # noqa: F401
 from lorawatch.rundir.schema.statistics import (  # noqa: F401
     Probability,
     Difference,
