@@ -5,11 +5,14 @@ say so."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
 from lorawatch.deploy import gguf
 from lorawatch.errors import UserError
+from lorawatch.rundir import schema
 from lorawatch.rundir.layout import RunFolder
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make deploy` builds it)")
@@ -60,6 +63,9 @@ def test_the_run_records_every_form_and_they_read_back(run_dir):
             for task in ("stance", "sum", "reference"):
                 assert [p.id for p in form.predictions(task).read()] == [p.id for p in stage.predictions(task).read()]
     assert check_run_folder(run_dir) == []  # `lorawatch check` reads the new files against their schema
+    for path in run_dir.rglob("deployed.json"):
+        data = json.loads(path.read_text())
+        assert list(data)[-1] == "schema_version" and data["schema_version"] == schema.SCHEMA_VERSION, path
 
 
 def test_f16_gives_the_checkpoints_outputs_and_accuracy(run_dir):

@@ -39,8 +39,9 @@ def fresh_run(tmp_path_factory, tiny_model_dir) -> Path:
 def test_every_file_of_a_run_fits_its_schema_and_carries_its_version(fresh_run):
     assert check_run_folder(fresh_run) == []
     records = [p for p in fresh_run.rglob("*.json") if p.name in layout.RECORDS and "adapter" not in p.parts]
-    # every kind of record was written, and checked (tracking.json: only with a tracker, test_tracking.py's)
-    assert {p.name for p in records} == set(layout.RECORDS) - {"tracking.json"}
+    # every kind of record was written, and checked (tracking.json: only with a tracker, test_tracking.py's;
+    # deployed.json: only with a deploy section, test_deployed.py's)
+    assert {p.name for p in records} == set(layout.RECORDS) - {"tracking.json", "deployed.json"}
     for path in records:
         data = json.loads(path.read_text())
         assert list(data)[-1] == "schema_version" and data["schema_version"] == schema.SCHEMA_VERSION, path
