@@ -112,3 +112,12 @@ def test_paper_presets_need_the_data_and_use_it(tmp_path, monkeypatch):
         assert config.eval.max_new_tokens == 256
         assert config.reference.path.endswith("reference.json")
         assert config.tasks[2].instruction.startswith("Please reason step by step")
+
+
+def test_a_change_to_an_optional_sections_field_creates_the_section():
+    from lorawatch.config import with_changes
+    from lorawatch.presets import preset
+
+    config = with_changes(preset("demo"), {"deploy.formats": ["f16", "q8_0"], "monitor.every": 3})
+    assert config.deploy.formats == ["f16", "q8_0"] and config.monitor.every == 3
+    assert config.overrides["deploy.formats"] == ["f16", "q8_0"]

@@ -340,7 +340,7 @@ def with_changes(config: ExperimentConfig, changes: dict, preset: str | None = N
     function, so that a unit run from its command line records the same config as one run by the study."""
     data = config.model_dump(mode="json")
     changes = {key: value for key, value in changes.items() if value is not None}
-    for section in ("monitor", "tracking"):  # optional sections: a change to one of their fields creates them
+    for section in ("monitor", "tracking", "deploy"):  # optional sections: a change to one of their fields creates them
         if any(key.startswith(f"{section}.") for key in changes):
             data[section] = data.get(section) or {}
     for key, value in changes.items():
