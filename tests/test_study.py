@@ -53,7 +53,7 @@ def ray_study(local_study, tmp_path_factory):
     paused = root / "paused.pid"
     env = {"LORAWATCH_BASE_STAGE_CACHE": str(root / "cache-ray"), "LORAWATCH_PAUSE_AT": "1:1:train:2",
            "LORAWATCH_PAUSE_FILE": str(paused), "LORAWATCH_PAUSE_SECONDS": "120"}
-    killed = []
+    killed, niceness = [], []
 
     def kill_when_paused() -> None:
         deadline = time.time() + 300
@@ -61,6 +61,7 @@ def ray_study(local_study, tmp_path_factory):
             time.sleep(0.2)
         if paused.is_file():
             pid = int(paused.read_text())
+            niceness.append(os.getpriority(os.PRIO_PROCESS, pid))  # a unit's worker, before it is killed
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
@@ -74,6 +75,7 @@ def ray_study(local_study, tmp_path_factory):
         code = run_study(study_file, root / "ray", backend="ray", address=None, workers=2, plan=False,
                          as_html=False, console=Console(stderr=True), track="tensorboard")
     killer.join(timeout=5)
+    assert niceness == [0]  # Ray's default nice 15 for workers is not a study's: its units are the work
     return root, code, killed
 
 
