@@ -108,7 +108,8 @@ def deployed_section(frame: pd.DataFrame) -> str:
         return ""
     lines = ["## Deployed form (llama.cpp)", "", EXPLANATION + f" Every number is in [{DEPLOYED_CSV}]({DEPLOYED_CSV}).",
              ""]
-    for (model, order, run, seed), part in frame.groupby(["model", "order", "run", "seed"], sort=False):
+    # dropna=False: a frame without model and order (run_frame's) keeps its rows rather than losing them silently
+    for (model, order, run, seed), part in frame.groupby(["model", "order", "run", "seed"], sort=False, dropna=False):
         lines += [f"### {model} · {order} · {run} · seed {seed}", "",
                   "| " + " | ".join(ACCURACY_HEADERS) + " |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
         lines += ["| " + " | ".join(accuracy_cells(row)) + " |" for _, row in part.iterrows()]
