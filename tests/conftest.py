@@ -29,6 +29,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory, tiny_model_dir):
+    """A finished `lorawatch run` of the tiny model (seed 3, two stages), trained once for the modules that only read
+    it (the adapter check, export to HF and GGUF): (run folder, its root with data/, config)."""
+    from lorawatch.recipe.run import run_experiment
+    from tiny import tiny_config, write_task_files
+
+    root = tmp_path_factory.mktemp("tiny-trained")
+    write_task_files(root / "data")
+    config = tiny_config(tiny_model_dir, root / "data", seeds=(3,))
+    return run_experiment(config, root / "run"), root, config
+
+
+@pytest.fixture(scope="session")
 def tiny_plain_model_dir(tmp_path_factory) -> Path:
     """The same kind of tiny model with no chat template (like Gemma-3-270M base)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-plain-model"), chat_template=False)

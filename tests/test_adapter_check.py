@@ -17,12 +17,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
+from tiny import assert_one_line_error, cli, config_file
 from lorawatch.engine.drift import adapter_check_of, answer_logprobs
 from lorawatch.data.prompts import encode_prompt
 from lorawatch.data.tasks.loading import load_examples
 from lorawatch.integrations.callback import DriftMonitorCallback
-from lorawatch.recipe.run import run_experiment
 from lorawatch.report.tables import load_run
 from lorawatch.rundir.layout import RunFolder
 
@@ -35,12 +34,10 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir):
-    """A finished `lorawatch run` of the tiny model (one seed, two stages) and its data folder."""
-    root = tmp_path_factory.mktemp("adapter-check")
-    write_task_files(root / "data")
-    config = tiny_config(tiny_model_dir, root / "data", seeds=(SEED,))
-    return run_experiment(config, root / "run"), root
+def trained(tiny_trained_run):
+    """A finished `lorawatch run` of the tiny model (one seed, two stages) and its root (data/ in it)."""
+    run_dir, root, _ = tiny_trained_run
+    return run_dir, root
 
 
 def _adapter(run_dir: Path, stage: int = 1) -> Path:

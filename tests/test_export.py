@@ -12,11 +12,10 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tiny import assert_one_line_error, cli, tiny_config, write_task_files
+from tiny import assert_one_line_error, cli
 from lorawatch.deploy.export import EXPORT_RECORD
 from lorawatch.engine.drift import answer_logprobs
 from lorawatch.data.inputs import encode, load_data
-from lorawatch.recipe.run import run_experiment
 from lorawatch.rundir.layout import RunFolder
 
 SEED = 3
@@ -28,11 +27,9 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("export")
-    write_task_files(root / "data")
-    config = tiny_config(tiny_model_dir, root / "data", seeds=(SEED,))
-    return run_experiment(config, root / "run"), config
+def trained(tiny_trained_run):
+    run_dir, _, config = tiny_trained_run
+    return run_dir, config
 
 
 def _front_matter(readme: str) -> dict:

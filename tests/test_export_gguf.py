@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tiny import assert_one_line_error, build_tiny_model, cli, tiny_config, write_task_files
+from tiny import assert_one_line_error, build_tiny_model, cli
 from lorawatch.deploy import gguf
 from lorawatch.deploy.agreement import agreement
 from lorawatch.deploy.export import EXPORT_RECORD
@@ -29,13 +29,9 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir):
-    from lorawatch.recipe.run import run_experiment
-
-    root = tmp_path_factory.mktemp("export-gguf")
-    write_task_files(root / "data")
-    config = tiny_config(tiny_model_dir, root / "data", seeds=(SEED,))
-    return run_experiment(config, root / "run"), root
+def trained(tiny_trained_run):
+    run_dir, root, _ = tiny_trained_run
+    return run_dir, root
 
 
 def test_gguf_export_of_a_trained_stage(trained, tmp_path):
