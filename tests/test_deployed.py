@@ -9,17 +9,11 @@ import json
 
 import pytest
 
-from tiny import assert_one_line_error, cli, config_file, tiny_config, write_task_files
-from lorawatch.deploy import gguf
-from lorawatch.errors import UserError
+from tiny import assert_one_line_error, cli, config_file, needs_llama_cpp, tiny_config, write_task_files
 from lorawatch.rundir import schema
 from lorawatch.rundir.layout import RunFolder
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make deploy` builds it)")
-try:
-    gguf.converter_folder()
-except UserError as missing:
-    pytest.skip(str(missing), allow_module_level=True)
+needs_llama_cpp()
 
 SEED = 3
 FORMATS = ("f16", "q4_k_m")

@@ -8,17 +8,13 @@ import json
 
 import pytest
 
-from tiny import assert_one_line_error, build_tiny_model, cli
+from tiny import assert_one_line_error, build_tiny_model, cli, needs_llama_cpp
 from lorawatch.deploy import gguf
 from lorawatch.deploy.agreement import agreement
 from lorawatch.deploy.export import EXPORT_RECORD
 from lorawatch.errors import UserError
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make deploy` builds it)")
-try:
-    gguf.converter_folder()
-except UserError as missing:
-    pytest.skip(str(missing), allow_module_level=True)
+needs_llama_cpp()
 
 SEED = 3
 

@@ -89,6 +89,18 @@ def build_tiny_model(folder: Path, *, chat_template: bool = True, seed: int = 0,
     return folder
 
 
+def needs_llama_cpp() -> None:
+    """Skip the calling test module, saying why, unless llama-cpp-python and llama.cpp's converter are installed."""
+    from lorawatch.deploy import gguf
+    from lorawatch.errors import UserError
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make deploy` builds it)")
+    try:
+        gguf.converter_folder()
+    except UserError as missing:
+        pytest.skip(str(missing), allow_module_level=True)
+
+
 def needs_trace() -> None:
     if not TRACE_DIR.is_dir():
         pytest.skip(f"{TRACE_DIR} not present: these tests need a local copy of the TRACE data there")
