@@ -274,3 +274,22 @@ def test_callback_watches_another_signal(setup):
                                              threshold=first / 2)
     assert callback.intervention.signal == "kl_forward" and callback.intervention.step == series[0].step
     assert callback.intervention.value == pytest.approx(first, rel=1e-4)
+
+
+def test_callback_watches_a_span_signal(setup):
+    """signal='answer_drop': the base model's own first answer tokens are generated when training begins, and the
+    fall of their probability is measured at each step (with the adapter on and off); the threshold applies to it.
+    A span length outside 1..64 is refused in one line."""
+    trainer, callback, reporter, out = train(setup, "answer", signal="answer_drop", span_tokens=3)
+    assert callback._span and all(0 < len(tokens) <= 3 for _, _, tokens in callback._span)
+    assert {span for span, _, _ in callback._span} == {"answer", "gold"}
+    series = store.read_rows(out / "monitor.jsonl", schema.MonitorPoint)
+    assert all(p.signal_value is not None for p in series)
+    assert all(p.signals["kl_answer"] > 0 for p in series)  # the adapter moved the answers' distributions
+    moved = max(series, key=lambda p: p.signal_value)
+    trainer, callback, reporter, out = train(setup, "answer-stop", signal="answer_drop", span_tokens=3,
+                                             action="stop", threshold=moved.signal_value / 2)
+    assert callback.intervention.signal == "answer_drop"
+    assert callback.intervention.value > moved.signal_value / 2
+    with pytest.raises(ConfigError, match="span_tokens must be an integer from 1 to 64"):
+        DriftMonitorCallback(AutoTokenizer.from_pretrained(setup[0]), signal="kl_gold", span_tokens=0)

@@ -179,16 +179,24 @@ def test_the_report_summarises_each_checkpoints_drift_signals(tiny_run, tmp_path
     _, folder = tiny_run
     write_report([folder], tmp_path / "report")
     frame = pd.read_csv(tmp_path / "report" / "drift_signals.csv")
-    assert list(zip(frame["checkpoint"], frame["set"])) == [("base", "reference"), ("stance", "reference"),
-                                                           ("stance", "task"), ("sum", "reference"), ("sum", "task")]
+    sets = ["reference", "task", "answer span", "gold span"]
+    assert list(zip(frame["checkpoint"], frame["set"])) == [("base", "reference"), *(
+        (checkpoint, name) for checkpoint in ("stance", "sum") for name in sets)]
     base = frame.iloc[0]
     assert base["kl_mean"] == 0 and base["same_top1_rate"] == 1 and base["dp_gold_mean"] == 0
     rows = RunFolder(folder).stage(1, 2).task_drift.read()
-    task = frame.iloc[4]
+    task = frame.iloc[6]
     assert task["n"] == len(rows) == 4
     assert task["kl_forward_mean"] == pytest.approx(np.mean([r.kl_forward for r in rows]), rel=1e-9)
     assert task["kl_forward_se"] == pytest.approx(sem([r.kl_forward for r in rows]), rel=1e-9)
     assert task["same_top1_rate"] == pytest.approx(np.mean([r.same_top1 for r in rows]))
+    spans = RunFolder(folder).stage(1, 2).span_drift.read()
+    gold = frame.iloc[8]
+    golds = [r for r in spans if r.span == "gold"]
+    assert gold["set"] == "gold span" and gold["n"] == len(golds)
+    assert gold["kl_mean"] == pytest.approx(np.mean([r.kl for r in golds]), rel=1e-9)
+    assert gold["same_top1_se"] == pytest.approx(sem([r.same_top1 for r in golds]), rel=1e-9)
+    assert gold["dp_gold_mean"] == pytest.approx(np.mean([r.dp_token for r in golds]), rel=1e-9)
     md = (tmp_path / "report" / "report.md").read_text()
     section = md[md.index("## Drift signals"):]
     assert f"| sum | task | 4 | {task['kl_mean']:.4f} ± {task['kl_se']:.4f} |" in section

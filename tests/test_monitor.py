@@ -276,17 +276,21 @@ def watched_signals(tiny_model_dir, tmp_path_factory):
         if row.get("task") == "stance" else {**row, "answer": "-5"} for row in reference]))
     return root, {signal: run_experiment(monitored(tiny_model_dir, root / data_for(signal), action="warn",
                                                    signal=signal), root / signal)
-                  for signal in ("kl_forward", "top1_change", "top5_change", "gold_drop")}
+                  for signal in WATCHED}
+
+
+# every signal but KL: the first-token ones, and two span signals (engine/span_drift.py), measured live only when
+# watched (two more teacher-forced passes per measurement)
+WATCHED = ("kl_forward", "top1_change", "top5_change", "gold_drop", "kl_answer", "gold_span_drop")
 
 
 def data_for(signal):
-    return "zebra" if signal == "gold_drop" else "data"
+    return "zebra" if signal in ("gold_drop", "gold_span_drop") else "data"
 
 
-@pytest.mark.parametrize("signal", ["kl_forward", "top1_change", "top5_change", "gold_drop"])
+@pytest.mark.parametrize("signal", WATCHED)
 def test_each_signal_is_measured_live_and_sets_off_its_action(watched_signals, tiny_model_dir, signal):
-    from lorawatch.analysis.signals import signal_value
-    from lorawatch.rundir.schema import ExampleDrift
+    from lorawatch.analysis.signals import SPAN_SIGNALS, stage_signal_value
 
     root, runs = watched_signals
     warn = runs[signal]
@@ -294,8 +298,11 @@ def test_each_signal_is_measured_live_and_sets_off_its_action(watched_signals, t
     points = series(warn, 1)
     values = [p["signal_value"] for p in points]
     # the last live measurement is the evaluated checkpoint's value (same weights, another code path)
-    rows = [ExampleDrift(**row) for row in store.read_jsonl(RunFolder(warn).stage(1, 1).path / "reference_drift.jsonl")]
-    assert math.isclose(values[-1], signal_value(rows, signal), rel_tol=1e-3, abs_tol=1e-6)
+    assert math.isclose(values[-1], stage_signal_value(RunFolder(warn).stage(1, 1), signal), rel_tol=1e-3,
+                        abs_tol=1e-6)
+    # the span signals are measured live (all of them, from the same passes) only when one of them is watched
+    measured = signal in SPAN_SIGNALS
+    assert all((p["signals"][name] is not None) == measured for p in points for name in SPAN_SIGNALS)
     # A threshold the series crosses (the run drifts on every signal): stop acts at the first measurement above
     # it, on the signal, not on KL.
     # The first measurement that is above every earlier one and above 0; the threshold halfway up to it.

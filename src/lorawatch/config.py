@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, create_model, StrictInt, ValidationError, field_validator, model_validator
 
 from lorawatch.engine.fast_path import switch_descriptions
-from lorawatch.analysis.signals import DEFAULT_SIGNAL, SIGNALS, SignalName
+from lorawatch.analysis.signals import DEFAULT_SIGNAL, SIGNALS, SPAN_SIGNALS, SignalName
 from lorawatch.deploy.formats import unknown_format
 from lorawatch.errors import ConfigError, file_problem
 from lorawatch.recipe.strategies import STRATEGIES, StrategySettings
@@ -84,6 +84,9 @@ class ReferenceSettings(_Strict):
     # "answer": each row's own last prompt token (correct). "published": the published code's index
     # attention_mask.sum(1) - 1 of left-padded batches of 4, a prompt token for most rows; for comparison only.
     position: Literal["answer", "published"] = "answer"
+    # engine/span_drift.py: the drift over the first k tokens of the base model's own answer and of the gold answer,
+    # teacher-forced (about four reference-set prefills per checkpoint); 0 turns it off.
+    span_tokens: int = Field(8, ge=0, le=64, description="answer tokens the span drift reads (0: off)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ReferenceSettings":
@@ -253,6 +256,14 @@ class ExperimentConfig(_Strict):
         if self.strategy.one_adapter_per_task and self.lora.bias != "none":
             raise ValueError(f"strategy '{self.strategy.name}' trains one adapter per task and needs lora.bias "
                              f"'none' (trained biases would be shared by every task's adapter), got '{self.lora.bias}'")
+        return self
+
+    @model_validator(mode="after")
+    def _span_signal_needs_spans(self) -> "ExperimentConfig":
+        if (self.monitor is not None and self.monitor.signal in SPAN_SIGNALS
+                and self.reference.span_tokens == 0):
+            raise ValueError(f"monitor.signal '{self.monitor.signal}' reads the drift over the first answer tokens: "
+                             "set reference.span_tokens above 0")
         return self
 
     def ordered_tasks(self) -> list[TaskSettings]:

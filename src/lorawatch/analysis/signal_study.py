@@ -6,14 +6,16 @@ before this stage. Only checkpoints with an earlier task count (stage 2 onwards)
 
 For every such checkpoint the candidates are the signals of analysis/signals.py on the reference set, their
 increase over the previous checkpoint (what this stage's update did), and the same statistics on the test prompts
-of the task just trained (`task_*`, RL's Razor's measurement). Each candidate's AUROC is the probability that a
+of the task just trained (`task_*`, RL's Razor's measurement). The span signals (over the first answer tokens,
+engine/span_drift.py) are candidates where the run folders hold span_drift.jsonl. Each candidate's AUROC is the probability that a
 checkpoint that forgot scores higher than one that did not (ties count half): the Mann–Whitney U over the product
 of the two class sizes (scipy.stats.mannwhitneyu). Its interval is a stratified percentile bootstrap: the
 checkpoints that forgot and those that did not are resampled separately, so every resample keeps both classes
 (pROC's default). AUROC 0.5 is chance; an interval that contains 0.5 does not show that the signal warns at all.
 
 The lead of a live signal: with a monitored run, the first optimizer step of the stage at which the signal
-(monitor.jsonl's `signals`) was above a threshold, counted back from the stage's last step. The threshold is the
+(monitor.jsonl's `signals`) was above a threshold, counted back from the stage's last step. A span signal has a
+lead only in runs whose monitor watched a span signal: the monitor measures them live only then. The threshold is the
 cut on the checkpoints' values that maximises Youden's J (sensitivity + specificity − 1), fitted on the same
 checkpoints it is then applied to: an optimistic, in-sample lead.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lorawatch.analysis.signals import SIGNALS, signal_values
+from lorawatch.analysis.signals import SIGNALS, signal_values, stage_signal_values
 from lorawatch.config import StatisticsSettings
 from lorawatch.analysis.verdicts import load_seed_statistics
 from lorawatch.rundir.layout import RunFolder
@@ -45,7 +47,7 @@ def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSetti
         for seed in run.seeds_on_disk():
             stages = [k for k in run.seed(seed).stages_on_disk() if run.stage(seed, k).finished()]
             statistics = load_seed_statistics(Path(folder), seed, settings)
-            values = {k: signal_values(run.stage(seed, k).drift.read()) for k in stages}
+            values = {k: stage_signal_values(run.stage(seed, k)) for k in stages}
             for k in stages:
                 comparison = statistics.comparison(k, "previous")
                 if k < 2 or comparison is None:  # no earlier task, or a stage that has not finished

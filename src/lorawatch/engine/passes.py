@@ -34,10 +34,10 @@ class Row:
 
 
 def left_pad(prompts: Sequence[EncodedPrompt], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _left_pad([p.input_ids for p in prompts], pad_id, device)
+    return left_pad_ids([p.input_ids for p in prompts], pad_id, device)
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad_ids(rows: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -171,7 +171,7 @@ def prefill(model, seqs: Sequence[Sequence[int]], prompts: Sequence[EncodedPromp
         cache.batch_repeat_interleave(len(seqs))
         counters.forward_passes += 1
         counters.forward_tokens += shared
-    ids, own_mask = _left_pad([s[shared:] for s in seqs], pad_id, device)
+    ids, own_mask = left_pad_ids([s[shared:] for s in seqs], pad_id, device)
     mask = torch.cat([own_mask.new_ones((len(seqs), shared)), own_mask], dim=1)
     positions = position_ids(mask)[:, shared:]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,

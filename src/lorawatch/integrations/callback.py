@@ -8,7 +8,10 @@
 The measurement is the one `lorawatch run` makes with a `monitor:` section (monitor.measure_drift):
 every `every` optimizer steps and at the last step, one pass over the reference prompts that reads the
 next-token distribution at the answer position, against the base model's distributions computed once when
-training begins, with the PEFT adapter switched off (no second copy of the model). KL to base, entropy and
+training begins, with the PEFT adapter switched off (no second copy of the model). A span signal
+(`signal="kl_answer"`, ...: analysis/signals.py) also reads the first `span_tokens` tokens of the base model's own
+answers (generated greedily when training begins) and of the gold answers, with the adapter on and off at each
+measurement. KL to base, entropy and
 top-2 margin are averaged over the reference rows. The training run is the monitor's one stage, and
 monitor.StageMonitor decides and applies the action exactly as in a lorawatch run (see monitor.py):
 
@@ -46,7 +49,10 @@ from transformers import TrainerCallback
 
 from lorawatch.rundir.layout import monitor_series
 from lorawatch.rundir.schema import AdapterCheck, Intervention
+from lorawatch.analysis.signals import SPAN_SIGNALS
+from lorawatch.engine.checkpoint_eval import generate_by_task
 from lorawatch.engine.drift import adapter_check_of
+from lorawatch.engine.span_drift import span_tokens
 from lorawatch.config import MonitorSettings, describe_error
 from lorawatch.errors import ConfigError, UserError
 from lorawatch.data.inputs import RunData, load_data
@@ -93,7 +99,7 @@ class DriftMonitorCallback(TrainerCallback):
     def __init__(self, tokenizer, reference: str | Path | None = None, *, every: int = 10, action: str = "warn",
                  threshold: float | None = None, relative: float | None = None,
                  calibrate_from: str | Path | None = None, patience: int = 1, signal: str = "kl",
-                 output_dir: str | Path | None = None):
+                 span_tokens: int = 8, output_dir: str | Path | None = None):
         try:
             settings = MonitorSettings(every=every, action=action, threshold=threshold, relative=relative,
                                        calibrate_from=None if calibrate_from is None else str(calibrate_from),
@@ -104,6 +110,11 @@ class DriftMonitorCallback(TrainerCallback):
         threshold = resolve_threshold(threshold, settings.calibrate_from, signal)[0]
         self.params = MonitorParams(every=every, action=action, threshold=threshold, relative=relative,
                                     patience=patience, **({} if signal == "kl" else {"signal": signal}))
+        if signal in SPAN_SIGNALS and not (isinstance(span_tokens, int) and 0 < span_tokens <= 64):
+            raise ConfigError(f"DriftMonitorCallback: signal '{signal}' reads the first span_tokens answer tokens; "
+                              f"span_tokens must be an integer from 1 to 64, got {span_tokens!r}")
+        self.span_tokens = span_tokens if signal in SPAN_SIGNALS else 0
+        self._span: list | None = None  # the reference rows with the answers a span signal reads
         self.tokenizer = tokenizer
         self.data, self.prompts = reference_set(reference, tokenizer)
         self.output_dir = output_dir
@@ -127,7 +138,8 @@ class DriftMonitorCallback(TrainerCallback):
     # --- the measurement and the rule of when it is due: lorawatch's own (monitor.py) ---------------------------
 
     def _measure(self, model) -> dict:
-        return measure_drift(model, self.tokenizer, self.data, self.prompts, self._base, device=str(model.device))
+        return measure_drift(model, self.tokenizer, self.data, self.prompts, self._base, span=self._span,
+                             device=str(model.device))
 
     def _due(self, state) -> bool:
         return self.params.due(state.global_step, state.max_steps)
@@ -145,6 +157,13 @@ class DriftMonitorCallback(TrainerCallback):
         with model.disable_adapter():
             self._base = reference_logprobs(model, self.tokenizer, self.data.reference, self.prompts,
                                             device=str(model.device))
+            if self.span_tokens:  # the base model's own first answer tokens, greedy, as `lorawatch run`'s stage 0
+                was_training = model.training
+                answers = generate_by_task(model, self.tokenizer, self.data.reference, self.prompts,
+                                           max_new_tokens=self.span_tokens, device=str(model.device))
+                model.train(was_training)
+                self._span = span_tokens(self.prompts, {i: g.output_ids for i, g in answers.items()},
+                                         self.span_tokens)
         start = self._measure(model)
         self.start_kl = start["kl_mean"]
         self.intervention = None

@@ -40,7 +40,9 @@ from lorawatch.rundir.layout import RunFolder
 from lorawatch.rundir.schema import Intervention, MonitorParamsRecord
 from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
 from lorawatch.engine.drift import summarize
-from lorawatch.analysis.signals import SIGNALS, signal_value, signal_values
+from lorawatch.analysis.signals import SIGNALS, signal_values, stage_signal_value
+from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET
+from lorawatch.engine.span_drift import measure_span_drift
 from lorawatch.engine.generation import FastPath
 from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET
 from lorawatch.errors import UserError
@@ -114,7 +116,7 @@ def calibrated_threshold(source: str | Path, signal: str = "kl") -> tuple[float,
                     stage.record.read()  # only finished stages count
                     scores = stage.scores.read().accuracy()
                     kl = (stage.reference_stats.read().kl_mean if signal == "kl"
-                          else signal_value(stage.drift.read(), signal))
+                          else stage_signal_value(stage, signal))
                     base = run.stage(seed, 0).scores.read().accuracy()
                 except (OSError, ValueError):  # ValueError too: drift rows written before the signal was measured
                     continue
@@ -145,13 +147,23 @@ def reference_logprobs(model: torch.nn.Module, tokenizer, reference: Sequence[Ex
 
 
 def measure_drift(model: torch.nn.Module, tokenizer, data: RunData, prompts: Sequence[EncodedPrompt],
-                  base_logprobs: torch.Tensor, **generation) -> dict:
+                  base_logprobs: torch.Tensor, span: Sequence | None = None, **generation) -> dict:
     """The monitor's measurement of the adapter as it is now: KL to base, entropy and top-2 margin at the answer
     position, averaged over the reference rows (`kl_mean`, ...), and every signal of analysis/signals.py by its name
-    (`generation`: reference_logprobs' batching and fast path)."""
+    (`generation`: reference_logprobs' batching and fast path). The span signals are measured only when `span` gives
+    the answers to read (engine/span_drift.span_tokens: a span signal is watched), else None: they cost two
+    teacher-forced passes with the adapter on and off."""
     logprobs = reference_logprobs(model, tokenizer, data.reference, prompts, **generation)
     rows = drift_rows(data, prompts, logprobs, base_logprobs)
-    return {**summarize(rows), **signal_values(rows)}
+    span_rows = None
+    if span:
+        was_training = model.training
+        span_rows = measure_span_drift(model, span, {e.id: e.task for e in data.reference},
+                                       pad_id=tokenizer.pad_token_id, device=generation.get("device", "cpu"),
+                                       token_budget=generation.get("token_budget", DEFAULT_TOKEN_BUDGET),
+                                       batch_rows=generation.get("batch_rows"))
+        model.train(was_training)
+    return {**summarize(rows), **signal_values(rows, span_rows)}
 
 
 @dataclass

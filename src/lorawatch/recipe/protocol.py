@@ -42,7 +42,8 @@ from lorawatch.engine.drift import adapter_check, answer_logprobs
 from lorawatch.config import ExperimentConfig
 from lorawatch.rundir.costs import Costs
 from lorawatch.engine.generation import GENERATION_RULES_VERSION, FastPath, fast_path_for, merged_adapter
-from lorawatch.analysis.signals import signal_value
+from lorawatch.analysis.signals import SPAN_SIGNALS, stage_signal_value
+from lorawatch.engine.span_drift import measure_span_drift, span_tokens
 from lorawatch.data.inputs import RunData, data_fingerprint, encode, load_data, weights_digest
 from lorawatch.models.loading import LoadedModel, load_model
 from lorawatch.recipe.monitor import MonitorParams, StageMonitor, measure_drift
@@ -269,6 +270,7 @@ class Recipe:
         """The checkpoint on every task and the reference set, with the previous checkpoint's outputs as drafts."""
         started = time.perf_counter()
         task_drift = self.task_drift_input(model, seed, stage)  # before the merge: it switches the adapter off
+        self.span_drift(model, seed, stage)  # before the merge too
         with merged_adapter(model) if self.eval_params.fast.merge_adapter else nullcontext():
             scores, drift, _ = evaluate_checkpoint(
                 model, self.loaded.tokenizer, self.data, self.encoded, self.folder.stage(seed, stage),
@@ -293,6 +295,32 @@ class Recipe:
                                    token_budget=params.token_budget, batch_rows=params.batch_rows,
                                    device=params.device)[1]
         return TaskDriftInput(task.name, base)
+
+    def span_rows(self, seed: int) -> list:
+        """The reference rows with their first `reference.span_tokens` answer tokens: the base model's own (stage 0's
+        reference predictions) and the gold ones (engine/span_drift.span_tokens)."""
+        answers = {r.id: r.output_ids for r in self.folder.stage(seed, 0).predictions("reference").read()}
+        return span_tokens(self.encoded.reference, answers, self.config.reference.span_tokens)
+
+    def span_drift(self, model, seed: int, stage: int) -> None:
+        """The stage's drift over the first `reference.span_tokens` tokens of the reference answers (the base
+        model's own, from stage 0's predictions, and the gold ones), written to span_drift.jsonl; skipped when
+        already there, when span_tokens is 0, and for a model without a switchable adapter."""
+        k = self.config.reference.span_tokens
+        if k == 0 or not hasattr(model, "disable_adapter"):
+            return
+        rows = self.span_rows(seed)
+        folder = self.folder.stage(seed, stage)
+        if not rows or folder.span_drift.intact_rows([p.id for _, p, _ in rows]) is not None:
+            return
+        self.progress.phase(f"{self.stage_label(seed, stage)} · drift over the first {k} answer tokens")
+        params = self.eval_params
+        with self.costs.phase("span_drift"):
+            drift = measure_span_drift(model, rows, {e.id: e.task for e in self.data.reference},
+                                       pad_id=self.loaded.tokenizer.pad_token_id, device=params.device,
+                                       token_budget=params.token_budget, batch_rows=params.batch_rows)
+        folder.span_drift.write(r.to_dict() for r in drift)
+        crash_point(f"{seed}:{stage}:span_drift")
 
     def finish(self, seed: int, stage: int, log: schema.TrainingLog | None, scores: dict, drift: list,
                eval_seconds: float) -> None:
@@ -342,14 +370,17 @@ class Recipe:
         previous_kl = previous.reference_stats.read().kl_mean if stage > 1 else 0.0
         signal = self.monitor.signal
         # Every signal is 0 at the base model, where the first stage starts.
-        previous_value = previous_kl if signal == "kl" or stage == 1 else signal_value(previous.drift.read(), signal)
+        previous_value = previous_kl if signal == "kl" or stage == 1 else stage_signal_value(previous, signal)
         threshold = self.monitor.stage_threshold(previous_value)
         label = self.stage_label(seed, stage)
 
+        span = self.span_rows(seed) if signal in SPAN_SIGNALS else None
+
         def measure() -> dict:
-            # against the base distributions computed once for the run
+            # against the base distributions computed once for the run (a span signal's: read again each time)
             return measure_drift(model, loaded.tokenizer, data, self.encoded.reference, self.base_logprobs,
-                                 device=self.eval_params.device, token_budget=self.eval_params.token_budget,
+                                 span=span, device=self.eval_params.device,
+                                 token_budget=self.eval_params.token_budget,
                                  batch_rows=self.eval_params.batch_rows, fast=self.eval_params.fast)
 
         def show(point: dict) -> None:

@@ -1,9 +1,12 @@
 """report.md's "Drift signals" section and drift_signals.csv: each checkpoint's drift from the base model, summarised
 the way llama.cpp's `llama-perplexity --kl-divergence` reports a quantization's (analysis/drift_summary.py).
 
-Two sets of prompts per checkpoint:
-    reference  the run's fixed reference set, at the answer position (the paper's signal)
-    task       the test prompts of the task the checkpoint was just trained on (RL's Razor's measurement)
+Sets of prompts per checkpoint:
+    reference    the run's fixed reference set, at the answer position (the paper's signal)
+    task         the test prompts of the task the checkpoint was just trained on (RL's Razor's measurement)
+    answer span  the reference set over the first `reference.span_tokens` tokens of the base model's own answer,
+                 teacher-forced (engine/span_drift.py): each row's mean over its positions
+    gold span    the same over the gold answer's first tokens
 
 Each statistic is a mean over the set's rows with its standard error (for a 0/1 statistic, the rate), so the
 ± is the uncertainty from having this many prompts, not a spread over seeds: every seed is its own row. Run
@@ -47,6 +50,19 @@ def summarize_rows(rows) -> dict[str, float | None]:
     return out
 
 
+def summarize_span_rows(rows) -> dict[str, float | None]:
+    """A span set's rows (rundir.schema.SpanDrift) in COLUMNS: every statistic is already a row's mean over its
+    positions (same top-1 a share), summarised as a mean with its standard error; Δp is the teacher-forced token's."""
+    kl = summarize_values([r.kl for r in rows])
+    forward, same = summarize_values([r.kl_forward for r in rows]), summarize_values([r.same_top1 for r in rows])
+    overlap, dp = summarize_values([r.top5_overlap for r in rows]), summarize_delta_p([r.dp_token for r in rows])
+    return {"n": len(rows), "kl_mean": kl["mean"], "kl_se": kl["se"], "kl_median": kl["median"],
+            "kl_p95": kl["p95"], "kl_max": kl["max"], "kl_forward_mean": forward["mean"],
+            "kl_forward_se": forward["se"], "same_top1_rate": same["mean"], "same_top1_se": same["se"],
+            "top5_overlap_mean": overlap["mean"], "top5_overlap_se": overlap["se"], "dp_gold_mean": dp["mean"],
+            "dp_gold_se": dp["se"], "dp_gold_rms": dp["rms"], "n_gold": len(rows)}
+
+
 def seed_signals(run: RunFolder, seed: int) -> list[dict]:
     """One seed's rows: per finished checkpoint and set of prompts, the set's summary."""
     records = []
@@ -60,6 +76,12 @@ def seed_signals(run: RunFolder, seed: int) -> list[dict]:
             sets.append(("task", stage.task_drift.read()))
         records += [{"seed": seed, "checkpoint": checkpoint, "set": name, **summarize_rows(rows)}
                     for name, rows in sets]
+        spans = stage.span_drift.read() if stage.span_drift.exists() else []
+        for span in ("answer", "gold"):
+            rows = [r for r in spans if r.span == span]
+            if rows:
+                records.append({"seed": seed, "checkpoint": checkpoint, "set": f"{span} span",
+                                **summarize_span_rows(rows)})
     return records
 
 
@@ -100,7 +122,10 @@ def signals_section(frame: pd.DataFrame) -> str:
              "prompts of the task it was just trained on (RL's Razor's measurement): mean over the prompts ± its "
              "standard error, as llama.cpp's `--kl-divergence` reports a quantization. KL at the answer position "
              "in both directions; same top-1: the share of prompts where both models' most likely next token "
-             "agrees; Δp gold: the change in the probability of the gold answer's first token. Every number is in "
+             "agrees; Δp gold: the change in the probability of the gold answer's first token. The span sets read the "
+             "reference set over the first tokens of an answer, teacher-forced (`reference.span_tokens`): the base "
+             "model's own answer (answer span) or the gold one (gold span); each statistic is a row's mean over its "
+             "positions, Δp that of the teacher-forced token. Every number is in "
              f"[{DRIFT_SIGNALS_CSV}]({DRIFT_SIGNALS_CSV}), with the KL's percentiles.", ""]
     if frame.empty:
         return "\n".join(lines + ["No checkpoints.", ""])

@@ -76,6 +76,7 @@ PREDICTIONS_FOLDER = "predictions"
 ROWS_FILE = "{}.jsonl"  # a task's predictions
 REFERENCE_DRIFT = "reference_drift.jsonl"
 TASK_DRIFT = "task_drift.jsonl"  # a trained stage's drift on its own task's test prompts (since schema 3)
+SPAN_DRIFT = "span_drift.jsonl"  # a trained stage's drift over the first tokens of the reference answers (schema 3)
 MONITOR_SERIES = "monitor.jsonl"
 ADAPTER_FOLDER = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's names inside an adapter folder
@@ -109,6 +110,7 @@ RECORDS: dict[str, type[Record]] = {
 }
 # The JSON Lines files beside them, by name (a stage's predictions are found by their folder).
 ROWS: dict[str, type] = {REFERENCE_DRIFT: schema.ExampleDrift, TASK_DRIFT: schema.ExampleDrift,
+                         SPAN_DRIFT: schema.SpanDrift,
                          MONITOR_SERIES: schema.MonitorPoint, DEPLOYED_DRIFT: schema.DeployedDrift,
                          ENVIRONMENT_HISTORY: schema.EnvironmentEntry, CONFIG_HISTORY: schema.ConfigChange}
 
@@ -187,6 +189,13 @@ class Stage:
         return RowsFile(self.path / TASK_DRIFT, schema.ExampleDrift)
 
     @property
+    def span_drift(self) -> RowsFile[schema.SpanDrift]:
+        """The checkpoint against the base model over the first `reference.span_tokens` tokens of the base model's
+        own answer and of the gold answer of each reference row; absent at stage 0 (the base against itself), with
+        span_tokens 0 and in folders from before lorawatch measured it."""
+        return RowsFile(self.path / SPAN_DRIFT, schema.SpanDrift)
+
+    @property
     def monitor_series(self) -> RowsFile[schema.MonitorPoint]:
         return monitor_series(self.path)
 
@@ -242,7 +251,7 @@ class Stage:
         shared without their adapters)."""
         return [self.scores.path, self.reference_stats.path, self.drift.path, self.predictions("reference").path,
                 *(self.predictions(task).path for task in tasks),
-                *([self.task_drift.path] if self.task_drift.exists() else [])]
+                *(part.path for part in (self.task_drift, self.span_drift) if part.exists())]
 
 
 _NUMBERED = re.compile(r"(seed|stage)-(\d+)")

@@ -11,7 +11,8 @@ since version 1 only added the key. Version 2 added seed-S/statistics.json and t
 they are asked for (verdicts.load_seed_statistics). Version 3 added the drift statistics of engine/drift_stats.py to
 each reference_drift.jsonl row (`kl_forward`, `same_top1`, `top5_overlap`, `dp_gold`), a stage's task_drift.jsonl
 (drift on the trained task's own test prompts), the monitor's `signal` and every signal of its measurements, and
-stage.json's `adapter_check`; older files read with those as None. A record from a newer lorawatch is refused with a
+stage.json's `adapter_check`; older files read with those as None. Within version 3, a stage may also hold
+span_drift.jsonl (drift over the first tokens of an answer, `SpanDrift`), absent from older folders. A record from a newer lorawatch is refused with a
 line saying so, never mistaken for a damaged file (which a run would recompute).
 
 Bump SCHEMA_VERSION when a record changes meaning or shape, and teach `store.read_record` to read the old one.
@@ -37,6 +38,7 @@ from lorawatch.rundir.schema.stage import (  # noqa: F401
     MonitorPoint,
     FiniteFloat,
     ExampleDrift,
+    SpanDrift,
 )
 from lorawatch.rundir.schema.run import (  # noqa: F401
     GenerationCounts,

@@ -5,7 +5,7 @@ the monitor and the Trainer callback build and pass around."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (AllowInfNan, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, Strict, StrictBool, StrictInt,
                       StrictStr)
@@ -210,3 +210,26 @@ class ExampleDrift:
         return {"id": self.id, "task": self.task, "kl": self.kl, "entropy": self.entropy, "margin": self.margin,
                 "top1_token": self.top1_token, "kl_forward": self.kl_forward, "same_top1": self.same_top1,
                 "top5_overlap": self.top5_overlap, "dp_gold": self.dp_gold}
+
+
+@dataclass(frozen=True)
+class SpanDrift:
+    """One row of a stage's span_drift.jsonl: the checkpoint against the base model over the first
+    `reference.span_tokens` tokens of one answer to a reference prompt, teacher-forced (engine/span_drift.py).
+    `span` is `answer` (the base model's own answer) or `gold`; every statistic is the mean over the `tokens`
+    positions. An optional file within schema 3: absent in older folders and when span_tokens is 0."""
+
+    id: StrictStr
+    task: StrictStr | None
+    span: Literal["answer", "gold"]
+    tokens: Annotated[int, Strict(), Field(gt=0)]
+    kl: FiniteFloat  # mean KL(p_k ‖ p_0)
+    kl_forward: FiniteFloat  # mean KL(p_0 ‖ p_k)
+    same_top1: FiniteFloat  # share of positions whose top-1 token is the base model's
+    top5_overlap: FiniteFloat
+    dp_token: FiniteFloat  # mean p_k − p_0 of the teacher-forced token
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "task": self.task, "span": self.span, "tokens": self.tokens, "kl": self.kl,
+                "kl_forward": self.kl_forward, "same_top1": self.same_top1, "top5_overlap": self.top5_overlap,
+                "dp_token": self.dp_token}
