@@ -41,7 +41,6 @@ from lorawatch.rundir.schema import Intervention, MonitorParamsRecord
 from lorawatch.engine.checkpoint_eval import drift_rows, generate_by_task
 from lorawatch.engine.drift import summarize
 from lorawatch.analysis.signals import SIGNALS, signal_values, stage_signal_value
-from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET
 from lorawatch.engine.span_drift import measure_span_drift
 from lorawatch.engine.generation import FastPath
 from lorawatch.engine.passes import DEFAULT_TOKEN_BUDGET
