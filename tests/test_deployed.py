@@ -154,3 +154,27 @@ def test_a_resumed_run_may_add_change_or_drop_the_deploy_section(run_dir):
     recorded = load_run_config(run_dir).model_dump(mode="json", exclude_unset=True)
     for deploy in (None, {"formats": ["q8_0"]}):
         assert config_changes(run_dir, build_config({**recorded, "deploy": deploy})) == []
+
+
+def test_an_exported_stage_s_card_shows_its_deployed_forms(run_dir, tmp_path):
+    """`lorawatch export` of a stage that `lorawatch deploy` measured: the model card carries each deployed form's
+    accuracy and drift from the checkpoint, in the body and in the model-index metadata, as deployed.json has them."""
+    import yaml
+
+    out = tmp_path / "exported"
+    result = cli("export", run_dir, "--seed", SEED, "--stage", 1, "--out", out)
+    assert result.returncode == 0, result.stderr
+    text = (out / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    body = text[text.index("## Measured as deployed"):]
+    metrics = {m["type"]: m["value"] for r in meta["model-index"][0]["results"]
+               if r["dataset"]["name"] == "reference set" for m in r["metrics"]}
+    for fmt in FORMATS:
+        record = _form(run_dir, 1, fmt).record.read()
+        assert metrics[f"{fmt}_deployed_kl_mean"] == round(record.reference.kl_mean, 6)
+        assert metrics[f"{fmt}_deployed_same_top1"] == round(record.reference.same_top1, 4)
+        row = next(line for line in body.splitlines() if line.startswith(f"| {fmt} |"))
+        assert f"stance {record.accuracy['stance']:.3f}" in row and f"{record.reference.kl_mean:.2e}" in row
+        deployed_accuracy = {r["dataset"]["name"]: r["metrics"][0]["value"] for r in meta["model-index"][0]["results"]
+                             if r["task"]["name"] == f"continual learning, {fmt} under llama.cpp"}
+        assert deployed_accuracy == {t: round(record.accuracy[t], 4) for t in ("stance", "sum")}

@@ -80,3 +80,31 @@ def test_trace_data_on_smollm2(tmp_path):
     # ScienceQA gold answers carry a rationale; only the letter is the gold label
     rows = store.read_jsonl(RunFolder(run_dir).stage(33, 0).path / "predictions" / "ScienceQA.jsonl")
     assert all(len(r["gold"]) == 1 for r in rows)
+
+
+def test_smollm2_as_deployed_under_llama_cpp(tmp_path):
+    """The packaged SmolLM2 through the whole deployed-form path: a one-stage run with a deploy section merges each
+    checkpoint, converts it to GGUF with llama.cpp's converter, quantizes it, and runs it through llama.cpp on the
+    same rows. f16 is the checkpoint (the export's bar: top-1 agreement ≥ 99%); q8_0 is a smaller file that stays
+    close to it; the base model's own quantization drift is measured beside the trained checkpoint's."""
+    from tiny import needs_llama_cpp
+
+    needs_llama_cpp()
+    config = build_config({
+        "name": "smol-deploy", **SMALL,
+        "tasks": [{"name": "stance", "kind": "multiple_choice", "builtin": "stance", "max_train_rows": 6,
+                   "max_test_rows": 6}],
+        "reference": {"builtin_per_task": 4},
+        "deploy": {"formats": ["f16", "q8_0"]},
+    })
+    run_dir = run_experiment(config, tmp_path / "run")
+    for stage in (0, 1):
+        folder = RunFolder(run_dir).stage(33, stage)
+        assert folder.deployed_formats() == ["f16", "q8_0"]
+        f16, q8 = (folder.deployed(fmt).record.read() for fmt in ("f16", "q8_0"))
+        assert f16.reference.same_top1 >= 0.99 and f16.reference.kl_reverse_max < 1e-3
+        assert q8.file_bytes < 0.6 * f16.file_bytes
+        assert q8.reference.kl_reverse_mean < 0.05 and q8.reference.same_top1 >= 0.75
+        assert f16.identical["stance"] >= 0.5  # greedy outputs, six tokens: f16 round-off may flip a late token
+        assert set(f16.accuracy) == {"stance", "reference"} and f16.generated_tokens > 0
+    assert RunFolder(run_dir).stage(33, 1).record.read().adapter_check.active

@@ -42,6 +42,11 @@ def test_a_rows_statistics_are_the_means_over_its_positions():
     assert row.same_top1 == 0.5  # agrees at the first position only
     assert row.dp_token == pytest.approx((0.0 + (0.2 - 0.6)) / 2, abs=1e-7)
     assert row.top5_overlap == 1.0  # a vocabulary of four: every token in both top-k sets
+    # identical rows, with a near-zero probability: no drift at any position
+    same = logprobs([1 - 1e-30, 1e-30, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25])
+    [row] = span_drift_rows([("answer", prompt("s", [1], None), [0, 3])], {}, [same], [same.clone()])
+    assert (row.kl, row.kl_forward, row.same_top1, row.top5_overlap, row.dp_token) == (0.0, 0.0, 1.0, 1.0, 0.0)
+    assert row.task is None
 
 
 def test_the_teacher_forced_pass_does_not_depend_on_its_batch(tiny_model_dir):

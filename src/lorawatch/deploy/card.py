@@ -3,8 +3,9 @@ holding what the run measured of this stage, and a body saying the same for peop
 
 Everything here is read from the run folder (through rundir/ and analysis/): the stage's accuracy on each task with
 its Wilson interval, the continual-learning metrics of the checkpoint, its drift from the base model on the
-reference set, the verdict of the paired comparison with the previous checkpoint and the base, and the
-adapter-active check."""
+reference set, the verdict of the paired comparison with the previous checkpoint and the base, the adapter-active
+check, and, where `lorawatch deploy` has measured the stage under llama.cpp, each deployed form's accuracy and drift
+from the checkpoint."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 from lorawatch.analysis.verdicts import load_seed_statistics
 from lorawatch.config import ExperimentConfig
 from lorawatch.rundir.layout import RunFolder
+from lorawatch.rundir.schema import DeployedRecord
 from lorawatch.deploy.agreement import Agreement
 
 
@@ -34,6 +36,7 @@ class StageFacts:
     adapter_active: bool | None  # None: stage 0, or a folder written before the check
     confidence: float = 0.95
     notes: list[str] = field(default_factory=list)
+    deployed: list[DeployedRecord] = field(default_factory=list)  # the stage's forms measured by `lorawatch deploy`
 
 
 def stage_facts(run_dir: Path, config: ExperimentConfig, seed: int, stage: int) -> StageFacts:
@@ -61,7 +64,8 @@ def stage_facts(run_dir: Path, config: ExperimentConfig, seed: int, stage: int) 
     return StageFacts(checkpoint=record.checkpoint, task=record.task, accuracy=scores, intervals=intervals,
                       metrics=metrics, drift=drift, verdicts=verdicts, regressed=regressed,
                       adapter_active=None if check is None else check.active,
-                      confidence=stats.settings.confidence)
+                      confidence=stats.settings.confidence,
+                      deployed=[folder.deployed(fmt).record.load() for fmt in folder.deployed_formats()])
 
 
 def model_index(name: str, facts: StageFacts, checks: list[Agreement]) -> list[dict]:
@@ -82,6 +86,16 @@ def model_index(name: str, facts: StageFacts, checks: list[Agreement]) -> list[d
                    "name": f"{c.form} top-1 agreement with the checkpoint"} for c in checks]
     reference += [{"type": f"{c.form}_kl_max", "value": c.kl_max, "name": f"{c.form} max KL to the checkpoint"}
                   for c in checks]
+    for d in facts.deployed:
+        reference += [{"type": f"{d.format}_deployed_kl_mean", "value": round(d.reference.kl_mean, 6),
+                       "name": f"{d.format} under llama.cpp: mean KL(deployed ‖ checkpoint)"},
+                      {"type": f"{d.format}_deployed_same_top1", "value": round(d.reference.same_top1, 4),
+                       "name": f"{d.format} under llama.cpp: same top-1 as the checkpoint"}]
+        results += [{"task": {"type": "text-generation", "name": f"continual learning, {d.format} under llama.cpp"},
+                     "dataset": {"name": task, "type": task},
+                     "metrics": [{"type": "accuracy", "value": round(value, 4),
+                                  "name": f"accuracy ({task}, {d.format} under llama.cpp)"}]}
+                    for task, value in d.accuracy.items() if task != "reference"]
     results.append({"task": {"type": "text-generation", "name": "drift from the base model"},
                     "dataset": {"name": "reference set", "type": "lorawatch-reference"}, "metrics": reference})
     if facts.metrics:
@@ -127,6 +141,18 @@ def write_card(path: Path, *, name: str, base_model: str, run_dir: Path, seed: i
               "Each file was loaded back (transformers for the folder, llama.cpp for GGUF) and its next-token "
               "distribution at every reference row's answer position compared with the PyTorch checkpoint's:", ""]
     lines += [f"- {c.line()}" for c in checks]
+    if facts.deployed:
+        lines += ["", "## Measured as deployed (llama.cpp, `lorawatch deploy`)", "",
+                  "The checkpoint converted to GGUF and run by llama.cpp on the same test rows, greedy: accuracy, the "
+                  "share of outputs identical to the PyTorch checkpoint's, and the drift from the checkpoint at every "
+                  "reference row's answer position.", "",
+                  "| format | file (MB) | accuracy | identical outputs | KL(deployed ‖ ckpt) mean / max | same top-1 |",
+                  "|---|---:|---|---|---|---:|"]
+        for d in facts.deployed:
+            accuracy = ", ".join(f"{t} {v:.3f}" for t, v in d.accuracy.items() if t != "reference")
+            identical = ", ".join(f"{t} {v:.0%}" for t, v in d.identical.items() if t != "reference" and v is not None)
+            lines.append(f"| {d.format} | {d.file_bytes / 1e6:.1f} | {accuracy} | {identical or '—'} | "
+                         f"{d.reference.kl_mean:.2e} / {d.reference.kl_max:.2e} | {d.reference.same_top1:.1%} |")
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), ""]
     text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(lines)
     path.write_text(text, encoding="utf-8")
