@@ -68,6 +68,8 @@ def main(study_dir: Path) -> None:
 
 
 def _cell(row: dict) -> str:
+    if not row["ci_low"]:  # a mean over one seed: no spread, no interval
+        return f"{signed(float(row['difference']))} (one seed: no interval over seeds)"
     low, high = float(row["ci_low"]), float(row["ci_high"])
     if low == high and not row["seed"]:  # seeds that agree exactly give a t interval of width 0: no evidence
         return f"{signed(float(row['difference']))} (the seeds agree: no spread to estimate)"
@@ -99,6 +101,8 @@ def paired_table(paired_csv: Path) -> None:
           "tasks regressed / improved vs none |")
     print("|---|---|---|---|---|")
     for run, seeds in by_run.items():
+        if sum(seed[0].isdigit() for seed in seeds) == 1:  # one seed: its mean row repeats it
+            seeds = {seed: cell for seed, cell in seeds.items() if seed[0].isdigit()}
         for seed, cell in sorted(seeds.items()):
             verdicts = "" if not seed[0].isdigit() else \
                 f"{', '.join(cell['regressed']) or '—'} / {', '.join(cell['improved']) or '—'}"
