@@ -39,7 +39,7 @@ FIRST_TOKEN_SIGNALS: dict[str, str] = {
     "top5_change": "1 − mean overlap of the checkpoint's and the base model's top-5 next tokens",
     "gold_drop": "mean fall in the probability of the gold answer's first token",
 }
-# name -> (span, statistic of a SpanDrift row, how it grows with drift, what it is)
+# name -> (span, what is read of its SpanDrift rows, what it is); `drop` is −dp_token, `top1_change` 1 − same_top1
 _SPAN: dict[str, tuple[str, str, str]] = {
     "kl_answer": ("answer", "kl", "mean KL(checkpoint ‖ base) over the first answer tokens of the base model"),
     "kl_forward_answer": ("answer", "kl_forward", "mean KL(base ‖ checkpoint) over the base model's first answer "
@@ -52,6 +52,7 @@ _SPAN: dict[str, tuple[str, str, str]] = {
 }
 SPAN_SIGNALS: dict[str, str] = {name: text for name, (_, _, text) in _SPAN.items()}
 SIGNALS: dict[str, str] = {**FIRST_TOKEN_SIGNALS, **SPAN_SIGNALS}
+assert set(SignalName.__args__) == set(SIGNALS)  # the config's choices are the signals this module computes
 DEFAULT_SIGNAL = "kl"
 
 
