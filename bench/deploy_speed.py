@@ -10,7 +10,9 @@ starts from an empty cache and is continued greedily for exactly --new-tokens to
 form decodes as many tokens. Prompt processing and decoding are timed apart:
 
     prefill tokens/s   prompt tokens / seconds to the first next-token logits
-    decode tokens/s    (new tokens - 1) / seconds for the rest, one token at a time: what a user waits for
+    decode tokens/s    (new tokens - 1) / seconds for the rest, one token at a time: what a user waits for;
+                       the mean over the prompts with its 95% Student t interval
+    speed-up           PyTorch's decode seconds over the form's, prompt by prompt (paired), mean and interval
 
 PyTorch's prefill is a forward pass over the prompt; its decode time is `generate`'s time minus that pass. Both
 runtimes use --threads threads (default: torch's). One warm-up prompt per form is not timed. Compare the numbers
@@ -44,7 +46,7 @@ def time_torch(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    prefill = decode = 0.0
+    prefill, decode = [], []
     with torch.no_grad():
         for i, prompt in enumerate([ids[0], *ids]):
             x = torch.tensor([prompt])
@@ -57,7 +59,8 @@ def time_torch(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
             total = time.perf_counter() - started
             assert out.shape[1] - x.shape[1] == new_tokens
             if i:  # the first is the warm-up
-                prefill, decode = prefill + first, decode + max(total - first, 0.0)
+                prefill.append(first)
+                decode.append(max(total - first, 1e-9))
     return {"form": f"PyTorch {next(model.parameters()).dtype}".replace("torch.", ""),
             "bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "prefill_s": prefill,
             "decode_s": decode}
@@ -75,7 +78,7 @@ def time_llama(path: Path, ids: list[list[int]], new_tokens: int, threads: int) 
         llm.eval(tokens)
         return int(np.argmax(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
 
-    prefill = decode = 0.0
+    prefill, decode = [], []
     for i, prompt in enumerate([ids[0], *ids]):
         llm.reset()
         started = time.perf_counter()
@@ -86,10 +89,22 @@ def time_llama(path: Path, ids: list[list[int]], new_tokens: int, threads: int) 
             token = step([token])
         rest = time.perf_counter() - started
         if i:
-            prefill, decode = prefill + first, decode + rest
+            prefill.append(first)
+            decode.append(rest)
     llm.close()
     return {"form": f"llama.cpp {path.stem.rsplit('-', 1)[-1]}",
             "bytes": path.stat().st_size, "prefill_s": prefill, "decode_s": decode}
+
+
+def mean_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """The mean and its Student t interval over the prompts (scipy)."""
+    from scipy import stats
+
+    mean = float(np.mean(values))
+    if np.ptp(values) == 0:  # PyTorch against itself
+        return mean, mean, mean
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=stats.sem(values))
+    return mean, float(low), float(high)
 
 
 def main() -> None:
@@ -107,16 +122,22 @@ def main() -> None:
     ids = prompts(AutoTokenizer.from_pretrained(args.export), args.rows)
     prompt_tokens = sum(map(len, ids))
     results = [time_torch(args.export, ids, args.new_tokens)]
-    results += [time_llama(p, ids, args.new_tokens, args.threads) for p in sorted((args.export / "gguf").glob("*.gguf"))]
+    results += [time_llama(p, ids, args.new_tokens, args.threads) for p in sorted((args.export / "gguf").glob("*.gguf"), key=lambda p: -p.stat().st_size)]
     print(f"{args.rows} prompts ({prompt_tokens} tokens), {args.new_tokens} new tokens each, single stream, "
-          f"{args.threads} threads")
-    print("| form | size | prefill tokens/s | decode tokens/s | seconds |")
-    print("|---|---:|---:|---:|---:|")
+          f"{args.threads} threads; decode: mean over the prompts [95% t interval]; speed-up: paired per prompt")
+    print("| form | size | prefill tokens/s | decode tokens/s | decode speed-up over PyTorch | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    reference = np.array(results[0]["decode_s"])
     for r in results:
-        r["prefill_tokens_per_s"] = prompt_tokens / r["prefill_s"]
-        r["decode_tokens_per_s"] = args.rows * (args.new_tokens - 1) / r["decode_s"]
+        seconds = np.array(r["decode_s"])
+        r["prefill_tokens_per_s"] = prompt_tokens / sum(r["prefill_s"])
+        r["decode_tokens_per_s"] = mean_interval((args.new_tokens - 1) / seconds)
+        r["decode_speedup"] = mean_interval(reference / seconds)
+        rate, speedup = r["decode_tokens_per_s"], r["decode_speedup"]
         print(f"| {r['form']} | {r['bytes'] / 1e6:.1f} MB | {r['prefill_tokens_per_s']:.0f} | "
-              f"{r['decode_tokens_per_s']:.1f} | {r['prefill_s'] + r['decode_s']:.1f} |")
+              f"{rate[0]:.1f} [{rate[1]:.1f}, {rate[2]:.1f}] | "
+              f"{speedup[0]:.2f}× [{speedup[1]:.2f}, {speedup[2]:.2f}] | "
+              f"{sum(r['prefill_s']) + sum(r['decode_s']):.1f} |")
     if args.out:
         args.out.write_text(json.dumps({"rows": args.rows, "prompt_tokens": prompt_tokens,
                                         "new_tokens": args.new_tokens, "threads": args.threads,
