@@ -5,6 +5,10 @@ converter (`make deploy` installs both); without them these tests skip and say s
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +21,7 @@ from lorawatch.errors import UserError
 needs_llama_cpp()
 
 SEED = 3
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,6 +51,20 @@ def test_gguf_export_of_a_trained_stage(trained, tmp_path):
     assert not (out / "gguf" / f"seed{SEED}-stage2-f32.gguf").exists()  # the intermediate is not kept
     assert "f16: top-1 agreement" in (out / "README.md").read_text()
     print(json.dumps(record["checks"], indent=1))  # the numbers, for the log
+
+    # bench/deploy_speed.py times exactly such a folder: each GGUF file under llama.cpp against the Hugging Face
+    # folder under transformers (a smoke run: two prompts, three tokens)
+    speed = tmp_path / "speed.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    bench = subprocess.run([sys.executable, str(REPO / "bench" / "deploy_speed.py"), str(out), "--rows", "2",
+                            "--new-tokens", "3", "--threads", "1", "--out", str(speed)],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert bench.returncode == 0, bench.stderr
+    timed = json.loads(speed.read_text())["results"]
+    assert timed[0]["form"].startswith("PyTorch") and timed[0]["decode_speedup"][0] == 1.0
+    assert [r["form"] for r in timed[1:]] == ["llama.cpp f16", "llama.cpp q8_0", "llama.cpp q4_k_m"]  # by size
+    assert all(len(r["decode_s"]) == 2 and r["decode_tokens_per_s"][0] > 0 for r in timed)
+    assert "| llama.cpp q4_k_m |" in bench.stdout
 
 
 def test_gguf_refusals_are_one_line(trained, tmp_path):
