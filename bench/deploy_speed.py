@@ -134,7 +134,7 @@ def main() -> None:
         r["decode_tokens_per_s"] = mean_interval((args.new_tokens - 1) / seconds)
         r["decode_speedup"] = mean_interval(reference / seconds)
         rate, speedup = r["decode_tokens_per_s"], r["decode_speedup"]
-        print(f"| {r['form']} | {r['bytes'] / 1e6:.1f} MB | {r['prefill_tokens_per_s']:.0f} | "
+        print(f"| {r['form']} | {r['bytes'] / 2**20:.1f} MiB | {r['prefill_tokens_per_s']:.0f} | "
               f"{rate[0]:.1f} [{rate[1]:.1f}, {rate[2]:.1f}] | "
               f"{speedup[0]:.2f}× [{speedup[1]:.2f}, {speedup[2]:.2f}] | "
               f"{sum(r['prefill_s']) + sum(r['decode_s']):.1f} |")
