@@ -13,6 +13,7 @@ form decodes as many tokens. Prompt processing and decoding are timed apart:
     decode tokens/s    (new tokens - 1) / seconds for the rest, one token at a time: what a user waits for;
                        the mean over the prompts with its 95% Student t interval
     speed-up           PyTorch's decode seconds over the form's, prompt by prompt (paired), mean and interval
+    size               the GGUF file's; for PyTorch, its weights in memory (MiB)
 
 PyTorch's prefill is a forward pass over the prompt; its decode time is `generate`'s time minus that pass. Both
 runtimes use --threads threads (default: torch's). One warm-up prompt per form is not timed. Compare the numbers
@@ -122,7 +123,8 @@ def main() -> None:
     ids = prompts(AutoTokenizer.from_pretrained(args.export), args.rows)
     prompt_tokens = sum(map(len, ids))
     results = [time_torch(args.export, ids, args.new_tokens)]
-    results += [time_llama(p, ids, args.new_tokens, args.threads) for p in sorted((args.export / "gguf").glob("*.gguf"), key=lambda p: -p.stat().st_size)]
+    files = sorted((args.export / "gguf").glob("*.gguf"), key=lambda p: -p.stat().st_size)  # largest first
+    results += [time_llama(p, ids, args.new_tokens, args.threads) for p in files]
     print(f"{args.rows} prompts ({prompt_tokens} tokens), {args.new_tokens} new tokens each, single stream, "
           f"{args.threads} threads; decode: mean over the prompts [95% t interval]; speed-up: paired per prompt")
     print("| form | size | prefill tokens/s | decode tokens/s | decode speed-up over PyTorch | seconds |")
