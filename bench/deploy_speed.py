@@ -68,6 +68,10 @@ def time_torch(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
 
 
 def time_llama(path: Path, ids: list[list[int]], new_tokens: int, threads: int) -> dict:
+    """llama.cpp loaded and stepped as `lorawatch deploy`'s runner does (deploy/runtime.py: the whole prompt in one
+    batch, last-position logits, argmax), but timed inside one continuation: the runner's timer covers the prompt
+    and the decoding together, and timing them apart by a second prompt pass leaves a difference that short runs
+    can make negative."""
     from llama_cpp import Llama, llama_get_logits_ith
 
     longest = max(map(len, ids))
