@@ -55,13 +55,15 @@ def time_torch(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
             model(input_ids=x, logits_to_keep=1)
             first = time.perf_counter() - started
             started = time.perf_counter()
+            # generate() has no clock between its prefill and its decoding: the decode time is its time minus the
+            # prompt pass above (at least a microsecond: a few-token smoke run can make the difference negative)
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             total = time.perf_counter() - started
             assert out.shape[1] - x.shape[1] == new_tokens
             if i:  # the first is the warm-up
                 prefill.append(first)
-                decode.append(max(total - first, 1e-9))
+                decode.append(max(total - first, 1e-6))
     return {"form": f"PyTorch {next(model.parameters()).dtype}".replace("torch.", ""),
             "bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "prefill_s": prefill,
             "decode_s": decode}
