@@ -30,16 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INSTRUCTION_KIND = {"stance": "multiple_choice", "science": "multiple_choice", "arithmetic": "numeric"}
-
-
 def prompts(tokenizer, rows: int) -> list[list[int]]:
     from lorawatch.data.prompts import encode_prompt, user_message
     from lorawatch.data.tasks.base import DEFAULT_INSTRUCTIONS
-    from lorawatch.data.tasks.builtin import builtin_reference
+    from lorawatch.data.tasks.builtin import BUILTIN_KINDS, builtin_reference
 
     examples = builtin_reference(-(-rows // 3))[:rows]
-    return [list(encode_prompt(tokenizer, e.id, user_message(DEFAULT_INSTRUCTIONS[INSTRUCTION_KIND[e.task]],
+    return [list(encode_prompt(tokenizer, e.id, user_message(DEFAULT_INSTRUCTIONS[BUILTIN_KINDS[e.task]],
                                                               e.prompt), 4096).input_ids) for e in examples]
 
 
