@@ -97,3 +97,77 @@ def test_too_few_checkpoints_of_a_kind_are_not_ranked(tmp_path):
     assert "Not ranked: at least 3 checkpoints of each kind are needed; these runs have 0 that forgot and 2 that " \
            "did not." in md
     assert not (tmp_path / "report" / "signals.png").exists()
+
+
+def _monitor(run, seed: int, stage: int, kl_series: list[float]) -> None:
+    """A monitored stage's monitor.jsonl: KL measured live at optimizer steps 2, 4, 6..."""
+    from lorawatch.rundir import store
+    from lorawatch.rundir.layout import RunFolder
+
+    store.write_jsonl(RunFolder(run).stage(seed, stage).path / "monitor.jsonl", [
+        {"step": 2 * (i + 1), "kl_mean": value, "entropy_mean": 1.0, "margin_mean": 1.0, "train_loss": 1.0,
+         "threshold": None, "above": False, "signals": {"kl": value}} for i, value in enumerate(kl_series)])
+
+
+def test_two_models_are_ranked_apart_and_their_leads_use_their_own_cuts(tmp_path):
+    """Model b's KL is ten times model a's: each model alone separates its checkpoints perfectly, pooled they do
+    not (b's healthy checkpoints drift more than a's forgetful ones), and a live series of b crosses its own cut
+    (7) two steps later than the pooled cut (0.7) would say."""
+    from lorawatch.report.study_report import write_report
+
+    tasks = ["stance", "science", "sum"]
+    healthy = [{t: outcomes(20) for t in tasks}, {"stance": outcomes(24, flip_up=4, before=20),
+                                                 "science": outcomes(20), "sum": outcomes(20)}]
+    forgets = healthy + [{"stance": outcomes(8, flip_down=16, before=24), "science": outcomes(20),
+                          "sum": outcomes(20)}]
+    stays = healthy + [{"stance": outcomes(24), "science": outcomes(20), "sum": outcomes(20)}]
+    stages = {seed: (forgets if seed <= 3 else stays) for seed in range(1, 7)}
+    stages = {seed: s + [{**s[-1], "sum": outcomes(20)}] for seed, s in stages.items()}
+    runs = []
+    for name, scale in (("a", 1.0), ("b", 10.0)):
+        kl = {seed: [0.0, 0.2 * scale, (0.9 if seed <= 3 else 0.3) * scale, 0.5 * scale] for seed in range(1, 7)}
+        run = write_run(tmp_path / name, stages, kl, seeds=tuple(range(1, 7)), tasks=tasks,
+                        model={"spec": f"org/model-{name}"})
+        for seed in (1, 2, 3):
+            _monitor(run, seed, 2, [0.2 * scale, 0.75 * scale, 0.9 * scale])
+        runs.append(run)
+
+    write_report(runs, tmp_path / "report")
+    pooled = pd.read_csv(tmp_path / "report" / "signal_study.csv").set_index("signal")
+    assert pooled.loc["kl", "forgot"] == 6 and pooled.loc["kl", "auroc"] < 1.0
+    by_model = pd.read_csv(tmp_path / "report" / "signal_study_by_model.csv")
+    kl_rows = by_model[by_model["signal"] == "kl"].set_index("model")
+    assert list(kl_rows.index) == ["model-a", "model-b"]
+    assert (kl_rows["auroc"] == 1.0).all() and (kl_rows["forgot"] == 3).all()
+    assert kl_rows.loc["model-a", "cut"] == pytest.approx(0.7) and kl_rows.loc["model-b", "cut"] == pytest.approx(7.0)
+
+    leads = pd.read_csv(tmp_path / "report" / "signal_leads.csv")
+    kl_leads = leads[leads["signal"] == "kl"]
+    assert len(kl_leads) == 6 and set(kl_leads["model"]) == {"model-a", "model-b"}
+    assert (kl_leads["first_step_above"] == 4).all() and (kl_leads["steps_before_end"] == 2).all()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| kl | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in md
+    assert "model-a: AUROC (3 of 12 forgot)" in md and "| kl_forward | — | — |" not in md
+
+
+def test_a_model_with_too_few_checkpoints_is_not_ranked_alone_and_has_no_lead(tmp_path):
+    from lorawatch.analysis.signal_study import lead_steps, signal_table_by_model
+
+    tasks = ["stance", "science", "sum"]
+    healthy = [{t: outcomes(20) for t in tasks}, {"stance": outcomes(24, flip_up=4, before=20),
+                                                 "science": outcomes(20), "sum": outcomes(20)}]
+    forgets = healthy + [{"stance": outcomes(8, flip_down=16, before=24), "science": outcomes(20),
+                          "sum": outcomes(20)}]
+    stays = healthy + [{"stance": outcomes(24), "science": outcomes(20), "sum": outcomes(20)}]
+    a_stages = {seed: (forgets if seed <= 3 else stays) for seed in range(1, 7)}
+    a = write_run(tmp_path / "a", a_stages, {s: [0.0, 0.2, 0.9 if s <= 3 else 0.3] for s in range(1, 7)},
+                  seeds=tuple(range(1, 7)), tasks=tasks)
+    b = write_run(tmp_path / "b", {1: forgets}, {1: [0.0, 0.2, 0.95]}, seeds=(1,), tasks=tasks)
+    for run, seed in ((a, 1), (b, 1)):
+        _monitor(run, seed, 2, [0.2, 0.9, 0.95])
+    frame = checkpoint_frame([("a", a), ("b", b)], StatisticsSettings(), {"a": "A", "b": "B"})
+    by_model = signal_table_by_model(frame, resamples=200)
+    assert by_model.set_index(["model", "signal"]).loc[("B", "kl"), "forgot"] == 1
+    assert math.isnan(by_model.set_index(["model", "signal"]).loc[("B", "kl"), "auroc"])
+    leads = lead_steps([("a", a), ("b", b)], frame, signal_table(frame, resamples=200), by_model)
+    assert set(leads["model"]) == {"A"}  # B has no cut of its own, so no lead

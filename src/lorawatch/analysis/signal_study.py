@@ -18,11 +18,16 @@ The lead of a live signal: with a monitored run, the first optimizer step of the
 lead only in runs whose monitor watched a span signal: the monitor measures them live only then. The threshold is the
 cut on the checkpoints' values that maximises Youden's J (sensitivity + specificity − 1), fitted on the same
 checkpoints it is then applied to: an optimistic, in-sample lead.
+
+Models are ranked apart as well as pooled. A signal's scale is the model's own (a 262k-token vocabulary spreads a
+distribution differently from a 49k one), so a pooled AUROC partly measures which model drifts more, and a pooled cut
+is a threshold no single model would use: the live leads therefore use each model's own cut when a study holds more
+than one model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +43,12 @@ CANDIDATES = (*SIGNALS, *(f"{name}_increase" for name in SIGNALS), *(f"task_{nam
 MIN_PER_CLASS = 3  # fewer checkpoints that forgot (or did not) than this: no AUROC is reported
 
 
-def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSettings) -> pd.DataFrame:
-    """One row per (run, seed, checkpoint from stage 2 on): `forgot`, the earlier tasks it regressed on, and
-    every candidate signal's value (NaN where the run folder does not hold it). `runs`: (label, run folder)."""
+def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSettings,
+                     models: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per (run, seed, checkpoint from stage 2 on): its model (`models[label]`, "" when not given),
+    `forgot`, the earlier tasks it regressed on, and every candidate signal's value (NaN where the run folder does
+    not hold it). `runs`: (label, run folder)."""
+    models = models or {}
     rows = []
     for label, folder in runs:
         run = RunFolder(folder)
@@ -55,8 +63,8 @@ def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSetti
                 record = run.stage(seed, k).record.read()
                 trained = [run.stage(seed, j).record.read().task for j in range(1, k)]
                 regressed = sorted(t.task for t in comparison.tasks if t.task in trained and t.verdict == "regressed")
-                row = {"run": label, "seed": seed, "stage": k, "checkpoint": record.checkpoint,
-                       "forgot": bool(regressed), "regressed_on": ", ".join(regressed)}
+                row = {"run": label, "model": models.get(label, ""), "seed": seed, "stage": k,
+                       "checkpoint": record.checkpoint, "forgot": bool(regressed), "regressed_on": ", ".join(regressed)}
                 for name in SIGNALS:
                     now, before = values[k][name], values[k - 1][name]
                     row[name] = np.nan if now is None else now
@@ -67,7 +75,8 @@ def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSetti
                     value = task_values.get(name)
                     row[f"task_{name}"] = np.nan if value is None else value
                 rows.append(row)
-    return pd.DataFrame(rows, columns=["run", "seed", "stage", "checkpoint", "forgot", "regressed_on", *CANDIDATES])
+    return pd.DataFrame(rows, columns=["run", "model", "seed", "stage", "checkpoint", "forgot", "regressed_on",
+                                       *CANDIDATES])
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
@@ -136,14 +145,35 @@ def signal_table(frame: pd.DataFrame, *, confidence: float = 0.95, resamples: in
     return table.sort_values("auroc", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
 
 
-def lead_steps(runs: Sequence[tuple[str, Path]], frame: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+def signal_table_by_model(frame: pd.DataFrame, *, confidence: float = 0.95, resamples: int = 2000,
+                          seed: int = 0) -> pd.DataFrame:
+    """signal_table for each model's checkpoints alone, with a `model` column (models in their order of
+    appearance, each sorted by its AUROC)."""
+    tables = [signal_table(frame[frame["model"] == model], confidence=confidence, resamples=resamples,
+                           seed=seed).assign(model=model) for model in dict.fromkeys(frame["model"])]
+    columns = ["model", "signal", "checkpoints", "forgot", "did_not", "auroc", "ci_low", "ci_high", "cut"]
+    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+
+
+def _cuts(table: pd.DataFrame) -> dict[str, float]:
+    return {r.signal: r.cut for r in table.itertuples() if r.signal in SIGNALS and not np.isnan(r.cut)}
+
+
+def lead_steps(runs: Sequence[tuple[str, Path]], frame: pd.DataFrame, table: pd.DataFrame,
+               by_model: pd.DataFrame | None = None) -> pd.DataFrame:
     """For each reference-set signal with a cut and each checkpoint that forgot in a monitored run: the first step
     of its stage at which the live signal was above the cut, and how many optimizer steps before the stage's end
-    that was (NaN: it never crossed)."""
+    that was (NaN: it never crossed). With more than one model in `frame`, each model's own cut (`by_model`,
+    from signal_table_by_model); a model with too few checkpoints to be ranked has none, and no lead."""
     folders = dict(runs)
-    cuts = {r.signal: r.cut for r in table.itertuples() if r.signal in SIGNALS and not np.isnan(r.cut)}
+    if frame["model"].nunique() > 1:
+        by_model = by_model if by_model is not None else signal_table_by_model(frame)
+        model_cuts = {model: _cuts(part) for model, part in by_model.groupby("model", sort=False)}
+    else:
+        model_cuts = {model: _cuts(table) for model in frame["model"].unique()}
     rows = []
     for checkpoint in frame[frame["forgot"]].itertuples():
+        cuts = model_cuts.get(checkpoint.model, {})
         series = RunFolder(folders[checkpoint.run]).stage(checkpoint.seed, checkpoint.stage).monitor_series
         if not series.exists():
             continue
@@ -154,8 +184,9 @@ def lead_steps(runs: Sequence[tuple[str, Path]], frame: pd.DataFrame, table: pd.
         for name, cut in cuts.items():
             crossed = next((p.step for p in points if (p.signals.get(name) is not None and p.signals[name] > cut)),
                            None)
-            rows.append({"run": checkpoint.run, "seed": checkpoint.seed, "stage": checkpoint.stage, "signal": name,
+            rows.append({"run": checkpoint.run, "model": checkpoint.model, "seed": checkpoint.seed,
+                         "stage": checkpoint.stage, "signal": name,
                          "cut": cut, "first_step_above": np.nan if crossed is None else crossed, "last_step": last,
                          "steps_before_end": np.nan if crossed is None else last - crossed})
-    return pd.DataFrame(rows, columns=["run", "seed", "stage", "signal", "cut", "first_step_above", "last_step",
-                                       "steps_before_end"])
+    return pd.DataFrame(rows, columns=["run", "model", "seed", "stage", "signal", "cut", "first_step_above",
+                                       "last_step", "steps_before_end"])
