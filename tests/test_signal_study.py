@@ -126,11 +126,14 @@ def test_two_models_are_ranked_apart_and_their_leads_use_their_own_cuts(tmp_path
     runs = []
     for name, scale in (("a", 1.0), ("b", 10.0)):
         kl = {seed: [0.0, 0.2 * scale, (0.9 if seed <= 3 else 0.3) * scale, 0.5 * scale] for seed in range(1, 7)}
-        run = write_run(tmp_path / name, stages, kl, seeds=tuple(range(1, 7)), tasks=tasks,
-                        model={"spec": f"org/model-{name}"})
-        for seed in (1, 2, 3):
-            _monitor(run, seed, 2, [0.2 * scale, 0.75 * scale, 0.9 * scale])
-        runs.append(run)
+        # Each model's seeds in two run folders at two learning rates: two report groups, one model.
+        for part, (seeds, rate) in enumerate((((1, 2, 4), 1e-4), ((3, 5, 6), 2e-4))):
+            run = write_run(tmp_path / f"{name}{part}", {s: stages[s] for s in seeds}, {s: kl[s] for s in seeds},
+                            seeds=seeds, tasks=tasks, model={"spec": f"org/model-{name}"},
+                            train={"learning_rate": rate})
+            for seed in set(seeds) & {1, 2, 3}:
+                _monitor(run, seed, 2, [0.2 * scale, 0.75 * scale, 0.9 * scale])
+            runs.append(run)
 
     write_report(runs, tmp_path / "report")
     pooled = pd.read_csv(tmp_path / "report" / "signal_study.csv").set_index("signal")

@@ -10,7 +10,7 @@ import pandas as pd
 
 from lorawatch.analysis.signal_study import (MIN_PER_CLASS, checkpoint_frame, lead_steps, signal_table,
                                              signal_table_by_model)
-from lorawatch.report.study import StudyResults
+from lorawatch.report.study import StudyResults, model_display_name
 
 SIGNAL_STUDY_CSV = "signal_study.csv"
 SIGNAL_CHECKPOINTS_CSV = "signal_checkpoints.csv"
@@ -22,7 +22,8 @@ def signal_study(study: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame, pd.Da
     """(the checkpoints with their signals and labels, each signal's AUROC pooled, then per model, and the live
     signals' leads)."""
     runs = [(d.name, d) for g in study.groups for d in g.run_dirs]
-    models = {d.name: g.model for g in study.groups for d in g.run_dirs}
+    # The model itself, not the group's label: a study's learning rates are groups of one model.
+    models = {d.name: model_display_name(g.spec) for g in study.groups for d in g.run_dirs}
     settings = study.groups[0].config.statistics
     frame = checkpoint_frame(runs, settings, models)
     options = {"confidence": settings.confidence, "resamples": settings.resamples, "seed": settings.seed}
