@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from lorawatch.analysis.signal_study import (MIN_PER_CLASS, auroc, auroc_interval, checkpoint_frame, signal_table,
-                                             youden_cut)
+from lorawatch.analysis.signal_study import (MIN_PER_CLASS, auroc, auroc_interval, checkpoint_frame,
+                                             drop_correlation, signal_table, spearman_interval, youden_cut)
 from lorawatch.config import StatisticsSettings
 from helpers import outcomes, write_run
 
@@ -37,6 +37,29 @@ def test_auroc_interval_covers_the_true_auroc_about_95_percent_of_the_time():
         assert low <= auroc(scores, labels) <= high
         covered += low <= truth <= high
     assert 0.90 <= covered / draws <= 0.98, covered / draws
+
+
+def test_spearman_interval_covers_the_true_rank_correlation_about_95_percent_of_the_time():
+    """Bivariate normal with correlation r: the population Spearman ρ is (6/π)·asin(r/2)."""
+    from scipy.stats import spearmanr
+
+    r, n, draws = 0.6, 30, 200
+    truth = 6 / math.pi * math.asin(r / 2)
+    rng = np.random.default_rng(11)
+    covered = 0
+    for draw in range(draws):
+        x, y = rng.multivariate_normal([0, 0], [[1, r], [r, 1]], size=n).T
+        low, high = spearman_interval(x, y, resamples=500, seed=draw)
+        assert low <= spearmanr(x, y).statistic <= high
+        covered += low <= truth <= high
+    assert 0.88 <= covered / draws <= 0.98, covered / draws
+
+
+def test_spearman_interval_leaves_out_resamples_with_a_constant_side():
+    # ties and a mostly-constant y: many resamples have one distinct y, and they must not become NaN bounds
+    x, y = [0.1, 0.2, 0.2, 0.3, 0.9, 0.9], [0, 0, 0, 0, 0, 0.4]
+    low, high = spearman_interval(x, y, resamples=400)
+    assert -1 <= low <= high <= 1 and not math.isnan(low)
 
 
 def test_youden_cut_separates_two_clean_classes():
@@ -73,6 +96,18 @@ def test_on_runs_built_to_forget_kl_separates_the_checkpoints_that_forgot(tmp_pa
     assert forward["checkpoints"] == 0 and math.isnan(forward["auroc"])
     assert MIN_PER_CLASS == 3
 
+    # The size of the forgetting: stance lost 16 of 40 (0.4) in the checkpoints that forgot; no other checkpoint
+    # changed an earlier task (0).
+    assert sorted(frame["drop"].round(6).unique()) == [0.0, 0.4]
+    correlation = drop_correlation(frame, resamples=500).set_index("signal")
+    from scipy.stats import spearmanr
+
+    expected = spearmanr(frame["kl"], frame["drop"])
+    assert correlation.loc["kl", "rho"] == pytest.approx(expected.statistic)
+    assert correlation.loc["kl", "p_value"] == pytest.approx(expected.pvalue)
+    assert correlation.loc["kl", "p_adjusted"] >= correlation.loc["kl", "p_value"]
+    assert math.isnan(correlation.loc["kl_forward", "rho"])  # not held by these folders
+
     # The report's section, its files and figure, from the same folders.
     from lorawatch.report.study_report import write_report
 
@@ -84,6 +119,11 @@ def test_on_runs_built_to_forget_kl_separates_the_checkpoints_that_forgot(tmp_pa
     assert (tmp_path / "report" / "signals.png").stat().st_size > 5000
     written = pd.read_csv(tmp_path / "report" / "signal_study.csv")
     assert written.set_index("signal").loc["kl", "auroc"] == 1.0
+    assert "### Does the signal grow with the damage?" in section
+    assert f"| kl | 12 | {expected.statistic:+.3f} |" in section
+    assert (tmp_path / "report" / "signals-correlation.png").stat().st_size > 5000
+    written = pd.read_csv(tmp_path / "report" / "signal_correlation.csv").set_index("signal")
+    assert written.loc["kl", "rho"] == pytest.approx(expected.statistic)
 
 
 def test_too_few_checkpoints_of_a_kind_are_not_ranked(tmp_path):
@@ -96,6 +136,7 @@ def test_too_few_checkpoints_of_a_kind_are_not_ranked(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Not ranked: at least 3 checkpoints of each kind are needed; these runs have 0 that forgot and 2 that " \
            "did not." in md
+    assert "No correlation: at least 8 checkpoints with a varying drop are needed." in md
     assert not (tmp_path / "report" / "signals.png").exists()
 
 

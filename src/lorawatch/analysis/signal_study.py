@@ -19,6 +19,11 @@ lead only in runs whose monitor watched a span signal: the monitor measures them
 cut on the checkpoints' values that maximises Youden's J (sensitivity + specificity − 1), fitted on the same
 checkpoints it is then applied to: an optimistic, in-sample lead.
 
+Forgetting is also measured by its size, which needs no class to be large: a checkpoint's `drop` is its largest
+accuracy loss on an earlier task against the previous checkpoint (negative where every earlier task improved), and
+each candidate's Spearman rank correlation with it (scipy.stats.spearmanr, its p-value Holm-adjusted over the
+candidates) says whether the signal grows with the damage. Its interval is a percentile bootstrap over checkpoints.
+
 Models are ranked apart as well as pooled. A signal's scale is the model's own (a 262k-token vocabulary spreads a
 distribution differently from a 49k one), so a pooled AUROC partly measures which model drifts more, and a pooled cut
 is a threshold no single model would use: the live leads therefore use each model's own cut when a study holds more
@@ -41,6 +46,7 @@ from lorawatch.rundir.layout import RunFolder
 TASK_SIGNALS = ("kl", "kl_forward", "top1_change", "top5_change", "gold_drop")
 CANDIDATES = (*SIGNALS, *(f"{name}_increase" for name in SIGNALS), *(f"task_{name}" for name in TASK_SIGNALS))
 MIN_PER_CLASS = 3  # fewer checkpoints that forgot (or did not) than this: no AUROC is reported
+MIN_FOR_CORRELATION = 8  # fewer checkpoints than this: no rank correlation is reported
 
 
 def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSettings,
@@ -62,9 +68,11 @@ def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSetti
                     continue
                 record = run.stage(seed, k).record.read()
                 trained = [run.stage(seed, j).record.read().task for j in range(1, k)]
-                regressed = sorted(t.task for t in comparison.tasks if t.task in trained and t.verdict == "regressed")
+                earlier = [t for t in comparison.tasks if t.task in trained]
+                regressed = sorted(t.task for t in earlier if t.verdict == "regressed")
                 row = {"run": label, "model": models.get(label, ""), "seed": seed, "stage": k,
-                       "checkpoint": record.checkpoint, "forgot": bool(regressed), "regressed_on": ", ".join(regressed)}
+                       "checkpoint": record.checkpoint, "forgot": bool(regressed), "regressed_on": ", ".join(regressed),
+                       "drop": max(-t.difference for t in earlier) + 0.0}  # + 0.0: no "-0" in the CSV
                 for name in SIGNALS:
                     now, before = values[k][name], values[k - 1][name]
                     row[name] = np.nan if now is None else now
@@ -76,7 +84,7 @@ def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSetti
                     row[f"task_{name}"] = np.nan if value is None else value
                 rows.append(row)
     return pd.DataFrame(rows, columns=["run", "model", "seed", "stage", "checkpoint", "forgot", "regressed_on",
-                                       *CANDIDATES])
+                                       "drop", *CANDIDATES])
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
@@ -145,14 +153,72 @@ def signal_table(frame: pd.DataFrame, *, confidence: float = 0.95, resamples: in
     return table.sort_values("auroc", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
 
 
+def spearman_interval(x: Sequence[float], y: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of Spearman's ρ, resampling (x, y) pairs; resamples in which x or y is
+    constant (ρ undefined) are left out."""
+    from scipy.stats import rankdata
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, x.size, size=(resamples, x.size))
+    # Spearman's ρ is Pearson's r of the ranks (ties averaged), as scipy.stats.spearmanr computes it.
+    rx, ry = rankdata(x[picks], axis=1), rankdata(y[picks], axis=1)
+    rx, ry = rx - rx.mean(axis=1, keepdims=True), ry - ry.mean(axis=1, keepdims=True)
+    scale = np.sqrt((rx ** 2).sum(axis=1) * (ry ** 2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = (rx * ry).sum(axis=1) / scale
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def drop_correlation(frame: pd.DataFrame, *, confidence: float = 0.95, resamples: int = 2000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Per candidate: Spearman's ρ between the signal and the checkpoints' `drop`, its bootstrap interval, its
+    p-value and the p-value Holm-adjusted over the candidates that have one (NaN with fewer than
+    MIN_FOR_CORRELATION checkpoints, or where either is constant). Sorted by ρ, largest first."""
+    from scipy.stats import spearmanr
+
+    from lorawatch.analysis.significance import adjust
+
+    rows = []
+    for name in CANDIDATES:
+        known = frame[frame[name].notna()] if name in frame else frame.iloc[0:0]
+        row = {"signal": name, "checkpoints": len(known), "rho": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+               "p_value": np.nan, "p_adjusted": np.nan}
+        x, y = known[name].to_numpy(dtype=float) if name in known else np.array([]), known["drop"].to_numpy(float)
+        if len(known) >= MIN_FOR_CORRELATION and np.ptp(x) > 0 and np.ptp(y) > 0:
+            result = spearmanr(x, y)
+            row["rho"], row["p_value"] = float(result.statistic), float(result.pvalue)
+            row["ci_low"], row["ci_high"] = spearman_interval(x, y, confidence=confidence, resamples=resamples,
+                                                              seed=seed)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    tested = table["p_value"].notna()
+    if tested.any():
+        table.loc[tested, "p_adjusted"] = adjust(table.loc[tested, "p_value"].tolist(), "holm")
+    return table.sort_values("rho", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def by_model(analysis, frame: pd.DataFrame, **options) -> pd.DataFrame:
+    """`analysis` (signal_table or drop_correlation) on each model's checkpoints alone, with a `model` column
+    first (models in their order of appearance)."""
+    tables = [analysis(frame[frame["model"] == model], **options).assign(model=model)
+              for model in dict.fromkeys(frame["model"])]
+    if not tables:
+        return pd.DataFrame(columns=["model"])
+    table = pd.concat(tables, ignore_index=True)
+    return table[["model", *[c for c in table.columns if c != "model"]]]
+
+
 def signal_table_by_model(frame: pd.DataFrame, *, confidence: float = 0.95, resamples: int = 2000,
                           seed: int = 0) -> pd.DataFrame:
     """signal_table for each model's checkpoints alone, with a `model` column (models in their order of
     appearance, each sorted by its AUROC)."""
-    tables = [signal_table(frame[frame["model"] == model], confidence=confidence, resamples=resamples,
-                           seed=seed).assign(model=model) for model in dict.fromkeys(frame["model"])]
+    table = by_model(signal_table, frame, confidence=confidence, resamples=resamples, seed=seed)
     columns = ["model", "signal", "checkpoints", "forgot", "did_not", "auroc", "ci_low", "ci_high", "cut"]
-    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+    return table if len(table) else pd.DataFrame(columns=columns)
 
 
 def _cuts(table: pd.DataFrame) -> dict[str, float]:

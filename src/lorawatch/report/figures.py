@@ -304,3 +304,30 @@ def signal_figure(table: pd.DataFrame, out_dir: Path, stem: str = "signals") -> 
                  "bars: stratified bootstrap interval; dashed: chance", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, out_dir, stem)
+
+
+def correlation_figure(table: pd.DataFrame, out_dir: Path, stem: str = "signals-correlation") -> list[Path]:
+    """Each candidate drift signal's Spearman correlation with the checkpoint's largest drop on an earlier task,
+    with its bootstrap interval; filled: significant after Holm."""
+    measured = table[table["rho"].notna()]
+    fig = _new_figure(8.0, 0.9 + 0.32 * max(len(measured), 1))
+    ax = fig.add_subplot()
+    y = np.arange(len(measured))[::-1]
+    held = (measured["p_adjusted"] < 0.05).to_numpy()
+    ax.errorbar(measured["rho"], y, xerr=[measured["rho"] - measured["ci_low"], measured["ci_high"] - measured["rho"]],
+                fmt="none", ecolor="#1f77b4", capsize=3)
+    ax.scatter(measured["rho"][held], y[held], color="#1f77b4", zorder=3, label="Holm p < 0.05")
+    ax.scatter(measured["rho"][~held], y[~held], facecolor="white", edgecolor="#1f77b4", zorder=3,
+               label="not significant")
+    ax.axvline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels(measured["signal"])
+    ax.set_xlim(-1.02, 1.02)
+    ax.set_ylim(-0.6, len(measured) - 0.4)
+    ax.set_xlabel("Spearman ρ with the checkpoint's largest accuracy drop on an earlier task")
+    n = int(measured["checkpoints"].max()) if len(measured) else 0
+    ax.set_title(f"Does the drift signal grow with the forgetting? ({n} checkpoints)\n"
+                 "bars: bootstrap interval; dashed: no correlation", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, out_dir, stem)

@@ -1,26 +1,41 @@
-"""report.md's "Which drift signal warns best" section, with signal_study.csv, signal_study_by_model.csv,
-signal_leads.csv and signals.png (analysis/signal_study.py computes them)."""
+"""report.md's "Which drift signal warns best" section, with its CSV files, signals.png (the AUROCs) and
+signals-correlation.png (the rank correlations); analysis/signal_study.py computes them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from lorawatch.analysis.signal_study import (MIN_PER_CLASS, checkpoint_frame, lead_steps, signal_table,
-                                             signal_table_by_model)
+from lorawatch.analysis.signal_study import (MIN_FOR_CORRELATION, MIN_PER_CLASS, by_model, checkpoint_frame,
+                                             drop_correlation, lead_steps, signal_table, signal_table_by_model)
 from lorawatch.report.study import StudyResults, model_display_name
 
 SIGNAL_STUDY_CSV = "signal_study.csv"
 SIGNAL_CHECKPOINTS_CSV = "signal_checkpoints.csv"
 SIGNAL_LEADS_CSV = "signal_leads.csv"
 SIGNAL_BY_MODEL_CSV = "signal_study_by_model.csv"
+CORRELATION_CSV = "signal_correlation.csv"
+CORRELATION_BY_MODEL_CSV = "signal_correlation_by_model.csv"
 
 
-def signal_study(study: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(the checkpoints with their signals and labels, each signal's AUROC pooled, then per model, and the live
-    signals' leads)."""
+@dataclass
+class SignalStudy:
+    frame: pd.DataFrame                  # one row per checkpoint: labels, drop, every signal
+    table: pd.DataFrame                  # AUROC per signal, pooled
+    by_model: pd.DataFrame               # the same per model
+    correlation: pd.DataFrame            # Spearman's ρ with the drop per signal, pooled
+    correlation_by_model: pd.DataFrame   # the same per model
+    leads: pd.DataFrame                  # the live signals' leads
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["model"]))
+
+
+def signal_study(study: StudyResults) -> SignalStudy:
     runs = [(d.name, d) for g in study.groups for d in g.run_dirs]
     # The model itself, not the group's label: a study's learning rates are groups of one model.
     models = {d.name: model_display_name(g.spec) for g in study.groups for d in g.run_dirs}
@@ -28,17 +43,22 @@ def signal_study(study: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame, pd.Da
     frame = checkpoint_frame(runs, settings, models)
     options = {"confidence": settings.confidence, "resamples": settings.resamples, "seed": settings.seed}
     table = signal_table(frame, **options)
-    by_model = signal_table_by_model(frame, **options)
-    return frame, table, by_model, lead_steps(runs, frame, table, by_model)
+    per_model = signal_table_by_model(frame, **options)
+    return SignalStudy(frame, table, per_model, drop_correlation(frame, **options),
+                       by_model(drop_correlation, frame, **options), lead_steps(runs, frame, table, per_model))
 
 
 def _cell(value: float, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _by_model_lines(frame: pd.DataFrame, by_model: pd.DataFrame) -> list[str]:
+def _interval(low: float, high: float) -> str:
+    return "—" if np.isnan(low) else f"[{low:.3f}, {high:.3f}]"
+
+
+def _by_model_lines(result: SignalStudy) -> list[str]:
     """Each model ranked alone: its scale is its own, so its AUROC is not mixed with which model drifts more."""
-    models = list(dict.fromkeys(frame["model"]))
+    frame, models = result.frame, result.models
     if len(models) < 2:
         return []
     counts = {m: (int(frame.loc[frame["model"] == m, "forgot"].sum()), int((frame["model"] == m).sum()))
@@ -51,13 +71,11 @@ def _by_model_lines(frame: pd.DataFrame, by_model: pd.DataFrame) -> list[str]:
     if ranked:
         lines += ["| signal | " + " | ".join(f"{m}: AUROC ({counts[m][0]} of {counts[m][1]} forgot)" for m in ranked)
                   + " |", "|---|" + "---|" * len(ranked)]
-        cells = {(r.model, r.signal): r for r in by_model.itertuples()}
-        order = by_model[by_model["model"] == ranked[0]]["signal"]
-        for name in order:
-            row = []
-            for m in ranked:
-                r = cells[(m, name)]
-                row.append("—" if np.isnan(r.auroc) else f"{r.auroc:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
+        cells = {(r.model, r.signal): r for r in result.by_model.itertuples()}
+        for name in result.by_model[result.by_model["model"] == ranked[0]]["signal"]:
+            row = ["—" if np.isnan(cells[(m, name)].auroc) else
+                   f"{cells[(m, name)].auroc:.3f} {_interval(cells[(m, name)].ci_low, cells[(m, name)].ci_high)}"
+                   for m in ranked]
             if any(cell != "—" for cell in row):  # a signal these folders do not hold is left out
                 lines.append(f"| {name} | " + " | ".join(row) + " |")
         lines.append("")
@@ -68,8 +86,47 @@ def _by_model_lines(frame: pd.DataFrame, by_model: pd.DataFrame) -> list[str]:
     return lines
 
 
-def signal_section(frame: pd.DataFrame, table: pd.DataFrame, leads: pd.DataFrame, figure: bool,
-                   by_model: pd.DataFrame | None = None) -> str:
+def _correlation_lines(result: SignalStudy, figure: bool) -> list[str]:
+    """How each signal grows with the size of the forgetting: needs no class to be large."""
+    frame = result.frame
+    lines = ["### Does the signal grow with the damage?", "",
+             "Spearman's rank correlation ρ between each signal and the checkpoint's largest accuracy drop on an "
+             "earlier task against the previous checkpoint (negative where every earlier task improved), over "
+             f"the same {len(frame)} checkpoints; interval: a percentile bootstrap over checkpoints; p from "
+             "scipy's spearmanr, Holm-adjusted over the signals. Unlike the AUROC it needs no checkpoint to have "
+             "forgotten significantly, and unlike it, it rewards a signal for tracking small drops too "
+             f"([{CORRELATION_CSV}]({CORRELATION_CSV})).", ""]
+    measured = result.correlation[result.correlation["rho"].notna()]
+    if measured.empty:
+        lines += [f"No correlation: at least {MIN_FOR_CORRELATION} checkpoints with a varying drop are needed.", ""]
+        return lines
+    if figure:
+        lines += ["![signals-correlation](signals-correlation.png)", ""]
+    lines += ["| signal | checkpoints | ρ | interval | p (Holm) |", "|---|---:|---:|---|---:|"]
+    for row in measured.itertuples():
+        lines.append(f"| {row.signal} | {row.checkpoints} | {row.rho:+.3f} | {_interval(row.ci_low, row.ci_high)} | "
+                     f"{row.p_adjusted:.3g} |")
+    held = [r.signal for r in measured.itertuples() if r.p_adjusted < 0.05]
+    lines += ["", "Significant after Holm (α 0.05): " + (", ".join(held) if held else "none") + ".", ""]
+    if len(result.models) > 1:
+        per = result.correlation_by_model
+        lines += ["Each model alone (ρ [interval], Holm p within the model; "
+                  f"[{CORRELATION_BY_MODEL_CSV}]({CORRELATION_BY_MODEL_CSV})):", "",
+                  "| signal | " + " | ".join(result.models) + " |", "|---|" + "---|" * len(result.models)]
+        cells = {(r.model, r.signal): r for r in per.itertuples()}
+        for name in measured["signal"]:
+            row = []
+            for m in result.models:
+                r = cells.get((m, name))
+                row.append("—" if r is None or np.isnan(r.rho) else
+                           f"{r.rho:+.3f} {_interval(r.ci_low, r.ci_high)}, p {r.p_adjusted:.3g}")
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def signal_section(result: SignalStudy, figure: bool, correlation_figure: bool = False) -> str:
+    frame, table, leads = result.frame, result.table, result.leads
     forgot = int(frame["forgot"].sum())
     did_not = len(frame) - forgot
     lines = ["## Which drift signal warns best", "",
@@ -84,20 +141,18 @@ def signal_section(frame: pd.DataFrame, table: pd.DataFrame, leads: pd.DataFrame
     if min(forgot, did_not) < MIN_PER_CLASS:
         lines += [f"Not ranked: at least {MIN_PER_CLASS} checkpoints of each kind are needed; these runs have "
                   f"{forgot} that forgot and {did_not} that did not.", ""]
-        return "\n".join(lines)
+        return "\n".join(lines + _correlation_lines(result, correlation_figure))
     if figure:
         lines += ["![signals](signals.png)", ""]
     lines += ["| signal | checkpoints | forgot | AUROC | interval | cut |", "|---|---:|---:|---:|---|---:|"]
     for row in table.itertuples():
-        interval = "—" if np.isnan(row.auroc) else f"[{row.ci_low:.3f}, {row.ci_high:.3f}]"
-        lines.append(f"| {row.signal} | {row.checkpoints} | {row.forgot} | {_cell(row.auroc)} | {interval} | "
-                     f"{_cell(row.cut, 4)} |")
+        lines.append(f"| {row.signal} | {row.checkpoints} | {row.forgot} | {_cell(row.auroc)} | "
+                     f"{_interval(row.ci_low, row.ci_high)} | {_cell(row.cut, 4)} |")
     chance = [r.signal for r in table.itertuples() if not np.isnan(r.auroc) and r.ci_low <= 0.5]
     if chance:
         lines += ["", f"Intervals that contain 0.5 (no evidence the signal warns at all): {', '.join(chance)}."]
     lines.append("")
-    if by_model is not None:
-        lines += _by_model_lines(frame, by_model)
+    lines += _by_model_lines(result)
     if len(leads):
         summary = leads.groupby("signal", sort=False).agg(
             crossed=("steps_before_end", lambda s: int(s.notna().sum())), of=("steps_before_end", "size"),
@@ -109,19 +164,22 @@ def signal_section(frame: pd.DataFrame, table: pd.DataFrame, leads: pd.DataFrame
         for name, row in summary.iterrows():
             lines.append(f"| {name} | {row['crossed']} of {row['of']} | {_cell(row['median_steps'], 1)} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _correlation_lines(result, correlation_figure))
 
 
 def write_signal_study(study: StudyResults, out: Path, text) -> tuple[str, list[Path]]:
     """The section's Markdown and the files it wrote (`text(name, content)` writes one file of the report)."""
     from lorawatch.report import figures
 
-    frame, table, by_model, leads = signal_study(study)
-    text(SIGNAL_CHECKPOINTS_CSV, frame.to_csv(index=False, float_format="%.10g"))
-    text(SIGNAL_STUDY_CSV, table.to_csv(index=False, float_format="%.10g"))
-    text(SIGNAL_BY_MODEL_CSV, by_model.to_csv(index=False, float_format="%.10g"))
-    text(SIGNAL_LEADS_CSV, leads.to_csv(index=False, float_format="%.10g"))
-    forgot = int(frame["forgot"].sum()) if len(frame) else 0
-    ranked = min(forgot, len(frame) - forgot) >= MIN_PER_CLASS
-    files = figures.signal_figure(table, out) if ranked else []
-    return signal_section(frame, table, leads, bool(files), by_model), files
+    result = signal_study(study)
+    for name, table in ((SIGNAL_CHECKPOINTS_CSV, result.frame), (SIGNAL_STUDY_CSV, result.table),
+                        (SIGNAL_BY_MODEL_CSV, result.by_model), (SIGNAL_LEADS_CSV, result.leads),
+                        (CORRELATION_CSV, result.correlation),
+                        (CORRELATION_BY_MODEL_CSV, result.correlation_by_model)):
+        text(name, table.to_csv(index=False, float_format="%.10g"))
+    forgot = int(result.frame["forgot"].sum()) if len(result.frame) else 0
+    ranked = min(forgot, len(result.frame) - forgot) >= MIN_PER_CLASS
+    files = figures.signal_figure(result.table, out) if ranked else []
+    correlated = result.correlation["rho"].notna().any() if len(result.correlation) else False
+    correlation_files = figures.correlation_figure(result.correlation, out) if correlated else []
+    return (signal_section(result, bool(files), bool(correlation_files)), files + correlation_files)
