@@ -119,6 +119,26 @@ def test_the_local_study_runs_every_unit_and_reports_them_all(local_study):
     assert status.returncode == 0 and status.stdout.count("done") >= 4 and "4 done" in status.stdout
 
 
+def test_the_study_report_weighs_the_drift_signals_and_signal_costs_reads_what_they_cost(local_study):
+    """On real runs: the report's signal section (the tiny model forgets nothing a paired test shows, so it ranks
+    nothing, and the rank correlation has its say), and study/signal_costs.py's table from the runs' costs."""
+    import subprocess
+    import sys
+
+    root, _, _ = local_study
+    md = (root / "local" / "report" / "report.md").read_text()
+    assert "## Which drift signal warns best" in md and "### Does the signal grow with the damage?" in md
+    assert (root / "local" / "report" / "signal_correlation.csv").is_file()
+    script = Path(__file__).resolve().parents[1] / "study" / "signal_costs.py"
+    result = subprocess.run([sys.executable, str(script), str(root / "local")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ": 4 runs, 8 checkpoints, " in result.stdout
+    costs = {line.split(" | ")[0].strip("| "): float(line.split(" | ")[1])
+             for line in result.stdout.splitlines() if line.startswith("| ") and "median" not in line}
+    assert costs["evaluation, s per checkpoint"] > 0 and costs["span drift ÷ evaluation"] > 0
+
+
 def test_ray_study_finishes_every_unit_with_the_local_results(ray_study):
     root, code, killed = ray_study
     assert code == 0
