@@ -111,7 +111,7 @@ def test_on_runs_built_to_forget_kl_separates_the_checkpoints_that_forgot(tmp_pa
     # The report's section, its files and figure, from the same folders.
     from lorawatch.report.study_report import write_report
 
-    write_report([run], tmp_path / "report")
+    report = write_report([run], tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
     section = md[md.index("## Which drift signal warns best"):]
     assert "12), labelled" in section and "3 forgot, 9 did not" in section
@@ -124,6 +124,17 @@ def test_on_runs_built_to_forget_kl_separates_the_checkpoints_that_forgot(tmp_pa
     assert (tmp_path / "report" / "signals-correlation.png").stat().st_size > 5000
     written = pd.read_csv(tmp_path / "report" / "signal_correlation.csv").set_index("signal")
     assert written.loc["kl", "rho"] == pytest.approx(expected.statistic)
+
+    # The HTML page shows both: the AUROC table and figure, the correlations and theirs.
+    from lorawatch.report.html import write_report_html
+
+    page = write_report_html(report, tmp_path / "report" / "report.html").read_text()
+    signals = page[page.index('id="signals"'):]
+    signals = signals[:signals.index("</section>")]
+    assert "Which drift signal warns best" in signals and "3 regressed on an earlier task" in signals
+    assert "<td>kl</td><td class=num>12</td><td class=num>3</td><td class=num>1.000</td>" in signals
+    assert signals.count("<svg") == 2
+    assert f"{expected.statistic:+.3f}" in signals
 
 
 def test_too_few_checkpoints_of_a_kind_are_not_ranked(tmp_path):

@@ -371,6 +371,38 @@ def _correlation(corr: dict) -> Markup:
     return _STUDY.correlation(lines, zone_text, corr.get("independence", ""))
 
 
+def _signal_study(out: Path) -> Markup | None:
+    """The report's signal study (report/signal_study_view.py wrote its CSVs and figures): the AUROCs where enough
+    checkpoints forgot, and the rank correlations with the size of the forgetting."""
+    import pandas as pd
+
+    from lorawatch.report.signal_study_view import CORRELATION_CSV, SIGNAL_CHECKPOINTS_CSV, SIGNAL_STUDY_CSV
+
+    if not (out / SIGNAL_CHECKPOINTS_CSV).is_file():
+        return None
+    checkpoints = pd.read_csv(out / SIGNAL_CHECKPOINTS_CSV)
+    forgot = int(checkpoints["forgot"].sum()) if len(checkpoints) else 0
+    parts = [_PARTS.note(f"{len(checkpoints)} checkpoints from the second stage on; {forgot} regressed on an earlier "
+                         "task by the paired verdict against the previous checkpoint.")]
+    ranked = pd.read_csv(out / SIGNAL_STUDY_CSV).dropna(subset=["auroc"])
+    if len(ranked):
+        parts.append(_file_svg(out / "signals.svg", "AUROC of telling the checkpoints that forgot from the others "
+                                                    "(stratified bootstrap interval; 0.5 is chance)."))
+        parts.append(_table(["signal", "checkpoints", "forgot", "AUROC", "interval", "cut"],
+                            [[r.signal, r.checkpoints, r.forgot, f"{r.auroc:.3f}", _bracket(r.ci_low, r.ci_high, 3),
+                              f"{r.cut:.4g}"] for r in ranked.itertuples()]))
+    else:
+        parts.append(_PARTS.note("Not ranked by AUROC: at least 3 checkpoints of each kind are needed."))
+    correlation = pd.read_csv(out / CORRELATION_CSV).dropna(subset=["rho"])
+    if len(correlation):
+        parts.append(_file_svg(out / "signals-correlation.svg", "Spearman's ρ with the checkpoint's largest accuracy "
+                                                                "drop on an earlier task (bootstrap interval)."))
+        parts.append(_table(["signal", "checkpoints", "ρ", "interval", "p (Holm)"],
+                            [[r.signal, r.checkpoints, f"{r.rho:+.3f}", _bracket(r.ci_low, r.ci_high, 3, sign=True),
+                              f"{r.p_adjusted:.3g}"] for r in correlation.itertuples()]))
+    return Markup("").join(parts)
+
+
 def write_report_html(report, out_file: Path) -> Path:
     """The study of `lorawatch.report.study_report.write_report(...)`'s result as one page: its tables and figures (read from
     the report folder), then every run folder's own sections, collapsed."""
@@ -399,6 +431,9 @@ def write_report_html(report, out_file: Path) -> Path:
                                    [[e["run"], e["seed"], e["stage"], e["task"], e["action"], e["step"],
                                      f"{e['kl']:.4f}", f"{e['threshold']:.4f}", e["kept_step"]] for e in taken],
                                    numeric_from=5) if taken else Markup("<p>No interventions.</p>"))))
+    signals = _signal_study(out)
+    if signals is not None:
+        sections.append(("signals", "Which drift signal warns best", signals))
     body = Markup("").join(_section(i, t, c, "h2") for i, t, c in sections)
     nav = [(i, t.split(":")[0]) for i, t, _ in sections]
     for n, (group, run_dir) in enumerate(runs, start=1):
