@@ -306,17 +306,18 @@ def signal_figure(table: pd.DataFrame, out_dir: Path, stem: str = "signals") -> 
     return _save(fig, out_dir, stem)
 
 
-def correlation_figure(table: pd.DataFrame, out_dir: Path, stem: str = "signals-correlation") -> list[Path]:
+def correlation_figure(table: pd.DataFrame, out_dir: Path, stem: str = "signals-correlation",
+                       alpha: float = 0.05) -> list[Path]:
     """Each candidate drift signal's Spearman correlation with the checkpoint's largest drop on an earlier task,
     with its bootstrap interval; filled: significant after Holm."""
     measured = table[table["rho"].notna()]
     fig = _new_figure(8.0, 0.9 + 0.32 * max(len(measured), 1))
     ax = fig.add_subplot()
     y = np.arange(len(measured))[::-1]
-    held = (measured["p_adjusted"] < 0.05).to_numpy()
+    held = (measured["p_adjusted"] < alpha).to_numpy()
     ax.errorbar(measured["rho"], y, xerr=[measured["rho"] - measured["ci_low"], measured["ci_high"] - measured["rho"]],
                 fmt="none", ecolor="#1f77b4", capsize=3)
-    ax.scatter(measured["rho"][held], y[held], color="#1f77b4", zorder=3, label="Holm p < 0.05")
+    ax.scatter(measured["rho"][held], y[held], color="#1f77b4", zorder=3, label=f"Holm p < {alpha:g}")
     ax.scatter(measured["rho"][~held], y[~held], facecolor="white", edgecolor="#1f77b4", zorder=3,
                label="not significant")
     ax.axvline(0.0, color="grey", linestyle="--", linewidth=1)

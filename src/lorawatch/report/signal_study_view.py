@@ -29,6 +29,7 @@ class SignalStudy:
     correlation: pd.DataFrame            # Spearman's ρ with the drop per signal, pooled
     correlation_by_model: pd.DataFrame   # the same per model
     leads: pd.DataFrame                  # the live signals' leads
+    alpha: float = 0.05                  # the runs' statistics.alpha: a correlation "holds" below it, after Holm
 
     @property
     def models(self) -> list[str]:
@@ -45,7 +46,8 @@ def signal_study(study: StudyResults) -> SignalStudy:
     table = signal_table(frame, **options)
     per_model = signal_table_by_model(frame, **options)
     return SignalStudy(frame, table, per_model, drop_correlation(frame, **options),
-                       by_model(drop_correlation, frame, **options), lead_steps(runs, frame, table, per_model))
+                       by_model(drop_correlation, frame, **options), lead_steps(runs, frame, table, per_model),
+                       settings.alpha)
 
 
 def _cell(value: float, digits: int = 3) -> str:
@@ -106,8 +108,8 @@ def _correlation_lines(result: SignalStudy, figure: bool) -> list[str]:
     for row in measured.itertuples():
         lines.append(f"| {row.signal} | {row.checkpoints} | {row.rho:+.3f} | {_interval(row.ci_low, row.ci_high)} | "
                      f"{row.p_adjusted:.3g} |")
-    held = [r.signal for r in measured.itertuples() if r.p_adjusted < 0.05]
-    lines += ["", "Significant after Holm (α 0.05): " + (", ".join(held) if held else "none") + ".", ""]
+    held = [r.signal for r in measured.itertuples() if r.p_adjusted < result.alpha]
+    lines += ["", f"Significant after Holm (α {result.alpha:g}): " + (", ".join(held) if held else "none") + ".", ""]
     if len(result.models) > 1:
         per = result.correlation_by_model
         lines += ["Each model alone (ρ [interval], Holm p within the model; "
@@ -181,5 +183,5 @@ def write_signal_study(study: StudyResults, out: Path, text) -> tuple[str, list[
     ranked = min(forgot, len(result.frame) - forgot) >= MIN_PER_CLASS
     files = figures.signal_figure(result.table, out) if ranked else []
     correlated = result.correlation["rho"].notna().any() if len(result.correlation) else False
-    correlation_files = figures.correlation_figure(result.correlation, out) if correlated else []
+    correlation_files = figures.correlation_figure(result.correlation, out, alpha=result.alpha) if correlated else []
     return (signal_section(result, bool(files), bool(correlation_files)), files + correlation_files)
