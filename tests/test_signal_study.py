@@ -14,6 +14,18 @@ from lorawatch.config import StatisticsSettings
 from helpers import outcomes, write_run
 
 
+def _forgets_or_stays() -> tuple[list[str], list[dict], list[dict]]:
+    """Three tasks and two histories of stages 0-2: stage 1 gains 4 stance rows (20 -> 24), then stage 2 either
+    loses 16 of them (a regression by the paired verdict) or changes nothing."""
+    tasks = ["stance", "science", "sum"]
+    healthy = [{t: outcomes(20) for t in tasks}, {"stance": outcomes(24, flip_up=4, before=20),
+                                                 "science": outcomes(20), "sum": outcomes(20)}]
+    forgets = healthy + [{"stance": outcomes(8, flip_down=16, before=24), "science": outcomes(20),
+                          "sum": outcomes(20)}]
+    stays = healthy + [{"stance": outcomes(24), "science": outcomes(20), "sum": outcomes(20)}]
+    return tasks, forgets, stays
+
+
 def test_auroc_counts_pairs_and_ties_by_hand():
     # positives 0.9, 0.5; negatives 0.5, 0.1: pairs 0.9>0.5, 0.9>0.1, 0.5=0.5 (a half), 0.5>0.1 -> 3.5 of 4
     assert auroc([0.9, 0.5, 0.5, 0.1], [True, True, False, False]) == 0.875
@@ -70,12 +82,7 @@ def test_youden_cut_separates_two_clean_classes():
 def test_on_runs_built_to_forget_kl_separates_the_checkpoints_that_forgot(tmp_path):
     """Six seeds, three tasks: in seeds 1-3 the second stage loses 16 of the first task's 24 right rows (a
     regression by the paired verdict) with KL 0.9; elsewhere nothing regresses and KL stays at or below 0.5."""
-    tasks = ["stance", "science", "sum"]
-    healthy = [{t: outcomes(20) for t in tasks}, {"stance": outcomes(24, flip_up=4, before=20),
-                                                 "science": outcomes(20), "sum": outcomes(20)}]
-    forgets = healthy + [{"stance": outcomes(8, flip_down=16, before=24), "science": outcomes(20),
-                          "sum": outcomes(20)}]
-    stays = healthy + [{"stance": outcomes(24), "science": outcomes(20), "sum": outcomes(20)}]
+    tasks, forgets, stays = _forgets_or_stays()
     last = lambda previous: {**previous, "sum": outcomes(20)}  # noqa: E731 — the third stage changes nothing
     stages = {seed: (forgets if seed <= 3 else stays) for seed in range(1, 7)}
     stages = {seed: s + [last(s[-1])] for seed, s in stages.items()}
@@ -167,12 +174,7 @@ def test_two_models_are_ranked_apart_and_their_leads_use_their_own_cuts(tmp_path
     (7) two steps later than the pooled cut (0.7) would say."""
     from lorawatch.report.study_report import write_report
 
-    tasks = ["stance", "science", "sum"]
-    healthy = [{t: outcomes(20) for t in tasks}, {"stance": outcomes(24, flip_up=4, before=20),
-                                                 "science": outcomes(20), "sum": outcomes(20)}]
-    forgets = healthy + [{"stance": outcomes(8, flip_down=16, before=24), "science": outcomes(20),
-                          "sum": outcomes(20)}]
-    stays = healthy + [{"stance": outcomes(24), "science": outcomes(20), "sum": outcomes(20)}]
+    tasks, forgets, stays = _forgets_or_stays()
     stages = {seed: (forgets if seed <= 3 else stays) for seed in range(1, 7)}
     stages = {seed: s + [{**s[-1], "sum": outcomes(20)}] for seed, s in stages.items()}
     runs = []
@@ -208,12 +210,7 @@ def test_two_models_are_ranked_apart_and_their_leads_use_their_own_cuts(tmp_path
 def test_a_model_with_too_few_checkpoints_is_not_ranked_alone_and_has_no_lead(tmp_path):
     from lorawatch.analysis.signal_study import lead_steps, signal_table_by_model
 
-    tasks = ["stance", "science", "sum"]
-    healthy = [{t: outcomes(20) for t in tasks}, {"stance": outcomes(24, flip_up=4, before=20),
-                                                 "science": outcomes(20), "sum": outcomes(20)}]
-    forgets = healthy + [{"stance": outcomes(8, flip_down=16, before=24), "science": outcomes(20),
-                          "sum": outcomes(20)}]
-    stays = healthy + [{"stance": outcomes(24), "science": outcomes(20), "sum": outcomes(20)}]
+    tasks, forgets, stays = _forgets_or_stays()
     a_stages = {seed: (forgets if seed <= 3 else stays) for seed in range(1, 7)}
     a = write_run(tmp_path / "a", a_stages, {s: [0.0, 0.2, 0.9 if s <= 3 else 0.3] for s in range(1, 7)},
                   seeds=tuple(range(1, 7)), tasks=tasks)
