@@ -376,6 +376,7 @@ def _signal_study(out: Path) -> Markup | None:
     checkpoints forgot, and the rank correlations with the size of the forgetting."""
     import pandas as pd
 
+    from lorawatch.analysis.signal_study import MIN_PER_CLASS
     from lorawatch.report.signal_study_view import CORRELATION_CSV, SIGNAL_CHECKPOINTS_CSV, SIGNAL_STUDY_CSV
 
     if not (out / SIGNAL_CHECKPOINTS_CSV).is_file():
@@ -392,7 +393,8 @@ def _signal_study(out: Path) -> Markup | None:
                             [[r.signal, r.checkpoints, r.forgot, f"{r.auroc:.3f}", _bracket(r.ci_low, r.ci_high, 3),
                               f"{r.cut:.4g}"] for r in ranked.itertuples()]))
     else:
-        parts.append(_PARTS.note("Not ranked by AUROC: at least 3 checkpoints of each kind are needed."))
+        parts.append(_PARTS.note(f"Not ranked by AUROC: at least {MIN_PER_CLASS} checkpoints of each kind are "
+                                 "needed."))
     correlation = pd.read_csv(out / CORRELATION_CSV).dropna(subset=["rho"])
     if len(correlation):
         parts.append(_file_svg(out / "signals-correlation.svg", "Spearman's ρ with the checkpoint's largest accuracy "

@@ -75,9 +75,8 @@ def _by_model_lines(result: SignalStudy) -> list[str]:
                   + " |", "|---|" + "---|" * len(ranked)]
         cells = {(r.model, r.signal): r for r in result.by_model.itertuples()}
         for name in result.by_model[result.by_model["model"] == ranked[0]]["signal"]:
-            row = ["—" if np.isnan(cells[(m, name)].auroc) else
-                   f"{cells[(m, name)].auroc:.3f} {_interval(cells[(m, name)].ci_low, cells[(m, name)].ci_high)}"
-                   for m in ranked]
+            found = [cells[(m, name)] for m in ranked]
+            row = ["—" if np.isnan(r.auroc) else f"{r.auroc:.3f} {_interval(r.ci_low, r.ci_high)}" for r in found]
             if any(cell != "—" for cell in row):  # a signal these folders do not hold is left out
                 lines.append(f"| {name} | " + " | ".join(row) + " |")
         lines.append("")
