@@ -223,3 +223,20 @@ def test_a_model_with_too_few_checkpoints_is_not_ranked_alone_and_has_no_lead(tm
     assert math.isnan(by_model.set_index(["model", "signal"]).loc[("B", "kl"), "auroc"])
     leads = lead_steps([("a", a), ("b", b)], frame, signal_table(frame, resamples=200), by_model)
     assert set(leads["model"]) == {"A"}  # B has no cut of its own, so no lead
+
+
+def test_the_same_runs_in_another_order_give_the_same_table(tmp_path):
+    """The bootstrap draws checkpoints by position, so the frame's order must not follow the order runs are given."""
+    tasks, forgets, stays = _forgets_or_stays()
+    runs = [("a", write_run(tmp_path / "a", {1: forgets, 2: stays}, {1: [0.0, 0.2, 0.9], 2: [0.0, 0.2, 0.3]},
+                            seeds=(1, 2), tasks=tasks)),
+            ("b", write_run(tmp_path / "b", {1: forgets, 2: forgets, 3: stays, 4: stays},
+                            {1: [0.0, 0.2, 0.5], 2: [0.0, 0.2, 0.35], 3: [0.0, 0.2, 0.4], 4: [0.0, 0.2, 0.2]},
+                            seeds=(1, 2, 3, 4), tasks=tasks))]
+    forward = checkpoint_frame(runs, StatisticsSettings())
+    backward = checkpoint_frame(runs[::-1], StatisticsSettings())
+    assert list(forward["run"]) == ["a", "a", "b", "b", "b", "b"]
+    pd.testing.assert_frame_equal(forward, backward)
+    table = signal_table(forward, resamples=300).set_index("signal").loc["kl"]
+    assert table["auroc"] == pytest.approx(8 / 9) and table["ci_low"] < table["auroc"]  # not a degenerate interval
+    pd.testing.assert_frame_equal(signal_table(forward, resamples=300), signal_table(backward, resamples=300))

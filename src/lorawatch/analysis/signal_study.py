@@ -51,9 +51,9 @@ MIN_FOR_CORRELATION = 8  # fewer checkpoints than this: no rank correlation is r
 
 def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSettings,
                      models: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """One row per (run, seed, checkpoint from stage 2 on): its model (`models[label]`, "" when not given),
-    `forgot`, the earlier tasks it regressed on, and every candidate signal's value (NaN where the run folder does
-    not hold it). `runs`: (label, run folder)."""
+    """One row per (run, seed, checkpoint from stage 2 on), sorted by them: its model (`models[label]`, "" when
+    not given), `forgot`, the earlier tasks it regressed on, and every candidate signal's value (NaN where the run
+    folder does not hold it). `runs`: (label, run folder)."""
     models = models or {}
     rows = []
     for label, folder in runs:
@@ -83,8 +83,10 @@ def checkpoint_frame(runs: Sequence[tuple[str, Path]], settings: StatisticsSetti
                     value = task_values.get(name)
                     row[f"task_{name}"] = np.nan if value is None else value
                 rows.append(row)
-    return pd.DataFrame(rows, columns=["run", "model", "seed", "stage", "checkpoint", "forgot", "regressed_on",
-                                       "drop", *CANDIDATES])
+    frame = pd.DataFrame(rows, columns=["run", "model", "seed", "stage", "checkpoint", "forgot", "regressed_on",
+                                        "drop", *CANDIDATES])
+    # The bootstrap draws rows by position: sorted, the same runs give the same intervals in any order.
+    return frame.sort_values(["run", "seed", "stage"], kind="stable", ignore_index=True)
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
