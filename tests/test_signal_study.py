@@ -199,12 +199,14 @@ def test_two_models_are_ranked_apart_and_their_leads_use_their_own_cuts(tmp_path
     assert kl_rows.loc["model-a", "cut"] == pytest.approx(0.7) and kl_rows.loc["model-b", "cut"] == pytest.approx(7.0)
 
     leads = pd.read_csv(tmp_path / "report" / "signal_leads.csv")
+    assert set(leads["signal"]) == {"kl"}  # the monitor measured only kl: no other signal "never crossed"
     kl_leads = leads[leads["signal"] == "kl"]
     assert len(kl_leads) == 6 and set(kl_leads["model"]) == {"model-a", "model-b"}
     assert (kl_leads["first_step_above"] == 4).all() and (kl_leads["steps_before_end"] == 2).all()
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| kl | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in md
     assert "model-a: AUROC (3 of 12 forgot)" in md and "| kl_forward | — | — |" not in md
+    assert "| kl | 6 of 6 | 2.0 |" in md
 
 
 def test_a_model_with_too_few_checkpoints_is_not_ranked_alone_and_has_no_lead(tmp_path):
@@ -240,3 +242,21 @@ def test_the_same_runs_in_another_order_give_the_same_table(tmp_path):
     table = signal_table(forward, resamples=300).set_index("signal").loc["kl"]
     assert table["auroc"] == pytest.approx(8 / 9) and table["ci_low"] < table["auroc"]  # not a degenerate interval
     pd.testing.assert_frame_equal(signal_table(forward, resamples=300), signal_table(backward, resamples=300))
+
+
+def test_a_signal_the_monitor_did_not_measure_has_no_lead(tmp_path):
+    """The monitor measured only kl: top1_change has a cut but no live series, so no lead row (not "never crossed")."""
+    from lorawatch.analysis.signal_study import lead_steps
+
+    tasks, forgets, stays = _forgets_or_stays()
+    run = write_run(tmp_path / "a", {s: (forgets if s <= 3 else stays) for s in range(1, 7)},
+                    {s: [0.0, 0.2, 0.9 if s <= 3 else 0.3] for s in range(1, 7)}, seeds=tuple(range(1, 7)),
+                    tasks=tasks)
+    for seed in (1, 2, 3):
+        _monitor(run, seed, 2, [0.2, 0.9, 0.95])
+    frame = checkpoint_frame([("a", run)], StatisticsSettings())
+    table = signal_table(frame, resamples=200)
+    table = pd.concat([table, pd.DataFrame([{"signal": "top1_change", "cut": 0.1}])], ignore_index=True)
+    leads = lead_steps([("a", run)], frame, table)
+    assert len(leads) == 3 and set(leads["signal"]) == {"kl"}
+    assert (leads["first_step_above"] == 4).all()

@@ -231,7 +231,7 @@ def lead_steps(runs: Sequence[tuple[str, Path]], frame: pd.DataFrame, table: pd.
                per_model: pd.DataFrame | None = None) -> pd.DataFrame:
     """For each reference-set signal with a cut and each checkpoint that forgot in a monitored run: the first step
     of its stage at which the live signal was above the cut, and how many optimizer steps before the stage's end
-    that was (NaN: it never crossed). With more than one model in `frame`, each model's own cut (`per_model`,
+    that was (NaN: it never crossed). Only the signals the monitor measured in that stage. With more than one model in `frame`, each model's own cut (`per_model`,
     from signal_table_by_model); a model with too few checkpoints to be ranked has none, and no lead."""
     folders = dict(runs)
     if frame["model"].nunique() > 1:
@@ -249,7 +249,12 @@ def lead_steps(runs: Sequence[tuple[str, Path]], frame: pd.DataFrame, table: pd.
         if not points or points[0].signals is None:
             continue
         last = points[-1].step
+        # A signal the monitor did not measure (a span signal, unless it was the one watched) has no lead; without
+        # this it would read as "never crossed".
+        measured = {name for p in points if p.signals for name, value in p.signals.items() if value is not None}
         for name, cut in cuts.items():
+            if name not in measured:
+                continue
             crossed = next((p.step for p in points if (p.signals.get(name) is not None and p.signals[name] > cut)),
                            None)
             rows.append({"run": checkpoint.run, "model": checkpoint.model, "seed": checkpoint.seed,

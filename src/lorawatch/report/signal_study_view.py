@@ -162,8 +162,8 @@ def signal_section(result: SignalStudy, figure: bool, correlation_figure: bool =
                   "its stage ended the signal was first above its cut (in-sample: the cut was fitted on these "
                   f"checkpoints; [{SIGNAL_LEADS_CSV}]({SIGNAL_LEADS_CSV})).", "",
                   "| signal | crossed | median steps before the end |", "|---|---:|---:|"]
-        for name, row in summary.iterrows():
-            lines.append(f"| {name} | {row['crossed']} of {row['of']} | {_cell(row['median_steps'], 1)} |")
+        for row in summary.itertuples():  # itertuples keeps the counts ints (iterrows makes the row float)
+            lines.append(f"| {row.Index} | {row.crossed} of {row.of} | {_cell(row.median_steps, 1)} |")
         lines.append("")
     return "\n".join(lines + _correlation_lines(result, correlation_figure))
 
