@@ -229,10 +229,11 @@ def _cuts(table: pd.DataFrame) -> dict[str, float]:
 
 def lead_steps(runs: Sequence[tuple[str, Path]], frame: pd.DataFrame, table: pd.DataFrame,
                per_model: pd.DataFrame | None = None) -> pd.DataFrame:
-    """For each reference-set signal with a cut and each checkpoint that forgot in a monitored run: the first step
-    of its stage at which the live signal was above the cut, and how many optimizer steps before the stage's end
-    that was (NaN: it never crossed). Only the signals the monitor measured in that stage. With more than one model in `frame`, each model's own cut (`per_model`,
-    from signal_table_by_model); a model with too few checkpoints to be ranked has none, and no lead."""
+    """For each reference-set signal with a cut that the monitor measured, and each checkpoint that forgot in a
+    monitored run: the first step of its stage at which the live signal was above the cut, and how many optimizer
+    steps before the stage's end that was (NaN: it never crossed). With more than one model in `frame`, each
+    model's own cut (`per_model`, from signal_table_by_model); a model with too few checkpoints to be ranked has
+    none, and no lead."""
     folders = dict(runs)
     if frame["model"].nunique() > 1:
         per_model = per_model if per_model is not None else signal_table_by_model(frame)
